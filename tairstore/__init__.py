@@ -1,0 +1,59 @@
+"""tairstore: a tiered, log-structured KV-cache block store for LLM inference.
+
+Embedded use::
+
+    import tairstore
+    with tairstore.open("data-dir", dram_bytes=1 << 30, ssd_bytes=16 << 30) as store:
+        store.put(key, block)
+        view = store.get(key)
+
+See ``README.md`` for the daemon, and ``docs/ARCHITECTURE.md`` for how it works.
+"""
+
+from __future__ import annotations
+
+from . import errors, keys
+from .config import StoreConfig
+from .errors import (
+    CapacityError,
+    ClosedError,
+    CorruptionError,
+    FatalIOError,
+    FormatError,
+    InvalidArgumentError,
+    LeaseExpiredError,
+    ProtocolError,
+    SessionError,
+    StoreError,
+    StoreLockedError,
+)
+from .match import MatchResult
+from .session import WriteSession
+from .store import Store, open_store
+
+__version__ = "0.1.0"
+
+#: ``tairstore.open(path, **options)`` — open (creating if needed) an embedded store.
+open = open_store  # noqa: A001 - the public name the API promises
+
+__all__ = [
+    "open",
+    "Store",
+    "StoreConfig",
+    "MatchResult",
+    "WriteSession",
+    "errors",
+    "keys",
+    "StoreError",
+    "InvalidArgumentError",
+    "SessionError",
+    "LeaseExpiredError",
+    "CapacityError",
+    "CorruptionError",
+    "ClosedError",
+    "StoreLockedError",
+    "FormatError",
+    "FatalIOError",
+    "ProtocolError",
+    "__version__",
+]

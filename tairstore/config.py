@@ -1,0 +1,86 @@
+"""Store options, validated in one place.
+
+Durability modes, and what an acknowledged write (``put`` / ``finish_write`` returning) means:
+
+=============  ==================================================================================
+``"sync"``     the block's bytes and its COMMIT are fsynced before the call returns (one group
+               commit for all concurrent writers); survives ``kill -9`` and power loss.
+``"batch"``    the call returns after the copy into DRAM and the (unsynced) SSD write; a
+               background flush makes it durable within ``batch_interval_ms``. ``kill -9``
+               loses nothing the OS already has; power loss may lose the last interval.
+``"none"``     never fsyncs; the OS writes back when it likes. ``kill -9`` loses nothing the OS
+               has; power loss may lose anything not yet written back.
+=============  ==================================================================================
+
+With ``ssd_bytes=0`` there is no SSD tier and the store is a volatile cache: nothing survives
+``close()``; ``stats()["volatile"]`` is True.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from .errors import InvalidArgumentError
+from .fileio import REAL_FS, FileSystem
+
+__all__ = ["StoreConfig", "DURABILITY_MODES", "MAX_KEY_BYTES"]
+
+DURABILITY_MODES = ("sync", "batch", "none")
+COMPRESSIONS = (None, "zstd")
+MAX_KEY_BYTES = 64  # a sha256 chain hash is 32 bytes; 64 leaves room for a prefix or a salt
+MAX_NAMESPACE_BYTES = 255  # stored with a one-byte length in index keys and segment records
+
+
+@dataclass
+class StoreConfig:
+    """Every option of an embedded store (the daemon's config file maps onto these)."""
+
+    dram_bytes: int = 1 << 30
+    ssd_bytes: int = 16 << 30
+    durability: str = "sync"
+    batch_interval_ms: float = 5.0
+    segment_bytes: int = 256 << 20
+    wal_file_bytes: int = 64 << 20
+    compression: str | None = None
+    zstd_level: int = 3
+    max_block_bytes: int = 64 << 20
+    #: Verify the crc32c of DRAM copies on every read too (SSD reads are always verified).
+    verify_dram_reads: bool = False
+    #: Copy a block read from SSD into DRAM so the next read is a DRAM hit.
+    promote_on_read: bool = True
+    #: How often the lease reaper looks for expired write sessions.
+    reaper_interval_s: float = 0.25
+    create: bool = True
+    fs: FileSystem = field(default=REAL_FS, repr=False)
+
+    def validate(self) -> "StoreConfig":
+        """Check every option; raise :class:`InvalidArgumentError` naming the bad one."""
+        for name in ("dram_bytes", "ssd_bytes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise InvalidArgumentError(f"{name} must be an int >= 0, got {v!r}")
+        if self.dram_bytes == 0 and self.ssd_bytes == 0:
+            raise InvalidArgumentError("a store needs dram_bytes or ssd_bytes > 0")
+        if self.durability not in DURABILITY_MODES:
+            raise InvalidArgumentError(
+                f"durability must be one of {DURABILITY_MODES}, got {self.durability!r}")
+        if self.compression not in COMPRESSIONS:
+            raise InvalidArgumentError(f"compression must be None or 'zstd', got {self.compression!r}")
+        for name in ("segment_bytes", "wal_file_bytes", "max_block_bytes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 4096:
+                raise InvalidArgumentError(f"{name} must be an int >= 4096, got {v!r}")
+        if not (0 < self.batch_interval_ms <= 60_000):
+            raise InvalidArgumentError("batch_interval_ms must be in (0, 60000]")
+        if not (1 <= self.zstd_level <= 22):
+            raise InvalidArgumentError("zstd_level must be in 1..22")
+        return self
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "StoreConfig":
+        """Build from keyword arguments, refusing unknown names."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise InvalidArgumentError(f"unknown store option(s): {', '.join(unknown)}")
+        return cls(**kwargs).validate()

@@ -1,0 +1,140 @@
+"""``tairstore fsck``: check a data directory, repair it, or rebuild its index.
+
+- **check** opens the store (which runs normal recovery), then reads every indexed block back
+  and verifies its crc32c, and adds up segment space: live bytes (records the index points at)
+  and dead bytes (deleted, evicted, aborted or torn records awaiting compaction).
+- **--repair** drops blocks that fail verification and deletes segments holding no live record.
+- **--rebuild** throws the LMDB index away and rebuilds it from the segments alone: every
+  record that verifies and was marked committed, the newest generation of each key winning, a
+  tombstone hiding older records of its key. The WAL files still present are then replayed on
+  top (their records are a suffix of history, so the result is the latest state).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+from .config import StoreConfig
+from .datadir import DataDir
+from .errors import CorruptionError, StoreError
+from .fileio import REAL_FS, FileSystem
+from .format.segment import FLAG_COMMITTED, FLAG_TOMBSTONE
+from .index.lmdb_index import META_FORMAT, Index
+from .index.records import BlockRecord
+from .wal import list_files
+
+__all__ = ["fsck", "rebuild_index"]
+
+log = logging.getLogger(__name__)
+
+# fsck never writes blocks, so the capacity it opens the SSD tier with only has to be no less
+# than what is on disk.
+_UNBOUNDED = 1 << 62
+
+
+def fsck(path: str, *, repair: bool = False, rebuild: bool = False, fs: FileSystem = REAL_FS) -> dict:
+    """Check (and optionally repair or rebuild) the store in ``path``; return a report dict.
+
+    ``report["ok"]`` is True when every indexed block verified.
+    """
+    from .datadir import FORMAT_VERSION
+    from .store import Store
+
+    rebuilt = rebuild_index(path, fs=fs) if rebuild else None
+    store = Store(path, StoreConfig(dram_bytes=0, ssd_bytes=_UNBOUNDED, create=False, fs=fs,
+                                    promote_on_read=False))
+    try:
+        with store._lock:
+            items = list(store._blocks.items())
+        corrupt = []
+        for (ns, key), b in items:
+            buf = bytearray(b.size)
+            seg, off, length = b.ssd
+            try:
+                store._ssd.read_into(seg, off, length, buf, namespace=ns, key=key, expected_crc=b.crc)
+            except (CorruptionError, StoreError, OSError) as exc:
+                log.error("block %s/%s: %s", ns, key.hex()[:16], exc)
+                corrupt.append((ns, key))
+        seg_stats = store._ssd.segment_stats()
+        head = store._ssd.head_segment
+        live = {}
+        for (ns, key), b in items:
+            live[b.ssd[0]] = live.get(b.ssd[0], 0) + b.ssd[2]
+        total = sum(s["total"] for s in seg_stats.values())
+        live_bytes = sum(live.values())
+        empty = [sid for sid in seg_stats if sid != head and live.get(sid, 0) == 0]
+        report = {
+            "ok": not corrupt,
+            "format_version": FORMAT_VERSION,
+            "blocks": len(items),
+            "blocks_ok": len(items) - len(corrupt),
+            "blocks_corrupt": len(corrupt),
+            "segments": len(seg_stats),
+            "segment_bytes": total,
+            "live_bytes": live_bytes,
+            "dead_bytes": total - live_bytes,
+            "empty_segments": len(empty),
+            "wal_checkpoint_lsn": store._index.checkpoint_lsn(),
+            "repaired": 0,
+            "rebuilt_blocks": rebuilt,
+        }
+        if repair:
+            for ns, key in corrupt:
+                report["repaired"] += store.delete([key], namespace=ns)
+            with store._lock:
+                for sid in empty:
+                    if not store._seg_keys.get(sid) and not store._seg_pending[sid]:
+                        store._ssd.delete_segment(sid)
+                        report["repaired"] += 1
+            report["ok"] = True
+        return report
+    finally:
+        store.close()
+
+
+def rebuild_index(path: str, *, fs: FileSystem = REAL_FS) -> int:
+    """Rebuild the LMDB index of the store in ``path`` from its segment files; return the blocks found."""
+    from .tiers.ssd import SegmentLog
+
+    ddir = DataDir(path, fs, create=False)
+    try:
+        ssd = SegmentLog(fs, ddir.sub("segments"), capacity_bytes=_UNBOUNDED)
+        best: dict[tuple[str, bytes], tuple] = {}
+        try:
+            ssd.open()
+            for sid in ssd.segment_ids():
+                for r in ssd.scan(sid, reporter=lambda n, why, sid=sid: log.warning(
+                        "segment %d: %d bytes dropped (%s)", sid, n, why)):
+                    if not r.verified or not r.flags & (FLAG_COMMITTED | FLAG_TOMBSTONE):
+                        continue
+                    k = (r.namespace, r.key)
+                    cur = best.get(k)
+                    if cur is None or r.generation > cur[0]:
+                        best[k] = (r.generation, r)
+        finally:
+            ssd.close()
+        ops = []
+        for (ns, key), (gen, r) in best.items():
+            if r.flags & FLAG_TOMBSTONE:
+                continue
+            loc = r.location
+            ops.append((ns, key, BlockRecord(r.raw_len, r.crc, gen, gen, loc.segment, loc.offset, loc.length)))
+        # A fresh LMDB: the old one may be what is damaged.
+        shutil.rmtree(ddir.sub("index"), ignore_errors=True)
+        os.makedirs(ddir.sub("index"), exist_ok=True)
+        from .datadir import FORMAT_VERSION
+
+        # The checkpoint sits just before the oldest WAL file still present, so the next open
+        # replays every record that file set holds on top of what the segments said.
+        files = list_files(fs, ddir.sub("wal"))
+        checkpoint = files[0][0] - 1 if files else 0
+        index = Index(ddir.sub("index"))
+        try:
+            index.apply(ops, lsn=checkpoint, meta={META_FORMAT: FORMAT_VERSION}, clear=True)
+        finally:
+            index.close()
+        return len(ops)
+    finally:
+        ddir.close()

@@ -1,0 +1,67 @@
+"""The LMDB index's key and value layouts.
+
+Databases inside the one LMDB environment:
+
+``meta``
+    ``format_version`` (u32), ``checkpoint_lsn`` (u64: every WAL record with an LSN at or below it
+    is reflected in ``blocks``), ``created_ns`` (u64).
+``blocks``
+    key ``ns_len u8 | namespace utf-8 | block key`` → value :data:`BLOCK_VALUE` (below). Only
+    blocks with a durable copy (an SSD record) are indexed; DRAM-only blocks are volatile.
+
+Fixed-width little-endian values decode with one ``struct.unpack`` (no per-field Python work), so
+loading 100,000 entries at open costs tens of milliseconds.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+from ..errors import CorruptionError
+
+__all__ = ["BlockRecord", "encode_key", "decode_key", "encode_block", "decode_block", "U64"]
+
+#: size, crc, generation, created_ns, segment, offset, record length.
+BLOCK_VALUE = struct.Struct("<QIQQQQQ")
+U64 = struct.Struct("<Q")
+
+
+class BlockRecord(NamedTuple):
+    """What the index knows about one durable block."""
+
+    size: int
+    crc: int
+    generation: int
+    created_ns: int
+    segment: int
+    offset: int
+    length: int
+
+
+def encode_key(namespace: str, key: bytes) -> bytes:
+    """Index key of ``key`` in ``namespace``; the length prefix keeps namespaces apart."""
+    ns = namespace.encode()
+    return bytes((len(ns),)) + ns + key
+
+
+def decode_key(raw: bytes) -> tuple[str, bytes]:
+    """Inverse of :func:`encode_key`."""
+    if not raw:
+        raise CorruptionError("empty index key")
+    n = raw[0]
+    if len(raw) < 2 + n:
+        raise CorruptionError("index key shorter than its namespace length")
+    return raw[1 : 1 + n].decode(), bytes(raw[1 + n :])
+
+
+def encode_block(rec: BlockRecord) -> bytes:
+    """Pack a :class:`BlockRecord`."""
+    return BLOCK_VALUE.pack(*rec)
+
+
+def decode_block(raw: bytes) -> BlockRecord:
+    """Unpack a :class:`BlockRecord`; a wrong length is corruption."""
+    if len(raw) != BLOCK_VALUE.size:
+        raise CorruptionError(f"index value of {len(raw)} bytes, expected {BLOCK_VALUE.size}")
+    return BlockRecord._make(BLOCK_VALUE.unpack(raw))

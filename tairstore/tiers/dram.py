@@ -1,0 +1,399 @@
+"""The DRAM tier's arena: one preallocated byte array and a best-fit extent allocator over it.
+
+Theory of operation
+-------------------
+The arena is a single numpy ``uint8`` array; a block lives in a *slot*, a contiguous extent of
+it. There are no per-block Python objects holding bytes, so a block of 8 MiB costs one slot
+record, and readers get zero-copy ``memoryview`` s into the array.
+
+Allocator: best-fit over free extents, rounded to ``granularity`` (a page, 4 KiB by default),
+coalescing neighbours on free. Free extents are indexed three ways:
+
+- ``(length, offset)`` in a sorted list, so the smallest extent that fits is one ``bisect``
+  away (ties go to the lowest offset, which keeps the low end of the arena dense);
+- ``offset -> length`` and ``end -> offset`` dicts, so freeing finds both neighbours in O(1).
+
+Search is O(log n) in the number of free extents; an insert into or removal from the sorted
+list is a C ``memmove`` of pointers, cheap next to copying even the smallest block.
+
+Why not a buddy allocator: KV blocks are mostly power-of-two sizes, but not always (a model
+with an odd head count, or a block carrying extra parts), and buddy rounding wastes up to half
+of every such block. Here the waste inside a slot is below one granule (< 6.25 % for a 64 KiB
+block, < 0.05 % for 8 MiB).
+
+Fragmentation: with uniform block sizes, a freed slot is an exact fit for the next block, so
+best-fit reuses holes exactly and the free space stays in few extents. With mixed sizes, free
+bytes can be split into holes smaller than a request; then ``alloc`` returns None although
+``free_bytes`` would suffice, and the caller evicts more (``largest_free_extent`` shows the
+gap). Blocks are never moved to compact the arena: readers hold zero-copy views into it.
+
+Pinning (invariant R2): every view this module hands out is backed by a tiny per-view exporter
+object (``_Pin``) that numpy keeps as the array's ``base``. Anything derived from the view (a
+slice, ``np.frombuffer``) keeps the exporter alive. While it lives, the slot is pinned:
+``release`` only marks the slot, and its extent returns to the free list when the last pin goes.
+The exporter also holds the arena, so the backing array outlives every view into it.
+
+Locking: one ``threading.Lock`` guards everything. An exporter's ``__del__`` may run in any
+thread at any allocation point, including inside this module while the lock is held (the cyclic
+GC can collect a view there). So ``__del__`` never blocks on the lock: it appends its slot to a
+deque (atomic under the GIL) and drains the deque only if the lock is free at once. Every public
+method drains the deque first, so no caller ever observes a pin that has been dropped.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import itertools
+import operator
+import threading
+from typing import NamedTuple
+
+import numpy as np
+
+from tairstore.errors import CapacityError, InvalidArgumentError
+
+__all__ = ["DEFAULT_GRANULARITY", "DramArena", "Slot"]
+
+# One OS page: slots start page-aligned (usable for O_DIRECT I/O to the SSD tier) and the
+# rounding waste stays small next to the 64 KiB minimum typical block.
+DEFAULT_GRANULARITY = 4096
+
+
+class Slot(NamedTuple):
+    """A live allocation in a :class:`DramArena`.
+
+    Attributes:
+        offset: byte offset of the slot in the arena (a multiple of the granularity).
+        size: the number of bytes requested; views are exactly this long.
+        reserved: ``size`` rounded up to the granularity; what the slot takes from the arena.
+        generation: unique per allocation, so a stale handle to a reused offset is refused.
+    """
+
+    offset: int
+    size: int
+    reserved: int
+    generation: int
+
+
+class _Entry:
+    """Bookkeeping for one live slot (mutable, unlike the Slot handed to callers)."""
+
+    __slots__ = ("slot", "pins", "released")
+
+    def __init__(self, slot: Slot) -> None:
+        self.slot = slot
+        self.pins = 0
+        self.released = False
+
+
+class _Pin:
+    """Exports one slot's bytes to numpy; its lifetime is the pin's lifetime."""
+
+    __slots__ = ("__array_interface__", "_arena", "_entry")
+
+    def __init__(self, arena: DramArena, entry: _Entry, address: int, readonly: bool) -> None:
+        self.__array_interface__ = {
+            "shape": (entry.slot.size,),
+            "typestr": "|u1",
+            "data": (address, readonly),
+            "version": 3,
+        }
+        self._arena = arena
+        self._entry = entry
+
+    def __del__(self) -> None:
+        # Minimal work, no blocking: see "Locking" in the module docstring.
+        arena = self._arena
+        arena._unpinned.append(self._entry)
+        arena._try_drain()
+
+
+class DramArena:
+    """A fixed-size byte arena with a best-fit allocator and pinned zero-copy views.
+
+    Args:
+        capacity_bytes: the arena size; rounded down to a multiple of ``granularity``.
+        granularity: allocation unit and alignment in bytes; a power of two.
+
+    Raises:
+        InvalidArgumentError: granularity not a positive power of two, or capacity below it.
+    """
+
+    def __init__(self, capacity_bytes: int, *, granularity: int = DEFAULT_GRANULARITY) -> None:
+        capacity_bytes = _as_int(capacity_bytes, "capacity_bytes")
+        granularity = _as_int(granularity, "granularity")
+        if granularity < 1 or granularity & (granularity - 1):
+            raise InvalidArgumentError(f"granularity must be a power of two, got {granularity}")
+        capacity = capacity_bytes - capacity_bytes % granularity
+        if capacity < granularity:
+            raise InvalidArgumentError(
+                f"capacity_bytes {capacity_bytes} is below the granularity {granularity}"
+            )
+        self._granularity = granularity
+        self._capacity = capacity
+        # np.zeros maps pages lazily, so a large arena costs memory only once written. One
+        # extra granule lets the usable part start on a granularity boundary.
+        raw = np.zeros(capacity + granularity, dtype=np.uint8)
+        shift = -raw.ctypes.data % granularity
+        self._buf = raw[shift : shift + capacity]
+        self._base = self._buf.ctypes.data
+
+        self._lock = threading.Lock()
+        self._unpinned: collections.deque[_Entry] = collections.deque()
+        self._generations = itertools.count(1)
+        self._live: dict[int, _Entry] = {}
+        self._used = 0
+        self._pinned = 0
+        self._pending = 0
+        self._free_by_size: list[tuple[int, int]] = []
+        self._free_by_start: dict[int, int] = {}
+        self._free_by_end: dict[int, int] = {}
+        self._insert_free(0, capacity)
+
+    # ----------------------------------------------------------------------------- allocation
+
+    def alloc(self, size: int) -> Slot | None:
+        """Reserve a slot of at least ``size`` bytes.
+
+        Returns:
+            the slot, or None when no free extent is large enough (evict, then retry).
+
+        Raises:
+            InvalidArgumentError: ``size`` is not a positive integer.
+            CapacityError: ``size`` exceeds the whole arena (``dimension="block_size"``), so no
+                amount of eviction would help.
+        """
+        size = _as_int(size, "size")
+        if size < 1:
+            raise InvalidArgumentError(f"size must be positive, got {size}")
+        g = self._granularity
+        reserved = (size + g - 1) // g * g
+        if reserved > self._capacity:
+            raise CapacityError(
+                f"block of {size} bytes exceeds the DRAM arena ({self._capacity} bytes)",
+                dimension="block_size",
+            )
+        with self._lock:
+            self._drain()
+            i = bisect.bisect_left(self._free_by_size, (reserved,))
+            if i == len(self._free_by_size):
+                return None
+            length, start = self._free_by_size[i]
+            self._remove_free(start, length)
+            if length > reserved:
+                # The tail's neighbours are this slot and a live slot (free extents are always
+                # coalesced), so it needs no merging.
+                self._insert_free(start + reserved, length - reserved)
+            slot = Slot(start, size, reserved, next(self._generations))
+            self._live[start] = _Entry(slot)
+            self._used += reserved
+            return slot
+
+    def release(self, slot: Slot) -> bool:
+        """Give a slot back: at once if no view pins it, else when its last view goes.
+
+        Returns:
+            True if the extent is free now, False if freeing waits for pinned views.
+
+        Raises:
+            InvalidArgumentError: the slot is not live in this arena or was already released.
+        """
+        with self._lock:
+            self._drain()
+            entry = self._entry_of(slot)
+            entry.released = True
+            if entry.pins:
+                self._pending += slot.reserved
+                return False
+            self._reclaim(entry)
+            return True
+
+    def free(self, slot: Slot) -> bool:
+        """Same as :meth:`release`; the name a writer aborting its slot reaches for."""
+        return self.release(slot)
+
+    # ----------------------------------------------------------------------------------- views
+
+    def writable_view(self, slot: Slot) -> memoryview:
+        """A writable view of exactly ``slot.size`` bytes, for the writer to fill.
+
+        It pins the slot like a read view does, so a writer that outlives an abort cannot
+        scribble over a block allocated later in the same place.
+        """
+        return self._view(slot, readonly=False)
+
+    def pinned_view(self, slot: Slot) -> memoryview:
+        """A read-only, zero-copy view of exactly ``slot.size`` bytes that pins the slot.
+
+        The bytes do not change while the view, or anything derived from it, is alive (R2).
+
+        Raises:
+            InvalidArgumentError: the slot is not live or was already released.
+        """
+        return self._view(slot, readonly=True)
+
+    def _view(self, slot: Slot, *, readonly: bool) -> memoryview:
+        with self._lock:
+            self._drain()
+            entry = self._entry_of(slot)
+            if entry.pins == 0:
+                self._pinned += slot.reserved
+            entry.pins += 1
+            pin = _Pin(self, entry, self._base + slot.offset, readonly)
+        # Outside the lock: if numpy fails here, dropping `pin` unpins through the normal path.
+        return memoryview(np.asarray(pin))
+
+    # ------------------------------------------------------------------------------ inspection
+
+    def pin_count(self, slot: Slot) -> int:
+        """The number of live views of ``slot``; 0 once the slot has been reclaimed."""
+        with self._lock:
+            self._drain()
+            entry = self._live.get(slot.offset)
+            return entry.pins if entry is not None and entry.slot == slot else 0
+
+    def is_pinned(self, slot: Slot) -> bool:
+        """Whether any view of ``slot`` is alive (eviction must skip such slots)."""
+        return self.pin_count(slot) > 0
+
+    @property
+    def capacity_bytes(self) -> int:
+        """The usable arena size in bytes (a multiple of the granularity)."""
+        return self._capacity
+
+    @property
+    def granularity(self) -> int:
+        """The allocation unit and slot alignment in bytes."""
+        return self._granularity
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes held by slots, counted by reserved length, including released-but-pinned ones."""
+        with self._lock:
+            self._drain()
+            return self._used
+
+    @property
+    def free_bytes(self) -> int:
+        """Bytes on the free list; ``used_bytes + free_bytes == capacity_bytes``."""
+        with self._lock:
+            self._drain()
+            return self._capacity - self._used
+
+    @property
+    def largest_free_extent(self) -> int:
+        """The largest size ``alloc`` can satisfy right now (after rounding)."""
+        with self._lock:
+            self._drain()
+            return self._free_by_size[-1][0] if self._free_by_size else 0
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Reserved bytes of slots with at least one live view."""
+        with self._lock:
+            self._drain()
+            return self._pinned
+
+    @property
+    def pending_free_bytes(self) -> int:
+        """Reserved bytes of released slots still waiting for their views to go."""
+        with self._lock:
+            self._drain()
+            return self._pending
+
+    def check_invariants(self) -> None:
+        """Verify the allocator's bookkeeping; raises AssertionError on the first violation."""
+        with self._lock:
+            self._drain()
+            extents = sorted(
+                [(e.slot.offset, e.slot.reserved, "live") for e in self._live.values()]
+                + [(s, n, "free") for s, n in self._free_by_start.items()]
+            )
+            pos = 0
+            prev_kind = ""
+            for start, length, kind in extents:
+                # Live and free extents tile the arena exactly: no gap, no overlap.
+                assert start == pos, f"{kind} extent at {start}, expected {pos}"
+                # Free space is always coalesced.
+                assert not (kind == prev_kind == "free"), f"uncoalesced free extent at {start}"
+                pos, prev_kind = start + length, kind
+            assert pos == self._capacity, f"extents end at {pos}, capacity {self._capacity}"
+            assert sorted((n, s) for s, n in self._free_by_start.items()) == self._free_by_size
+            assert {s + n: s for s, n in self._free_by_start.items()} == self._free_by_end
+            assert self._used == sum(e.slot.reserved for e in self._live.values())
+            assert self._pinned == sum(e.slot.reserved for e in self._live.values() if e.pins)
+            assert self._pending == sum(e.slot.reserved for e in self._live.values() if e.released)
+
+    def __repr__(self) -> str:
+        return (
+            f"DramArena(capacity={self._capacity}, used={self._used}, "
+            f"slots={len(self._live)}, free_extents={len(self._free_by_size)})"
+        )
+
+    # ------------------------------------------------------------------------------- internals
+
+    def _entry_of(self, slot: Slot) -> _Entry:
+        """The live, unreleased entry for ``slot`` (lock held)."""
+        entry = self._live.get(slot.offset)
+        if entry is None or entry.slot != slot:
+            raise InvalidArgumentError(f"{slot!r} is not a live slot of this arena")
+        if entry.released:
+            raise InvalidArgumentError(f"{slot!r} was already released")
+        return entry
+
+    def _try_drain(self) -> None:
+        # Non-blocking on purpose: the lock may be held by this very thread (see docstring).
+        if self._lock.acquire(blocking=False):
+            try:
+                self._drain()
+            finally:
+                self._lock.release()
+
+    def _drain(self) -> None:
+        """Apply the unpins queued by views that died (lock held)."""
+        while self._unpinned:
+            entry = self._unpinned.popleft()
+            entry.pins -= 1
+            if entry.pins == 0:
+                self._pinned -= entry.slot.reserved
+                if entry.released:
+                    self._pending -= entry.slot.reserved
+                    self._reclaim(entry)
+
+    def _reclaim(self, entry: _Entry) -> None:
+        """Return an unpinned slot's extent to the free list, merging neighbours (lock held)."""
+        start, length = entry.slot.offset, entry.slot.reserved
+        del self._live[start]
+        self._used -= length
+        before = self._free_by_end.get(start)
+        if before is not None:
+            self._remove_free(before, start - before)
+            length += start - before
+            start = before
+        after_len = self._free_by_start.get(start + length)
+        if after_len is not None:
+            self._remove_free(start + length, after_len)
+            length += after_len
+        self._insert_free(start, length)
+
+    def _insert_free(self, start: int, length: int) -> None:
+        bisect.insort(self._free_by_size, (length, start))
+        self._free_by_start[start] = length
+        self._free_by_end[start + length] = start
+
+    def _remove_free(self, start: int, length: int) -> None:
+        i = bisect.bisect_left(self._free_by_size, (length, start))
+        del self._free_by_size[i]
+        del self._free_by_start[start]
+        del self._free_by_end[start + length]
+
+
+def _as_int(value: int, name: str) -> int:
+    """``value`` as an int, refusing bools and floats with InvalidArgumentError."""
+    if isinstance(value, bool):
+        raise InvalidArgumentError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise InvalidArgumentError(f"{name} must be an integer, got {value!r}") from None
