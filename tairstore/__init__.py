@@ -22,6 +22,8 @@ from .errors import (
     FormatError,
     InvalidArgumentError,
     LeaseExpiredError,
+    NotFoundError,
+    PermissionDeniedError,
     ProtocolError,
     SessionError,
     StoreError,
@@ -55,5 +57,7 @@ __all__ = [
     "FormatError",
     "FatalIOError",
     "ProtocolError",
+    "PermissionDeniedError",
+    "NotFoundError",
     "__version__",
 ]

@@ -26,6 +26,7 @@ from .fileio import REAL_FS, FileSystem
 __all__ = ["StoreConfig", "DURABILITY_MODES", "MAX_KEY_BYTES"]
 
 DURABILITY_MODES = ("sync", "batch", "none")
+PROMOTE_ON = ("first", "second", "never")
 COMPRESSIONS = (None, "zstd")
 MAX_KEY_BYTES = 64  # a sha256 chain hash is 32 bytes; 64 leaves room for a prefix or a salt
 MAX_NAMESPACE_BYTES = 255  # stored with a one-byte length in index keys and segment records
@@ -46,10 +47,18 @@ class StoreConfig:
     max_block_bytes: int = 64 << 20
     #: Verify the crc32c of DRAM copies on every read too (SSD reads are always verified).
     verify_dram_reads: bool = False
-    #: Copy a block read from SSD into DRAM so the next read is a DRAM hit.
-    promote_on_read: bool = True
-    #: How often the lease reaper looks for expired write sessions.
-    reaper_interval_s: float = 0.25
+    #: When an SSD hit is copied into DRAM: on its "first" or "second" hit, or "never".
+    promote_on: str = "second"
+    #: Eviction policy per tier (names from :data:`tairstore.policy.POLICIES`).
+    policy: dict = field(default_factory=lambda: {"dram": "lru", "ssd": "leaf_lru"})
+    #: Watermarks (fractions of capacity): one spec for all tiers or one per tier.
+    watermarks: dict | None = None
+    #: Background compaction rewrites segments whose live bytes are at most this fraction.
+    compaction_live_ratio: float = 0.5
+    #: How often the maintenance thread runs (lease reaper, watermarks, TTL, compaction).
+    maintenance_interval_s: float = 0.05
+    #: Touch every DRAM arena page at open so the first puts do not pay page faults.
+    prefault_dram: bool = False
     create: bool = True
     fs: FileSystem = field(default=REAL_FS, repr=False)
 
@@ -74,6 +83,26 @@ class StoreConfig:
             raise InvalidArgumentError("batch_interval_ms must be in (0, 60000]")
         if not (1 <= self.zstd_level <= 22):
             raise InvalidArgumentError("zstd_level must be in 1..22")
+        if self.promote_on not in PROMOTE_ON:
+            raise InvalidArgumentError(f"promote_on must be one of {PROMOTE_ON}, got {self.promote_on!r}")
+        if isinstance(self.policy, str):
+            self.policy = {"dram": self.policy, "ssd": self.policy}
+        if not isinstance(self.policy, dict) or not set(self.policy) <= {"dram", "ssd"}:
+            raise InvalidArgumentError(f"policy must be a name or {{'dram': name, 'ssd': name}}, got {self.policy!r}")
+        from .policy import POLICIES
+
+        for tier, name in self.policy.items():
+            if name not in POLICIES:
+                raise InvalidArgumentError(
+                    f"unknown {tier} eviction policy {name!r}; choose one of {sorted(POLICIES)}")
+        self.policy = {"dram": "lru", "ssd": "leaf_lru", **self.policy}
+        from .capacity import parse_watermarks
+
+        parse_watermarks(self.watermarks)
+        if not 0 < self.compaction_live_ratio < 1:
+            raise InvalidArgumentError("compaction_live_ratio must be in (0, 1)")
+        if not 0 < self.maintenance_interval_s <= 60:
+            raise InvalidArgumentError("maintenance_interval_s must be in (0, 60]")
         return self
 
     @classmethod

@@ -10,7 +10,9 @@ and what to do next (the idea of py-lmdb's and trio's small exception sets):
   :class:`StoreLockedError`;
 - the directory is not a store, or of a newer format: :class:`FormatError`;
 - the disk failed in a way that makes further durability promises a lie: :class:`FatalIOError`;
-- a peer spoke the wire protocol wrongly: :class:`ProtocolError`.
+- a peer spoke the wire protocol wrongly: :class:`ProtocolError`;
+- the caller's token does not allow the operation: :class:`PermissionDeniedError`;
+- a named thing (namespace, instance) does not exist: :class:`NotFoundError`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ __all__ = [
     "FormatError",
     "FatalIOError",
     "ProtocolError",
+    "PermissionDeniedError",
+    "NotFoundError",
 ]
 
 
@@ -99,3 +103,11 @@ class ProtocolError(StoreError):
         super().__init__(message)
         self.remote = remote
         self.code = code
+
+
+class PermissionDeniedError(StoreError):
+    """The credentials are missing, unknown, or do not cover this namespace or operation."""
+
+
+class NotFoundError(StoreError):
+    """A named object (namespace, instance group, session id) does not exist."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 
 from .config import StoreConfig
@@ -44,7 +45,7 @@ def fsck(path: str, *, repair: bool = False, rebuild: bool = False, fs: FileSyst
 
     rebuilt = rebuild_index(path, fs=fs) if rebuild else None
     store = Store(path, StoreConfig(dram_bytes=0, ssd_bytes=_UNBOUNDED, create=False, fs=fs,
-                                    promote_on_read=False))
+                                    promote_on="never", segment_bytes=_UNBOUNDED >> 4))
     try:
         with store._lock:
             items = list(store._blocks.items())
@@ -59,12 +60,22 @@ def fsck(path: str, *, repair: bool = False, rebuild: bool = False, fs: FileSyst
                 corrupt.append((ns, key))
         seg_stats = store._ssd.segment_stats()
         head = store._ssd.head_segment
-        live = {}
+        live: dict[int, int] = {}
         for (ns, key), b in items:
             live[b.ssd[0]] = live.get(b.ssd[0], 0) + b.ssd[2]
+        tombs: dict[int, int] = {}
+        for sid in seg_stats:
+            for r in store._ssd.scan(sid, verify_payload=False, reporter=lambda n, why: None):
+                if r.flags & FLAG_TOMBSTONE:
+                    tombs[sid] = tombs.get(sid, 0) + r.location.length
         total = sum(s["total"] for s in seg_stats.values())
         live_bytes = sum(live.values())
-        empty = [sid for sid in seg_stats if sid != head and live.get(sid, 0) == 0]
+        tomb_bytes = sum(tombs.values())
+        # A segment with no live record and no tombstone holds nothing anyone needs: the
+        # compactor reclaims it, and until then its bytes are orphaned.
+        empty = [sid for sid in seg_stats
+                 if sid != head and not live.get(sid) and not tombs.get(sid)]
+        stray = _stray_files(store)
         report = {
             "ok": not corrupt,
             "format_version": FORMAT_VERSION,
@@ -74,8 +85,11 @@ def fsck(path: str, *, repair: bool = False, rebuild: bool = False, fs: FileSyst
             "segments": len(seg_stats),
             "segment_bytes": total,
             "live_bytes": live_bytes,
-            "dead_bytes": total - live_bytes,
+            "tombstone_bytes": tomb_bytes,
+            "dead_bytes": total - live_bytes - tomb_bytes,
             "empty_segments": len(empty),
+            "orphan_bytes": sum(seg_stats[s]["total"] for s in empty) + sum(stray.values()),
+            "stray_files": sorted(stray),
             "wal_checkpoint_lsn": store._index.checkpoint_lsn(),
             "repaired": 0,
             "rebuilt_blocks": rebuilt,
@@ -92,6 +106,17 @@ def fsck(path: str, *, repair: bool = False, rebuild: bool = False, fs: FileSyst
         return report
     finally:
         store.close()
+
+
+def _stray_files(store) -> dict[str, int]:
+    """Files in the data directory that no part of the store owns, with their sizes."""
+    out = {}
+    for sub, pattern in (("segments", r"^\d{12}\.seg$"), ("wal", r"^\d{20}\.wal$")):
+        d = store._dir.sub(sub)
+        for name in os.listdir(d):
+            if not re.match(pattern, name):
+                out[os.path.join(sub, name)] = os.path.getsize(os.path.join(d, name))
+    return out
 
 
 def rebuild_index(path: str, *, fs: FileSystem = REAL_FS) -> int:

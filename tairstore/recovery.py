@@ -46,7 +46,7 @@ def recover(store: "Store") -> int:
         index.apply([], meta={META_FORMAT: FORMAT_VERSION})
     checkpoint = index.checkpoint_lsn()
     segments = set(ssd.segment_ids())
-    blocks = store._blocks
+    blocks: dict[tuple[str, bytes], _Block] = {}
     ops: list = []
     max_gen = 0
     for ns, key, rec in index.items():
@@ -65,7 +65,7 @@ def recover(store: "Store") -> int:
         log.warning("WAL: dropped %d bytes at the end of the log (%s)", nbytes, reason)
 
     last = checkpoint
-    replayed = 0
+    replayed = dropped = 0
     replay = read_log(store._fs, store._dir.sub("wal"), from_lsn=checkpoint + 1, reporter=reporter)
     for lsn, rec in replay:
         last = max(last, lsn)
@@ -73,16 +73,18 @@ def recover(store: "Store") -> int:
             for e in rec.entries:
                 k = (e.namespace, e.key)
                 if e.ssd is None or e.ssd[0] not in segments or not _verify(ssd, e):
-                    if k in blocks:
+                    if blocks.pop(k, None) is not None:
                         # An older copy must not survive a newer, lost write of the same key.
-                        del blocks[k]
                         ops.append((e.namespace, e.key, None))
-                    store._counters["recovery_dropped"] += 1
+                    dropped += 1
                     continue
                 seg, off, length = e.ssd
-                blocks[k] = _Block(e.size, e.crc, e.generation, e.generation, (seg, off, length), None)
+                old = blocks.get(k)
+                # A relocation (session 0) keeps the block's creation time.
+                created = old.created_ns if old is not None and old.generation == e.generation else e.generation
+                blocks[k] = _Block(e.size, e.crc, e.generation, created, (seg, off, length), None)
                 ops.append((e.namespace, e.key,
-                            BlockRecord(e.size, e.crc, e.generation, e.generation, seg, off, length)))
+                            BlockRecord(e.size, e.crc, e.generation, created, seg, off, length)))
                 max_gen = max(max_gen, e.generation)
                 replayed += 1
         elif isinstance(rec, Delete):
@@ -91,15 +93,15 @@ def recover(store: "Store") -> int:
                     ops.append((rec.namespace, key, None))
     if ops or last != checkpoint:
         index.apply(ops, lsn=last)
-    for (ns, key), b in blocks.items():
-        seg, _, length = b.ssd
-        store._seg_keys.setdefault(seg, set()).add((ns, key))
-        ssd.mark_live(seg, length)
-    store._generation = max_gen
-    store._counters["recovered_blocks"] = len(blocks)
-    if replayed or dropped_bytes:
-        log.info("recovered %s: %d blocks, %d commits replayed from the WAL, %d log bytes dropped",
-                 store.path, len(blocks), replayed, dropped_bytes)
+    with store._lock:
+        for (ns, key), b in blocks.items():
+            store._adopt(ns, key, b)
+        store._generation = max(store._generation, max_gen)
+        store._counters["recovered_blocks"] = len(blocks)
+        store._counters["recovery_dropped"] = dropped
+    if replayed or dropped_bytes or dropped:
+        log.info("recovered %s: %d blocks, %d commits replayed from the WAL (%d dropped), "
+                 "%d log bytes dropped", store.path, len(blocks), replayed, dropped, dropped_bytes)
     # The writer must start exactly here: it sets aside any file at or beyond this LSN as
     # left over from before the crash.
     return replay.next_lsn

@@ -45,6 +45,7 @@ class PendingBlock:
     crc: int = 0
     generation: int = 0
     location: Any = None  # SSD location once written
+    parent: bytes | None = None  # previous key of its chain (for leaf-aware eviction)
 
 
 @dataclass(eq=False)

@@ -1,4 +1,4 @@
-"""The embedded store: write sessions, reads, matching and placement over the tiers.
+"""The embedded store: write sessions, reads, matching, placement and capacity over the tiers.
 
 Theory of operation
 -------------------
@@ -11,22 +11,32 @@ State lives in three places, each with one job:
   first (W2);
 - **LMDB** trails the WAL through the index writer thread, so that reopening needs no scan.
 
-Write path (two-phase): ``start_write`` drops keys already stored or in flight, reserves a DRAM
-slot and/or an SSD record per key and logs PREPARE; ``write`` copies the payload into its
-reservations (one copy into the arena, one ``pwritev`` into the segment) and computes its
-crc32c once; ``finish_write`` logs COMMIT (one group-committed fsync in ``sync`` mode) and only
-then publishes the keys in the key map. Keys not committed are released.
+Write path (two-phase): ``start_write`` drops keys already stored or in flight and *admits*
+each remaining key (quotas, then space in each tier, evicting as needed — see
+:mod:`tairstore.capacity`) by reserving a DRAM slot and an SSD record; ``write`` copies the
+payload into its reservations (one copy into the arena, one ``pwritev`` into the segment) and
+computes its crc32c once; ``finish_write`` logs COMMIT (one group-committed fsync in ``sync``
+mode) and only then publishes the keys. Keys not committed are released. ``put`` runs the same
+three steps without a session object.
 
 Placement: every block of a store with an SSD tier is written through to SSD; the DRAM copy is
-a cache in front of it, evicted LRU-first (skipping pinned slots) without losing the block. In a
-store without SSD tier the DRAM copy is the block, and eviction drops it. When the SSD tier is
-full its oldest segment is evicted whole (a log-structured FIFO): its keys are deleted through
-the WAL and the file is unlinked once its readers are gone.
+a cache in front of it. DRAM pressure drops DRAM copies (the block stays on SSD); SSD pressure
+evicts blocks (deletes them) by the SSD tier's policy and leaves dead bytes that compaction
+(:mod:`tairstore.compaction`) reclaims. A store without an SSD tier is a volatile cache whose
+DRAM evictions drop blocks. An SSD hit is promoted into DRAM on its first or second hit
+(``promote_on``).
 
-Locking: one store lock guards the key map, the sessions and the LRU. It is held for metadata
-only; payload copies, crc computation, disk I/O and fsyncs run outside it, so readers never
-wait for a writer's fsync. Index changes are queued under the same lock as their WAL append, so
-LMDB applies them in LSN order.
+Capacity: usage is counted per (namespace, tier) including reservations, so no acknowledged
+write exceeds a quota (C1). A write first evicts inside its own namespace to fit its quotas;
+only when a tier is over its global capacity are other namespaces evicted, furthest over their
+fair share first. A maintenance thread keeps tiers between their ``low`` and ``high``
+watermarks, reaps expired write sessions and TTLs, and compacts.
+
+Locking: one store lock guards the key map, sessions, namespaces, policies and reservations.
+It is held for metadata only; payload copies, crc computation, disk I/O and fsyncs run outside
+it, so readers never wait for a writer's fsync. Index changes are queued under the same lock as
+their WAL append, so LMDB applies them in LSN order. Lock order: a session's lock, then the
+store lock.
 """
 
 from __future__ import annotations
@@ -36,12 +46,13 @@ import logging
 import os
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from typing import Any
 
 import numpy as np
 
-from . import errors
+from .capacity import TIERS, Namespace, WatermarkTracker, check_limits, fair_share_order, parse_watermarks
+from .compaction import Compactor
 from .config import MAX_KEY_BYTES, MAX_NAMESPACE_BYTES, StoreConfig
 from .datadir import DataDir
 from .errors import (
@@ -50,45 +61,62 @@ from .errors import (
     CorruptionError,
     FatalIOError,
     InvalidArgumentError,
+    NotFoundError,
     SessionError,
     StoreError,
 )
 from .format.checksum import crc32c
+from .format.segment import FLAG_COMMITTED, record_length
 from .index.lmdb_index import Index
 from .index.records import BlockRecord
 from .match import MatchResult, match_mask
+from .policy import make_policy
 from .session import ABORTED, EXPIRED, FINISHED, OPEN, PendingBlock, WriteSession
 from .tiers.dram import DramArena
-from .format.segment import FLAG_COMMITTED
 from .tiers.ssd import SegmentGoneError, SegmentLog
-from .wal import Abort, Commit, CommitEntry, Delete, Prepare, WalWriter, read_log
+from .wal import Abort, Commit, CommitEntry, Delete, Prepare, WalWriter
 
-__all__ = ["Store", "open_store"]
+__all__ = ["Store", "open_store", "DEFAULT_NAMESPACE", "PLACEMENTS"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_NAMESPACE = "default"
+PLACEMENTS = ("auto", "dram", "ssd")
 MAX_LEASE_S = 3600.0  # a session holds reserved space; an hour is more than any engine needs
 TRUNCATE_EVERY_S = 1.0  # how often a checkpoint may trigger WAL file deletion
+ADMIT_ATTEMPTS = 8  # start_write retries after making SSD room by compaction
+# The SSD tier keeps one segment of headroom that user writes may not use, so compaction can
+# always copy the live records of a segment before deleting it.
+MIN_SEGMENT_BYTES = 64 << 10
 
 
 class _Block:
     """A committed block as the key map knows it."""
 
-    __slots__ = ("size", "crc", "generation", "created_ns", "ssd", "dram")
+    __slots__ = ("size", "crc", "generation", "created_ns", "ssd", "dram", "parent", "ssd_hits")
 
     def __init__(self, size: int, crc: int, generation: int, created_ns: int,
-                 ssd: tuple[int, int, int] | None, dram: Any) -> None:
+                 ssd: tuple[int, int, int] | None, dram: Any, parent: bytes | None = None) -> None:
         self.size = size
         self.crc = crc
         self.generation = generation
         self.created_ns = created_ns
         self.ssd = ssd  # (segment, offset, record length) or None
         self.dram = dram  # arena Slot or None
+        self.parent = parent  # the previous key of its chain, when the writer said
+        self.ssd_hits = 0  # hits served from SSD since the block was last in DRAM
 
     def record(self) -> BlockRecord:
         seg, off, length = self.ssd
         return BlockRecord(self.size, self.crc, self.generation, self.created_ns, seg, off, length)
+
+
+class _NeedSsdRoom(Exception):
+    """Internal: the SSD files have no room for a reservation until compaction runs."""
+
+    def __init__(self, nbytes: int) -> None:
+        super().__init__(nbytes)
+        self.nbytes = nbytes
 
 
 def _as_bytes_view(data: Any) -> memoryview:
@@ -123,46 +151,67 @@ class Store:
         self._blocks: dict[tuple[str, bytes], _Block] = {}
         self._inflight: dict[tuple[str, bytes], int] = {}
         self._sessions: dict[int, WriteSession] = {}
-        self._lru: OrderedDict[tuple[str, bytes], None] = OrderedDict()
+        self._namespaces: dict[str, Namespace] = {}
         self._seg_keys: dict[int, set[tuple[str, bytes]]] = {}
         self._seg_pending: Counter[int] = Counter()
+        self._seg_min_gen: dict[int, int] = {}  # per segment written by this process
+        self._seg_tomb: Counter[int] = Counter()  # tombstone bytes kept per segment
+        self._ssd_live = 0  # record bytes of committed blocks on SSD
+        self._ssd_reserved = 0  # record bytes reserved by open sessions
         self._counters: Counter[str] = Counter()
         self._session_ids = itertools.count(1)
         self._generation = 0
         self._closed = False
         self._fatal: BaseException | None = None
         self._last_truncate = 0.0
+        self._last_ttl_sweep = 0.0
         self._durable = config.ssd_bytes > 0
+        self._watermarks = WatermarkTracker(parse_watermarks(config.watermarks))
         self._wal: WalWriter | None = None
         self._ssd: SegmentLog | None = None
         self._dram: DramArena | None = None
         self._index: Index | None = None
+        self._ssd_limit = 0
         self._dir = DataDir(self.path, self._fs, create=config.create)
         try:
             self._open()
         except BaseException:
             self._teardown()
             raise
-        self._reaper_stop = threading.Event()
-        self._reaper = threading.Thread(target=self._reap_loop, name="tairstore-reaper", daemon=True)
-        self._reaper.start()
+        self.compactor = Compactor(self)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._maint = threading.Thread(target=self._maintenance_loop, name="tairstore-maintenance",
+                                       daemon=True)
+        self._maint.start()
 
     # ------------------------------------------------------------------------------- opening
     def _open(self) -> None:
         cfg = self.config
         if cfg.dram_bytes:
             self._dram = DramArena(cfg.dram_bytes)
+            if cfg.prefault_dram:
+                self._dram.prefault()
         self._index = Index(self._dir.sub("index"))
+        for name, settings in self._index.namespaces().items():
+            ns = self._ns_state(name)
+            ns.total_bytes, ns.tier_bytes, ns.ttl_s = check_limits(
+                settings.get("total_bytes"), settings.get("tier_bytes"), settings.get("ttl_s"))
         if not self._durable:
             # A volatile cache: nothing on disk describes blocks, so nothing to recover.
             return
+        # Segments of about an eighth of the tier (bounded), so the compaction headroom of one
+        # segment stays a small part of a small tier.
+        seg_bytes = max(MIN_SEGMENT_BYTES, min(cfg.segment_bytes, cfg.ssd_bytes // 8))
+        self._ssd_limit = cfg.ssd_bytes - seg_bytes
         self._ssd = SegmentLog(
             self._fs, self._dir.sub("segments"), capacity_bytes=cfg.ssd_bytes,
-            segment_bytes=min(cfg.segment_bytes, cfg.ssd_bytes), compression=cfg.compression,
-            zstd_level=cfg.zstd_level,
+            segment_bytes=seg_bytes, compression=cfg.compression, zstd_level=cfg.zstd_level,
         )
         self._ssd.open()
-        next_lsn = self._recover()
+        from .recovery import recover
+
+        next_lsn = recover(self)
         self._wal = WalWriter(
             self._fs, self._dir.sub("wal"), durability=cfg.durability,
             batch_interval_s=cfg.batch_interval_ms / 1000.0, file_bytes=cfg.wal_file_bytes,
@@ -172,11 +221,19 @@ class Store:
         self._wal.truncate_before(next_lsn)
         self._index.start_writer(before_commit=self._wal.sync, on_checkpoint=self._on_checkpoint)
 
-    def _recover(self) -> int:
-        """Load the index, replay the WAL tail after the checkpoint, return the next LSN."""
-        from .recovery import recover
-
-        return recover(self)
+    def _adopt(self, ns: str, key: bytes, b: _Block) -> None:
+        """Take a recovered block into the key map, accounting and policies (store lock held)."""
+        k = (ns, key)
+        self._blocks[k] = b
+        nss = self._ns_state(ns)
+        nss.blocks += 1
+        nss.used_total += b.size
+        seg, _, length = b.ssd
+        nss.used["ssd"] += b.size
+        nss.policies["ssd"].on_insert(key, b.size, None)
+        self._seg_keys.setdefault(seg, set()).add(k)
+        self._ssd.mark_live(seg, length)
+        self._ssd_live += length
 
     # ------------------------------------------------------------------------------ checks
     def _check_open(self) -> None:
@@ -228,6 +285,15 @@ class Store:
             )
         return size
 
+    def _check_tier(self, tier: str) -> str:
+        if tier not in PLACEMENTS:
+            raise InvalidArgumentError(f"tier must be one of {PLACEMENTS}, got {tier!r}")
+        if tier == "ssd" and self._ssd is None:
+            raise InvalidArgumentError("tier='ssd' asked of a store without an SSD tier (ssd_bytes=0)")
+        if tier == "dram" and self._dram is None:
+            raise InvalidArgumentError("tier='dram' asked of a store without a DRAM tier (dram_bytes=0)")
+        return tier
+
     def _fail(self, exc: BaseException) -> None:
         """Record a fatal I/O failure: no more writes (durability is unknown from here)."""
         if self._fatal is None:
@@ -239,25 +305,84 @@ class Store:
         self._generation = max(self._generation + 1, time.time_ns())
         return self._generation
 
+    # ------------------------------------------------------------------------ namespaces
+    def _ns_state(self, ns: str) -> Namespace:
+        """The namespace record, created (with its policies) on first use (store lock held)."""
+        st = self._namespaces.get(ns)
+        if st is None:
+            st = Namespace(ns)
+            caps = {"dram": self.config.dram_bytes or None, "ssd": self.config.ssd_bytes or None}
+            for tier in TIERS:
+                st.policies[tier] = make_policy(self.config.policy[tier], capacity_bytes=caps[tier])
+            self._namespaces[ns] = st
+        return st
+
+    def set_quota(self, namespace: str, total_bytes: int | None = None,
+                  tier_bytes: dict[str, int] | None = None, *, ttl_s: float | None = None) -> dict:
+        """Set a namespace's byte quotas (total and per tier) and optional TTL; persisted.
+
+        ``None`` means unlimited (no TTL). Lowering a quota below current usage does not evict
+        at once: new writes of the namespace evict its own blocks to fit.
+
+        Returns:
+            the namespace's quota report, as :meth:`quota`.
+        """
+        ns = self._ns(namespace)
+        total, tiers, ttl = check_limits(total_bytes, tier_bytes, ttl_s)
+        with self._lock:
+            self._check_writable()
+            st = self._ns_state(ns)
+            st.total_bytes, st.tier_bytes, st.ttl_s = total, tiers, ttl
+            settings = st.settings()
+        self._index.set_namespace(ns, settings)
+        return self.quota(ns)
+
+    def quota(self, namespace: str) -> dict:
+        """``{"total_bytes": limit|None, "used_bytes": n, "tiers": {"dram": {"limit", "used"}, "ssd": …}}``.
+
+        Raises:
+            NotFoundError: the namespace has no quota and no blocks.
+        """
+        ns = self._ns(namespace)
+        with self._lock:
+            self._check_open()
+            st = self._namespaces.get(ns)
+            if st is None:
+                raise NotFoundError(f"namespace {ns!r} has no blocks and no quota")
+            return st.quota_report()
+
+    def namespaces(self) -> list[str]:
+        """Namespaces that hold blocks or have settings."""
+        with self._lock:
+            self._check_open()
+            return sorted(self._namespaces)
+
     # --------------------------------------------------------------------------- write path
     def start_write(self, keys: list[bytes], sizes: list[int], lease_s: float = 30.0, *,
-                    namespace: str = DEFAULT_NAMESPACE) -> WriteSession:
+                    namespace: str = DEFAULT_NAMESPACE, tier: str = "auto",
+                    parent: bytes | None = None, chain: bool = True) -> WriteSession:
         """Begin a two-phase write.
 
         Keys already stored or being written by another session are dropped from the session;
-        for the rest, space is reserved (DRAM and/or SSD) and PREPARE is logged.
+        for the rest, quotas are checked and space is reserved (evicting as needed), and
+        PREPARE is logged.
 
         Args:
             keys: block keys (bytes, 1..64 each), no duplicates.
             sizes: the exact byte size of each block.
             lease_s: seconds the reservation is held; after that the store aborts the session.
+            tier: ``"auto"`` (DRAM copy when it fits, SSD always when present), ``"dram"``
+                (a DRAM copy is required) or ``"ssd"`` (no DRAM copy).
+            parent: the key preceding ``keys[0]`` in its chain, if stored.
+            chain: the keys are consecutive blocks of one sequence, each the prefix of the
+                next (what ``leaf_lru`` eviction uses).
 
         Returns:
             the :class:`WriteSession`; ``keys_to_write`` lists the keys to send.
 
         Raises:
-            InvalidArgumentError: bad keys, sizes, lease or namespace.
-            CapacityError: a block cannot fit in any tier even after eviction.
+            InvalidArgumentError: bad keys, sizes, lease, tier or namespace.
+            CapacityError: a block cannot fit (``dimension`` names the full quota or tier).
             FatalIOError: the store stopped accepting writes after an I/O failure.
         """
         ns = self._ns(namespace)
@@ -270,107 +395,246 @@ class Store:
         sizes = [self._check_size(s) for s in sizes]
         if not isinstance(lease_s, (int, float)) or not 0 < lease_s <= MAX_LEASE_S:
             raise InvalidArgumentError(f"lease_s must be in (0, {MAX_LEASE_S}]")
-        with self._lock:
-            self._check_writable()
-            sid = next(self._session_ids)
-            session = WriteSession(sid, ns, [], float(lease_s), time.monotonic() + lease_s)
-            try:
-                for key, size in zip(keys, sizes):
-                    k = (ns, key)
-                    if k in self._blocks or k in self._inflight:
-                        continue
-                    p = PendingBlock(size)
-                    session.pending[key] = p
-                    session.keys_to_write.append(key)
-                    self._inflight[k] = sid
-                    self._reserve(ns, key, p)
-            except BaseException:
-                self._release_pending(session, session.pending)
-                raise
-            if session.keys_to_write:
-                self._sessions[sid] = session
-            if self._wal is not None and session.keys_to_write:
-                self._wal.append(Prepare(sid, ns, tuple(session.keys_to_write),
-                                         tuple(session.pending[k].size for k in session.keys_to_write)))
-        return session
-
-    def _reserve(self, ns: str, key: bytes, p: PendingBlock) -> None:
-        """Reserve the places a new block will be written (store lock held)."""
-        if self._dram is not None and p.size <= self._dram.capacity_bytes:
-            p.dram = self._alloc_dram(p.size)
-        if self._ssd is None:
-            if p.dram is None:
-                raise CapacityError(
-                    f"DRAM tier cannot fit a block of {p.size} bytes (pinned or reserved space "
-                    "fills it, or the block is larger than the tier)", dimension="tier:dram")
-            return
-        while True:
-            try:
-                p.ssd = self._ssd.reserve(ns, key, p.size)
-                break
-            except CapacityError:
-                if not self._evict_segment():
+        tier = self._check_tier(tier)
+        parent = None if parent is None else self._key(parent)
+        parents = ([parent] + keys[:-1]) if chain else [None] * len(keys)
+        for attempt in range(ADMIT_ATTEMPTS):
+            with self._lock:
+                self._check_writable()
+                todo = [(key, size) for key, size in zip(keys, sizes)
+                        if (ns, key) not in self._blocks and (ns, key) not in self._inflight]
+                need_bytes = self._ssd_room_needed(ns, todo)
+                if need_bytes:
+                    continue_after_compaction = True
+                else:
+                    continue_after_compaction = False
+            if continue_after_compaction:
+                # Outside the lock: compaction copies records and fsyncs.
+                self.compactor.make_room(need_bytes)
+                continue
+            with self._lock:
+                self._check_writable()
+                sid = next(self._session_ids)
+                session = WriteSession(sid, ns, [], float(lease_s), time.monotonic() + lease_s)
+                try:
+                    for key, size, par in zip(keys, sizes, parents):
+                        if (ns, key) in self._blocks or (ns, key) in self._inflight:
+                            continue
+                        p = PendingBlock(size, parent=par)
+                        self._admit(ns, key, p, tier)
+                        session.pending[key] = p
+                        session.keys_to_write.append(key)
+                        self._inflight[(ns, key)] = sid
+                except _NeedSsdRoom as need:
+                    self._release_pending(session, session.pending)
+                    need_bytes = need.nbytes
+                except BaseException:
+                    self._release_pending(session, session.pending)
                     raise
+                else:
+                    if session.keys_to_write:
+                        self._sessions[sid] = session
+                        if self._wal is not None:
+                            self._wal.append(Prepare(
+                                sid, ns, tuple(session.keys_to_write),
+                                tuple(session.pending[k].size for k in session.keys_to_write)))
+                    return session
+            # Outside the lock: compaction copies records and fsyncs.
+            self.compactor.make_room(need_bytes)
+        raise CapacityError(
+            "SSD tier full: compaction could not free room for this write (live blocks fill it)",
+            dimension="tier:ssd")
+
+    # -- admission (store lock held) -------------------------------------------------------
+    def _ssd_room_needed(self, ns: str, todo: list[tuple[bytes, int]]) -> int:
+        """SSD file bytes the batch needs that only compaction can free (0 if it fits).
+
+        First evicts blocks if live data leaves no room for the batch, so that what is still
+        missing afterwards is dead space for the compactor. Checking the whole batch up front
+        keeps a retry from reserving, abandoning and so filling the files with its own waste.
+        """
+        if self._ssd is None or not todo:
+            return 0
+        nsb = len(ns.encode())
+        need = sum(record_length(nsb, len(key), size) for key, size in todo)
+        excess = self._ssd_live + self._ssd_reserved + need - self._ssd_limit
+        if excess > 0:
+            self._evict_global("ssd", excess)
+        if self._ssd.total_bytes + need > self._ssd_limit:
+            return need
+        return 0
+
+    def _admit(self, ns: str, key: bytes, p: PendingBlock, tier: str) -> None:
+        """Check quotas and reserve the places a new block will be written.
+
+        On success the reservations are in ``p`` and counted in the namespace's usage; on any
+        exception nothing of this block is reserved.
+        """
+        st = self._ns_state(ns)
+        size = p.size
+        if st.over(None, size):
+            self._evict_own(st, None, size)
+            if st.over(None, size):
+                raise CapacityError(
+                    f"namespace {ns!r} total quota {st.total_bytes} bytes is full "
+                    f"({st.used_total} used, block of {size}) and nothing more of it can be evicted",
+                    dimension=f"quota:{ns}:total")
+        try:
+            if self._ssd is not None:
+                self._reserve_ssd(st, ns, key, p)
+            if self._dram is not None and tier != "ssd":
+                self._reserve_dram(st, p, required=(tier == "dram" or self._ssd is None))
+        except BaseException:
+            self._unreserve(st, p)
+            raise
+        st.used_total += size
+
+    def _reserve_ssd(self, st: Namespace, ns: str, key: bytes, p: PendingBlock) -> None:
+        size = p.size
+        if st.over("ssd", size):
+            self._evict_own(st, "ssd", size)
+            if st.over("ssd", size):
+                raise CapacityError(
+                    f"namespace {ns!r} SSD quota {st.tier_bytes['ssd']} bytes is full", dimension=f"quota:{ns}:ssd")
+        need = record_length(len(ns.encode()), len(key), size)
+        if need > self._ssd_limit:
+            raise CapacityError(
+                f"block of {size} bytes cannot fit the SSD tier ({self.config.ssd_bytes} bytes, "
+                f"of which {self.config.ssd_bytes - self._ssd_limit} are compaction headroom)",
+                dimension="tier:ssd")
+        if self._ssd_live + self._ssd_reserved + need > self._ssd_limit:
+            self._evict_global("ssd", self._ssd_live + self._ssd_reserved + need - self._ssd_limit)
+            if self._ssd_live + self._ssd_reserved + need > self._ssd_limit:
+                raise CapacityError("SSD tier is full of blocks being written or pinned",
+                                    dimension="tier:ssd")
+        if self._ssd.total_bytes + need > self._ssd_limit:
+            # Live bytes fit but the files are full of dead records: compaction must run.
+            raise _NeedSsdRoom(need)
+        p.ssd = self._ssd.reserve(ns, key, size)
         self._seg_pending[p.ssd.segment] += 1
+        self._ssd_reserved += p.ssd.length
+        st.used["ssd"] += size
 
-    def _alloc_dram(self, size: int):
-        """A DRAM slot for ``size`` bytes, evicting LRU blocks as needed; None if impossible."""
+    def _reserve_dram(self, st: Namespace, p: PendingBlock, *, required: bool) -> None:
+        size = p.size
         arena = self._dram
-        while True:
+        if size > arena.capacity_bytes:
+            if required:
+                raise CapacityError(f"block of {size} bytes is larger than the DRAM tier",
+                                    dimension="tier:dram")
+            return
+        if st.over("dram", size):
+            self._evict_own(st, "dram", size)
+            if st.over("dram", size):
+                if required:
+                    raise CapacityError(f"namespace {st.name!r} DRAM quota is full",
+                                        dimension=f"quota:{st.name}:dram")
+                return
+        slot = arena.alloc(size)
+        while slot is None:
+            if not self._evict_global("dram", size, one=True):
+                break
             slot = arena.alloc(size)
-            if slot is not None:
-                return slot
-            victim = None
-            for k in self._lru:
-                if not arena.is_pinned(self._blocks[k].dram):
-                    victim = k
-                    break
-            if victim is None:
-                return None
-            self._evict_dram(victim)
+        if slot is None:
+            if required:
+                raise CapacityError(
+                    f"DRAM tier cannot fit a block of {size} bytes (pinned views or reservations "
+                    "fill it)", dimension="tier:dram")
+            return
+        p.dram = slot
+        st.used["dram"] += size
 
-    def _evict_dram(self, k: tuple[str, bytes]) -> None:
-        b = self._blocks[k]
-        del self._lru[k]
+    def _unreserve(self, st: Namespace, p: PendingBlock) -> None:
+        """Give back ``p``'s reservations and their usage (store lock held)."""
+        if p.dram is not None:
+            self._dram.release(p.dram)
+            p.dram = None
+            st.used["dram"] -= p.size
+        if p.ssd is not None:
+            self._ssd.abandon(p.ssd)
+            self._seg_pending[p.ssd.segment] -= 1
+            self._ssd_reserved -= p.ssd.length
+            p.ssd = None
+            st.used["ssd"] -= p.size
+
+    # -- eviction (store lock held) ----------------------------------------------------------
+    def _evict_own(self, st: Namespace, tier: str | None, size: int) -> None:
+        """Evict a namespace's own blocks until ``size`` more bytes fit its quota of ``tier``."""
+        policy_tier = tier or ("ssd" if self._ssd is not None else "dram")
+        policy = st.policies[policy_tier]
+        skip = self._skip_for(st.name, policy_tier)
+        while st.over(tier, size):
+            victim = policy.pop_victim(skip)
+            if victim is None:
+                return
+            # A total or SSD quota is freed only by removing blocks; a DRAM quota by dropping copies.
+            self._evict_one(policy_tier, st.name, victim, whole=(tier != "dram"))
+
+    def _evict_global(self, tier: str, nbytes: int, *, one: bool = False) -> int:
+        """Evict from the namespaces furthest over their fair share of ``tier``.
+
+        Returns the bytes freed (0 when nothing is evictable). With ``one``, stops after one
+        block (the DRAM allocator retries its allocation in between).
+        """
+        capacity = self.config.dram_bytes if tier == "dram" else self._ssd_limit
+        freed = 0
+        exhausted: set[str] = set()
+        while freed < nbytes:
+            used = {ns: st.used[tier] for ns, st in self._namespaces.items() if ns not in exhausted}
+            order = fair_share_order(used, capacity)
+            if not order:
+                break
+            ns = order[0]
+            victim = self._namespaces[ns].policies[tier].pop_victim(self._skip_for(ns, tier))
+            if victim is None:
+                exhausted.add(ns)
+                continue
+            freed += self._evict_one(tier, ns, victim, whole=(tier == "ssd"))
+            if one:
+                break
+        return freed
+
+    def _skip_for(self, ns: str, tier: str):
+        if tier != "dram":
+            return None
+        arena = self._dram
+        blocks = self._blocks
+
+        def pinned(key: bytes) -> bool:
+            b = blocks.get((ns, key))
+            return b is not None and b.dram is not None and arena.is_pinned(b.dram)
+
+        return pinned
+
+    def _evict_one(self, tier: str, ns: str, key: bytes, *, whole: bool) -> int:
+        """Evict one policy victim: drop its DRAM copy, or the whole block; returns bytes freed."""
+        k = (ns, key)
+        b = self._blocks.get(k)
+        if b is None:
+            return 0
+        if tier == "dram" and not whole:
+            if b.dram is None:
+                return 0
+            self._counters["evictions_dram"] += 1
+            self._drop_dram(k, b)
+            return b.size
+        self._counters["evictions_" + tier] += 1
+        self._remove_locked([k], tombstones=False)
+        return b.size
+
+    def _drop_dram(self, k: tuple[str, bytes], b: _Block) -> None:
+        """Drop a block's DRAM copy; a block with no SSD copy goes with it (store lock held)."""
+        if b.ssd is None:
+            self._remove_locked([k], tombstones=False)
+            return
+        st = self._namespaces[k[0]]
+        st.policies["dram"].on_remove(k[1])
         self._dram.release(b.dram)
         b.dram = None
-        self._counters["evictions_dram"] += 1
-        if b.ssd is None:
-            # Volatile block: the DRAM copy was the block.
-            del self._blocks[k]
+        b.ssd_hits = 0
+        st.used["dram"] -= b.size
 
-    def _evict_segment(self) -> bool:
-        """Evict the oldest SSD segment whole (FIFO); False if none can go."""
-        ssd = self._ssd
-        head = ssd.head_segment
-        for seg in ssd.segment_ids():
-            if seg == head or self._seg_pending[seg]:
-                continue
-            keys = self._seg_keys.pop(seg, set())
-            by_ns: dict[str, list[bytes]] = {}
-            for k in keys:
-                b = self._blocks.pop(k)
-                if b.dram is not None:
-                    del self._lru[k]
-                    self._dram.release(b.dram)
-                by_ns.setdefault(k[0], []).append(k[1])
-            for ns, ks in by_ns.items():
-                self._log(Delete(ns, tuple(ks)), [(ns, key, None) for key in ks])
-            self._counters["evictions_ssd"] += len(keys)
-            self._counters["segments_evicted"] += 1
-            # No WAL sync needed first: at open, index entries pointing at a missing segment
-            # are dropped, which is what the DELETE records say anyway.
-            ssd.delete_segment(seg)
-            return True
-        return False
-
-    def _log(self, rec: Any, ops: list) -> int:
-        """Append to the WAL and queue the index change, in LSN order (store lock held)."""
-        lsn = self._wal.append(rec)
-        if ops:
-            self._index.enqueue(lsn, ops)
-        return lsn
-
+    # -- payload and commit ----------------------------------------------------------------
     def write(self, session: WriteSession, key: bytes, data: Any) -> None:
         """Copy one block's payload into its reservation.
 
@@ -380,9 +644,6 @@ class Store:
             LeaseExpiredError: the lease ran out.
             DiskFullError: the disk is full (the session stays open; abort or retry).
         """
-        self._write(session, key, data, committed=False)
-
-    def _write(self, session: WriteSession, key: bytes, data: Any, *, committed: bool) -> None:
         _check_session_type(session)
         key = self._key(key)
         mv = _as_bytes_view(data)
@@ -395,22 +656,31 @@ class Store:
                 raise SessionError(f"key {key.hex()[:16]}… was already written in session {session.id}")
             if len(mv) != p.size:
                 raise SessionError(f"block is {len(mv)} bytes but start_write reserved {p.size}")
-            self._check_writable()
+            self._fill(session.namespace, key, p, mv, committed=False)
+
+    def _fill(self, ns: str, key: bytes, p: PendingBlock, mv: memoryview, *, committed: bool) -> None:
+        """Copy the payload into the reservations of ``p`` and checksum it (no store lock)."""
+        self._check_writable()
+        if p.dram is not None:
+            self._dram.copy_in(p.dram, mv)
+            # The checksum of the fresh copy, while it is still in cache, costs less than a
+            # second cold pass over the caller's buffer.
+            p.crc = self._dram.crc32c(p.dram)
+        elif self._ssd is not None or self.config.verify_dram_reads:
             p.crc = crc32c(mv)
+        with self._lock:
             p.generation = self._next_generation()
-            if p.dram is not None:
-                dst = self._dram.writable_view(p.dram)
-                np.copyto(np.frombuffer(dst, np.uint8), np.frombuffer(mv, np.uint8))
-                dst.release()
-            if p.ssd is not None:
-                try:
-                    p.location = self._ssd.write(p.ssd, session.namespace, key, mv,
-                                                 generation=p.generation, crc=p.crc,
-                                                 committed=committed)
-                except FatalIOError as exc:
-                    self._fail(exc)
-                    raise
-            p.written = True
+        if p.ssd is not None:
+            try:
+                p.location = self._ssd.write(p.ssd, ns, key, mv, generation=p.generation, crc=p.crc,
+                                             committed=committed)
+            except FatalIOError as exc:
+                self._fail(exc)
+                raise
+            with self._lock:
+                seg = p.location.segment
+                self._seg_min_gen[seg] = min(self._seg_min_gen.get(seg, p.generation), p.generation)
+        p.written = True
 
     def _check_session(self, session: WriteSession) -> None:
         """Raise if the session cannot be used; expire it if its lease ran out (session lock held)."""
@@ -444,63 +714,84 @@ class Store:
                 p = session.pending.get(key)
                 if p is None or not p.written:
                     raise SessionError(f"key {key.hex()[:16]}… was not written in session {session.id}")
-            ns = session.namespace
-            committed = {k: session.pending[k] for k in session.keys_to_write if k in ok_set}
-            for k, p in committed.items():
+            committed = [(k, session.pending.pop(k)) for k in session.keys_to_write if k in ok_set]
+            try:
+                n = self._commit(session.namespace, committed, session.id)
+            finally:
+                with self._lock:
+                    self._release_pending(session, session.pending)
+                    session.state = FINISHED
+                    self._sessions.pop(session.id, None)
+            return n
+
+    def _commit(self, ns: str, items: list[tuple[bytes, PendingBlock]], sid: int) -> int:
+        """Log COMMIT for written blocks, wait for durability, then publish them.
+
+        On failure every reservation of ``items`` is released.
+        """
+        try:
+            for k, p in items:
                 if p.location is not None and not p.location.flags & FLAG_COMMITTED:
-                    # Before COMMIT is logged, so a rebuild from segments never knows a block
-                    # the WAL does not (the same sync makes both durable).
-                    try:
-                        self._ssd.mark_committed(p.location, ns, k, p.generation)
-                    except FatalIOError as exc:
-                        self._fail(exc)
-                        raise
+                    # Before COMMIT is logged, so a rebuild from segments never knows a block the
+                    # WAL does not (the same sync makes both durable).
+                    self._ssd.mark_committed(p.location, ns, k, p.generation)
             lsn = None
             with self._lock:
                 self._check_writable()
-                if self._wal is not None:
-                    entries = tuple(
-                        CommitEntry(ns, k, p.size, p.crc, p.generation,
-                                    (p.location.segment, p.location.offset, p.location.length))
-                        for k, p in committed.items())
-                    created = time.time_ns()
-                    ops = [(ns, k, BlockRecord(p.size, p.crc, p.generation, created,
-                                               p.location.segment, p.location.offset, p.location.length))
-                           for k, p in committed.items()]
-                    if entries:
-                        lsn = self._log(Commit(session.id, entries), ops)
-                    rest = [k for k in session.keys_to_write if k not in ok_set]
-                    if rest and not entries:
-                        self._wal.append(Abort(session.id))
+                if self._wal is not None and items:
+                    now = time.time_ns()
+                    entries = tuple(CommitEntry(ns, k, p.size, p.crc, p.generation,
+                                                (p.location.segment, p.location.offset, p.location.length))
+                                    for k, p in items)
+                    ops = [(ns, k, BlockRecord(p.size, p.crc, p.generation, now, p.location.segment,
+                                               p.location.offset, p.location.length))
+                           for k, p in items]
+                    lsn = self._log(Commit(sid, entries), ops)
             if lsn is not None and self.config.durability == "sync":
-                try:
-                    self._wal.sync(lsn)
-                except FatalIOError as exc:
-                    self._fail(exc)
-                    raise
+                self._wal.sync(lsn)
+        except BaseException as exc:
+            if isinstance(exc, FatalIOError):
+                self._fail(exc)
             with self._lock:
-                now = time.time_ns()
-                for k, p in committed.items():
-                    kk = (ns, k)
-                    loc = p.location
-                    ssd = (loc.segment, loc.offset, loc.length) if loc is not None else None
-                    self._blocks[kk] = _Block(p.size, p.crc, p.generation, now, ssd, p.dram)
-                    if p.dram is not None:
-                        self._lru[kk] = None
-                    if ssd is not None:
-                        self._seg_keys.setdefault(ssd[0], set()).add(kk)
-                        self._ssd.mark_live(ssd[0], ssd[2])
-                        self._seg_pending[ssd[0]] -= 1
-                        p.ssd = None
-                    p.dram = None
-                    del self._inflight[kk]
-                    del session.pending[k]
-                self._release_pending(session, session.pending)
-                session.state = FINISHED
-                self._sessions.pop(session.id, None)
-                self._counters["puts"] += len(committed)
-                self._counters["bytes_written"] += sum(p.size for p in committed.values())
-            return len(committed)
+                st = self._ns_state(ns)
+                for k, p in items:
+                    self._unreserve(st, p)
+                    st.used_total -= p.size
+                    self._inflight.pop((ns, k), None)
+            raise
+        with self._lock:
+            st = self._ns_state(ns)
+            now = time.time_ns()
+            for k, p in items:
+                kk = (ns, k)
+                loc = p.location
+                ssd = (loc.segment, loc.offset, loc.length) if loc is not None else None
+                b = _Block(p.size, p.crc, p.generation, now, ssd, p.dram, p.parent)
+                self._blocks[kk] = b
+                st.blocks += 1
+                parent = p.parent
+                if p.dram is not None:
+                    st.policies["dram"].on_insert(k, p.size, parent)
+                if ssd is not None:
+                    st.policies["ssd"].on_insert(k, p.size, parent)
+                    self._seg_keys.setdefault(ssd[0], set()).add(kk)
+                    self._ssd.mark_live(ssd[0], ssd[2])
+                    self._seg_pending[ssd[0]] -= 1
+                    self._ssd_reserved -= p.ssd.length
+                    self._ssd_live += ssd[2]
+                p.ssd = None
+                p.dram = None
+                del self._inflight[kk]
+            self._counters["puts"] += len(items)
+            self._counters["bytes_written"] += sum(p.size for _, p in items)
+        return len(items)
+
+    def _log(self, rec: Any, ops: list) -> int:
+        """Append to the WAL and queue the index change, in LSN order (store lock held)."""
+        lsn = self._wal.append(rec)
+        if ops:
+            self._index.enqueue(lsn, ops)
+        return lsn
 
     def abort_write(self, session: WriteSession) -> None:
         """Abandon a session: release every reservation. A finished session is left alone."""
@@ -520,89 +811,144 @@ class Store:
 
     def _release_pending(self, session: WriteSession, pending: dict[bytes, PendingBlock]) -> None:
         """Give back the reservations of ``pending`` (store lock held)."""
+        st = self._ns_state(session.namespace)
         for key, p in list(pending.items()):
-            if p.dram is not None:
-                self._dram.release(p.dram)
-                p.dram = None
-            if p.ssd is not None:
-                self._ssd.abandon(p.ssd)
-                self._seg_pending[p.ssd.segment] -= 1
-                p.ssd = None
+            self._unreserve(st, p)
+            st.used_total -= p.size
             self._inflight.pop((session.namespace, key), None)
         pending.clear()
 
-    def put(self, key: bytes, data: Any, *, namespace: str = DEFAULT_NAMESPACE) -> bool:
+    def put(self, key: bytes, data: Any, *, namespace: str = DEFAULT_NAMESPACE, tier: str = "auto",
+            parent: bytes | None = None) -> bool:
         """Store one block; False if the key already exists (or is being written).
 
-        Equivalent to ``start_write`` + ``write`` + ``finish_write`` of one key.
+        Equivalent to ``start_write`` + ``write`` + ``finish_write`` of one key, without the
+        session object or a PREPARE record.
         """
+        ns = self._ns(namespace)
+        key = self._key(key)
         mv = _as_bytes_view(data)
-        session = self.start_write([key], [len(mv)], namespace=namespace)
-        if not session.keys_to_write:
-            return False
+        size = self._check_size(len(mv))
+        tier = self._check_tier(tier)
+        k = (ns, key)
+        p = PendingBlock(size, parent=None if parent is None else self._key(parent))
+        for attempt in range(ADMIT_ATTEMPTS):
+            with self._lock:
+                self._check_writable()
+                if k in self._blocks or k in self._inflight:
+                    return False
+                need_bytes = self._ssd_room_needed(ns, [(key, size)])
+                if need_bytes:
+                    p.dram = p.ssd = None
+            if need_bytes:
+                self.compactor.make_room(need_bytes)
+                continue
+            with self._lock:
+                self._check_writable()
+                if k in self._blocks or k in self._inflight:
+                    return False
+                try:
+                    self._admit(ns, key, p, tier)
+                except _NeedSsdRoom as need:
+                    need_bytes = need.nbytes
+                else:
+                    self._inflight[k] = 0
+                    break
+            self.compactor.make_room(need_bytes)
+        else:
+            raise CapacityError("SSD tier full: compaction could not free room for this write",
+                                dimension="tier:ssd")
         try:
             # The whole payload is at hand, so the record is written committed at once: a
             # rebuild may restore it even if the crash comes before COMMIT, and its bytes are
             # exactly the ones put.
-            self._write(session, session.keys_to_write[0], mv, committed=True)
-            return self.finish_write(session, session.keys_to_write) == 1
+            self._fill(ns, key, p, mv, committed=True)
         except BaseException:
-            self.abort_write(session)
+            with self._lock:
+                st = self._ns_state(ns)
+                self._unreserve(st, p)
+                st.used_total -= p.size
+                self._inflight.pop(k, None)
             raise
+        return self._commit(ns, [(key, p)], 0) == 1
 
     # ---------------------------------------------------------------------------- read path
     def get(self, key: bytes, *, namespace: str = DEFAULT_NAMESPACE) -> memoryview | None:
         """The block's bytes, or None on a miss.
 
         From DRAM this is a zero-copy read-only view that pins its slot: the bytes never change
-        while the view (or anything made from it) is alive (R2). From SSD the block is read,
-        verified and, with ``promote_on_read``, copied into DRAM on the way.
+        while the view (or anything made from it) is alive (R2). From SSD the block is read and
+        verified; on its first or second SSD hit (``promote_on``) it is copied into DRAM.
         """
         k = (self._ns(namespace), self._key(key))
         with self._lock:
             self._check_open()
-            b = self._blocks.get(k)
+            b = self._lookup(k)
             if b is None:
-                self._counters["misses"] += 1
                 return None
             if b.dram is not None:
                 view = self._dram.pinned_view(b.dram)
-                self._lru.move_to_end(k)
                 if not self.config.verify_dram_reads:
-                    self._counters["hits"] += 1
-                    self._counters["hits_dram"] += 1
+                    self._count_hit("dram")
                     return view
         if b.dram is not None:
-            return self._verified_dram(k, b, view)
+            if crc32c(view) == b.crc:
+                with self._lock:
+                    self._count_hit("dram")
+                return view
+            view.release()
+            self._drop_corrupt(k, b, "DRAM copy")
+            return None
         return self._get_from_ssd(k, b)
 
-    def _verified_dram(self, k, b: _Block, view: memoryview) -> memoryview | None:
-        if crc32c(view) == b.crc:
-            with self._lock:
-                self._counters["hits"] += 1
-                self._counters["hits_dram"] += 1
-            return view
-        view.release()
-        self._drop_corrupt(k, b, "DRAM copy")
+    def _lookup(self, k: tuple[str, bytes]) -> _Block | None:
+        """The block, touching its policies; None (counted) on a miss or expiry (store lock held)."""
+        b = self._blocks.get(k)
+        if b is not None:
+            st = self._namespaces[k[0]]
+            if st.ttl_s is not None and time.time_ns() - b.created_ns > st.ttl_s * 1e9:
+                self._counters["expired"] += 1
+                self._remove_locked([k], tombstones=False)
+                b = None
+            else:
+                if b.dram is not None:
+                    st.policies["dram"].on_access(k[1])
+                if b.ssd is not None:
+                    st.policies["ssd"].on_access(k[1])
+                return b
+        self._counters["misses"] += 1
         return None
+
+    def _count_hit(self, tier: str) -> None:
+        self._counters["hits"] += 1
+        self._counters["hits_" + tier] += 1
 
     def _get_from_ssd(self, k, b: _Block) -> memoryview | None:
         slot = None
-        if self.config.promote_on_read and self._dram is not None and b.size <= self._dram.capacity_bytes:
-            with self._lock:
-                if self._fatal is None and not self._closed:
-                    slot = self._alloc_dram(b.size)
+        with self._lock:
+            b.ssd_hits += 1
+            if self._wants_promotion(b) and self._fatal is None and not self._closed:
+                st = self._namespaces[k[0]]
+                p = PendingBlock(b.size)
+                try:
+                    self._reserve_dram(st, p, required=False)
+                except CapacityError:
+                    pass
+                slot = p.dram
         if slot is not None:
             dst = self._dram.writable_view(slot)
             ok = self._read_ssd(k, b, dst)
             dst.release()
             with self._lock:
+                st = self._namespaces.get(k[0])
                 if ok and self._blocks.get(k) is b and b.dram is None and not self._closed:
                     b.dram = slot
-                    self._lru[k] = None
+                    st.policies["dram"].on_insert(k[1], b.size, b.parent)
                     self._counters["promotions"] += 1
                     return self._dram.pinned_view(slot)
                 self._dram.release(slot)
+                if st is not None:
+                    st.used["dram"] -= b.size
                 if not ok:
                     return None
         buf = bytearray(b.size)
@@ -610,13 +956,24 @@ class Store:
             return None
         return memoryview(buf).toreadonly()
 
+    def _wants_promotion(self, b: _Block) -> bool:
+        if self._dram is None or b.size > self._dram.capacity_bytes:
+            return False
+        mode = self.config.promote_on
+        return mode == "first" or (mode == "second" and b.ssd_hits >= 2)
+
     def _read_ssd(self, k, b: _Block, out) -> bool:
         """Read and verify a block from SSD into ``out``; count a hit or a miss."""
         seg, off, length = b.ssd
         try:
             self._ssd.read_into(seg, off, length, out, namespace=k[0], key=k[1], expected_crc=b.crc)
         except SegmentGoneError:
-            # Evicted or compacted between our lookup and the read: a plain miss.
+            # Evicted or compacted between our lookup and the read. Compaction may have moved
+            # it: look once more before calling it a miss.
+            with self._lock:
+                nb = self._blocks.get(k)
+            if nb is not None and nb is b and b.ssd != (seg, off, length):
+                return self._read_ssd(k, b, out)
             with self._lock:
                 self._counters["misses"] += 1
             return False
@@ -624,15 +981,13 @@ class Store:
             self._drop_corrupt(k, b, f"SSD record ({exc})")
             return False
         except (StoreError, OSError) as exc:
-            # The segment went away under us (evicted) or the read failed: a miss (R1).
             with self._lock:
                 self._counters["misses"] += 1
                 self._counters["read_errors"] += 1
             log.warning("read of block %s failed: %s", k[1].hex()[:16], exc)
             return False
         with self._lock:
-            self._counters["hits"] += 1
-            self._counters["hits_ssd"] += 1
+            self._count_hit("ssd")
         return True
 
     def _drop_corrupt(self, k, b: _Block, where: str) -> None:
@@ -642,7 +997,7 @@ class Store:
             self._counters["checksum_errors"] += 1
             self._counters["misses"] += 1
             if self._blocks.get(k) is b:
-                self._remove_locked([k])
+                self._remove_locked([k], tombstones=False)
 
     def get_into(self, key: bytes, out: Any, *, namespace: str = DEFAULT_NAMESPACE) -> int:
         """Copy the block into the writable buffer ``out``; the bytes copied, 0 on a miss.
@@ -661,26 +1016,25 @@ class Store:
         with self._lock:
             self._check_open()
             b = self._blocks.get(k)
-            if b is None:
-                self._counters["misses"] += 1
-                return 0
-            if len(dst) < b.size:
+            if b is not None and len(dst) < b.size:
                 raise InvalidArgumentError(f"out holds {len(dst)} bytes; the block has {b.size}")
-            view = None
-            if b.dram is not None:
-                view = self._dram.pinned_view(b.dram)
-                self._lru.move_to_end(k)
-        if view is not None:
-            target = np.frombuffer(dst, np.uint8, count=b.size)
-            np.copyto(target, np.frombuffer(view, np.uint8))
-            view.release()
+            b = self._lookup(k)
+            if b is None:
+                return 0
+            slot = b.dram
+            if slot is not None:
+                # Pinned by copy_out itself; taking the pin under the store lock means no
+                # eviction can release the slot first.
+                self._dram.copy_out(slot, dst)
+        if slot is not None:
             if self.config.verify_dram_reads and crc32c(dst[: b.size]) != b.crc:
                 self._drop_corrupt(k, b, "DRAM copy")
                 return 0
             with self._lock:
-                self._counters["hits"] += 1
-                self._counters["hits_dram"] += 1
+                self._count_hit("dram")
             return b.size
+        with self._lock:
+            b.ssd_hits += 1
         return b.size if self._read_ssd(k, b, dst[: b.size]) else 0
 
     def exists(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE) -> list[bool]:
@@ -713,109 +1067,174 @@ class Store:
 
     # ------------------------------------------------------------------------------ delete
     def delete(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE) -> int:
-        """Delete blocks; returns how many existed. SSD space is reclaimed asynchronously."""
+        """Delete blocks; returns how many existed. SSD space is reclaimed by compaction."""
         ns = self._ns(namespace)
         keys = self._keys(keys)
         with self._lock:
             self._check_writable()
             present = [(ns, k) for k in dict.fromkeys(keys) if (ns, k) in self._blocks]
-            lsn = self._remove_locked(present)
+            lsn = self._remove_locked(present, tombstones=True)
+            self._counters["deletes"] += len(present)
+        self._sync_if_asked(lsn)
+        return len(present)
+
+    def trim(self, namespace: str, mode: str = "all", ts: float | None = None) -> int:
+        """Delete a namespace's blocks: ``"all"``, or ``"older_than"`` the Unix time ``ts``.
+
+        Returns the number of blocks deleted.
+        """
+        ns = self._ns(namespace)
+        if mode not in ("all", "older_than"):
+            raise InvalidArgumentError(f"trim mode must be 'all' or 'older_than', got {mode!r}")
+        if mode == "older_than" and not isinstance(ts, (int, float)):
+            raise InvalidArgumentError("trim(mode='older_than') needs ts, a Unix time in seconds")
+        cutoff = None if mode == "all" else int(ts * 1e9)
+        with self._lock:
+            self._check_writable()
+            victims = [k for k, b in self._blocks.items()
+                       if k[0] == ns and (cutoff is None or b.created_ns < cutoff)]
+            lsn = self._remove_locked(victims, tombstones=True)
+            self._counters["trimmed"] += len(victims)
+        self._sync_if_asked(lsn)
+        return len(victims)
+
+    def _sync_if_asked(self, lsn: int | None) -> None:
         if lsn is not None and self.config.durability == "sync":
             try:
                 self._wal.sync(lsn)
             except FatalIOError as exc:
                 self._fail(exc)
                 raise
-        return len(present)
 
-    def _remove_locked(self, present: list[tuple[str, bytes]]) -> int | None:
-        """Drop blocks from the key map and tiers; log DELETE (store lock held)."""
+    def _remove_locked(self, present: list[tuple[str, bytes]], *, tombstones: bool) -> int | None:
+        """Drop blocks from the key map, tiers, policies and usage; log DELETE (store lock held).
+
+        Returns the LSN of the last DELETE logged, or None.
+        """
         if not present:
             return None
-        tombstones = []
+        logged: dict[str, list[bytes]] = {}
         for k in present:
             b = self._blocks.pop(k)
+            st = self._namespaces[k[0]]
+            st.blocks -= 1
+            st.used_total -= b.size
             if b.dram is not None:
-                self._lru.pop(k, None)
+                st.policies["dram"].on_remove(k[1])
                 self._dram.release(b.dram)
+                st.used["dram"] -= b.size
             if b.ssd is not None:
-                self._seg_keys.get(b.ssd[0], set()).discard(k)
-                self._ssd.mark_dead(b.ssd[0], b.ssd[2])
-                tombstones.append(k)
-        self._counters["deletes"] += len(present)
-        if self._wal is None or not tombstones or self._fatal is not None:
+                st.policies["ssd"].on_remove(k[1])
+                seg, _, length = b.ssd
+                self._seg_keys.get(seg, set()).discard(k)
+                self._ssd.mark_dead(seg, length)
+                self._ssd_live -= length
+                st.used["ssd"] -= b.size
+                logged.setdefault(k[0], []).append(k[1])
+        if self._wal is None or not logged or self._fatal is not None:
             return None
-        by_ns: dict[str, list[bytes]] = {}
-        for ns, key in tombstones:
-            by_ns.setdefault(ns, []).append(key)
         lsn = None
-        for ns, ks in by_ns.items():
+        for ns, ks in logged.items():
             lsn = self._log(Delete(ns, tuple(ks)), [(ns, key, None) for key in ks])
-            for key in ks:
-                # A tombstone in the segment log keeps `fsck --rebuild` from resurrecting it.
-                try:
-                    self._ssd.write_tombstone(ns, key, self._next_generation())
-                except CapacityError:
-                    pass  # the WAL/index delete stands; only a rebuild could bring it back
+            if tombstones:
+                for key in ks:
+                    # A tombstone in the segment log keeps `fsck --rebuild` from resurrecting
+                    # an explicitly deleted block. Evictions write none: an evicted block that
+                    # a rebuild brings back is still a correct block of its key.
+                    try:
+                        loc = self._ssd.write_tombstone(ns, key, self._next_generation())
+                    except (CapacityError, FatalIOError):
+                        continue  # the WAL/index delete stands; only a rebuild could bring it back
+                    self._note_tombstone(loc)
         return lsn
 
-    # ---------------------------------------------------------------------- observability
-    def stats(self) -> dict:
-        """Usage per tier and namespace, counters and configuration facts."""
-        with self._lock:
-            self._check_open()
-            dram_bytes = sum(self._blocks[k].size for k in self._lru)
-            ssd_blocks = [b for b in self._blocks.values() if b.ssd is not None]
-            namespaces: dict[str, dict[str, int]] = {}
-            for (ns, _), b in self._blocks.items():
-                d = namespaces.setdefault(ns, {"blocks": 0, "bytes": 0})
-                d["blocks"] += 1
-                d["bytes"] += b.size
-            tiers: dict[str, dict] = {}
-            if self._dram is not None:
-                tiers["dram"] = {
-                    "blocks": len(self._lru), "bytes": dram_bytes,
-                    "capacity": self._dram.capacity_bytes, "used_bytes": self._dram.used_bytes,
-                    "pinned_bytes": self._dram.pinned_bytes,
-                }
-            if self._ssd is not None:
-                tiers["ssd"] = {
-                    "blocks": len(ssd_blocks), "bytes": sum(b.size for b in ssd_blocks),
-                    "capacity": self._ssd.capacity_bytes, "file_bytes": self._ssd.total_bytes,
-                    "segments": len(self._ssd.segment_ids()),
-                }
-            counters = {name: self._counters.get(name, 0) for name in (
-                "hits", "misses", "hits_dram", "hits_ssd", "checksum_errors", "read_errors",
-                "puts", "deletes", "bytes_written", "evictions_dram", "evictions_ssd",
-                "segments_evicted", "promotions", "leases_expired", "recovered_blocks",
-                "recovery_dropped")}
-            return {
-                "blocks": len(self._blocks),
-                "tiers": tiers,
-                "namespaces": namespaces,
-                "counters": counters,
-                "sessions_open": len(self._sessions),
-                "durability": self.config.durability if self._durable else "volatile",
-                "volatile": not self._durable,
-                "writable": self._fatal is None,
-            }
+    def _note_tombstone(self, loc) -> None:
+        """Count a tombstone record as live space until compaction finds it droppable."""
+        self._ssd.mark_live(loc.segment, loc.length)
+        self._seg_tomb[loc.segment] += loc.length
 
-    # ----------------------------------------------------------------------- housekeeping
-    def _on_checkpoint(self, lsn: int) -> None:
-        now = time.monotonic()
-        if now - self._last_truncate >= TRUNCATE_EVERY_S:
-            self._last_truncate = now
+    # ---------------------------------------------------------------------- maintenance
+    def compact(self, wait: bool = True, *, full: bool = False) -> dict:
+        """Run a compaction pass now (``wait``) or ask the background thread to.
+
+        A pass rewrites the live records of every segment whose live ratio is at most
+        ``compaction_live_ratio`` (``full``: of every segment holding any dead bytes, after
+        closing the head segment) and deletes the old files.
+
+        Returns:
+            the compactor's counters.
+        """
+        self._check_open()
+        if self._ssd is None:
+            return {}
+        if not wait:
+            self._wake.set()
+            return self.compactor.stats()
+        return self.compactor.run(full=full)
+
+    def _maintenance_loop(self) -> None:
+        while not self._stop.wait(self.config.maintenance_interval_s):
+            self._wake.clear()
             try:
-                self._wal.truncate_before(lsn + 1)
-            except (StoreError, OSError) as exc:
-                log.warning("WAL truncation failed (will retry): %s", exc)
+                self.maintain()
+            except ClosedError:
+                return
+            except Exception:  # noqa: BLE001 - the thread must outlive one failed pass
+                log.exception("maintenance pass failed")
 
-    def _reap_loop(self) -> None:
-        while not self._reaper_stop.wait(self.config.reaper_interval_s):
-            self.reap_expired()
+    def maintain(self) -> None:
+        """One maintenance pass: leases, TTLs, watermarks, background compaction."""
+        if self._closed:
+            return
+        self.reap_expired()
+        now = time.monotonic()
+        if now - self._last_ttl_sweep >= 1.0:
+            self._last_ttl_sweep = now
+            self._sweep_ttl()
+        self._enforce_watermarks()
+        if self._ssd is not None and self._fatal is None:
+            self.compactor.background_step()
+
+    def _enforce_watermarks(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            for tier in TIERS:
+                frac, capacity = self._usage_fraction(tier)
+                if capacity == 0:
+                    continue
+                state = self._watermarks.update(tier, frac)
+                if state == "high":
+                    low = self._watermarks.marks[tier].low
+                    used = frac * capacity
+                    self._counters["watermark_evictions"] += 1
+                    self._evict_global(tier, int(used - low * capacity))
+
+    def _usage_fraction(self, tier: str) -> tuple[float, int]:
+        if tier == "dram":
+            if self._dram is None:
+                return 0.0, 0
+            return self._dram.used_bytes / self._dram.capacity_bytes, self._dram.capacity_bytes
+        if self._ssd is None:
+            return 0.0, 0
+        return (self._ssd_live + self._ssd_reserved) / self._ssd_limit, self._ssd_limit
+
+    def _sweep_ttl(self) -> None:
+        with self._lock:
+            if self._closed or self._fatal is not None:
+                return
+            now = time.time_ns()
+            for ns, st in self._namespaces.items():
+                if st.ttl_s is None:
+                    continue
+                cutoff = now - int(st.ttl_s * 1e9)
+                expired = [k for k, b in self._blocks.items() if k[0] == ns and b.created_ns < cutoff]
+                if expired:
+                    self._remove_locked(expired, tombstones=False)
+                    self._counters["expired"] += len(expired)
 
     def reap_expired(self) -> int:
-        """Abort every session whose lease ran out; returns how many (the reaper calls this)."""
+        """Abort every session whose lease ran out; returns how many (the maintenance thread calls this)."""
         with self._lock:
             expired = [s for s in self._sessions.values() if s.expired]
         n = 0
@@ -826,6 +1245,66 @@ class Store:
                     n += 1
         return n
 
+    def _on_checkpoint(self, lsn: int) -> None:
+        now = time.monotonic()
+        if now - self._last_truncate >= TRUNCATE_EVERY_S:
+            self._last_truncate = now
+            try:
+                self._wal.truncate_before(lsn + 1)
+            except (StoreError, OSError) as exc:
+                log.warning("WAL truncation failed (will retry): %s", exc)
+
+    # ---------------------------------------------------------------------- observability
+    def stats(self) -> dict:
+        """Usage per tier and namespace, watermark states, counters and configuration facts."""
+        with self._lock:
+            self._check_open()
+            tiers: dict[str, dict] = {}
+            ns_totals = {t: sum(st.used[t] for st in self._namespaces.values()) for t in TIERS}
+            if self._dram is not None:
+                frac, _ = self._usage_fraction("dram")
+                tiers["dram"] = {
+                    "blocks": sum(1 for b in self._blocks.values() if b.dram is not None),
+                    "bytes": ns_totals["dram"], "capacity": self._dram.capacity_bytes,
+                    "used_bytes": self._dram.used_bytes, "pinned_bytes": self._dram.pinned_bytes,
+                    "usage": frac, "watermark": self._watermarks.state["dram"],
+                }
+            if self._ssd is not None:
+                frac, _ = self._usage_fraction("ssd")
+                tiers["ssd"] = {
+                    "blocks": sum(1 for b in self._blocks.values() if b.ssd is not None),
+                    "bytes": ns_totals["ssd"], "capacity": self.config.ssd_bytes,
+                    "usable_bytes": self._ssd_limit, "live_record_bytes": self._ssd_live,
+                    "reserved_bytes": self._ssd_reserved, "file_bytes": self._ssd.total_bytes,
+                    "tombstone_bytes": sum(self._seg_tomb.values()),
+                    "dead_bytes": (self._ssd.total_bytes - self._ssd_live - self._ssd_reserved
+                                   - sum(self._seg_tomb.values())),
+                    "segments": len(self._ssd.segment_ids()), "usage": frac,
+                    "watermark": self._watermarks.state["ssd"],
+                }
+            namespaces = {
+                name: {"blocks": st.blocks, "bytes": st.used_total,
+                       "tiers": {t: st.used[t] for t in TIERS}, "quota": st.quota_report()}
+                for name, st in self._namespaces.items()}
+            counters = {name: self._counters.get(name, 0) for name in (
+                "hits", "misses", "hits_dram", "hits_ssd", "checksum_errors", "read_errors",
+                "puts", "deletes", "trimmed", "expired", "bytes_written", "evictions_dram",
+                "evictions_ssd", "watermark_evictions", "promotions", "leases_expired",
+                "recovered_blocks", "recovery_dropped")}
+            return {
+                "blocks": len(self._blocks),
+                "tiers": tiers,
+                "namespaces": namespaces,
+                "counters": counters,
+                "compaction": self.compactor.stats() if self._ssd is not None else {},
+                "watermark_crossings": dict(self._watermarks.crossings),
+                "sessions_open": len(self._sessions),
+                "durability": self.config.durability if self._durable else "volatile",
+                "volatile": not self._durable,
+                "writable": self._fatal is None,
+            }
+
+    # ----------------------------------------------------------------------- lifecycle
     def sync(self) -> None:
         """Make everything acknowledged so far durable now (whatever the durability mode)."""
         self._check_open()
@@ -841,9 +1320,10 @@ class Store:
                 if s.state == OPEN:
                     self._abort_locked(s, ABORTED)
             self._closed = True
-        self._reaper_stop.set()
-        if self._reaper is not threading.current_thread():
-            self._reaper.join()
+        self._stop.set()
+        if self._maint is not threading.current_thread():
+            self._maint.join()
+        self.compactor.wait_idle()
         self._teardown()
 
     def _teardown(self) -> None:
@@ -874,6 +1354,6 @@ def open_store(path: str | os.PathLike, **options: Any) -> Store:
     """Open (creating if needed) the store in directory ``path``.
 
     Options are the fields of :class:`tairstore.config.StoreConfig`, e.g.
-    ``dram_bytes``, ``ssd_bytes``, ``durability``, ``compression``.
+    ``dram_bytes``, ``ssd_bytes``, ``durability``, ``compression``, ``policy``, ``watermarks``.
     """
     return Store(path, StoreConfig.from_kwargs(**options))

@@ -13,6 +13,7 @@ that a crash could take back out of the log.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections import deque
@@ -21,7 +22,7 @@ from typing import Union
 
 import lmdb
 
-from ..errors import ClosedError, FatalIOError
+from ..errors import ClosedError, CorruptionError, FatalIOError
 from .records import U64, BlockRecord, decode_block, decode_key, encode_block, encode_key
 
 __all__ = ["Index", "PutOp", "DelOp"]
@@ -49,6 +50,7 @@ class Index:
         )
         self._meta = self._env.open_db(b"meta")
         self._blocks = self._env.open_db(b"blocks")
+        self._ns_db = self._env.open_db(b"namespaces")
         self._queue: deque[tuple[int, list[Op]]] = deque()
         self._cond = threading.Condition()
         self._applied_lsn = self.checkpoint_lsn()
@@ -71,6 +73,29 @@ class Index:
     def format_version(self) -> int | None:
         """The store format version written at creation, or None for a new index."""
         return self.get_meta(META_FORMAT)
+
+    # -- namespace settings ----------------------------------------------------------------
+    def namespaces(self) -> dict[str, dict]:
+        """Persisted namespace settings (quotas, TTL), by name."""
+        out = {}
+        with self._env.begin(db=self._ns_db) as txn:
+            for k, v in txn.cursor():
+                try:
+                    out[bytes(k).decode()] = json.loads(bytes(v))
+                except ValueError as exc:
+                    raise CorruptionError(f"namespace settings of {bytes(k)!r} do not parse: {exc}") from None
+        return out
+
+    def set_namespace(self, name: str, settings: dict) -> None:
+        """Persist one namespace's settings (a synchronous LMDB transaction)."""
+        body = json.dumps(settings, sort_keys=True).encode()
+        while True:
+            try:
+                with self._env.begin(write=True, db=self._ns_db) as txn:
+                    txn.put(name.encode(), body)
+                return
+            except lmdb.MapFullError:
+                self._env.set_mapsize(self._env.info()["map_size"] * 2)
 
     # -- reads -----------------------------------------------------------------------------
     def items(self) -> Iterator[tuple[str, bytes, BlockRecord]]:

@@ -244,6 +244,47 @@ class DramArena:
         # Outside the lock: if numpy fails here, dropping `pin` unpins through the normal path.
         return memoryview(np.asarray(pin))
 
+    def copy_in(self, slot: Slot, src) -> None:
+        """Copy ``src`` (exactly ``slot.size`` bytes) into a slot its writer owns.
+
+        No view and no pin: the caller guarantees nobody can release the slot meanwhile (the
+        store holds the write session's lock, which an abort also takes).
+        """
+        np.copyto(self._buf[slot.offset : slot.offset + slot.size], np.frombuffer(src, np.uint8))
+
+    def copy_out(self, slot: Slot, dst) -> int:
+        """Copy a slot's bytes into the writable buffer ``dst``; returns ``slot.size``.
+
+        The slot is pinned for the duration of the copy (a release meanwhile waits), without
+        building a view object: the cheap path for ``get_into``.
+
+        Raises:
+            InvalidArgumentError: the slot is not live or was already released.
+        """
+        with self._lock:
+            self._drain()
+            entry = self._entry_of(slot)
+            if entry.pins == 0:
+                self._pinned += slot.reserved
+            entry.pins += 1
+        try:
+            np.copyto(np.frombuffer(dst, np.uint8, count=slot.size),
+                      self._buf[slot.offset : slot.offset + slot.size])
+        finally:
+            self._unpinned.append(entry)
+            self._try_drain()
+        return slot.size
+
+    def crc32c(self, slot: Slot) -> int:
+        """crc32c of a slot's bytes (the caller keeps the slot live)."""
+        from tairstore.format.checksum import crc32c
+
+        return crc32c(self._buf[slot.offset : slot.offset + slot.size])
+
+    def prefault(self) -> None:
+        """Touch every page now, so first writes do not pay page faults (optional, at open)."""
+        self._buf[:: self._granularity] = 0
+
     # ------------------------------------------------------------------------------ inspection
 
     def pin_count(self, slot: Slot) -> int:

@@ -370,7 +370,9 @@ class SegmentLog:
         if not 0 <= raw_len <= MAX_PAYLOAD_LEN:
             raise InvalidArgumentError(f"payload length {raw_len} out of range")
         # Compression only ever shrinks a payload, so the raw size always fits what is written.
-        length = record_length(len(ns), len(key), raw_len)
+        return self._reserve_length(record_length(len(ns), len(key), raw_len), raw_len)
+
+    def _reserve_length(self, length: int, raw_len: int) -> Reservation:
         with self._lock:
             self._check_writable_locked()
             if self._total + length > self._capacity:
@@ -387,6 +389,18 @@ class SegmentLog:
             seg.pins += 1  # held until write/abandon, so deletion waits for the writer too
             self._total += length
         return Reservation(seg, offset, length, raw_len)
+
+    def roll(self) -> int:
+        """Start a new head segment if the current one holds anything; returns the head id.
+
+        Compaction rolls before a full pass, so the records of the old head can be compacted
+        too (the head itself is never a compaction candidate: writers are appending to it).
+        """
+        with self._lock:
+            self._check_writable_locked()
+            if self._head.size:
+                self._new_head_locked(self._head.id + 1)
+            return self._head.id
 
     def _new_head_locked(self, sid: int) -> _Segment:
         path = os.path.join(self._dir, segment_file_name(sid))
@@ -482,6 +496,42 @@ class SegmentLog:
         finally:
             self._finish(res, dirty=written)
         return Location(res.segment, res.offset, length, flags, len(stored), raw_len, crc)
+
+    def copy_record(self, segment: int, offset: int, length: int, *, namespace: str, key: bytes,
+                    expected_crc: int | None = None) -> Location:
+        """Compaction: verify a record, then append a byte-identical copy at the head.
+
+        The copy keeps the record's generation and flags (a compressed payload is copied as is,
+        not re-encoded). The caller retargets its index to the returned location only if the
+        index still points at the old one, and otherwise treats the copy as dead space.
+
+        Raises:
+            CorruptionError: the record does not verify (it is not copied).
+            SegmentGoneError: the segment was deleted meanwhile.
+            CapacityError, DiskFullError, FatalIOError: as for :meth:`reserve` / :meth:`write`.
+        """
+        self._read(segment, offset, length, None, namespace, key, expected_crc)
+        seg = self._pin(segment)
+        try:
+            raw = seg.file.pread(length, offset)
+        except OSError as exc:
+            raise CorruptionError(f"reading segment {segment}: {exc}") from exc
+        finally:
+            self._unpin(seg)
+        if len(raw) != length:
+            raise CorruptionError(f"record at {segment}:{offset} runs past the end of file")
+        h = decode_header(raw)
+        res = self._reserve_length(length, h.raw_len)
+        written = False
+        try:
+            res._seg.file.pwrite(raw, res.offset)
+            written = True
+        except OSError as exc:
+            raise _write_error(exc, f"writing segment {res.segment}") from exc
+        finally:
+            self._finish(res, dirty=written)
+        return Location(res.segment, res.offset, length, h.flags, h.stored_len, h.raw_len,
+                        h.payload_crc)
 
     def abandon(self, res: Reservation) -> None:
         """Give up a reservation that will never be written; its bytes become dead space.

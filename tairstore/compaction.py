@@ -1,0 +1,252 @@
+"""Compaction: asynchronous deletion for the SSD segment log.
+
+Deleting or evicting a block only marks its record dead; the space comes back when the whole
+segment file goes. The compactor picks segments by live ratio, copies their live records to the
+head (byte for byte: a compressed payload stays compressed), retargets the index, and deletes
+the old file once its readers are gone.
+
+Theory of operation — one segment, and why each step is in its place:
+
+1. Snapshot, under the store lock, the keys whose records live in the segment.
+2. Scan the segment's headers for tombstones. A tombstone is dropped when the key is live
+   again with a newer generation, or when every other segment was written by this process
+   after the tombstone's generation began (``_seg_min_gen``): then no older record of the key
+   exists anywhere that a rebuild from segments could resurrect. Otherwise it is copied
+   forward. Segments from before a restart have an unknown minimum generation, so
+   tombstones are kept while any of them exists.
+3. Copy each live record (verified first: a record that fails its checksum is dropped — R1 —
+   never copied forward).
+4. Under the store lock, retarget each key **only if the index still points at the old place**
+   (compare-and-swap: the block may have been deleted, evicted or replaced meanwhile; then the
+   copy is dead space), and log the new locations as a COMMIT (session 0) plus their index
+   changes, in LSN order as every other change.
+5. ``wal.sync`` that COMMIT. Its ``pre_sync`` fsyncs the copies first, so a durable relocation
+   never points at bytes a power loss could take away — and the old file is deleted only after
+   the relocation is durable: a crash at any point leaves the index pointing at a record that
+   exists (the old one, or the durable new one).
+6. Delete the old segment (``delete_segment`` waits for its readers, then unlinks and fsyncs
+   the directory). A crash before the unlink leaves a segment with no live record, which the
+   next pass reclaims.
+
+Requests never wait for compaction, except a write that finds the SSD files full of dead
+records (the background could not keep up): it compacts in its own thread before reserving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from .errors import ClosedError, CorruptionError, StoreError
+from .format.segment import FLAG_TOMBSTONE
+from .index.records import BlockRecord
+from .tiers.ssd import SegmentGoneError
+from .wal import Commit, CommitEntry
+
+if TYPE_CHECKING:
+    from .store import Store
+
+__all__ = ["Compactor"]
+
+log = logging.getLogger(__name__)
+
+# A segment whose live ratio is below this is worth rewriting even without space pressure
+# only when the configured threshold says so; under pressure any dead byte counts.
+_ANY_DEAD = 0.9999
+# The SSD files count as under pressure above this fraction of the usable capacity.
+_PRESSURE = 0.9
+
+
+class Compactor:
+    """Compacts the segment log of one store; one pass at a time."""
+
+    def __init__(self, store: "Store") -> None:
+        self._store = store
+        self._lock = threading.Lock()
+        self._counters: Counter[str] = Counter()
+        self._running = False
+
+    def stats(self) -> dict:
+        """Counters: passes, segments compacted, records and bytes copied, bytes reclaimed."""
+        c = self._counters
+        return {
+            "running": self._running,
+            "segments_compacted": c["segments"],
+            "records_copied": c["records"],
+            "bytes_copied": c["bytes_copied"],
+            "bytes_reclaimed": c["bytes_reclaimed"],
+            "tombstones_kept": c["tombstones_kept"],
+            "tombstones_dropped": c["tombstones_dropped"],
+            "corrupt_dropped": c["corrupt"],
+        }
+
+    # -- choosing ---------------------------------------------------------------------------
+    def candidates(self, max_ratio: float) -> list[tuple[float, int]]:
+        """``(live ratio, segment)`` of every compactable segment at or below ``max_ratio``.
+
+        The head (being appended to) and segments with open reservations are not compactable.
+        Tombstones that must be kept count as live.
+        """
+        store = self._store
+        with store._lock:
+            if store._closed:
+                return []
+            ssd = store._ssd
+            head = ssd.head_segment
+            out = []
+            for sid, s in ssd.segment_stats().items():
+                if sid == head or store._seg_pending[sid] or s["inflight"] or s["total"] == 0:
+                    continue
+                if s["live"] >= s["total"]:
+                    continue
+                ratio = s["live"] / s["total"]
+                if ratio <= max_ratio:
+                    out.append((ratio, sid))
+        return sorted(out)
+
+    def _under_pressure(self) -> bool:
+        store = self._store
+        return store._ssd.total_bytes >= _PRESSURE * store._ssd_limit
+
+    # -- entry points -------------------------------------------------------------------------
+    def background_step(self) -> None:
+        """Compact the emptiest eligible segment, if any (the maintenance thread calls this)."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            threshold = _ANY_DEAD if self._under_pressure() else self._store.config.compaction_live_ratio
+            cands = self.candidates(threshold)
+            if cands:
+                self._compact_segment(cands[0][1])
+        finally:
+            self._lock.release()
+
+    def make_room(self, nbytes: int) -> None:
+        """Compact until the SSD files have room for ``nbytes`` more (a writer's fallback)."""
+        store = self._store
+        with self._lock:
+            for _ in range(1024):  # bounded: each pass deletes a segment or the loop ends
+                if store._closed or store._ssd.total_bytes + nbytes <= store._ssd_limit:
+                    return
+                cands = self.candidates(_ANY_DEAD)
+                if not cands:
+                    # The dead bytes may all be in the head: close it so it can be compacted.
+                    store._ssd.roll()
+                    cands = self.candidates(_ANY_DEAD)
+                    if not cands:
+                        return
+                self._compact_segment(cands[0][1])
+
+    def run(self, *, full: bool = False) -> dict:
+        """One pass over every segment at or below the live-ratio threshold (``full``: any dead byte)."""
+        with self._lock:
+            if full:
+                self._store._ssd.roll()
+            threshold = _ANY_DEAD if full else self._store.config.compaction_live_ratio
+            for _, sid in self.candidates(threshold):
+                self._compact_segment(sid)
+        return self.stats()
+
+    def wait_idle(self) -> None:
+        """Wait for a pass in progress to finish (used by close)."""
+        with self._lock:
+            pass
+
+    # -- the work -----------------------------------------------------------------------------
+    def _compact_segment(self, seg: int) -> int:
+        """Compact one segment (the steps of the module docstring); returns bytes reclaimed."""
+        store = self._store
+        ssd = store._ssd
+        self._running = True
+        try:
+            with store._lock:
+                if store._closed or store._fatal is not None:
+                    return 0
+                live = [(k, store._blocks[k], store._blocks[k].ssd)
+                        for k in store._seg_keys.get(seg, ()) if k in store._blocks]
+                others = [g for s, g in store._seg_min_gen.items() if s != seg]
+                unknown = any(s not in store._seg_min_gen for s in ssd.segment_ids() if s != seg)
+                oldest_other = 0 if unknown else min(others, default=1 << 64)
+            size = ssd.segment_stats().get(seg, {}).get("total", 0)
+            keep = self._tombstones_to_keep(seg, oldest_other)
+            moves = []
+            for k, b, old in live:
+                try:
+                    new = ssd.copy_record(old[0], old[1], old[2], namespace=k[0], key=k[1],
+                                          expected_crc=b.crc)
+                except SegmentGoneError:
+                    continue
+                except CorruptionError as exc:
+                    self._counters["corrupt"] += 1
+                    store._drop_corrupt(k, b, f"SSD record during compaction ({exc})")
+                    continue
+                moves.append((k, b, old, new))
+                self._counters["records"] += 1
+                self._counters["bytes_copied"] += new.length
+            for ns, key, gen in keep:
+                loc = ssd.write_tombstone(ns, key, gen)
+                with store._lock:
+                    store._note_tombstone(loc)
+                    store._seg_min_gen.setdefault(loc.segment, store._seg_min_gen.get(loc.segment, gen))
+            lsn = self._retarget(seg, moves)
+            if lsn is not None:
+                store._wal.sync(lsn)
+            with store._lock:
+                if store._seg_keys.get(seg) or store._seg_pending[seg] or store._closed:
+                    return 0
+                store._seg_keys.pop(seg, None)
+                store._seg_tomb.pop(seg, None)
+                store._seg_min_gen.pop(seg, None)
+                ssd.delete_segment(seg)
+            self._counters["segments"] += 1
+            self._counters["bytes_reclaimed"] += size
+            return size
+        except (ClosedError, SegmentGoneError):
+            return 0
+        except StoreError as exc:
+            log.warning("compaction of segment %d stopped: %s", seg, exc)
+            return 0
+        finally:
+            self._running = False
+
+    def _tombstones_to_keep(self, seg: int, oldest_other: int) -> list[tuple[str, bytes, int]]:
+        store = self._store
+        keep = []
+        for r in store._ssd.scan(seg, verify_payload=False, reporter=lambda n, why: None):
+            if not r.flags & FLAG_TOMBSTONE:
+                continue
+            with store._lock:
+                b = store._blocks.get((r.namespace, r.key))
+            if (b is not None and b.generation > r.generation) or r.generation < oldest_other:
+                self._counters["tombstones_dropped"] += 1
+                continue
+            keep.append((r.namespace, r.key, r.generation))
+            self._counters["tombstones_kept"] += 1
+        return keep
+
+    def _retarget(self, seg: int, moves: list) -> int | None:
+        """Point moved keys at their copies if they still point at the originals (step 4)."""
+        store = self._store
+        ssd = store._ssd
+        with store._lock:
+            entries, ops = [], []
+            for k, b, old, new in moves:
+                if store._blocks.get(k) is not b or b.ssd != old:
+                    continue  # deleted, evicted or replaced meanwhile: the copy is dead space
+                b.ssd = (new.segment, new.offset, new.length)
+                store._seg_keys.get(seg, set()).discard(k)
+                store._seg_keys.setdefault(new.segment, set()).add(k)
+                ssd.mark_dead(old[0], old[2])
+                ssd.mark_live(new.segment, new.length)
+                store._ssd_live += new.length - old[2]
+                prev = store._seg_min_gen.get(new.segment, b.generation)
+                store._seg_min_gen[new.segment] = min(prev, b.generation)
+                entries.append(CommitEntry(k[0], k[1], b.size, b.crc, b.generation, b.ssd))
+                ops.append((k[0], k[1], BlockRecord(b.size, b.crc, b.generation, b.created_ns,
+                                                    new.segment, new.offset, new.length)))
+            if not entries or store._fatal is not None:
+                return None
+            # Session 0: a relocation, replayed like any COMMIT (verified, then indexed).
+            return store._log(Commit(0, tuple(entries)), ops)
