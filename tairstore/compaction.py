@@ -7,6 +7,12 @@ the old file once its readers are gone.
 
 Theory of operation — one segment, and why each step is in its place:
 
+When: a segment with no live record is reclaimed at once; otherwise background compaction
+starts once the files fill 90% of the usable capacity, taking the emptiest segment whose live
+ratio is at most ``compaction_live_ratio``, and above 97% the emptiest segment whatever its
+ratio. Waiting lets old segments die whole (deletes and evictions mostly hit old records), so
+most space comes back without copying anything.
+
 1. Snapshot, under the store lock, the keys whose records live in the segment.
 2. Scan the segment's headers for tombstones. A tombstone is dropped when the key is live
    again with a newer generation, or when every other segment was written by this process
@@ -52,11 +58,15 @@ __all__ = ["Compactor"]
 
 log = logging.getLogger(__name__)
 
-# A segment whose live ratio is below this is worth rewriting even without space pressure
-# only when the configured threshold says so; under pressure any dead byte counts.
+# Live ratio "below 1": any segment with a dead byte.
 _ANY_DEAD = 0.9999
-# The SSD files count as under pressure above this fraction of the usable capacity.
-_PRESSURE = 0.9
+# Background compaction waits until the SSD files fill this fraction of the usable capacity:
+# records die over time (deletes and evictions mostly hit old segments), so waiting lets whole
+# segments die and be dropped without copying anything. Segments with no live record at all
+# are reclaimed at once whatever the fill, since that costs no copy.
+_START = 0.90
+# Above this fill, the emptiest segment is compacted whatever its live ratio.
+_PRESSURE = 0.97
 
 
 class Compactor:
@@ -106,9 +116,9 @@ class Compactor:
                     out.append((ratio, sid))
         return sorted(out)
 
-    def _under_pressure(self) -> bool:
+    def _fill(self) -> float:
         store = self._store
-        return store._ssd.total_bytes >= _PRESSURE * store._ssd_limit
+        return store._ssd.total_bytes / store._ssd_limit
 
     # -- entry points -------------------------------------------------------------------------
     def background_step(self) -> None:
@@ -116,7 +126,13 @@ class Compactor:
         if not self._lock.acquire(blocking=False):
             return
         try:
-            threshold = _ANY_DEAD if self._under_pressure() else self._store.config.compaction_live_ratio
+            fill = self._fill()
+            if fill >= _PRESSURE:
+                threshold = _ANY_DEAD
+            elif fill >= _START:
+                threshold = self._store.config.compaction_live_ratio
+            else:
+                threshold = 0.0
             cands = self.candidates(threshold)
             if cands:
                 self._compact_segment(cands[0][1])

@@ -171,7 +171,7 @@ class Store:
         self._ssd: SegmentLog | None = None
         self._dram: DramArena | None = None
         self._index: Index | None = None
-        self._ssd_limit = 0
+        self._ssd_limit = self._ssd_live_limit = 0
         self._dir = DataDir(self.path, self._fs, create=config.create)
         try:
             self._open()
@@ -200,10 +200,15 @@ class Store:
         if not self._durable:
             # A volatile cache: nothing on disk describes blocks, so nothing to recover.
             return
-        # Segments of about an eighth of the tier (bounded), so the compaction headroom of one
-        # segment stays a small part of a small tier.
-        seg_bytes = max(MIN_SEGMENT_BYTES, min(cfg.segment_bytes, cfg.ssd_bytes // 8))
+        # Segments of at most 1/32 of the tier, so the two segments of slack below stay a small
+        # part of a small tier.
+        seg_bytes = max(MIN_SEGMENT_BYTES, min(cfg.segment_bytes, cfg.ssd_bytes // 32))
+        # Files may fill the tier but for one segment: the room compaction copies into.
         self._ssd_limit = cfg.ssd_bytes - seg_bytes
+        # Live records stay a further segment below that. Records die mostly in age order
+        # (deletes and evictions of old blocks), so when the files are full the oldest segment
+        # is then (nearly) all dead and compaction frees it without copying much.
+        self._ssd_live_limit = max(seg_bytes, self._ssd_limit - seg_bytes)
         self._ssd = SegmentLog(
             self._fs, self._dir.sub("segments"), capacity_bytes=cfg.ssd_bytes,
             segment_bytes=seg_bytes, compression=cfg.compression, zstd_level=cfg.zstd_level,
@@ -457,7 +462,7 @@ class Store:
             return 0
         nsb = len(ns.encode())
         need = sum(record_length(nsb, len(key), size) for key, size in todo)
-        excess = self._ssd_live + self._ssd_reserved + need - self._ssd_limit
+        excess = self._ssd_live + self._ssd_reserved + need - self._ssd_live_limit
         if excess > 0:
             self._evict_global("ssd", excess)
         if self._ssd.total_bytes + need > self._ssd_limit:
@@ -497,14 +502,14 @@ class Store:
                 raise CapacityError(
                     f"namespace {ns!r} SSD quota {st.tier_bytes['ssd']} bytes is full", dimension=f"quota:{ns}:ssd")
         need = record_length(len(ns.encode()), len(key), size)
-        if need > self._ssd_limit:
+        if need > self._ssd_live_limit:
             raise CapacityError(
                 f"block of {size} bytes cannot fit the SSD tier ({self.config.ssd_bytes} bytes, "
-                f"of which {self.config.ssd_bytes - self._ssd_limit} are compaction headroom)",
+                f"of which {self.config.ssd_bytes - self._ssd_live_limit} are compaction slack)",
                 dimension="tier:ssd")
-        if self._ssd_live + self._ssd_reserved + need > self._ssd_limit:
-            self._evict_global("ssd", self._ssd_live + self._ssd_reserved + need - self._ssd_limit)
-            if self._ssd_live + self._ssd_reserved + need > self._ssd_limit:
+        if self._ssd_live + self._ssd_reserved + need > self._ssd_live_limit:
+            self._evict_global("ssd", self._ssd_live + self._ssd_reserved + need - self._ssd_live_limit)
+            if self._ssd_live + self._ssd_reserved + need > self._ssd_live_limit:
                 raise CapacityError("SSD tier is full of blocks being written or pinned",
                                     dimension="tier:ssd")
         if self._ssd.total_bytes + need > self._ssd_limit:
@@ -576,7 +581,7 @@ class Store:
         Returns the bytes freed (0 when nothing is evictable). With ``one``, stops after one
         block (the DRAM allocator retries its allocation in between).
         """
-        capacity = self.config.dram_bytes if tier == "dram" else self._ssd_limit
+        capacity = self.config.dram_bytes if tier == "dram" else self._ssd_live_limit
         freed = 0
         exhausted: set[str] = set()
         while freed < nbytes:
@@ -1217,7 +1222,7 @@ class Store:
             return self._dram.used_bytes / self._dram.capacity_bytes, self._dram.capacity_bytes
         if self._ssd is None:
             return 0.0, 0
-        return (self._ssd_live + self._ssd_reserved) / self._ssd_limit, self._ssd_limit
+        return (self._ssd_live + self._ssd_reserved) / self._ssd_live_limit, self._ssd_live_limit
 
     def _sweep_ttl(self) -> None:
         with self._lock:
@@ -1274,7 +1279,7 @@ class Store:
                 tiers["ssd"] = {
                     "blocks": sum(1 for b in self._blocks.values() if b.ssd is not None),
                     "bytes": ns_totals["ssd"], "capacity": self.config.ssd_bytes,
-                    "usable_bytes": self._ssd_limit, "live_record_bytes": self._ssd_live,
+                    "usable_bytes": self._ssd_live_limit, "live_record_bytes": self._ssd_live,
                     "reserved_bytes": self._ssd_reserved, "file_bytes": self._ssd.total_bytes,
                     "tombstone_bytes": sum(self._seg_tomb.values()),
                     "dead_bytes": (self._ssd.total_bytes - self._ssd_live - self._ssd_reserved

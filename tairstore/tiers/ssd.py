@@ -311,6 +311,11 @@ class SegmentLog:
         return self._total
 
     @property
+    def segment_bytes(self) -> int:
+        """The size at which the head segment rolls over."""
+        return self._segment_bytes
+
+    @property
     def capacity_bytes(self) -> int:
         """The limit :meth:`reserve` enforces on :attr:`total_bytes`."""
         return self._capacity
