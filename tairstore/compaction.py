@@ -139,21 +139,27 @@ class Compactor:
         finally:
             self._lock.release()
 
-    def make_room(self, nbytes: int) -> None:
-        """Compact until the SSD files have room for ``nbytes`` more (a writer's fallback)."""
+    def make_room(self, nbytes: int) -> bool:
+        """Compact until the SSD files have room for ``nbytes`` more (a writer's fallback).
+
+        Returns True if there is room now or a segment was reclaimed (worth retrying).
+        """
         store = self._store
+        progressed = False
         with self._lock:
             for _ in range(1024):  # bounded: each pass deletes a segment or the loop ends
                 if store._closed or store._ssd.total_bytes + nbytes <= store._ssd_limit:
-                    return
+                    return True
                 cands = self.candidates(_ANY_DEAD)
                 if not cands:
                     # The dead bytes may all be in the head: close it so it can be compacted.
                     store._ssd.roll()
                     cands = self.candidates(_ANY_DEAD)
                     if not cands:
-                        return
-                self._compact_segment(cands[0][1])
+                        return progressed
+                if self._compact_segment(cands[0][1]):
+                    progressed = True
+        return progressed
 
     def run(self, *, full: bool = False) -> dict:
         """One pass over every segment at or below the live-ratio threshold (``full``: any dead byte)."""

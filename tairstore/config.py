@@ -59,6 +59,9 @@ class StoreConfig:
     maintenance_interval_s: float = 0.05
     #: Touch every DRAM arena page at open so the first puts do not pay page faults.
     prefault_dram: bool = False
+    #: Run the maintenance thread. ``False`` (fsck, tools) leaves the store exactly as opened:
+    #: no reaping, watermark eviction, TTL expiry or compaction unless called explicitly.
+    background: bool = True
     create: bool = True
     fs: FileSystem = field(default=REAL_FS, repr=False)
 

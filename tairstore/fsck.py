@@ -45,7 +45,8 @@ def fsck(path: str, *, repair: bool = False, rebuild: bool = False, fs: FileSyst
 
     rebuilt = rebuild_index(path, fs=fs) if rebuild else None
     store = Store(path, StoreConfig(dram_bytes=0, ssd_bytes=_UNBOUNDED, create=False, fs=fs,
-                                    promote_on="never", segment_bytes=_UNBOUNDED >> 4))
+                                    promote_on="never", segment_bytes=_UNBOUNDED >> 4,
+                                    background=False))
     try:
         with store._lock:
             items = list(store._blocks.items())

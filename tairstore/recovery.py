@@ -49,13 +49,13 @@ def recover(store: "Store") -> int:
     blocks: dict[tuple[str, bytes], _Block] = {}
     ops: list = []
     max_gen = 0
-    for ns, key, rec in index.items():
-        if rec.segment not in segments:
+    for ns, key, (size, crc, gen, created, seg, off, length) in index.raw_items():
+        if seg not in segments:
             ops.append((ns, key, None))
             continue
-        blocks[(ns, key)] = _Block(rec.size, rec.crc, rec.generation, rec.created_ns,
-                                   (rec.segment, rec.offset, rec.length), None)
-        max_gen = max(max_gen, rec.generation)
+        blocks[(ns, key)] = _Block(size, crc, gen, created, (seg, off, length), None)
+        if gen > max_gen:
+            max_gen = gen
 
     dropped_bytes = 0
 
@@ -94,8 +94,7 @@ def recover(store: "Store") -> int:
     if ops or last != checkpoint:
         index.apply(ops, lsn=last)
     with store._lock:
-        for (ns, key), b in blocks.items():
-            store._adopt(ns, key, b)
+        store._adopt(blocks)
         store._generation = max(store._generation, max_gen)
         store._counters["recovered_blocks"] = len(blocks)
         store._counters["recovery_dropped"] = dropped

@@ -84,7 +84,11 @@ DEFAULT_NAMESPACE = "default"
 PLACEMENTS = ("auto", "dram", "ssd")
 MAX_LEASE_S = 3600.0  # a session holds reserved space; an hour is more than any engine needs
 TRUNCATE_EVERY_S = 1.0  # how often a checkpoint may trigger WAL file deletion
-ADMIT_ATTEMPTS = 8  # start_write retries after making SSD room by compaction
+# A write that finds the SSD files full compacts and retries. Attempts in which compaction
+# freed nothing count toward this limit; attempts that freed room but lost it to concurrent
+# writers do not, bounded instead by ADMIT_DEADLINE_S.
+ADMIT_ATTEMPTS = 4
+ADMIT_DEADLINE_S = 30.0
 # The SSD tier keeps one segment of headroom that user writes may not use, so compaction can
 # always copy the live records of a segment before deleting it.
 MIN_SEGMENT_BYTES = 64 << 10
@@ -109,6 +113,23 @@ class _Block:
     def record(self) -> BlockRecord:
         seg, off, length = self.ssd
         return BlockRecord(self.size, self.crc, self.generation, self.created_ns, seg, off, length)
+
+
+class _Admission:
+    """The retry budget of one write that waits for compaction (see ADMIT_ATTEMPTS)."""
+
+    __slots__ = ("fruitless", "deadline")
+
+    def __init__(self) -> None:
+        self.fruitless = 0
+        self.deadline = time.monotonic() + ADMIT_DEADLINE_S
+
+    def go_on(self) -> bool:
+        return self.fruitless < ADMIT_ATTEMPTS and time.monotonic() < self.deadline
+
+    def note(self, progressed: bool) -> None:
+        if not progressed:
+            self.fruitless += 1
 
 
 class _NeedSsdRoom(Exception):
@@ -183,7 +204,8 @@ class Store:
         self._stop = threading.Event()
         self._maint = threading.Thread(target=self._maintenance_loop, name="tairstore-maintenance",
                                        daemon=True)
-        self._maint.start()
+        if config.background:
+            self._maint.start()
 
     # ------------------------------------------------------------------------------- opening
     def _open(self) -> None:
@@ -226,19 +248,26 @@ class Store:
         self._wal.truncate_before(next_lsn)
         self._index.start_writer(before_commit=self._wal.sync, on_checkpoint=self._on_checkpoint)
 
-    def _adopt(self, ns: str, key: bytes, b: _Block) -> None:
-        """Take a recovered block into the key map, accounting and policies (store lock held)."""
-        k = (ns, key)
-        self._blocks[k] = b
-        nss = self._ns_state(ns)
-        nss.blocks += 1
-        nss.used_total += b.size
-        seg, _, length = b.ssd
-        nss.used["ssd"] += b.size
-        nss.policies["ssd"].on_insert(key, b.size, None)
-        self._seg_keys.setdefault(seg, set()).add(k)
-        self._ssd.mark_live(seg, length)
-        self._ssd_live += length
+    def _adopt(self, blocks: dict[tuple[str, bytes], _Block]) -> None:
+        """Take recovered blocks into the key map, accounting and policies (store lock held)."""
+        self._blocks.update(blocks)
+        live: Counter[int] = Counter()
+        seg_keys = self._seg_keys
+        for k, b in blocks.items():
+            nss = self._namespaces.get(k[0]) or self._ns_state(k[0])
+            nss.blocks += 1
+            nss.used_total += b.size
+            seg, _, length = b.ssd
+            nss.used["ssd"] += b.size
+            nss.policies["ssd"].on_insert(k[1], b.size, None)
+            keys = seg_keys.get(seg)
+            if keys is None:
+                keys = seg_keys[seg] = set()
+            keys.add(k)
+            live[seg] += length
+        for seg, length in live.items():
+            self._ssd.mark_live(seg, length)
+            self._ssd_live += length
 
     # ------------------------------------------------------------------------------ checks
     def _check_open(self) -> None:
@@ -403,19 +432,16 @@ class Store:
         tier = self._check_tier(tier)
         parent = None if parent is None else self._key(parent)
         parents = ([parent] + keys[:-1]) if chain else [None] * len(keys)
-        for attempt in range(ADMIT_ATTEMPTS):
+        admit = _Admission()
+        while admit.go_on():
             with self._lock:
                 self._check_writable()
                 todo = [(key, size) for key, size in zip(keys, sizes)
                         if (ns, key) not in self._blocks and (ns, key) not in self._inflight]
                 need_bytes = self._ssd_room_needed(ns, todo)
-                if need_bytes:
-                    continue_after_compaction = True
-                else:
-                    continue_after_compaction = False
-            if continue_after_compaction:
+            if need_bytes:
                 # Outside the lock: compaction copies records and fsyncs.
-                self.compactor.make_room(need_bytes)
+                admit.note(self.compactor.make_room(need_bytes))
                 continue
             with self._lock:
                 self._check_writable()
@@ -445,7 +471,7 @@ class Store:
                                 tuple(session.pending[k].size for k in session.keys_to_write)))
                     return session
             # Outside the lock: compaction copies records and fsyncs.
-            self.compactor.make_room(need_bytes)
+            admit.note(self.compactor.make_room(need_bytes))
         raise CapacityError(
             "SSD tier full: compaction could not free room for this write (live blocks fill it)",
             dimension="tier:ssd")
@@ -666,12 +692,15 @@ class Store:
     def _fill(self, ns: str, key: bytes, p: PendingBlock, mv: memoryview, *, committed: bool) -> None:
         """Copy the payload into the reservations of ``p`` and checksum it (no store lock)."""
         self._check_writable()
+        # A volatile store that does not verify DRAM reads never uses the checksum: skip it.
+        need_crc = self._ssd is not None or self.config.verify_dram_reads
         if p.dram is not None:
             self._dram.copy_in(p.dram, mv)
-            # The checksum of the fresh copy, while it is still in cache, costs less than a
-            # second cold pass over the caller's buffer.
-            p.crc = self._dram.crc32c(p.dram)
-        elif self._ssd is not None or self.config.verify_dram_reads:
+            if need_crc:
+                # The checksum of the fresh copy, while it is still in cache, costs less than
+                # a second cold pass over the caller's buffer.
+                p.crc = self._dram.crc32c(p.dram)
+        elif need_crc:
             p.crc = crc32c(mv)
         with self._lock:
             p.generation = self._next_generation()
@@ -837,16 +866,15 @@ class Store:
         tier = self._check_tier(tier)
         k = (ns, key)
         p = PendingBlock(size, parent=None if parent is None else self._key(parent))
-        for attempt in range(ADMIT_ATTEMPTS):
+        admit = _Admission()
+        while admit.go_on():
             with self._lock:
                 self._check_writable()
                 if k in self._blocks or k in self._inflight:
                     return False
                 need_bytes = self._ssd_room_needed(ns, [(key, size)])
-                if need_bytes:
-                    p.dram = p.ssd = None
             if need_bytes:
-                self.compactor.make_room(need_bytes)
+                admit.note(self.compactor.make_room(need_bytes))
                 continue
             with self._lock:
                 self._check_writable()
@@ -859,7 +887,7 @@ class Store:
                 else:
                     self._inflight[k] = 0
                     break
-            self.compactor.make_room(need_bytes)
+            admit.note(self.compactor.make_room(need_bytes))
         else:
             raise CapacityError("SSD tier full: compaction could not free room for this write",
                                 dimension="tier:ssd")
@@ -1326,7 +1354,7 @@ class Store:
                     self._abort_locked(s, ABORTED)
             self._closed = True
         self._stop.set()
-        if self._maint is not threading.current_thread():
+        if self._maint.is_alive() and self._maint is not threading.current_thread():
             self._maint.join()
         self.compactor.wait_idle()
         self._teardown()
@@ -1340,9 +1368,29 @@ class Store:
                 part.close()
             except BaseException as exc:  # noqa: BLE001 - close the rest, then report
                 first = first or exc
+        if first is None and self._fatal is None and self._wal is not None and self._closed:
+            self._drop_applied_wal()
         self._dir.close()
         if first is not None and self._fatal is None and not isinstance(first, FatalIOError):
             raise first
+
+    def _drop_applied_wal(self) -> None:
+        """After a clean close every logged change is in LMDB: the WAL files can all go.
+
+        The next open then replays nothing (and decodes nothing). A crash during the unlinks
+        leaves files whose records are all at or below the checkpoint, which replay skips.
+        """
+        from .wal import list_files
+
+        wal_dir = self._dir.sub("wal")
+        try:
+            files = list_files(self._fs, wal_dir)
+            for _, path in files:
+                self._fs.unlink(path)
+            if files:
+                self._fs.fsync_dir(wal_dir)
+        except OSError as exc:
+            log.warning("could not remove applied WAL files: %s", exc)
 
     def __enter__(self) -> "Store":
         return self

@@ -45,6 +45,9 @@ def encode_key(namespace: str, key: bytes) -> bytes:
     return bytes((len(ns),)) + ns + key
 
 
+_NS_CACHE: dict[bytes, str] = {}
+
+
 def decode_key(raw: bytes) -> tuple[str, bytes]:
     """Inverse of :func:`encode_key`."""
     if not raw:
@@ -52,7 +55,17 @@ def decode_key(raw: bytes) -> tuple[str, bytes]:
     n = raw[0]
     if len(raw) < 2 + n:
         raise CorruptionError("index key shorter than its namespace length")
-    return raw[1 : 1 + n].decode(), bytes(raw[1 + n :])
+    nsb = raw[1 : 1 + n]
+    # A store has few namespaces and loads every key at open: decode each name once.
+    ns = _NS_CACHE.get(nsb)
+    if ns is None:
+        try:
+            ns = nsb.decode()
+        except UnicodeDecodeError:
+            raise CorruptionError(f"index key namespace {nsb!r} is not UTF-8") from None
+        if len(_NS_CACHE) < 4096:
+            _NS_CACHE[nsb] = ns
+    return ns, raw[1 + n :]
 
 
 def encode_block(rec: BlockRecord) -> bytes:
