@@ -183,6 +183,12 @@ class _Writer:
             self.bad(f"read of {key.hex()} returned version {version}, this run acknowledged "
                      f"{self.known[key]}")
 
+    def op_compact(self) -> None:
+        # Not a state change of any key: nothing to report. Kills land inside it, so recovery
+        # meets half-done compactions (copies written, relocation logged or not, old segment
+        # deleted or not).
+        self.store.compact(wait=True, full=self.rng.random() < 0.5)
+
     def op_sync(self) -> None:
         self.seq += 1
         seq = self.seq
@@ -191,7 +197,8 @@ class _Writer:
         self.emit(f"A {seq} sync")
 
     def run_for(self, seconds: float) -> None:
-        ops = [(self.op_put, 35), (self.op_session, 15), (self.op_delete, 12), (self.op_read, 30)]
+        ops = [(self.op_put, 35), (self.op_session, 15), (self.op_delete, 12), (self.op_read, 30),
+               (self.op_compact, 3)]
         if self.durability != "sync":
             ops.append((self.op_sync, 8))
         funcs, weights = zip(*ops)
