@@ -32,6 +32,7 @@ from .errors import (
 from .match import MatchResult
 from .session import WriteSession
 from .store import Store, open_store
+from .net.client import AsyncClient, Client
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,8 @@ __all__ = [
     "open",
     "Store",
     "StoreConfig",
+    "Client",
+    "AsyncClient",
     "MatchResult",
     "WriteSession",
     "errors",

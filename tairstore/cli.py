@@ -1,7 +1,7 @@
 """The ``tairstore`` command line.
 
-Subcommands: ``demo`` (a tour of the embedded store), ``fsck`` (check or rebuild a data
-directory), ``sim`` (HiSim), and — once the daemon lands — ``serve``.
+Subcommands: ``serve`` (the cache daemon), ``demo`` (a tour of the embedded store), ``fsck``
+(check or rebuild a data directory) and ``sim`` (HiSim).
 """
 
 from __future__ import annotations
@@ -71,11 +71,82 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def _port(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {text!r} (0..65535; 0 picks a free port)")
+    return n
+
+
+def _leaf_error(exc: BaseException, types: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first exception of ``types`` inside (possibly nested) exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _leaf_error(inner, types)
+            if found is not None:
+                return found
+        return None
+    return exc if isinstance(exc, types) else None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the cache daemon until SIGTERM or Ctrl-C (see docs/DAEMON.md)."""
+    import trio
+
+    from tairstore.daemon import run_daemon
+    from tairstore.daemon_config import load_config
+    from tairstore.errors import StoreError
+
+    cfg = load_config(args.config)
+    # Flags beat the file: a quick "--port 0" must not need a config edit.
+    for name in ("data_dir", "host", "port", "http_port"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(cfg, name, value)
+    if args.dram is not None:
+        cfg.store["dram_bytes"] = args.dram
+    if args.ssd is not None:
+        cfg.store["ssd_bytes"] = args.ssd
+    # The startup and shutdown lines are the daemon's main output: show them without -v.
+    logging.getLogger("tairstore.daemon").setLevel(logging.INFO)
+    try:
+        trio.run(run_daemon, cfg)
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:  # noqa: BLE001 - unwrap trio's exception groups for the user
+        leaf = _leaf_error(exc, (OSError, StoreError))
+        if leaf is None:
+            raise
+        if isinstance(leaf, OSError):
+            print(f"tairstore serve: cannot listen on {cfg.host} (ports {cfg.port}, {cfg.http_port}): "
+                  f"{leaf.strerror or leaf}; pick other ports with --port/--http-port", file=sys.stderr)
+        else:
+            print(f"tairstore serve: {type(leaf).__name__}: {leaf}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``tairstore`` command."""
     p = argparse.ArgumentParser(prog="tairstore", description="tairstore: a tiered KV-cache block store")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the cache daemon (data protocol + HTTP API)",
+                       description="Run the cache daemon. With no options: data in ./tairstore-data, "
+                                   "loopback only, data port 7480, HTTP port 7481, tier sizes chosen "
+                                   "from free memory and disk. Flags override the config file.")
+    s.add_argument("--config", help="TOML config file (see docs/DAEMON.md)")
+    s.add_argument("--data-dir", help="store directory (default ./tairstore-data)")
+    s.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=_port, help="data protocol port (default 7480; 0: any free port)")
+    s.add_argument("--http-port", type=_port, help="HTTP API port (default 7481; 0: any free port)")
+    s.add_argument("--dram", type=_size, help="DRAM tier size, e.g. 4G (default: 25%% of available memory, cap 8G)")
+    s.add_argument("--ssd", type=_size, help="SSD tier size, e.g. 64G; 0 for none (default: 50%% of free disk, cap 64G)")
+    s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="write, match and read a few blocks in an embedded store")
     d.add_argument("--data-dir", help="store directory (default: a new temporary directory)")

@@ -1,0 +1,387 @@
+"""Data-path throughput over loopback: tairstore's daemon beside Redis and a raw socket.
+
+What is measured, for each block size (default 64 KiB, 256 KiB, 1 MiB, 4 MiB), each operation
+(``put``, ``get``) and each concurrency (default 1, 4 and 16 clients):
+
+- ``tairstore``: ``python -m tairstore.net.server`` with a volatile DRAM-only store (``--ssd-bytes
+  0``: no disk, like Redis with persistence off), driven by :class:`tairstore.net.client.Client`.
+  ``put`` writes a fresh key every time (a put of an existing key is a no-op that returns False),
+  so the arena evicts LRU blocks once full; ``get`` reads a pre-written set of keys and returns
+  a new buffer per call, as redis-py does.
+- ``redis``: ``redis-server`` on 127.0.0.1 with ``--save '' --appendonly no``, driven by redis-py
+  at the same concurrency and the same pipelining (none: one request in flight per client).
+  ``put`` is SET over a rotating set of keys (overwrites), ``get`` is GET. Three client set-ups
+  run, and each cell's ratio is taken against the fastest of them ("Redis's best"):
+  ``hiredis`` (the default with hiredis installed: its C packer copies a large value into one
+  command buffer), ``py-pack`` (redis-py's ``PythonRespSerializer``, which sends a large value as
+  its own buffer, plus the hiredis reply parser), ``pure-py`` (Python packer and parser).
+- ``raw``: a loopback socket server in Python that only moves the same bytes (``recv_into`` a
+  preallocated buffer, ``sendall`` of one), with a 1-byte acknowledgement per put and a 9-byte
+  request per get: the transport's ceiling for a Python client and server.
+
+Clients are separate processes (``fork``), so that client-side Python does not share one GIL;
+on a small machine the clients and the server compete for the same cores, as they would on a
+loaded inference host, and that contention is part of the numbers. Throughput is payload bytes
+(10^9 per GB) over the wall time of the run; latency percentiles are over every request of
+every client. A batched ``match`` of 1,024 keys (one client) is timed separately.
+
+Setup (Debian/Ubuntu)::
+
+    apt-get install -y redis-server      # the benchmark starts its own instance on a free port
+    pip install redis hiredis
+
+Run: ``python benchmarks/net.py`` (a few minutes), or e.g. ``--sizes 256K,4M --clients 1,4
+--seconds 1``. ``--json FILE`` writes every cell. Targets checked at the end: tairstore >= 1.2x
+Redis's best for 256 KiB - 4 MiB put and get, >= 0.8x the raw socket, match p50 < 1 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+KiB, MiB = 1 << 10, 1 << 20
+RAW_REQUEST = struct.Struct("<BQQ")  # op (0 put, 1 get), size, slot
+WORKING_SET = 64 * MiB  # bytes of keys each (op, size, concurrency) cell cycles through
+SERVER_DRAM = 768 * MiB
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper()
+    mult = {"K": KiB, "M": MiB}.get(text[-1], 1)
+    return int(text.rstrip("KM")) * mult
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+# ---------------------------------------------------------------------------------- servers
+def start_tairstore(tmp: str) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tairstore.net.server", "--data-dir", os.path.join(tmp, "ts"), "--port", "0",
+         "--ssd-bytes", "0", "--dram-bytes", str(SERVER_DRAM)],
+        stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("PORT "):
+        proc.kill()
+        raise RuntimeError(f"tairstore server did not start: {line!r}")
+    port = int(line.split()[1])
+    # Touch the whole arena once, as a long-running daemon has: first-touch page faults are
+    # a start-up cost, not a per-put one (benchmarks/engine.py reports them separately).
+    from tairstore.net.client import Client
+
+    with Client(f"tcp://127.0.0.1:{port}", timeout=60) as c:
+        block = bytes(4 * MiB)
+        keys = [b"warm-%d" % i for i in range(SERVER_DRAM // (4 * MiB))]
+        for k in keys:
+            c.put(k, block)
+        c.delete(keys)
+    return proc, port
+
+
+def start_redis() -> tuple[subprocess.Popen, int] | None:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        print("redis-server not found: Redis columns skipped (apt-get install -y redis-server)")
+        return None
+    port = free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--protected-mode", "no", "--loglevel", "warning"], stdout=subprocess.DEVNULL)
+    wait_port(port)
+    return proc, port
+
+
+def _raw_serve_conn(conn: socket.socket) -> None:
+    # The same working set as the stores hold, so that the server side reads and writes
+    # memory that is not all in the CPU cache, as theirs does.
+    buf = memoryview(bytearray(WORKING_SET + 8 * MiB))
+    head = bytearray(RAW_REQUEST.size)
+    with conn:
+        while True:
+            got = 0
+            while got < len(head):
+                n = conn.recv_into(memoryview(head)[got:])
+                if not n:
+                    return
+                got += n
+            op, size, slot = RAW_REQUEST.unpack(head)
+            base = slot * size % WORKING_SET
+            if op == 0:
+                got = 0
+                while got < size:
+                    n = conn.recv_into(buf[base + got:base + size])
+                    if not n:
+                        return
+                    got += n
+                conn.sendall(b"\x01")
+            else:
+                conn.sendall(buf[base:base + size])
+
+
+def raw_server_main(port: int) -> None:
+    """A thread per connection that moves bytes and nothing else."""
+    lsock = socket.create_server(("127.0.0.1", port), backlog=64)
+    print("READY", flush=True)
+    while True:
+        conn, _ = lsock.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        threading.Thread(target=_raw_serve_conn, args=(conn,), daemon=True).start()
+
+
+def start_raw() -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--raw-server", str(port)], stdout=subprocess.PIPE, text=True)
+    proc.stdout.readline()
+    wait_port(port)
+    return proc, port
+
+
+# ---------------------------------------------------------------------------------- clients
+def _redis_client(variant: str, port: int):
+    import redis
+    from redis._parsers import _RESP2Parser
+    from redis.connection import PythonRespSerializer
+
+    class PyPackConnection(redis.Connection):
+        def _construct_command_packer(self, packer):
+            return PythonRespSerializer(self._buffer_cutoff, self.encoder.encode)
+
+    kwargs: dict = {"host": "127.0.0.1", "port": port}
+    if variant in ("py-pack", "pure-py"):
+        kwargs["connection_class"] = PyPackConnection
+    if variant == "pure-py":
+        kwargs["parser_class"] = _RESP2Parser
+    return redis.Redis(connection_pool=redis.ConnectionPool(**kwargs))
+
+
+class RawClient:
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = memoryview(bytearray(8 * MiB))
+        self.ack = bytearray(1)
+
+    def put(self, slot: int, block: memoryview) -> None:
+        self.sock.sendmsg([RAW_REQUEST.pack(0, len(block), slot), block])
+        self.sock.recv_into(self.ack)
+
+    def get(self, slot: int, size: int) -> None:
+        self.sock.sendall(RAW_REQUEST.pack(1, size, slot))
+        got = 0
+        while got < size:
+            got += self.sock.recv_into(self.buf[got:size])
+
+
+def make_ops(target: str, port: int, size: int, worker: int, nkeys: int, run_id: str):
+    """(put(i), get(i), prepare()) closures for one client process."""
+    block = memoryview(np.random.default_rng(worker).integers(0, 256, size, dtype=np.uint8)).cast("B")
+    keys = [f"{run_id}-{worker}-{i}".encode() for i in range(nkeys)]
+    if target == "tairstore":
+        from tairstore.net.client import Client
+
+        c = Client(f"tcp://127.0.0.1:{port}", timeout=60)
+        counter = iter(range(1 << 62))
+
+        def put(i: int) -> None:
+            c.put(f"{run_id}-{worker}-p{next(counter)}".encode(), block)
+
+        def get(i: int) -> None:
+            assert c.get(keys[i % nkeys]) is not None
+
+        return put, get, lambda: [c.put(k, block) for k in keys]
+    if target == "raw":
+        c = RawClient(port)
+        return (lambda i: c.put(i, block)), (lambda i: c.get(i, size)), (lambda: None)
+    r = _redis_client(target.split(":", 1)[1], port)
+
+    def rput(i: int) -> None:
+        r.set(keys[i % nkeys], block)
+
+    def rget(i: int) -> None:
+        assert r.get(keys[i % nkeys]) is not None
+
+    return rput, rget, lambda: [r.set(k, block) for k in keys]
+
+
+def client_main(target, port, op, size, worker, nkeys, seconds, run_id, barrier, results) -> None:
+    put, get, prepare = make_ops(target, port, size, worker, nkeys, run_id)
+    fn = put if op == "put" else get
+    if op == "get":
+        prepare()
+    fn(0)  # warm the connection
+    barrier.wait()
+    lat: list[float] = []
+    start = time.perf_counter()
+    end = start + seconds
+    i = 0
+    while True:
+        t0 = time.perf_counter()
+        fn(i)
+        t1 = time.perf_counter()
+        lat.append(t1 - t0)
+        i += 1
+        if t1 >= end:
+            break
+    results.put((start, t1, i, lat))
+
+
+def run_cell(target: str, port: int, op: str, size: int, clients: int, seconds: float) -> dict:
+    ctx = mp.get_context("fork")
+    barrier, results = ctx.Barrier(clients), ctx.Queue()
+    nkeys = max(2, WORKING_SET // size // clients)
+    run_id = f"{op}{size}c{clients}t{time.monotonic_ns()}"
+    procs = [ctx.Process(target=client_main, args=(target, port, op, size, w, nkeys, seconds, run_id, barrier,
+                                                   results)) for w in range(clients)]
+    for p in procs:
+        p.start()
+    out = [results.get(timeout=seconds * 10 + 120) for _ in procs]
+    for p in procs:
+        p.join()
+    start, end = min(o[0] for o in out), max(o[1] for o in out)
+    ops = sum(o[2] for o in out)
+    lat = np.concatenate([np.asarray(o[3]) for o in out])
+    wall = end - start
+    return {"target": target, "op": op, "size": size, "clients": clients, "ops": ops,
+            "gbps": ops * size / wall / 1e9, "ops_s": ops / wall,
+            "p50_us": float(np.percentile(lat, 50) * 1e6), "p99_us": float(np.percentile(lat, 99) * 1e6)}
+
+
+def match_p50(port: int) -> float:
+    from tairstore.net.client import Client
+
+    with Client(f"tcp://127.0.0.1:{port}") as c:
+        keys = [b"match-%06d" % i for i in range(1024)]
+        c.put_many(keys[:768], [b"x" * 1024] * 768)
+        for _ in range(20):
+            c.match(keys)
+        lat = []
+        for _ in range(300):
+            t0 = time.perf_counter()
+            c.match(keys)
+            lat.append(time.perf_counter() - t0)
+    return float(np.percentile(lat, 50) * 1e3)
+
+
+# ---------------------------------------------------------------------------------- report
+def fmt_size(n: int) -> str:
+    return f"{n // MiB}M" if n >= MiB else f"{n // KiB}K"
+
+
+def report(cells: list[dict], redis_variants: list[str]) -> list[tuple]:
+    print(f"\n{'op':4} {'size':>5} {'cl':>3} | {'target':16} {'GB/s':>6} {'ops/s':>8} {'p50 us':>8} {'p99 us':>8}")
+    checks = []
+    keyf = lambda c: (c["op"], c["size"], c["clients"])  # noqa: E731
+    for k in sorted({keyf(c) for c in cells}, key=lambda k: (k[0] != "put", k[1], k[2])):
+        row = {c["target"]: c for c in cells if keyf(c) == k}
+        for name, c in row.items():
+            print(f"{k[0]:4} {fmt_size(k[1]):>5} {k[2]:>3} | {name:16} {c['gbps']:6.2f} {c['ops_s']:8.0f} "
+                  f"{c['p50_us']:8.0f} {c['p99_us']:8.0f}")
+        ts = row.get("tairstore")
+        best = max((row[f"redis:{v}"] for v in redis_variants if f"redis:{v}" in row),
+                   key=lambda c: c["gbps"], default=None)
+        line = []
+        if ts and best:
+            ratio = ts["gbps"] / best["gbps"]
+            line.append(f"vs Redis best ({best['target']}) {ratio:.2f}x")
+            if k[1] >= 256 * KiB:
+                checks.append((f"{k[0]} {fmt_size(k[1])} x{k[2]} >= 1.2x Redis", ratio, 1.2))
+        if ts and "raw" in row:
+            ratio = ts["gbps"] / row["raw"]["gbps"]
+            line.append(f"vs raw {ratio:.2f}x")
+            checks.append((f"{k[0]} {fmt_size(k[1])} x{k[2]} >= 0.8x raw", ratio, 0.8))
+        if line:
+            print(f"{'':15}   tairstore: " + ", ".join(line))
+    return checks
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="64K,256K,1M,4M")
+    ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--ops", default="put,get")
+    ap.add_argument("--seconds", type=float, default=1.5, help="per cell")
+    ap.add_argument("--redis-variants", default="hiredis,py-pack,pure-py")
+    ap.add_argument("--no-raw", action="store_true")
+    ap.add_argument("--json", help="write every cell to this file")
+    ap.add_argument("--raw-server", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.raw_server:
+        raw_server_main(args.raw_server)
+        return 0
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    clients = [int(c) for c in args.clients.split(",")]
+    variants = [v for v in args.redis_variants.split(",") if v]
+    tmp = tempfile.mkdtemp(prefix="tairstore-netbench-")
+    procs: list[subprocess.Popen] = []
+    try:
+        ts_proc, ts_port = start_tairstore(tmp)
+        procs.append(ts_proc)
+        targets = [("tairstore", ts_port)]
+        redis = start_redis() if variants else None
+        if redis is not None:
+            procs.append(redis[0])
+            targets += [(f"redis:{v}", redis[1]) for v in variants]
+        if not args.no_raw:
+            raw_proc, raw_port = start_raw()
+            procs.append(raw_proc)
+            targets.append(("raw", raw_port))
+        print(f"{os.cpu_count()} CPUs; clients are processes; {args.seconds:g} s per cell")
+        cells = []
+        for op in args.ops.split(","):
+            for size in sizes:
+                for n in clients:
+                    for name, port in targets:  # interleaved, so background noise hits all alike
+                        cells.append(run_cell(name, port, op, size, n, args.seconds))
+                        c = cells[-1]
+                        print(f"  {op} {fmt_size(size)} x{n} {name}: {c['gbps']:.2f} GB/s p50 {c['p50_us']:.0f} us",
+                              flush=True)
+        checks = report(cells, variants)
+        p50 = match_p50(ts_port)
+        print(f"\nmatch of 1,024 keys (one client): p50 {p50:.3f} ms")
+        checks.append(("match 1024 keys p50 < 1 ms", 1.0 / p50 if p50 else float("inf"), 1.0))
+        print("\ntargets:")
+        for name, value, target in checks:
+            print(f"  {'met   ' if value >= target else 'MISSED'} {name}: {value:.2f}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"cells": cells, "match_p50_ms": p50}, f, indent=1)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

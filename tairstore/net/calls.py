@@ -1,0 +1,270 @@
+"""The Store API as protocol requests: shared by the blocking and the trio client.
+
+Each builder checks its arguments the way :class:`tairstore.Store` does for everything the
+wire cannot carry (a str key, a float size, a non-buffer block), raising the same exception
+classes; every check on values (key lengths, block sizes, quotas, modes) is left to the
+daemon's store, whose error comes back with its own class and message. A builder returns a
+:class:`Call`: the request's opcode, header and payload, whether a retry on a fresh connection
+is safe, and how to turn the OK response into the method's return value.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ..errors import InvalidArgumentError, ProtocolError, SessionError
+from ..match import MatchResult
+from ..store import MAX_LEASE_S
+from .protocol import Response
+from .schema import Code, Op, match_from_fields
+
+__all__ = ["Call", "RemoteWriteSession", "DEFAULT_NAMESPACE"]
+
+DEFAULT_NAMESPACE = "default"
+
+
+class Call:
+    """One request to send and how to read its answer."""
+
+    __slots__ = ("op", "fields", "blocks", "sink", "idempotent", "parse", "session")
+
+    def __init__(self, op: Op, fields: dict, parse: Callable[[Response], Any], *,
+                 blocks: list | None = None, sink: memoryview | None = None,
+                 idempotent: bool = False, session: "RemoteWriteSession | None" = None) -> None:
+        self.op = op
+        self.fields = fields
+        self.parse = parse
+        self.blocks = blocks or []
+        self.sink = sink
+        self.idempotent = idempotent
+        self.session = session
+
+
+class RemoteWriteSession:
+    """A write session opened on the daemon by ``start_write``.
+
+    It belongs to the connection that opened it (the daemon aborts it if that connection
+    closes), so ``write``/``finish_write``/``abort_write`` go over that same connection.
+
+    Attributes:
+        id: the daemon's session id.
+        namespace: the namespace of its keys.
+        keys_to_write: the keys that were not stored or in flight yet: only these are written.
+        lease_s: the lease the daemon granted.
+    """
+
+    def __init__(self, owner: Any, conn: Any, sid: int, namespace: str, keys_to_write: list[bytes],
+                 lease_s: float) -> None:
+        self.id = sid
+        self.namespace = namespace
+        self.keys_to_write = keys_to_write
+        self.lease_s = lease_s
+        self._owner = owner
+        self._conn = conn
+
+    def __repr__(self) -> str:
+        return f"<RemoteWriteSession {self.id} ns={self.namespace!r} keys={len(self.keys_to_write)}>"
+
+
+# ---------------------------------------------------------------------------- argument checks
+def check_ns(namespace: Any) -> str:
+    """A namespace must at least be a str to travel; the daemon checks its length."""
+    if not isinstance(namespace, str):
+        raise InvalidArgumentError(f"namespace must be a str, got {type(namespace).__name__}")
+    return namespace
+
+
+def check_key(key: Any) -> bytes:
+    """Keys travel as bytes; a str or int is refused as the Store refuses it."""
+    if isinstance(key, (bytearray, memoryview)):
+        key = bytes(key)
+    if not isinstance(key, bytes):
+        raise InvalidArgumentError(
+            f"keys are bytes (1..64), got {type(key).__name__}; encode strings first")
+    return key
+
+
+def check_keys(keys: Any) -> list[bytes]:
+    """A list of keys (a single key or a str is refused, as by the Store)."""
+    if isinstance(keys, (bytes, bytearray, memoryview, str)):
+        raise InvalidArgumentError("pass a list of keys, not a single key")
+    try:
+        return [check_key(k) for k in keys]
+    except TypeError:
+        raise InvalidArgumentError(f"keys must be a list of bytes, got {type(keys).__name__}") from None
+
+
+def check_data(data: Any) -> memoryview:
+    """A block as a flat byte view (no copy), or the Store's InvalidArgumentError."""
+    try:
+        mv = memoryview(data)
+    except TypeError:
+        raise InvalidArgumentError(
+            f"block data must be bytes, bytearray, memoryview or a numpy array, not {type(data).__name__}"
+        ) from None
+    if not mv.c_contiguous:
+        raise InvalidArgumentError("block data must be C-contiguous")
+    return mv.cast("B") if (mv.format != "B" or mv.ndim != 1) else mv
+
+
+def check_out(out: Any) -> memoryview:
+    """``get_into``'s destination as a flat writable byte view."""
+    try:
+        dst = memoryview(out)
+    except TypeError:
+        raise InvalidArgumentError("out must be a writable buffer (bytearray, numpy array…)") from None
+    if dst.readonly or not dst.c_contiguous:
+        raise InvalidArgumentError("out must be a writable, C-contiguous buffer")
+    return dst.cast("B") if (dst.format != "B" or dst.ndim != 1) else dst
+
+
+def check_session(owner: Any, session: Any) -> RemoteWriteSession:
+    """The session must come from this client's ``start_write``."""
+    if not isinstance(session, RemoteWriteSession):
+        raise SessionError(f"expected a WriteSession from start_write, got {type(session).__name__}")
+    if session._owner is not owner:
+        raise SessionError("not a write session from this store")
+    return session
+
+
+def _sized(resp: Response, field: str, n: int) -> list:
+    values = resp.fields[field]
+    if len(values) != n:
+        raise ProtocolError(f"the daemon answered {len(values)} {field} for {n} keys",
+                            remote=True, code=int(Code.BAD_HEADER))
+    return values
+
+
+# ----------------------------------------------------------------------------------- builders
+def ping() -> Call:
+    return Call(Op.PING, {}, lambda r: None, idempotent=True)
+
+
+def auth(token: str) -> Call:
+    return Call(Op.AUTH, {"token": token}, lambda r: None, idempotent=True)
+
+
+def put_many(keys: Any, blocks: Any, namespace: Any) -> Call:
+    ks = check_keys(keys)
+    views = [check_data(b) for b in blocks]
+    if len(views) != len(ks):
+        raise InvalidArgumentError(f"{len(ks)} keys but {len(views)} blocks")
+    fields = {"ns": check_ns(namespace), "keys": ks, "sizes": [v.nbytes for v in views]}
+    return Call(Op.PUT, fields, lambda r: _sized(r, "stored", len(ks)), blocks=views)
+
+
+def put(key: Any, data: Any, namespace: Any) -> Call:
+    view = check_data(data)
+    fields = {"ns": check_ns(namespace), "keys": [check_key(key)], "sizes": [view.nbytes]}
+    return Call(Op.PUT, fields, lambda r: _sized(r, "stored", 1)[0], blocks=[view])
+
+
+def _readonly(block: memoryview | None) -> memoryview | None:
+    return None if block is None else block.toreadonly()
+
+
+def get_many(keys: Any, namespace: Any) -> Call:
+    ks = check_keys(keys)
+
+    def parse(r: Response) -> list:
+        _sized(r, "sizes", len(ks))
+        return [_readonly(b) for b in r.blocks]
+
+    return Call(Op.GET, {"ns": check_ns(namespace), "keys": ks}, parse, idempotent=True)
+
+
+def get(key: Any, namespace: Any) -> Call:
+    fields = {"ns": check_ns(namespace), "keys": [check_key(key)]}
+
+    def parse(r: Response) -> memoryview | None:
+        _sized(r, "sizes", 1)
+        return _readonly(r.blocks[0])
+
+    return Call(Op.GET, fields, parse, idempotent=True)
+
+
+def get_into(key: Any, out: Any, namespace: Any) -> Call:
+    k, ns, dst = check_key(key), check_ns(namespace), check_out(out)
+
+    def parse(r: Response) -> int:
+        _sized(r, "sizes", 1)
+        block = r.blocks[0]
+        if block is None:
+            return 0
+        if block.obj is not dst.obj:
+            dst[:block.nbytes] = block  # the codec could not use the sink (it never fails to)
+        return block.nbytes
+
+    return Call(Op.GET, {"ns": ns, "keys": [k], "cap": dst.nbytes}, parse, sink=dst, idempotent=True)
+
+
+def exists(keys: Any, namespace: Any) -> Call:
+    ks = check_keys(keys)
+    return Call(Op.EXISTS, {"ns": check_ns(namespace), "keys": ks},
+                lambda r: _sized(r, "hits", len(ks)), idempotent=True)
+
+
+def match(keys: Any, mode: Any, window: Any, namespace: Any) -> Call:
+    ks = check_keys(keys)
+    if not isinstance(mode, str):
+        raise InvalidArgumentError(f"unknown match mode {mode!r}; use one of prefix, exact, sliding_window")
+    if window is not None and not isinstance(window, int):
+        if mode == "sliding_window":
+            raise InvalidArgumentError("sliding_window matching needs window >= 1 (number of keys)")
+        window = None  # the Store ignores the window of other modes
+    fields = {"ns": check_ns(namespace), "keys": ks, "mode": mode,
+              "window": None if window is None else int(window)}
+
+    def parse(r: Response) -> MatchResult:
+        result = match_from_fields(r.fields)
+        if len(result.hits) != len(ks):
+            raise ProtocolError("the daemon's match answer does not cover every key", remote=True,
+                                code=int(Code.BAD_HEADER))
+        return result
+
+    return Call(Op.MATCH, fields, parse, idempotent=True)
+
+
+def delete(keys: Any, namespace: Any) -> Call:
+    return Call(Op.DELETE, {"ns": check_ns(namespace), "keys": check_keys(keys)},
+                lambda r: r.fields["count"])
+
+
+def start_write(owner: Any, keys: Any, sizes: Any, lease_s: Any, namespace: Any) -> Call:
+    ns, ks = check_ns(namespace), check_keys(keys)
+    sizes = list(sizes)
+    for s in sizes:
+        if not isinstance(s, int) or isinstance(s, bool):
+            raise InvalidArgumentError(f"block sizes are ints, got {type(s).__name__}")
+    if not isinstance(lease_s, (int, float)) or isinstance(lease_s, bool) or not 0 < lease_s <= MAX_LEASE_S:
+        raise InvalidArgumentError(f"lease_s must be in (0, {MAX_LEASE_S}]")
+    # Clamped into what msgpack encodes; the store refuses both ends with its own error.
+    sizes = [max(min(s, 1 << 62), -1) for s in sizes]
+    fields = {"ns": ns, "keys": ks, "sizes": sizes, "lease": float(lease_s)}
+
+    def parse(r: Response) -> RemoteWriteSession:
+        f = r.fields
+        return RemoteWriteSession(owner, None, f["sid"], ns, f["keys"], f["lease"])
+
+    return Call(Op.START_WRITE, fields, parse)
+
+
+def write(owner: Any, session: Any, key: Any, data: Any) -> Call:
+    s, k, view = check_session(owner, session), check_key(key), check_data(data)
+    return Call(Op.WRITE, {"sid": s.id, "keys": [k], "sizes": [view.nbytes]}, lambda r: None,
+                blocks=[view], session=s)
+
+
+def finish_write(owner: Any, session: Any, ok_keys: Any) -> Call:
+    s = check_session(owner, session)
+    return Call(Op.FINISH_WRITE, {"sid": s.id, "keys": check_keys(ok_keys)},
+                lambda r: r.fields["count"], session=s)
+
+
+def abort_write(owner: Any, session: Any) -> Call:
+    s = check_session(owner, session)
+    return Call(Op.ABORT_WRITE, {"sid": s.id}, lambda r: None, session=s)
+
+
+def stats() -> Call:
+    return Call(Op.STATS, {}, lambda r: r.fields["stats"], idempotent=True)

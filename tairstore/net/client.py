@@ -1,0 +1,527 @@
+"""Clients of the data-path daemon, with the methods, signatures and errors of the Store.
+
+- :class:`Client`: blocking and thread-safe. A small pool of connections (a thread takes an
+  idle one or opens one), each used by one thread at a time. Payloads go out with one
+  ``sendmsg`` of the header and the caller's own buffers, and come in with ``recv_into``
+  straight into the buffer handed back (for ``get_into``: into the caller's ``out``).
+- :class:`AsyncClient`: trio, one pipelined connection shared by all tasks; whichever task
+  waits for an answer reads the socket and hands other tasks their responses.
+
+Both re-raise the daemon's errors with their original classes (the wire carries a code per
+:mod:`tairstore.errors` class). A broken connection is retried once, on a fresh connection,
+for the operations that are safe to repeat (get, get_into, get_many, exists, match, stats,
+ping); for the others it raises :class:`NetworkError`, since the daemon may or may not have
+applied the request. Write sessions belong to the connection that started them: if it
+breaks, the daemon aborts them and further use raises :class:`SessionError`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import struct
+import threading
+from typing import Any
+from urllib.parse import urlsplit
+
+import trio
+
+from ..errors import ClosedError, InvalidArgumentError, SessionError, StoreError
+from ..match import MatchResult
+from . import calls
+from .calls import DEFAULT_NAMESPACE, Call, RemoteWriteSession
+from .limits import Limits
+from .protocol import Connection, ProtocolErrorEvent, Request, Response, Role
+
+__all__ = ["Client", "AsyncClient", "NetworkError", "RemoteWriteSession", "parse_url"]
+
+#: Client-side receive limit: the daemon is trusted more than its clients, but a batched GET
+#: answer (up to max_batch blocks) must fit; 1 GiB bounds what a broken peer can make us allocate.
+CLIENT_LIMITS = Limits(max_frame_bytes=1 << 30, max_batch=1 << 20)
+#: Buffers per sendmsg call: below Linux's IOV_MAX (1024), with room for the header.
+IOV_BATCH = 512
+#: Idle connections a Client keeps open for reuse.
+MAX_IDLE = 16
+DEFAULT_TIMEOUT_S = 30.0
+
+
+class NetworkError(StoreError, ConnectionError):
+    """The daemon could not be reached, or the connection broke mid-request."""
+
+
+def parse_url(url: str) -> tuple[str, int]:
+    """``tcp://host:port`` → (host, port)."""
+    parts = urlsplit(url)
+    if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
+        raise InvalidArgumentError(f"expected a daemon address like tcp://127.0.0.1:7070, got {url!r}")
+    return parts.hostname, parts.port
+
+
+def _raise_for(resp: Response) -> Response:
+    if resp.error is not None:
+        raise resp.error
+    return resp
+
+
+# ------------------------------------------------------------------------------ blocking
+def _send_buffers(sock: socket.socket, buffers: list) -> None:
+    if len(buffers) == 1:
+        sock.sendall(buffers[0])
+        return
+    views = [memoryview(b) for b in buffers]
+    i = 0
+    while i < len(views):
+        sent = sock.sendmsg(views[i:i + IOV_BATCH])
+        while sent and i < len(views):
+            n = views[i].nbytes
+            if sent >= n:
+                sent -= n
+                i += 1
+            else:
+                views[i] = views[i][sent:]
+                sent = 0
+
+
+class _SyncConn:
+    """One socket and its codec; the caller holds ``lock`` around :meth:`call`."""
+
+    def __init__(self, host: str, port: int, timeout: float | None) -> None:
+        try:
+            self.sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as exc:
+            raise NetworkError(f"cannot connect to the daemon at {host}:{port}: {exc}") from exc
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Kernel timeouts on a blocking socket: a Python-level timeout would poll() before
+        # every recv and send, one more syscall per chunk of every large block.
+        self.sock.settimeout(None)
+        if timeout is not None:
+            tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1e6))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        self.codec = Connection(Role.CLIENT, CLIENT_LIMITS)
+        self.lock = threading.Lock()
+        self.closed = False
+        self._ids = itertools.count(1)
+
+    def call(self, call: Call) -> Response:
+        if self.closed:
+            raise NetworkError("the connection to the daemon is closed")
+        rid = next(self._ids)
+        codec, sock = self.codec, self.sock
+        buffers = codec.send(Request(rid, call.op, call.fields, call.blocks), sink=call.sink)
+        try:
+            _send_buffers(sock, buffers)
+            while True:
+                n = sock.recv_into(codec.get_buffer())
+                if n == 0:
+                    raise NetworkError("the daemon closed the connection")
+                for event in codec.buffer_filled(n):
+                    if isinstance(event, Response):
+                        if event.id == rid:
+                            return event
+                    elif event.fatal:
+                        raise event.error
+                    elif event.request_id == rid:
+                        return Response(rid, error=event.error)
+        except (TimeoutError, BlockingIOError) as exc:
+            self.close()  # the answer may still come: this socket is out of step now
+            raise TimeoutError("no answer from the daemon in time") from exc
+        except OSError as exc:
+            self.close()
+            raise NetworkError(f"connection to the daemon broke: {exc}") from exc
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self.closed = True
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class Client:
+    """A blocking, thread-safe client of ``tairstore serve``.
+
+    Args:
+        url: ``tcp://host:port`` of the daemon's data port.
+        token: bearer token, sent once per connection (AUTH) when given.
+        timeout: seconds one socket operation may block; None waits forever.
+    """
+
+    def __init__(self, url: str, token: str | None = None, timeout: float | None = DEFAULT_TIMEOUT_S) -> None:
+        self._host, self._port = parse_url(url)
+        self._token = token
+        self._timeout = timeout
+        self._idle: list[_SyncConn] = []
+        self._all: set[_SyncConn] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._release(self._connect())  # fail fast on a wrong address or token
+
+    def _connect(self) -> _SyncConn:
+        conn = _SyncConn(self._host, self._port, self._timeout)
+        with self._lock:
+            self._all.add(conn)
+        if self._token is not None:
+            with conn.lock:
+                _raise_for(conn.call(calls.auth(self._token)))
+        return conn
+
+    def _acquire(self) -> _SyncConn:
+        with self._lock:
+            if self._closed:
+                raise ClosedError("the client is closed")
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.closed:
+                    return conn
+                self._all.discard(conn)
+        return self._connect()
+
+    def _release(self, conn: _SyncConn) -> None:
+        with self._lock:
+            if not conn.closed and not self._closed and len(self._idle) < MAX_IDLE:
+                self._idle.append(conn)
+                return
+            self._all.discard(conn)
+        conn.close()
+
+    def _run(self, call: Call) -> Any:
+        if call.session is not None:
+            return self._run_pinned(call)
+        for attempt in (0, 1):
+            conn = self._acquire()
+            try:
+                with conn.lock:
+                    resp = conn.call(call)
+            except NetworkError:
+                if not call.idempotent or attempt:
+                    raise
+                continue
+            finally:
+                self._release(conn)
+            result = call.parse(_raise_for(resp))
+            if isinstance(result, RemoteWriteSession):
+                result._conn = conn
+            return result
+        raise AssertionError("unreachable")
+
+    def _run_pinned(self, call: Call) -> Any:
+        conn = call.session._conn
+        with conn.lock:
+            if conn.closed:
+                if call.op == calls.Op.ABORT_WRITE:
+                    return None  # the daemon aborted it when the connection went
+                raise SessionError(f"write session {call.session.id} was lost with its connection; "
+                                   "the daemon aborted it: start a new one")
+            resp = conn.call(call)
+        return call.parse(_raise_for(resp))
+
+    # -------------------------------------------------------------------- the Store API
+    def ping(self) -> None:
+        """Round-trip an empty request (liveness, latency)."""
+        self._run(calls.ping())
+
+    def put(self, key: bytes, data: Any, *, namespace: str = DEFAULT_NAMESPACE) -> bool:
+        """Store one block; False if the key already exists (see :meth:`Store.put`)."""
+        return self._run(calls.put(key, data, namespace))
+
+    def put_many(self, keys: list[bytes], blocks: list[Any], *, namespace: str = DEFAULT_NAMESPACE) -> list[bool]:
+        """Store many blocks in one request (one commit); per key, whether it was stored."""
+        return self._run(calls.put_many(keys, blocks, namespace))
+
+    def get(self, key: bytes, *, namespace: str = DEFAULT_NAMESPACE) -> memoryview | None:
+        """The block's bytes (a read-only view of a private buffer), or None on a miss."""
+        return self._run(calls.get(key, namespace))
+
+    def get_many(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE) -> list[memoryview | None]:
+        """Many blocks in one request; None for each miss."""
+        return self._run(calls.get_many(keys, namespace))
+
+    def get_into(self, key: bytes, out: Any, *, namespace: str = DEFAULT_NAMESPACE) -> int:
+        """Receive the block straight into ``out``; the bytes written, 0 on a miss."""
+        return self._run(calls.get_into(key, out, namespace))
+
+    def exists(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE) -> list[bool]:
+        """Per key, whether it is stored."""
+        return self._run(calls.exists(keys, namespace))
+
+    def match(self, keys: list[bytes], mode: str = "prefix", window: int | None = None, *,
+              namespace: str = DEFAULT_NAMESPACE) -> MatchResult:
+        """Match a chain of keys: ``prefix``, ``exact`` or ``sliding_window``."""
+        return self._run(calls.match(keys, mode, window, namespace))
+
+    def delete(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE) -> int:
+        """Delete blocks; returns how many existed."""
+        return self._run(calls.delete(keys, namespace))
+
+    def start_write(self, keys: list[bytes], sizes: list[int], lease_s: float = 30.0, *,
+                    namespace: str = DEFAULT_NAMESPACE) -> RemoteWriteSession:
+        """Begin a two-phase write on the daemon (see :meth:`Store.start_write`)."""
+        return self._run(calls.start_write(self, keys, sizes, lease_s, namespace))
+
+    def write(self, session: RemoteWriteSession, key: bytes, data: Any) -> None:
+        """Send one block of the session."""
+        self._run(calls.write(self, session, key, data))
+
+    def finish_write(self, session: RemoteWriteSession, ok_keys: list[bytes]) -> int:
+        """Commit ``ok_keys``; returns once the daemon's store acknowledged the commit."""
+        return self._run(calls.finish_write(self, session, ok_keys))
+
+    def abort_write(self, session: RemoteWriteSession) -> None:
+        """Abandon the session (a finished or lost one is left alone)."""
+        self._run(calls.abort_write(self, session))
+
+    def stats(self) -> dict:
+        """The daemon store's :meth:`Store.stats`."""
+        return self._run(calls.stats())
+
+    def close(self) -> None:
+        """Close every connection (open sessions are aborted by the daemon). Idempotent."""
+        with self._lock:
+            self._closed = True
+            conns, self._all, self._idle = list(self._all), set(), []
+        for conn in conns:
+            conn.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<tairstore.Client tcp://{self._host}:{self._port}{' closed' if self._closed else ''}>"
+
+
+# ---------------------------------------------------------------------------------- trio
+class _AsyncConn:
+    """One pipelined trio socket: a send lock, and a receive lock taken by whoever waits."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+        self.codec = Connection(Role.CLIENT, CLIENT_LIMITS)
+        self.send_lock = trio.Lock()
+        self.recv_lock = trio.Lock()
+        self.results: dict[int, Response | BaseException | None] = {}
+        self.closed = False
+        self.error: BaseException | None = None
+        self._ids = itertools.count(1)
+
+    async def call(self, call: Call) -> Response:
+        if self.closed:
+            raise NetworkError(f"the connection to the daemon is closed ({self.error})")
+        rid = next(self._ids)
+        self.results[rid] = None
+        done = False
+        try:
+            async with self.send_lock:
+                buffers = self.codec.send(Request(rid, call.op, call.fields, call.blocks), sink=call.sink)
+                try:
+                    for buf in buffers:
+                        await self._send_all(buf)
+                except (OSError, trio.ClosedResourceError) as exc:
+                    self._fail(NetworkError(f"sending to the daemon failed: {exc!r}"))
+                    raise self.error from exc
+                except BaseException as exc:
+                    # A frame cut in the middle (cancelled) leaves the stream out of step: drop it.
+                    self._fail(NetworkError(f"sending to the daemon was interrupted: {exc!r}"))
+                    raise
+            while self.results[rid] is None:
+                async with self.recv_lock:
+                    if self.results[rid] is None and not self.closed:
+                        await self._receive()
+                if self.closed and self.results[rid] is None:
+                    raise self.error
+            done = True
+            result = self.results[rid]
+            if isinstance(result, BaseException):
+                raise result
+            return result
+        finally:
+            self.results.pop(rid, None)
+            if not done and call.sink is not None and not self.closed:
+                if not self.codec.release_sink(rid):
+                    # The answer is streaming into the caller's buffer right now; the only way
+                    # to stop writing into memory the caller took back is to drop the socket.
+                    self._fail(NetworkError("a cancelled get_into left its answer half-received"))
+
+    async def _send_all(self, buf: Any) -> None:
+        with memoryview(buf) as view:
+            total, sent = view.nbytes, 0
+            while sent < total:
+                sent += await self.sock.send(view[sent:])
+
+    async def _receive(self) -> None:
+        try:
+            n = await self.sock.recv_into(self.codec.get_buffer())
+        except (OSError, trio.ClosedResourceError) as exc:
+            self._fail(NetworkError(f"connection to the daemon broke: {exc}"))
+            return
+        if n == 0:
+            self._fail(NetworkError("the daemon closed the connection"))
+            return
+        for event in self.codec.buffer_filled(n):
+            if isinstance(event, Response):
+                if event.id in self.results:
+                    self.results[event.id] = event
+            elif isinstance(event, ProtocolErrorEvent) and not event.fatal:
+                if event.request_id in self.results:
+                    self.results[event.request_id] = event.error
+            else:
+                self._fail(event.error)
+
+    def _fail(self, error: BaseException) -> None:
+        if not self.closed:
+            self.closed, self.error = True, error
+            self.sock.close()
+
+
+class AsyncClient:
+    """A trio client of ``tairstore serve``: the :class:`Client` methods, awaited.
+
+    Use ``async with AsyncClient(url) as client:`` (or ``await client.connect()`` and
+    ``await client.close()``). Tasks share one pipelined connection.
+
+    Args:
+        url: ``tcp://host:port`` of the daemon's data port.
+        token: bearer token, sent once per connection (AUTH) when given.
+        timeout: seconds a request may take; None waits forever.
+    """
+
+    def __init__(self, url: str, token: str | None = None, timeout: float | None = DEFAULT_TIMEOUT_S) -> None:
+        self._host, self._port = parse_url(url)
+        self._token = token
+        self._timeout = timeout
+        self._conn: _AsyncConn | None = None
+        self._connect_lock = trio.Lock()
+        self._closed = False
+
+    async def connect(self) -> None:
+        """Open the connection now (otherwise the first request does)."""
+        await self._connection()
+
+    async def _connection(self) -> _AsyncConn:
+        async with self._connect_lock:
+            if self._closed:
+                raise ClosedError("the client is closed")
+            if self._conn is None or self._conn.closed:
+                sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+                try:
+                    await sock.connect((self._host, self._port))
+                except OSError as exc:
+                    sock.close()
+                    raise NetworkError(f"cannot connect to the daemon at {self._host}:{self._port}: {exc}") from exc
+                sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
+                conn = _AsyncConn(sock)
+                if self._token is not None:
+                    _raise_for(await conn.call(calls.auth(self._token)))
+                self._conn = conn
+            return self._conn
+
+    async def _run(self, call: Call) -> Any:
+        try:
+            with trio.fail_after(self._timeout if self._timeout is not None else float("inf")):
+                return await self._run_once(call)
+        except trio.TooSlowError:
+            raise TimeoutError(f"no answer from the daemon within {self._timeout} s") from None
+
+    async def _run_once(self, call: Call) -> Any:
+        if call.session is not None:
+            conn = call.session._conn
+            if conn.closed:
+                if call.op == calls.Op.ABORT_WRITE:
+                    return None
+                raise SessionError(f"write session {call.session.id} was lost with its connection; "
+                                   "the daemon aborted it: start a new one")
+            return call.parse(_raise_for(await conn.call(call)))
+        for attempt in (0, 1):
+            conn = await self._connection()
+            try:
+                resp = await conn.call(call)
+            except NetworkError:
+                if not call.idempotent or attempt:
+                    raise
+                continue
+            result = call.parse(_raise_for(resp))
+            if isinstance(result, RemoteWriteSession):
+                result._conn = conn
+            return result
+        raise AssertionError("unreachable")
+
+    async def ping(self) -> None:
+        """Round-trip an empty request."""
+        await self._run(calls.ping())
+
+    async def put(self, key: bytes, data: Any, *, namespace: str = DEFAULT_NAMESPACE) -> bool:
+        """See :meth:`Client.put`."""
+        return await self._run(calls.put(key, data, namespace))
+
+    async def put_many(self, keys: list[bytes], blocks: list[Any], *,
+                       namespace: str = DEFAULT_NAMESPACE) -> list[bool]:
+        """See :meth:`Client.put_many`."""
+        return await self._run(calls.put_many(keys, blocks, namespace))
+
+    async def get(self, key: bytes, *, namespace: str = DEFAULT_NAMESPACE) -> memoryview | None:
+        """See :meth:`Client.get`."""
+        return await self._run(calls.get(key, namespace))
+
+    async def get_many(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE) -> list[memoryview | None]:
+        """See :meth:`Client.get_many`."""
+        return await self._run(calls.get_many(keys, namespace))
+
+    async def get_into(self, key: bytes, out: Any, *, namespace: str = DEFAULT_NAMESPACE) -> int:
+        """See :meth:`Client.get_into`."""
+        return await self._run(calls.get_into(key, out, namespace))
+
+    async def exists(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE) -> list[bool]:
+        """See :meth:`Client.exists`."""
+        return await self._run(calls.exists(keys, namespace))
+
+    async def match(self, keys: list[bytes], mode: str = "prefix", window: int | None = None, *,
+                    namespace: str = DEFAULT_NAMESPACE) -> MatchResult:
+        """See :meth:`Client.match`."""
+        return await self._run(calls.match(keys, mode, window, namespace))
+
+    async def delete(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE) -> int:
+        """See :meth:`Client.delete`."""
+        return await self._run(calls.delete(keys, namespace))
+
+    async def start_write(self, keys: list[bytes], sizes: list[int], lease_s: float = 30.0, *,
+                          namespace: str = DEFAULT_NAMESPACE) -> RemoteWriteSession:
+        """See :meth:`Client.start_write`."""
+        return await self._run(calls.start_write(self, keys, sizes, lease_s, namespace))
+
+    async def write(self, session: RemoteWriteSession, key: bytes, data: Any) -> None:
+        """See :meth:`Client.write`."""
+        await self._run(calls.write(self, session, key, data))
+
+    async def finish_write(self, session: RemoteWriteSession, ok_keys: list[bytes]) -> int:
+        """See :meth:`Client.finish_write`."""
+        return await self._run(calls.finish_write(self, session, ok_keys))
+
+    async def abort_write(self, session: RemoteWriteSession) -> None:
+        """See :meth:`Client.abort_write`."""
+        await self._run(calls.abort_write(self, session))
+
+    async def stats(self) -> dict:
+        """See :meth:`Client.stats`."""
+        return await self._run(calls.stats())
+
+    async def close(self) -> None:
+        """Close the connection. Idempotent."""
+        self._closed = True
+        if self._conn is not None:
+            self._conn._fail(ClosedError("the client is closed"))
+        await trio.lowlevel.checkpoint()
+
+    aclose = close
+
+    async def __aenter__(self) -> "AsyncClient":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

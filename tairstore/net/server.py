@@ -1,0 +1,485 @@
+"""The data-path server: trio around the sans-IO codec, store calls in worker threads.
+
+Theory of operation
+-------------------
+``serve_data`` binds, reports its port, and hands each accepted socket to
+:meth:`DataServer.handle_connection` through :func:`trio.serve_listeners` (the shape of trio's
+own servers). Per connection:
+
+- one **reader** receives straight into the codec's buffers (``recv_into``; a large payload
+  lands in its own buffer, once) and starts one task per request. A semaphore of
+  ``max_inflight`` permits is taken *before* a request is started, so a client that pipelines
+  too much simply stops being read: TCP backpressure, no queue to grow;
+- each request runs where PLACEMENT says: work that only touches memory (a DRAM get, a put
+  into a volatile store, exists, match) on the event loop, since a thread hop costs more than
+  the work; anything that may touch disk or wait for an fsync in a worker thread, all
+  connections sharing one :class:`trio.CapacityLimiter` of ``worker_threads``. Responses are
+  written by the connection's :class:`_Writer`, one frame at a time with one ``writev``, in
+  completion order (matched by id). A GET answer is the store's own memoryview, released once
+  written;
+- **write sessions** live in a per-connection table (session id → WriteSession): WRITE frames
+  name a session of *this* connection only, and every session still open when the connection
+  ends is aborted, so a vanished client never holds reserved space for a whole lease.
+
+Errors never leave a connection task: a store error or a semantic protocol error is an ERROR
+frame for that request and the connection goes on; a framing error gets an ERROR frame with
+request id 0 and the connection is closed once the requests already read are answered. Other
+connections are not affected by either.
+
+Auth (when ``auth.enabled``): a connection binds a token with an AUTH request (an unknown
+token is refused at once); every request that touches a namespace is then checked against it
+(``auth.check(token, namespace)``), STATS as a daemon-wide read (``"*"``). A refusal is an
+ERROR (PermissionDenied) for that request only. PING and AUTH need no token.
+
+Shutdown: cancelling ``serve_data`` closes the listeners and the readers at once (nothing new
+is read), while request tasks already started run on in shielded cancel scopes until they
+finish or ``shutdown_grace_s`` passes. A response is sent only after the store call returned,
+so an acknowledged write is one the store acknowledged; closing the store is the caller's job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from functools import partial
+from typing import Any, Callable, Iterator
+
+import trio
+
+from ..errors import InvalidArgumentError, PermissionDeniedError, SessionError, StoreError
+from ..session import OPEN, WriteSession
+from .limits import Limits
+from .protocol import CONNECTION_ID, Connection, Request, Response, Role
+from .schema import Op, match_to_fields
+
+__all__ = ["serve_data", "DataServer", "main"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NAMESPACE = "default"
+#: A connection's session table is swept of finished/expired entries past this size (they are
+#: kept until then so that reusing one raises the store's own error, e.g. LeaseExpiredError).
+SESSION_SWEEP_AT = 1024
+#: Buffers per writev call: below Linux's IOV_MAX (1024).
+IOV_BATCH = 512
+#: Seconds a closing connection may spend aborting its leftover write sessions.
+ABORT_GRACE_S = 5.0
+
+#: Where each op runs. A hop to a worker thread costs tens of microseconds (two cross-thread
+#: wake-ups), more than a DRAM put or get itself, so only work that may block goes there:
+#: "loop"    -- no store call, or only the in-memory key map (never disk I/O);
+#: "memory"  -- on the loop when it touches DRAM only: a GET whose keys are all in DRAM, any
+#:              write to a volatile store (no SSD tier: no I/O, no fsync);
+#: "thread"  -- may read or write disk, wait for an fsync, or scan everything (STATS).
+PLACEMENT = {
+    Op.PING: "loop", Op.AUTH: "loop", Op.EXISTS: "loop", Op.MATCH: "loop",
+    Op.GET: "memory", Op.PUT: "memory", Op.START_WRITE: "memory", Op.WRITE: "memory",
+    Op.FINISH_WRITE: "memory", Op.ABORT_WRITE: "memory", Op.DELETE: "memory",
+    Op.STATS: "thread",
+}
+#: Ops that carry ``ns`` and are checked against the connection's token.
+_NAMESPACED = frozenset({Op.PUT, Op.GET, Op.EXISTS, Op.MATCH, Op.DELETE, Op.START_WRITE})
+
+
+class _Writer:
+    """Writes whole frames to a non-blocking socket, one frame at a time.
+
+    The buffers of a frame (header, then the blocks, never joined) go out with ``writev``:
+    one syscall per frame, and no trip through the scheduler when the kernel takes them all,
+    which for loopback and blocks up to a few MiB is the common case. Only a partial write
+    waits for writability, holding the lock so that frames never interleave.
+    """
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.lock = trio.Lock()
+
+    async def write(self, buffers: list) -> None:
+        try:
+            self.lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self.lock.acquire()
+        try:
+            views = [memoryview(b) for b in buffers]
+            i = 0
+            while i < len(views):
+                try:
+                    sent = os.writev(self.fd, views[i:i + IOV_BATCH])
+                except BlockingIOError:
+                    sent = 0
+                while sent and i < len(views):
+                    n = views[i].nbytes
+                    if sent >= n:
+                        sent -= n
+                        i += 1
+                    else:
+                        views[i] = views[i][sent:]
+                        sent = 0
+                if i < len(views):
+                    await trio.lowlevel.wait_writable(self.sock)
+        finally:
+            self.lock.release()
+
+
+class _Conn:
+    """The state of one client connection."""
+
+    def __init__(self, stream: trio.SocketStream, limits: Limits) -> None:
+        self.stream = stream
+        self.writer = _Writer(stream.socket)
+        self.codec = Connection(Role.SERVER, limits)
+        self.sessions: dict[int, WriteSession] = {}
+        self.token: str | None = None
+        self.inflight = trio.Semaphore(limits.max_inflight)
+
+
+Result = tuple[dict, list, int]  # response fields, payload blocks (released after send), bytes
+
+
+class DataServer:
+    """Serves one :class:`~tairstore.Store` over the binary protocol (see the module doc)."""
+
+    def __init__(self, store: Any, *, limits: Limits | None = None, auth: Any = None,
+                 metrics: Any = None) -> None:
+        self.store = store
+        self.limits = limits or Limits()
+        self.auth = auth
+        self.metrics = metrics
+        self.limiter = trio.CapacityLimiter(self.limits.worker_threads)
+        self._scopes: set[trio.CancelScope] = set()
+        self._deadline = math.inf
+        config = getattr(store, "config", None)
+        self._volatile = config is not None and getattr(config, "ssd_bytes", 1) == 0
+        self._ops: dict[Op, Callable[[_Conn, Request], Result]] = {
+            Op.PUT: self._put, Op.GET: self._get, Op.EXISTS: self._exists, Op.MATCH: self._match,
+            Op.DELETE: self._delete, Op.START_WRITE: self._start_write, Op.WRITE: self._write,
+            Op.FINISH_WRITE: self._finish_write, Op.ABORT_WRITE: self._abort_write,
+            Op.STATS: self._stats,
+        }
+
+    # ------------------------------------------------------------------------ lifecycle
+    def begin_shutdown(self) -> None:
+        """Give every running request task (and later cleanup) ``shutdown_grace_s`` more."""
+        self._deadline = trio.current_time() + self.limits.shutdown_grace_s
+        for scope in self._scopes:
+            scope.deadline = min(scope.deadline, self._deadline)
+
+    @contextmanager
+    def _shielded(self, limit: float = math.inf) -> Iterator[None]:
+        """Run to completion despite the server's cancellation, but not past the grace period."""
+        scope = trio.CancelScope(shield=True, deadline=min(self._deadline, trio.current_time() + limit))
+        self._scopes.add(scope)
+        try:
+            with scope:
+                yield
+        finally:
+            self._scopes.discard(scope)
+
+    async def handle_connection(self, stream: trio.SocketStream) -> None:
+        """Serve one client until it disconnects, breaks the framing, or the server stops."""
+        conn = _Conn(stream, self.limits)
+        try:
+            async with trio.open_nursery() as nursery:
+                await self._read_loop(conn, nursery)
+        except Exception:  # noqa: BLE001 - one connection's bug must not stop the server
+            log.exception("data connection failed")
+        finally:
+            if conn.sessions:
+                with self._shielded(ABORT_GRACE_S):
+                    await trio.to_thread.run_sync(self._abort_all, conn, limiter=self.limiter)
+
+    def _abort_all(self, conn: _Conn) -> None:
+        for session in list(conn.sessions.values()):
+            try:
+                self.store.abort_write(session)
+            except StoreError as exc:
+                log.warning("aborting write session %d of a closed connection: %s", session.id, exc)
+        conn.sessions.clear()
+
+    async def _read_loop(self, conn: _Conn, nursery: trio.Nursery) -> None:
+        codec, sock = conn.codec, conn.stream.socket
+        while True:
+            try:
+                n = await sock.recv_into(codec.get_buffer())
+            except OSError:
+                return  # reset by the peer: same as a close
+            if n == 0:
+                return
+            for event in codec.buffer_filled(n):
+                if isinstance(event, Request):
+                    await conn.inflight.acquire()
+                    if self._on_loop(event):
+                        # No task for it: it cannot block, and the answer going out before the
+                        # next request is read is backpressure this connection earned.
+                        await self._serve_request(conn, event, True)
+                    else:
+                        nursery.start_soon(self._serve_request, conn, event, False)
+                elif not event.fatal:
+                    await conn.inflight.acquire()
+                    nursery.start_soon(self._send_error, conn, event.request_id, event.error)
+                else:
+                    log.info("closing a data connection after a framing error: %s", event.error)
+                    await self._send_error(conn, CONNECTION_ID, event.error, permit=False)
+                    return
+
+    # ------------------------------------------------------------------------- requests
+    async def _serve_request(self, conn: _Conn, req: Request, on_loop: bool) -> None:
+        t0 = time.perf_counter()
+        ok, blocks = False, []
+        nbytes = sum(b.nbytes for b in req.blocks)  # what was read, even if the store refuses it
+        try:
+            with self._shielded():
+                try:
+                    fields, blocks, nbytes = await self._execute(conn, req, on_loop)
+                    response = Response(req.id, fields, blocks)
+                    ok = True
+                except StoreError as exc:
+                    response = Response(req.id, error=exc)
+                except Exception as exc:  # noqa: BLE001 - a bug answers INTERNAL, the server lives
+                    log.exception("request %s failed", req.op.name)
+                    response = Response(req.id, error=exc)
+                await self._send(conn, response)
+        finally:
+            for view in blocks:
+                if isinstance(view, memoryview):
+                    view.release()  # unpins the DRAM slot (R2) as soon as the bytes are out
+            conn.inflight.release()
+            if self.metrics is not None:
+                self.metrics.observe_request(req.op.name.lower(), time.perf_counter() - t0, nbytes, ok)
+
+    async def _send_error(self, conn: _Conn, request_id: int, error: StoreError, *,
+                          permit: bool = True) -> None:
+        try:
+            with self._shielded():
+                await self._send(conn, Response(request_id, error=error))
+        finally:
+            if permit:
+                conn.inflight.release()
+
+    async def _send(self, conn: _Conn, response: Response) -> None:
+        try:
+            buffers = conn.codec.send(response)
+        except StoreError as exc:  # e.g. the answer would exceed max_frame_bytes
+            buffers = conn.codec.send(Response(response.id, error=exc))
+        try:
+            await conn.writer.write(buffers)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client left; its requests are simply not acknowledged
+
+    def _on_loop(self, req: Request) -> bool:
+        """Whether ``req`` runs on the event loop (see PLACEMENT)."""
+        where = PLACEMENT[req.op]
+        if where == "loop":
+            return True
+        if where == "thread":
+            return False
+        if req.op is Op.GET:
+            if self._volatile:
+                return True
+            # The key map says where each block is; an eviction racing this check makes one
+            # get read SSD on the loop, which is rare and bounded by one block read.
+            ns = req.fields.get("ns", DEFAULT_NAMESPACE)
+            try:
+                tiers = self.store.match(req.fields["keys"], "exact", namespace=ns).tiers
+            except StoreError:
+                return False  # let the real call raise, from a thread
+            return all(t == "dram" for t in tiers)
+        return self._volatile
+
+    async def _execute(self, conn: _Conn, req: Request, on_loop: bool) -> Result:
+        op, fields = req.op, req.fields
+        if op is Op.PING:
+            return {}, [], 0
+        if op is Op.AUTH:
+            self._authenticate(conn, fields["token"])
+            return {}, [], 0
+        if self.auth is not None and self.auth.enabled:
+            if op in _NAMESPACED:
+                self.auth.check(conn.token, fields.get("ns", DEFAULT_NAMESPACE))
+            elif op is Op.STATS:
+                self.auth.check(conn.token, "*")
+        if on_loop:
+            return self._ops[op](conn, req)
+        return await trio.to_thread.run_sync(self._ops[op], conn, req, limiter=self.limiter)
+
+    def _authenticate(self, conn: _Conn, token: str) -> None:
+        if self.auth is not None and self.auth.enabled:
+            identify = getattr(self.auth, "identify", None)
+            if identify is not None and identify(token) is None:
+                raise PermissionDeniedError("unknown token")
+        conn.token = token
+
+    # ------------------------------------------------------ store calls (worker threads)
+    def _put(self, conn: _Conn, req: Request) -> Result:
+        ns, keys, blocks = req.fields.get("ns", DEFAULT_NAMESPACE), req.fields["keys"], req.blocks
+        nbytes = sum(len(b) for b in blocks)
+        if len(keys) == 1:
+            return {"stored": [self.store.put(keys[0], blocks[0], namespace=ns)]}, [], nbytes
+        # A batch is one write session: one commit (one fsync in sync mode) for all its blocks.
+        session = self.store.start_write(keys, [len(b) for b in blocks], namespace=ns)
+        try:
+            by_key = dict(zip(keys, blocks))
+            for key in session.keys_to_write:
+                self.store.write(session, key, by_key[key])
+            self.store.finish_write(session, session.keys_to_write)
+        except BaseException:
+            self.store.abort_write(session)
+            raise
+        written = set(session.keys_to_write)
+        return {"stored": [k in written for k in keys]}, [], nbytes
+
+    def _get(self, conn: _Conn, req: Request) -> Result:
+        ns, cap = req.fields.get("ns", DEFAULT_NAMESPACE), req.fields.get("cap")
+        sizes: list[int] = []
+        views: list[memoryview] = []
+        try:
+            for key in req.fields["keys"]:
+                view = self.store.get(key, namespace=ns)
+                if view is None:
+                    sizes.append(-1)
+                    continue
+                views.append(view)
+                sizes.append(view.nbytes)
+                if cap is not None and view.nbytes > cap:
+                    # get_into's contract, checked here so the block is not sent for nothing.
+                    raise InvalidArgumentError(f"out holds {cap} bytes; the block has {view.nbytes}")
+        except BaseException:
+            for view in views:
+                view.release()
+            raise
+        return {"sizes": sizes}, views, sum(v.nbytes for v in views)
+
+    def _exists(self, conn: _Conn, req: Request) -> Result:
+        f = req.fields
+        return {"hits": self.store.exists(f["keys"], namespace=f.get("ns", DEFAULT_NAMESPACE))}, [], 0
+
+    def _match(self, conn: _Conn, req: Request) -> Result:
+        f = req.fields
+        result = self.store.match(f["keys"], f["mode"], f.get("window"),
+                                  namespace=f.get("ns", DEFAULT_NAMESPACE))
+        return match_to_fields(result), [], 0
+
+    def _delete(self, conn: _Conn, req: Request) -> Result:
+        f = req.fields
+        return {"count": self.store.delete(f["keys"], namespace=f.get("ns", DEFAULT_NAMESPACE))}, [], 0
+
+    def _start_write(self, conn: _Conn, req: Request) -> Result:
+        f = req.fields
+        extra = {"lease_s": f["lease"]} if "lease" in f else {}
+        session = self.store.start_write(f["keys"], f["sizes"], namespace=f.get("ns", DEFAULT_NAMESPACE),
+                                         **extra)
+        if len(conn.sessions) >= SESSION_SWEEP_AT:
+            for sid in [sid for sid, s in conn.sessions.items() if s.state != OPEN]:
+                del conn.sessions[sid]
+        conn.sessions[session.id] = session
+        return {"sid": session.id, "keys": list(session.keys_to_write), "lease": session.lease_s}, [], 0
+
+    def _session(self, conn: _Conn, sid: int) -> WriteSession:
+        session = conn.sessions.get(sid)
+        if session is None:
+            raise SessionError(f"write session {sid} is unknown on this connection "
+                               "(finished, aborted, or started on another connection)")
+        return session
+
+    def _write(self, conn: _Conn, req: Request) -> Result:
+        session = self._session(conn, req.fields["sid"])
+        for key, block in zip(req.fields["keys"], req.blocks):
+            self.store.write(session, key, block)
+        return {}, [], sum(len(b) for b in req.blocks)
+
+    def _finish_write(self, conn: _Conn, req: Request) -> Result:
+        sid = req.fields["sid"]
+        count = self.store.finish_write(self._session(conn, sid), req.fields["keys"])
+        conn.sessions.pop(sid, None)
+        return {"count": count}, [], 0
+
+    def _abort_write(self, conn: _Conn, req: Request) -> Result:
+        # Like Store.abort_write on a finished session: nothing to do is not an error.
+        session = conn.sessions.pop(req.fields["sid"], None)
+        if session is not None:
+            self.store.abort_write(session)
+        return {}, [], 0
+
+    def _stats(self, conn: _Conn, req: Request) -> Result:
+        return {"stats": self.store.stats()}, [], 0
+
+
+async def serve_data(store: Any, *, host: str = "127.0.0.1", port: int = 0,
+                     limits: Limits | None = None, auth: Any = None, metrics: Any = None,
+                     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``store`` over the binary data-path protocol until cancelled.
+
+    Args:
+        store: an open :class:`tairstore.Store` (closing it stays the caller's job).
+        host: the address to bind; loopback by default.
+        port: the TCP port; 0 picks a free one.
+        limits: frame, batch, in-flight and thread limits (:class:`Limits` defaults if None).
+        auth: an ``Authenticator`` (``enabled``, ``check(token, namespace, admin=)``), or None
+            for an open server.
+        metrics: an object with ``observe_request(op, seconds, nbytes, ok)``, or None.
+        task_status: receives the bound port once the server accepts connections.
+
+    On cancellation the listeners close at once and requests already read get up to
+    ``limits.shutdown_grace_s`` seconds to finish; then it returns (by raising Cancelled).
+    """
+    server = DataServer(store, limits=limits, auth=auth, metrics=metrics)
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as handlers:
+        task_status.started(bound)
+        try:
+            await trio.serve_listeners(server.handle_connection, listeners, handler_nursery=handlers)
+        finally:
+            server.begin_shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tairstore.net.server --data-dir DIR [--port 0]``: serve until SIGTERM/SIGINT.
+
+    Prints ``PORT <n>`` on stdout once listening (tests and benchmarks read it).
+    """
+    import tairstore
+
+    ap = argparse.ArgumentParser(prog="python -m tairstore.net.server", description=main.__doc__)
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--dram-bytes", type=int, default=256 << 20)
+    ap.add_argument("--ssd-bytes", type=int, default=1 << 30, help="0: a volatile DRAM-only store")
+    ap.add_argument("--segment-bytes", type=int, default=64 << 20)
+    ap.add_argument("--durability", default="sync", choices=("sync", "batch", "none"))
+    ap.add_argument("--worker-threads", type=int, default=Limits.worker_threads)
+    ap.add_argument("--max-inflight", type=int, default=Limits.max_inflight)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    store = tairstore.open(args.data_dir, dram_bytes=args.dram_bytes, ssd_bytes=args.ssd_bytes,
+                           segment_bytes=min(args.segment_bytes, max(args.ssd_bytes, 4096)),
+                           durability=args.durability)
+    limits = Limits(worker_threads=args.worker_threads, max_inflight=args.max_inflight)
+
+    async def run() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                port = await nursery.start(partial(serve_data, store, host=args.host,
+                                                   port=args.port, limits=limits))
+                print(f"PORT {port}", flush=True)
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(run)
+    finally:
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

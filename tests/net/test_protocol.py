@@ -1,0 +1,336 @@
+"""The sans-IO codec: round trips, pipelining, every malformed-input class, and fuzzing."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tairstore import errors
+from tairstore.errors import ProtocolError
+from tairstore.match import MatchResult
+from tairstore.net.limits import Limits
+from tairstore.net.protocol import (
+    CONNECTION_ID,
+    MAGIC,
+    PRELUDE,
+    VERSION,
+    Connection,
+    ProtocolErrorEvent,
+    Request,
+    Response,
+    Role,
+)
+from tairstore.net.schema import (
+    ERROR_CLASSES,
+    Code,
+    Op,
+    error_from_fields,
+    error_to_fields,
+    match_from_fields,
+    match_to_fields,
+)
+
+FUZZ_EXAMPLES = int(os.environ.get("TAIRSTORE_FUZZ_EXAMPLES", "2000"))
+
+#: A valid request of every opcode, with its payload blocks.
+REQUESTS = {
+    Op.PING: ({}, []),
+    Op.AUTH: ({"token": "t0k"}, []),
+    Op.PUT: ({"ns": "a", "keys": [b"k1", b"k2"], "sizes": [3, 0]}, [b"abc", b""]),
+    Op.GET: ({"ns": "a", "keys": [b"k1"], "cap": 10}, []),
+    Op.EXISTS: ({"keys": [b"k1", b"k2"]}, []),
+    Op.MATCH: ({"keys": [b"k1"], "mode": "sliding_window", "window": 2}, []),
+    Op.DELETE: ({"keys": [b"k1"]}, []),
+    Op.START_WRITE: ({"keys": [b"k1"], "sizes": [5], "lease": 3.5}, []),
+    Op.WRITE: ({"sid": 7, "keys": [b"k1"], "sizes": [5]}, [b"hello"]),
+    Op.FINISH_WRITE: ({"sid": 7, "keys": [b"k1"]}, []),
+    Op.ABORT_WRITE: ({"sid": 7}, []),
+    Op.STATS: ({}, []),
+}
+#: A valid OK answer to every opcode.
+RESPONSES = {
+    Op.PING: ({}, []),
+    Op.AUTH: ({}, []),
+    Op.PUT: ({"stored": [True, False]}, []),
+    Op.GET: ({"sizes": [4, -1, 2]}, [b"abcd", None, b"xy"]),
+    Op.EXISTS: ({"hits": [True, False]}, []),
+    Op.MATCH: ({"mode": "prefix", "tiers": b"\x01\x02\x00", "ws": None, "wl": 0}, []),
+    Op.DELETE: ({"count": 1}, []),
+    Op.START_WRITE: ({"sid": 9, "keys": [b"k1"], "lease": 30.0}, []),
+    Op.WRITE: ({}, []),
+    Op.FINISH_WRITE: ({"count": 1}, []),
+    Op.ABORT_WRITE: ({}, []),
+    Op.STATS: ({"stats": {"blocks": 3, "tiers": {"dram": {"bytes": 1}}}}, []),
+}
+
+
+def wire(buffers: list) -> bytes:
+    return b"".join(bytes(b) for b in buffers)
+
+
+def frame(kind: int, rid: int, header: bytes = b"", payload: bytes = b"", *, magic: bytes = MAGIC,
+          version: int = VERSION, flags: int = 0, payload_len: int | None = None) -> bytes:
+    n = len(payload) if payload_len is None else payload_len
+    return PRELUDE.pack(magic, version, kind, flags, rid, len(header), n) + header + payload
+
+
+def pair(limits: Limits | None = None) -> tuple[Connection, Connection]:
+    return Connection(Role.CLIENT, limits), Connection(Role.SERVER, limits)
+
+
+def feed_bytewise(conn: Connection, data: bytes) -> list:
+    events = []
+    for i in range(len(data)):
+        events += conn.receive_data(data[i:i + 1])
+    return events
+
+
+# --------------------------------------------------------------------------------- round trips
+@pytest.mark.parametrize("op", list(REQUESTS))
+def test_every_opcode_round_trips(op):
+    client, server = pair()
+    fields, blocks = REQUESTS[op]
+    events = feed_bytewise(server, wire(client.send(Request(5, op, fields, blocks))))
+    assert len(events) == 1 and isinstance(events[0], Request)
+    req = events[0]
+    assert (req.id, req.op, req.fields) == (5, op, fields)
+    assert [bytes(b) for b in req.blocks] == [bytes(b) for b in blocks]
+
+    rfields, rblocks = RESPONSES[op]
+    (resp,) = client.receive_data(wire(server.send(Response(5, rfields, rblocks))))
+    assert isinstance(resp, Response) and resp.ok and resp.fields == rfields
+    assert [None if b is None else bytes(b) for b in resp.blocks] == rblocks
+    assert client.in_flight == 0 and server.in_flight == 0
+
+
+def test_pipelined_responses_out_of_order():
+    client, server = pair()
+    data = b"".join(wire(client.send(Request(i, Op.GET, {"keys": [bytes([i])]}))) for i in (1, 2, 3))
+    reqs = server.receive_data(data)
+    assert [r.id for r in reqs] == [1, 2, 3]
+    out = b"".join(wire(server.send(Response(i, {"sizes": [1]}, [bytes([i])]))) for i in (3, 1, 2))
+    got = client.receive_data(out)
+    assert [(r.id, bytes(r.blocks[0])) for r in got] == [(3, b"\x03"), (1, b"\x01"), (2, b"\x02")]
+
+
+def test_large_payload_received_directly_into_its_buffer():
+    client, server = pair()
+    block = np.random.default_rng(1).integers(0, 256, 3 << 20, dtype=np.uint8)
+    data = wire(client.send(Request(1, Op.PUT, {"keys": [b"k"], "sizes": [block.nbytes]}, [block])))
+    events, pos = [], 0
+    while pos < len(data):
+        buf = server.get_buffer()
+        n = min(len(buf), len(data) - pos, 100_000)
+        buf[:n] = data[pos:pos + n]
+        pos += n
+        events += server.buffer_filled(n)
+    (req,) = events
+    assert np.array_equal(np.frombuffer(req.blocks[0], np.uint8), block)
+
+
+def test_response_lands_in_the_sink():
+    client, server = pair()
+    sink = bytearray(64 << 10)
+    server.receive_data(wire(client.send(Request(1, Op.GET, {"keys": [b"k"]}), sink=sink)))
+    payload = bytes(range(256)) * 200
+    (resp,) = client.receive_data(wire(server.send(Response(1, {"sizes": [len(payload)]}, [payload]))))
+    assert resp.blocks[0].obj is sink and sink[:len(payload)] == payload
+
+
+def test_error_codes_map_one_to_one_to_exception_classes():
+    assert len(set(ERROR_CLASSES.values())) == len(ERROR_CLASSES)
+    for code, cls in ERROR_CLASSES.items():
+        exc = cls("boom") if not issubclass(cls, errors.CapacityError) else cls("boom", dimension="tier:ssd")
+        back = error_from_fields(error_to_fields(exc))
+        assert type(back) is cls and str(back) == "boom"
+    cap = error_from_fields(error_to_fields(errors.CapacityError("full", dimension="tier:dram")))
+    assert cap.dimension == "tier:dram"
+    proto = error_from_fields(error_to_fields(ProtocolError("x", code=int(Code.BATCH_TOO_LARGE))))
+    assert isinstance(proto, ProtocolError) and proto.code == Code.BATCH_TOO_LARGE and not proto.remote
+    internal = error_from_fields(error_to_fields(KeyError("bug")))
+    assert type(internal) is errors.StoreError and "internal" in str(internal)
+
+
+def test_match_result_round_trip():
+    m = MatchResult("sliding_window", 1, [True, False, True, True], ["dram", None, "ssd", "dram"], 2, 2)
+    assert match_from_fields(match_to_fields(m)) == m
+
+
+# ------------------------------------------------------------------------------ framing errors
+@pytest.mark.parametrize("bad, code", [
+    (frame(Op.PING, 1, magic=b"HT"), Code.BAD_MAGIC),
+    (frame(Op.PING, 1, version=9), Code.BAD_VERSION),
+    (frame(Op.PING, 1, payload_len=1 << 40)[:PRELUDE.size], Code.FRAME_TOO_LARGE),
+    (PRELUDE.pack(MAGIC, VERSION, Op.PING, 0, 1, 1 << 30, 0), Code.HEADER_TOO_LARGE),
+    (frame(Op.PING, CONNECTION_ID), Code.BAD_REQUEST_ID),
+])
+def test_framing_errors_break_the_connection(bad, code):
+    server = Connection(Role.SERVER)
+    (ev,) = server.receive_data(bad)
+    assert isinstance(ev, ProtocolErrorEvent) and ev.fatal and ev.error.code == code and ev.error.remote
+    assert server.broken
+    with pytest.raises(ProtocolError) as info:
+        server.receive_data(frame(Op.PING, 2))
+    assert info.value.remote is False and info.value.code == Code.BROKEN
+
+
+def test_oversized_frame_refused_from_the_prelude_alone():
+    server = Connection(Role.SERVER, Limits(max_frame_bytes=1 << 20, max_header_bytes=1 << 16))
+    (ev,) = server.receive_data(frame(Op.PUT, 1, b"", payload_len=(1 << 20) + 1)[:PRELUDE.size])
+    assert ev.fatal and ev.error.code == Code.FRAME_TOO_LARGE
+
+
+def test_duplicate_in_flight_id_is_fatal():
+    client, server = pair()
+    data = wire(client.send(Request(1, Op.PING)))
+    server.receive_data(data)
+    (ev,) = server.receive_data(data)
+    assert ev.fatal and ev.error.code == Code.BAD_REQUEST_ID
+
+
+def test_client_refuses_unsolicited_responses():
+    client = Connection(Role.CLIENT)
+    (ev,) = client.receive_data(frame(Op.OK, 42))
+    assert ev.fatal and ev.error.code == Code.UNEXPECTED_RESPONSE
+    client = Connection(Role.CLIENT)
+    (ev,) = client.receive_data(frame(Op.PUT, 1))
+    assert ev.fatal
+
+
+def test_connection_level_error_reaches_the_client():
+    client = Connection(Role.CLIENT)
+    header = msgpack.packb({"code": int(Code.BAD_MAGIC), "msg": "bad magic"})
+    (ev,) = client.receive_data(frame(Op.ERROR, CONNECTION_ID, header))
+    assert ev.fatal and ev.error.code == Code.BAD_MAGIC and client.broken
+
+
+# ----------------------------------------------------------------------------- semantic errors
+def _semantic_cases():
+    ok_put = msgpack.packb({"keys": [b"k"], "sizes": [3]})
+    return [
+        ("unknown opcode", frame(0x7E, 1), Code.UNKNOWN_OPCODE),
+        ("response kind", frame(Op.OK, 1), Code.UNKNOWN_OPCODE),
+        ("not msgpack", frame(Op.EXISTS, 1, b"\xc1\xc1"), Code.BAD_HEADER),
+        ("not a map", frame(Op.EXISTS, 1, msgpack.packb([1, 2])), Code.BAD_HEADER),
+        ("missing field", frame(Op.EXISTS, 1, msgpack.packb({"ns": "a"})), Code.BAD_HEADER),
+        ("wrong type", frame(Op.EXISTS, 1, msgpack.packb({"keys": ["str"]})), Code.BAD_HEADER),
+        ("flags", frame(Op.PING, 1, flags=4), Code.BAD_HEADER),
+        ("batch too large", frame(Op.EXISTS, 1, msgpack.packb({"keys": [b"k"] * 5})), Code.BATCH_TOO_LARGE),
+        ("payload short", frame(Op.PUT, 1, ok_put, b"ab"), Code.PAYLOAD_MISMATCH),
+        ("payload long", frame(Op.PUT, 1, ok_put, b"abcd"), Code.PAYLOAD_MISMATCH),
+        ("keys vs sizes", frame(Op.PUT, 1, msgpack.packb({"keys": [b"k", b"j"], "sizes": [3]}), b"abc"),
+         Code.PAYLOAD_MISMATCH),
+        ("negative size", frame(Op.PUT, 1, msgpack.packb({"keys": [b"k"], "sizes": [-1]})), Code.BAD_HEADER),
+        ("payload on exists", frame(Op.EXISTS, 1, msgpack.packb({"keys": [b"k"]}), b"x"), Code.PAYLOAD_MISMATCH),
+    ]
+
+
+@pytest.mark.parametrize("name, bad, code", _semantic_cases(), ids=[c[0] for c in _semantic_cases()])
+def test_semantic_errors_answer_the_request_and_continue(name, bad, code):
+    server = Connection(Role.SERVER, Limits(max_batch=4))
+    events = server.receive_data(bad + frame(Op.PING, 2))
+    assert len(events) == 2
+    err, ping = events
+    assert isinstance(err, ProtocolErrorEvent) and not err.fatal
+    assert err.request_id == 1 and err.error.code == code and err.error.remote
+    assert isinstance(ping, Request) and ping.op is Op.PING
+    # The server owes request 1 an answer: an ERROR frame the client decodes to the same code.
+    client = Connection(Role.CLIENT)
+    client.send(Request(1, Op.EXISTS, {"keys": []}))
+    (resp,) = client.receive_data(wire(server.send(Response(1, error=err.error))))
+    assert isinstance(resp.error, ProtocolError) and resp.error.code == code
+
+
+def test_malformed_response_fails_only_that_request():
+    client = Connection(Role.CLIENT)
+    client.send(Request(1, Op.DELETE, {"keys": [b"k"]}))
+    client.send(Request(2, Op.PING))
+    events = client.receive_data(frame(Op.OK, 1, msgpack.packb({"count": "x"})) + frame(Op.OK, 2))
+    assert isinstance(events[0], ProtocolErrorEvent) and events[0].request_id == 1 and not events[0].fatal
+    assert isinstance(events[1], Response) and events[1].id == 2
+
+
+# ---------------------------------------------------------------------------------- local errors
+def test_sending_beyond_the_limits_is_a_local_error():
+    client = Connection(Role.CLIENT, Limits(max_frame_bytes=1 << 16, max_header_bytes=1 << 12))
+    with pytest.raises(ProtocolError) as info:
+        client.send(Request(1, Op.PUT, {"keys": [b"k"], "sizes": [1 << 17]}, [bytes(1 << 17)]))
+    assert info.value.remote is False and info.value.code == Code.FRAME_TOO_LARGE
+    with pytest.raises(ProtocolError):
+        client.send(Response(1))
+    client.send(Request(1, Op.PING))
+    with pytest.raises(ProtocolError):
+        client.send(Request(1, Op.PING))  # still in flight
+    server = Connection(Role.SERVER)
+    with pytest.raises(ProtocolError):
+        server.send(Response(77, {}))  # nothing to answer
+
+
+# ------------------------------------------------------------------------------------- fuzzing
+def _check_only_events(conn: Connection, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        try:
+            events = conn.receive_data(chunk)
+        except ProtocolError:
+            assert conn.broken
+            return
+        for ev in events:
+            assert isinstance(ev, (Request, Response, ProtocolErrorEvent))
+            if isinstance(ev, ProtocolErrorEvent):
+                assert isinstance(ev.error, errors.StoreError)
+
+
+_FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+_LIMITS = Limits(max_frame_bytes=1 << 16, max_header_bytes=1 << 12, max_batch=16)
+
+
+@_FUZZ
+@given(st.lists(st.binary(max_size=256), max_size=8), st.sampled_from(list(Role)))
+def test_fuzz_arbitrary_bytes(chunks, role):
+    conn = Connection(role, _LIMITS)
+    if role is Role.CLIENT:
+        for rid, op in enumerate(REQUESTS, start=1):
+            conn.send(Request(rid, op, *REQUESTS[op]))
+    _check_only_events(conn, chunks)
+
+
+_header_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats() | st.text(max_size=8)
+    | st.binary(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12)
+_field_names = st.sampled_from(["ns", "keys", "sizes", "cap", "mode", "window", "lease", "sid", "token",
+                                "stored", "hits", "tiers", "ws", "wl", "count", "stats", "code", "msg"])
+
+
+@_FUZZ
+@given(kind=st.integers(0, 255), rid=st.integers(0, 2**64 - 1), flags=st.sampled_from([0, 0, 1]),
+       fields=st.dictionaries(_field_names, _header_values, max_size=5) | _header_values,
+       payload=st.binary(max_size=64), split=st.integers(1, 40), role=st.sampled_from(list(Role)))
+def test_fuzz_well_framed_garbage(kind, rid, flags, fields, payload, split, role):
+    """Valid preludes around random headers: exercises the semantic checks, not just magic."""
+    try:
+        header = msgpack.packb(fields)
+    except (OverflowError, ValueError, TypeError):
+        header = b"\xc1"
+    data = frame(kind, rid, header, payload, flags=flags) * 2
+    conn = Connection(role, _LIMITS)
+    if role is Role.CLIENT and rid and kind in (Op.OK, Op.ERROR):
+        conn.send(Request(rid, Op(list(REQUESTS)[rid % len(REQUESTS)]), *REQUESTS[list(REQUESTS)[rid % len(REQUESTS)]]))
+    _check_only_events(conn, [data[i:i + split] for i in range(0, len(data), split)])
+
+
+def test_truncated_frame_waits_without_events():
+    client, server = pair()
+    data = wire(client.send(Request(1, Op.PUT, {"keys": [b"k"], "sizes": [10]}, [bytes(10)])))
+    assert server.receive_data(data[:-1]) == []
+    assert server.state == "PAYLOAD"
+    assert len(server.receive_data(data[-1:])) == 1
+    assert struct.calcsize("<2sBBIQIQ") == PRELUDE.size == 28

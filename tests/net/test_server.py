@@ -1,0 +1,401 @@
+"""The data server over real loopback sockets: malformed frames, auth, sessions, shutdown.
+
+The server runs ``serve_data`` under ``trio.run`` in a background thread of the test process,
+so a test can look at the store it serves while real sockets talk to it.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from functools import partial
+
+import msgpack
+import numpy as np
+import pytest
+import trio
+
+import tairstore
+from tairstore.errors import PermissionDeniedError, ProtocolError, SessionError
+from tairstore.net.client import AsyncClient, Client, NetworkError
+from tairstore.net.limits import Limits
+from tairstore.net.protocol import CONNECTION_ID, MAGIC, PRELUDE, VERSION
+from tairstore.net.schema import Code, Op
+from tairstore.net.server import serve_data
+
+MiB = 1 << 20
+
+
+class ServerThread:
+    """``serve_data`` under ``trio.run`` in a thread; ``stop()`` cancels it (graceful shutdown)."""
+
+    def __init__(self, store, **options) -> None:
+        self.store = store
+        self.options = options
+        self.port: int | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="tairstore-test-server", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the test server did not start")
+        if self._error is not None:
+            raise self._error
+
+    @property
+    def url(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                self._trio_token = trio.lowlevel.current_trio_token()
+                self._scope = nursery.cancel_scope
+                self.port = await nursery.start(partial(serve_data, self.store, **self.options))
+                self._ready.set()
+
+        try:
+            trio.run(main)
+        except BaseException as exc:  # noqa: BLE001 - reported to the test thread
+            self._error = exc
+            self._ready.set()
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self._thread.is_alive():
+            try:
+                self._trio_token.run_sync_soon(self._scope.cancel)
+            except trio.RunFinishedError:
+                pass
+            self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the server did not shut down"
+        if self._error is not None:
+            raise self._error
+
+
+@pytest.fixture
+def volatile_store(tmp_path):
+    store = tairstore.open(tmp_path / "v", dram_bytes=64 * MiB, ssd_bytes=0)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def server_factory():
+    servers: list[ServerThread] = []
+
+    def make(store, **options) -> ServerThread:
+        server = ServerThread(store, **options)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+def frame(kind: int, rid: int, fields: dict | None = None, payload: bytes = b"", *, magic: bytes = MAGIC,
+          version: int = VERSION, payload_len: int | None = None) -> bytes:
+    header = msgpack.packb(fields) if fields is not None else b""
+    n = len(payload) if payload_len is None else payload_len
+    return PRELUDE.pack(magic, version, kind, 0, rid, len(header), n) + header + payload
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError(f"closed after {len(data)} of {n} bytes")
+        data += chunk
+    return data
+
+
+def read_frame(sock: socket.socket) -> tuple[int, int, dict]:
+    magic, version, kind, flags, rid, hlen, plen = PRELUDE.unpack(recv_exact(sock, PRELUDE.size))
+    assert (magic, version, flags) == (MAGIC, VERSION, 0)
+    header = msgpack.unpackb(recv_exact(sock, hlen)) if hlen else {}
+    recv_exact(sock, plen)
+    return kind, rid, header
+
+
+def raw(server) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    return sock
+
+
+def assert_still_serving(server) -> None:
+    with Client(server.url, timeout=10) as c:
+        key = np.random.default_rng().bytes(16)
+        assert c.put(key, b"still here") is True
+        assert bytes(c.get(key)) == b"still here"
+
+
+def assert_closed(sock: socket.socket) -> None:
+    sock.settimeout(10)
+    assert sock.recv(1) == b""
+
+
+# ------------------------------------------------------------------------------ malformed frames
+SEMANTIC = {
+    "unknown opcode": (frame(0x7E, 5), Code.UNKNOWN_OPCODE),
+    "batch too large": (frame(Op.EXISTS, 5, {"keys": [b"k"] * 9}), Code.BATCH_TOO_LARGE),
+    "payload shorter than sizes": (frame(Op.PUT, 5, {"keys": [b"k"], "sizes": [100]}, b"x" * 10),
+                                   Code.PAYLOAD_MISMATCH),
+    "bad header": (frame(Op.GET, 5, {"keys": "notalist"}), Code.BAD_HEADER),
+}
+
+
+@pytest.mark.parametrize("case", list(SEMANTIC))
+def test_semantic_error_answers_that_id_and_the_connection_goes_on(case, volatile_store, server_factory):
+    server = server_factory(volatile_store, limits=Limits(max_batch=8))
+    bad, code = SEMANTIC[case]
+    with raw(server) as sock:
+        sock.sendall(bad + frame(Op.PING, 6))
+        answers = [read_frame(sock) for _ in range(2)]
+        by_id = {rid: (kind, header) for kind, rid, header in answers}
+        assert by_id[5][0] == Op.ERROR and by_id[5][1]["code"] == code
+        assert by_id[6] == (Op.OK, {})
+    assert_still_serving(server)
+
+
+FRAMING = {
+    "bad magic": (frame(Op.PING, 1, magic=b"GE"), Code.BAD_MAGIC),
+    "bad version": (frame(Op.PING, 1, version=7), Code.BAD_VERSION),
+    "length beyond the limit": (frame(Op.PUT, 1, payload_len=1 << 40), Code.FRAME_TOO_LARGE),
+}
+
+
+@pytest.mark.parametrize("case", list(FRAMING))
+def test_framing_error_gets_a_connection_error_then_a_close(case, volatile_store, server_factory):
+    server = server_factory(volatile_store)
+    bad, code = FRAMING[case]
+    with raw(server) as sock:
+        sock.sendall(bad)
+        kind, rid, header = read_frame(sock)
+        assert (kind, rid, header["code"]) == (Op.ERROR, CONNECTION_ID, code)
+        assert_closed(sock)
+    assert_still_serving(server)
+
+
+def test_truncated_header_then_eof_closes_cleanly(volatile_store, server_factory):
+    server = server_factory(volatile_store)
+    with raw(server) as sock:
+        sock.sendall(PRELUDE.pack(MAGIC, VERSION, Op.EXISTS, 0, 1, 100, 0) + b"\x81\xa4keys")
+        sock.shutdown(socket.SHUT_WR)
+        assert_closed(sock)
+    assert_still_serving(server)
+
+
+def test_garbage_while_other_clients_work(volatile_store, server_factory):
+    server = server_factory(volatile_store)
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            with Client(server.url, timeout=10) as c:
+                n = 0
+                while not stop.is_set() and n < 200:
+                    key = f"w{i}-{n}".encode()
+                    c.put(key, key * 100)
+                    assert bytes(c.get(key)) == key * 100
+                    n += 1
+        except BaseException as exc:  # noqa: BLE001
+            failures.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    rng = np.random.default_rng(7)
+    for i in range(30):
+        with raw(server) as sock:
+            sock.sendall(MAGIC + rng.bytes(int(rng.integers(1, 200))))
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(10)
+            while sock.recv(4096):
+                pass
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert not failures, failures
+
+
+def test_response_too_large_is_an_error_not_a_crash(volatile_store, server_factory):
+    server = server_factory(volatile_store, limits=Limits(max_frame_bytes=2 * MiB, max_header_bytes=MiB))
+    with Client(server.url) as c:
+        c.put(b"a", bytes(MiB))
+        c.put(b"b", bytes(MiB))
+        with pytest.raises(ProtocolError) as info:
+            c.get_many([b"a", b"b"])
+        assert info.value.code == Code.FRAME_TOO_LARGE
+        assert len(c.get(b"a")) == MiB
+
+
+# ------------------------------------------------------------------------------------------ auth
+class FakeAuth:
+    """Stands in for the daemon's Authenticator: tokens -> namespaces ("*" = admin)."""
+
+    enabled = True
+
+    def __init__(self, tokens: dict[str, set[str]]) -> None:
+        self.tokens = tokens
+
+    def identify(self, token):
+        return self.tokens.get(token)
+
+    def check(self, token, namespace, *, admin=False):
+        spaces = self.tokens.get(token)
+        if spaces is None:
+            raise PermissionDeniedError("missing or unknown token")
+        if "*" not in spaces and namespace not in spaces:
+            raise PermissionDeniedError(f"token does not cover {namespace!r}")
+
+
+def _authenticator():
+    try:
+        from tairstore.net.auth import Authenticator, TokenSpec
+    except ImportError:
+        return FakeAuth({"tok-a": {"a"}, "root": {"*"}})
+    return Authenticator([TokenSpec("tok-a", ["a"]), TokenSpec("root", role="admin")])
+
+
+def test_auth_refusals_and_the_connection_continues(volatile_store, server_factory):
+    server = server_factory(volatile_store, auth=_authenticator())
+    with Client(server.url) as anonymous:
+        anonymous.ping()  # liveness needs no token
+        with pytest.raises(PermissionDeniedError):
+            anonymous.put(b"k", b"v", namespace="a")
+    with pytest.raises(PermissionDeniedError):
+        Client(server.url, token="wrong")
+    with Client(server.url, token="tok-a") as c:
+        with pytest.raises(PermissionDeniedError):
+            c.put(b"k", b"v", namespace="b")
+        with pytest.raises(PermissionDeniedError):
+            c.match([b"k"], namespace="default")
+        with pytest.raises(PermissionDeniedError):
+            c.stats()
+        assert c.put(b"k", b"v", namespace="a") is True  # same connection, still usable
+        assert bytes(c.get(b"k", namespace="a")) == b"v"
+    with Client(server.url, token="root") as admin:
+        assert admin.exists([b"k"], namespace="a") == [True]
+        assert admin.stats()["blocks"] == 1
+
+
+# -------------------------------------------------------------------------------------- sessions
+def test_sessions_aborted_when_the_client_disconnects(volatile_store, server_factory):
+    server = server_factory(volatile_store)
+    c = Client(server.url)
+    session = c.start_write([b"s1", b"s2"], [1000, 1000])
+    c.write(session, b"s1", bytes(1000))
+    assert volatile_store.stats()["sessions_open"] == 1
+    c.close()
+    deadline = time.monotonic() + 10
+    while volatile_store.stats()["sessions_open"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert volatile_store.stats()["sessions_open"] == 0
+    with Client(server.url) as c2:
+        s = c2.start_write([b"s1", b"s2"], [1000, 1000])
+        assert s.keys_to_write == [b"s1", b"s2"]  # the reservations were released
+        with pytest.raises(SessionError):
+            c2.write(session, b"s1", bytes(1000))  # another client's session
+
+
+def test_a_session_belongs_to_its_connection(volatile_store, server_factory):
+    server = server_factory(volatile_store)
+    with Client(server.url) as c:
+        s = c.start_write([b"x"], [3])
+        conn = s._conn
+        conn.close()  # the connection breaks under the session
+        with pytest.raises(SessionError):
+            c.write(s, b"x", b"abc")
+        c.abort_write(s)  # the daemon aborts it when it sees the close: a no-op here
+        deadline = time.monotonic() + 10
+        while volatile_store.stats()["sessions_open"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert c.put(b"x", b"abc") is True  # the key was released
+
+
+# -------------------------------------------------------------------------- shutdown, pipelining
+def test_graceful_shutdown_loses_no_acknowledged_write(tmp_path, server_factory):
+    path = tmp_path / "durable"
+    store = tairstore.open(path, dram_bytes=16 * MiB, ssd_bytes=128 * MiB, segment_bytes=8 * MiB,
+                           durability="sync")
+    server = server_factory(store)
+    acked: dict[bytes, bytes] = {}
+    lock = threading.Lock()
+
+    def writer(i: int) -> None:
+        try:
+            with Client(server.url, timeout=10) as c:
+                for n in range(10_000):
+                    key, data = f"g{i}-{n}".encode(), bytes([i, n % 256]) * 4096
+                    if c.put(key, data):
+                        with lock:
+                            acked[key] = data
+        except (NetworkError, OSError):
+            pass  # the server went away: that put was not acknowledged
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(acked) < 40 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    server.stop()
+    for t in threads:
+        t.join(30)
+    store.close()
+    assert len(acked) >= 40
+    with tairstore.open(path, dram_bytes=16 * MiB, ssd_bytes=128 * MiB, segment_bytes=8 * MiB) as again:
+        for key, data in acked.items():
+            assert bytes(again.get(key)) == data, key
+
+
+def test_async_client_pipelines_past_max_inflight(volatile_store, server_factory):
+    server = server_factory(volatile_store, limits=Limits(max_inflight=4, worker_threads=2))
+    blocks = {f"p{i}".encode(): np.full(5000 + i, i % 256, np.uint8) for i in range(64)}
+
+    async def main() -> None:
+        async with AsyncClient(server.url) as c:
+            async with trio.open_nursery() as nursery:
+                for key, block in blocks.items():
+                    nursery.start_soon(c.put, key, block)
+            results: dict[bytes, bytes] = {}
+
+            async def fetch(key: bytes) -> None:
+                results[key] = bytes(await c.get(key))
+
+            async with trio.open_nursery() as nursery:
+                for key in blocks:
+                    nursery.start_soon(fetch, key)
+            assert results == {k: b.tobytes() for k, b in blocks.items()}
+            out = bytearray(10_000)
+            assert await c.get_into(b"p3", out) == 5003 and out[:5003] == blocks[b"p3"].tobytes()
+            s = await c.start_write([b"w1", b"p1"], [4, 4])
+            assert s.keys_to_write == [b"w1"]
+            await c.write(s, b"w1", b"abcd")
+            assert await c.finish_write(s, [b"w1"]) == 1
+            assert (await c.match([b"p0", b"p1", b"zz"], "exact")).hits == [True, True, False]
+            assert await c.delete([b"w1"]) == 1
+
+    trio.run(main)
+
+
+def test_metrics_observe_every_request(volatile_store, server_factory):
+    seen = []
+
+    class Metrics:
+        def observe_request(self, op, seconds, nbytes, ok):
+            seen.append((op, nbytes, ok))
+
+    server = server_factory(volatile_store, metrics=Metrics())
+    with Client(server.url) as c:
+        c.put(b"m", b"12345")
+        c.get(b"m")
+        with pytest.raises(tairstore.InvalidArgumentError):
+            c.put(b"", b"x")
+    deadline = time.monotonic() + 5
+    while len(seen) < 3 and time.monotonic() < deadline:  # observed just after the answer goes out
+        time.sleep(0.01)
+    assert ("put", 5, True) in seen and ("get", 5, True) in seen and ("put", 1, False) in seen

@@ -1,0 +1,64 @@
+"""``tairstore serve`` as a user runs it: a subprocess in an empty directory, found by its startup
+log line, asked over HTTP, stopped with SIGTERM, and expected to exit 0 promptly."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+STARTUP = re.compile(r"listening data=(\S+) http=http://127\.0\.0\.1:(\d+)")
+START_TIMEOUT_S = 30
+STOP_TIMEOUT_S = 20
+
+
+def _tairstore_command() -> list[str]:
+    exe = shutil.which("tairstore") or os.path.join(os.path.dirname(sys.executable), "tairstore")
+    if not os.path.exists(exe):
+        pytest.skip("the tairstore console script is not installed (pip install -e .)")
+    return [exe]
+
+
+def test_serve_starts_answers_and_stops_cleanly(tmp_path):
+    cmd = _tairstore_command() + ["serve", "--port", "0", "--http-port", "0"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = []
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        port = None
+        while port is None:
+            assert time.monotonic() < deadline, "no startup line:\n" + "".join(log)
+            line = proc.stdout.readline()
+            if not line:
+                pytest.fail(f"tairstore serve exited with {proc.wait()}:\n" + "".join(log))
+            log.append(line)
+            m = STARTUP.search(line)
+            if m:
+                port = int(m.group(2))
+        assert "dram=" in log[-1] and "ssd=" in log[-1], log[-1]  # it says what it chose
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+            assert json.load(r)["status"] == "ok"
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/namespaces", method="POST",
+                                     data=json.dumps({"name": "smoke"}).encode())
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 201
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=STOP_TIMEOUT_S)
+        log.append(proc.stdout.read())
+        assert rc == 0, "".join(log)
+        assert "stopped cleanly" in "".join(log)
+        # The embedded default: data under ./tairstore-data of the working directory.
+        assert (tmp_path / "tairstore-data" / "TAIRSTORE").exists()
+        assert (tmp_path / "tairstore-data" / "daemon.json").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
