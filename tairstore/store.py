@@ -679,23 +679,35 @@ class Store:
         key = self._key(key)
         mv = _as_bytes_view(data)
         with session.lock:
-            self._check_session(session)
-            p = session.pending.get(key)
-            if p is None:
-                raise SessionError(f"key {key.hex()[:16]}… is not in write session {session.id}'s keys_to_write")
-            if p.written:
-                raise SessionError(f"key {key.hex()[:16]}… was already written in session {session.id}")
+            p = self._pending_for_write(session, key)
             if len(mv) != p.size:
                 raise SessionError(f"block is {len(mv)} bytes but start_write reserved {p.size}")
             self._fill(session.namespace, key, p, mv, committed=False)
 
-    def _fill(self, ns: str, key: bytes, p: PendingBlock, mv: memoryview, *, committed: bool) -> None:
-        """Copy the payload into the reservations of ``p`` and checksum it (no store lock)."""
+    def _fill(self, ns: str, key: bytes, p: PendingBlock, mv: memoryview | None, *,
+              committed: bool) -> None:
+        """Copy the payload into the reservations of ``p`` and checksum it (no store lock).
+
+        ``mv`` None: the payload is already in the DRAM reservation (:meth:`write_view`).
+        """
         self._check_writable()
         # A volatile store that does not verify DRAM reads never uses the checksum: skip it.
         need_crc = self._ssd is not None or self.config.verify_dram_reads
-        if p.dram is not None:
+        slot_view = None
+        if mv is None:
+            slot_view = mv = self._dram.writable_view(p.dram)
+        elif p.dram is not None:
             self._dram.copy_in(p.dram, mv)
+        try:
+            self._checksum_and_write_through(ns, key, p, mv, need_crc, committed)
+        finally:
+            if slot_view is not None:
+                slot_view.release()
+        p.written = True
+
+    def _checksum_and_write_through(self, ns: str, key: bytes, p: PendingBlock, mv: memoryview,
+                                    need_crc: bool, committed: bool) -> None:
+        if p.dram is not None:
             if need_crc:
                 # The checksum of the fresh copy, while it is still in cache, costs less than
                 # a second cold pass over the caller's buffer.
@@ -714,7 +726,50 @@ class Store:
             with self._lock:
                 seg = p.location.segment
                 self._seg_min_gen[seg] = min(self._seg_min_gen.get(seg, p.generation), p.generation)
-        p.written = True
+
+    def write_view(self, session: WriteSession, key: bytes) -> memoryview | None:
+        """A writable view of ``key``'s DRAM reservation, to receive its payload in place.
+
+        The zero-copy alternative to :meth:`write` for a caller that produces the payload
+        itself (the daemon receives socket bytes straight into it). Fill it, release it, then
+        call :meth:`write_done`. Returns None when the block has no DRAM reservation (an SSD
+        placement, or no DRAM tier): use :meth:`write` then.
+
+        Raises:
+            SessionError, LeaseExpiredError: as for :meth:`write`.
+        """
+        _check_session_type(session)
+        key = self._key(key)
+        with session.lock:
+            p = self._pending_for_write(session, key)
+            if p.dram is None:
+                return None
+            return self._dram.writable_view(p.dram)
+
+    def write_done(self, session: WriteSession, key: bytes) -> None:
+        """Declare the payload of ``key`` complete in its :meth:`write_view`.
+
+        Checksums it and writes it through to the SSD tier, as :meth:`write` would. The view
+        must have been released: bytes changed after this call would differ from the checksum.
+        """
+        _check_session_type(session)
+        key = self._key(key)
+        with session.lock:
+            p = self._pending_for_write(session, key)
+            if p.dram is None:
+                raise SessionError("write_done without a write_view: this block has no DRAM "
+                                   "reservation; send it with write()")
+            self._fill(session.namespace, key, p, None, committed=False)
+
+    def _pending_for_write(self, session: WriteSession, key: bytes) -> PendingBlock:
+        """The reservation of an unwritten key of an open session (session lock held)."""
+        self._check_session(session)
+        p = session.pending.get(key)
+        if p is None:
+            raise SessionError(f"key {key.hex()[:16]}… is not in write session {session.id}'s keys_to_write")
+        if p.written:
+            raise SessionError(f"key {key.hex()[:16]}… was already written in session {session.id}")
+        return p
 
     def _check_session(self, session: WriteSession) -> None:
         """Raise if the session cannot be used; expire it if its lease ran out (session lock held)."""
@@ -1069,6 +1124,23 @@ class Store:
         with self._lock:
             b.ssd_hits += 1
         return b.size if self._read_ssd(k, b, dst[: b.size]) else 0
+
+    def tier_of(self, key: bytes, *, namespace: str = DEFAULT_NAMESPACE) -> str | None:
+        """The fastest tier holding ``key`` now (``"dram"``, ``"ssd"``) or None; no side effects.
+
+        A hint for callers that route reads (the daemon serves DRAM hits on its event loop):
+        the answer can change right after it is given.
+        """
+        k = (self._ns(namespace), self._key(key))
+        with self._lock:
+            self._check_open()
+            b = self._blocks.get(k)
+            return None if b is None else ("dram" if b.dram is not None else "ssd")
+
+    @property
+    def volatile(self) -> bool:
+        """True for a store without SSD tier: nothing it holds survives ``close()``."""
+        return not self._durable
 
     def exists(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE) -> list[bool]:
         """Per key, whether it is stored (committed and not deleted)."""

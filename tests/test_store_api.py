@@ -485,3 +485,29 @@ def test_cli_help_and_demo(tmp_path):
                  "--block-bytes", "64K"]) == 0
     assert main(["fsck", str(tmp_path / "demo"), "--json"]) == 0
     assert os.path.exists(tmp_path / "demo" / "TAIRSTORE")
+
+
+def test_write_view_receives_payload_in_place(store):
+    sess = store.start_write([key(1), key(2)], [16 * KiB, 16 * KiB])
+    view = store.write_view(sess, key(1))
+    assert view is not None and not view.readonly and len(view) == 16 * KiB
+    view[:] = block(1).tobytes()
+    view.release()
+    store.write_done(sess, key(1))
+    store.write(sess, key(2), block(2))
+    with pytest.raises(SessionError):
+        store.write_done(sess, key(1))  # already written
+    assert store.finish_write(sess, [key(1), key(2)]) == 2
+    assert bytes(store.get(key(1))) == block(1).tobytes()
+    assert store.tier_of(key(1)) == "dram" and store.tier_of(key(9)) is None
+
+
+def test_write_view_is_none_without_a_dram_reservation(durable):
+    sess = durable.start_write([key(1)], [KiB], tier="ssd")
+    assert durable.write_view(sess, key(1)) is None
+    with pytest.raises(SessionError):
+        durable.write_done(sess, key(1))
+    durable.write(sess, key(1), block(1, KiB))
+    assert durable.finish_write(sess, [key(1)]) == 1
+    assert durable.tier_of(key(1)) == "ssd"
+    assert durable.volatile is False
