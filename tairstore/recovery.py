@@ -15,7 +15,8 @@ Recovery is three steps, none of which scans the segment log:
    so the WAL files before it can go.
 
 The tail is short (the index writer applies batches within milliseconds), so recovery costs
-the LMDB load (tens of milliseconds per 100,000 blocks) plus a read of the last few blocks.
+the LMDB load and the policy/accounting inserts (about 0.45 s per 100,000 blocks on a 2-core
+machine) plus a read of the last few blocks. A clean close leaves no WAL to replay at all.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Databases inside the one LMDB environment:
     blocks with a durable copy (an SSD record) are indexed; DRAM-only blocks are volatile.
 
 Fixed-width little-endian values decode with one ``struct.unpack`` (no per-field Python work), so
-loading 100,000 entries at open costs tens of milliseconds.
+reading 100,000 entries at open costs about 50 ms.
 """
 
 from __future__ import annotations
