@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_sim = None
     if add_sim is not None:
         add_sim(sub)
+    from tairstore.fuzz.cli import add_parser as add_fuzz
+
+    add_fuzz(sub)
     return p
 
 

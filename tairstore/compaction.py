@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 from .errors import ClosedError, CorruptionError, StoreError
 from .format.segment import FLAG_TOMBSTONE
 from .index.records import BlockRecord
-from .tiers.ssd import SegmentGoneError
+from .tiers.ssd import ReadIOError, SegmentGoneError
 from .wal import Commit, CommitEntry
 
 if TYPE_CHECKING:
@@ -200,6 +200,10 @@ class Compactor:
                                           expected_crc=b.crc)
                 except SegmentGoneError:
                     continue
+                except ReadIOError as exc:
+                    # The bytes may be intact: leave this segment alone for now.
+                    log.warning("compaction of segment %d skipped: %s", seg, exc)
+                    return 0
                 except CorruptionError as exc:
                     self._counters["corrupt"] += 1
                     store._drop_corrupt(k, b, f"SSD record during compaction ({exc})")

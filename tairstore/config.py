@@ -8,8 +8,10 @@ Durability modes, and what an acknowledged write (``put`` / ``finish_write`` ret
 ``"batch"``    the call returns after the copy into DRAM and the (unsynced) SSD write; a
                background flush makes it durable within ``batch_interval_ms``. ``kill -9``
                loses nothing the OS already has; power loss may lose the last interval.
-``"none"``     never fsyncs; the OS writes back when it likes. ``kill -9`` loses nothing the OS
-               has; power loss may lose anything not yet written back.
+``"none"``     never fsyncs on a request's path; the OS writes back when it likes (the index
+               thread fsyncs segments before LMDB names them, so a power loss leaves keys
+               absent, never indexed but unreadable). ``kill -9`` loses nothing the OS has;
+               power loss may lose anything not yet written back.
 =============  ==================================================================================
 
 With ``ssd_bytes=0`` there is no SSD tier and the store is a volatile cache: nothing survives

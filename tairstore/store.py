@@ -73,7 +73,7 @@ from .match import MatchResult, match_mask
 from .policy import make_policy
 from .session import ABORTED, EXPIRED, FINISHED, OPEN, PendingBlock, WriteSession
 from .tiers.dram import DramArena
-from .tiers.ssd import SegmentGoneError, SegmentLog
+from .tiers.ssd import ReadIOError, SegmentGoneError, SegmentLog
 from .wal import Abort, Commit, CommitEntry, Delete, Prepare, WalWriter
 
 __all__ = ["Store", "open_store", "DEFAULT_NAMESPACE", "PLACEMENTS"]
@@ -246,7 +246,20 @@ class Store:
         )
         # Everything before next_lsn is in LMDB now: older log files are no longer needed.
         self._wal.truncate_before(next_lsn)
-        self._index.start_writer(before_commit=self._wal.sync, on_checkpoint=self._on_checkpoint)
+        self._index.start_writer(before_commit=self._before_index_commit,
+                                 on_checkpoint=self._on_checkpoint)
+
+    def _before_index_commit(self, lsn: int) -> None:
+        """Runs in the index writer before each LMDB commit (which LMDB itself fsyncs).
+
+        LMDB must never durably name bytes a crash can take back. In ``sync``/``batch`` mode
+        ``wal.sync`` fsyncs the segments (its ``pre_sync``) and the WAL. In ``none`` mode it
+        fsyncs nothing, so the segments are fsynced here: in the background, never on a
+        request's path, which is all ``none`` promises not to do.
+        """
+        self._wal.sync(lsn)
+        if self.config.durability == "none":
+            self._ssd.sync()
 
     def _adopt(self, blocks: dict[tuple[str, bytes], _Block]) -> None:
         """Take recovered blocks into the key map, accounting and policies (store lock held)."""
@@ -276,6 +289,12 @@ class Store:
 
     def _check_writable(self) -> None:
         self._check_open()
+        if self._fatal is None:
+            # A background thread (WAL flush, index writer) may have hit the I/O error.
+            bg = (self._wal is not None and self._wal.failure) or (
+                self._index is not None and self._index.failure)
+            if bg:
+                self._fail(bg)
         if self._fatal is not None:
             raise FatalIOError(
                 f"the store refuses writes after an I/O failure ({self._fatal}); close and reopen it"
@@ -464,11 +483,16 @@ class Store:
                     raise
                 else:
                     if session.keys_to_write:
-                        self._sessions[sid] = session
                         if self._wal is not None:
-                            self._wal.append(Prepare(
-                                sid, ns, tuple(session.keys_to_write),
-                                tuple(session.pending[k].size for k in session.keys_to_write)))
+                            try:
+                                self._wal.append(Prepare(
+                                    sid, ns, tuple(session.keys_to_write),
+                                    tuple(session.pending[k].size for k in session.keys_to_write)))
+                            except FatalIOError as exc:
+                                self._fail(exc)
+                                self._release_pending(session, session.pending)
+                                raise
+                        self._sessions[sid] = session
                     return session
             # Outside the lock: compaction copies records and fsyncs.
             admit.note(self.compactor.make_room(need_bytes))
@@ -896,7 +920,12 @@ class Store:
         if state == EXPIRED:
             self._counters["leases_expired"] += 1
         if self._wal is not None and not self._closed and self._fatal is None:
-            self._wal.append(Abort(session.id))
+            try:
+                self._wal.append(Abort(session.id))
+            except (FatalIOError, ClosedError) as exc:
+                # An ABORT needs no durability (a session without COMMIT never existed), so a
+                # WAL that failed in the background must not stop the abort — or close().
+                self._fail(exc)
 
     def _release_pending(self, session: WriteSession, pending: dict[bytes, PendingBlock]) -> None:
         """Give back the reservations of ``pending`` (store lock held)."""
@@ -1055,6 +1084,14 @@ class Store:
         seg, off, length = b.ssd
         try:
             self._ssd.read_into(seg, off, length, out, namespace=k[0], key=k[1], expected_crc=b.crc)
+        except ReadIOError as exc:
+            # The disk failed to return the bytes; they may well be intact: a miss and a
+            # counter, and the block stays (a checksum mismatch below drops it).
+            with self._lock:
+                self._counters["misses"] += 1
+                self._counters["read_errors"] += 1
+            log.warning("read of block %s failed: %s", k[1].hex()[:16], exc)
+            return False
         except SegmentGoneError:
             # Evicted or compacted between our lookup and the read. Compaction may have moved
             # it: look once more before calling it a miss.
@@ -1421,15 +1458,21 @@ class Store:
         with self._lock:
             if self._closed:
                 return
-            for s in list(self._sessions.values()):
-                if s.state == OPEN:
-                    self._abort_locked(s, ABORTED)
-            self._closed = True
-        self._stop.set()
-        if self._maint.is_alive() and self._maint is not threading.current_thread():
-            self._maint.join()
-        self.compactor.wait_idle()
-        self._teardown()
+            try:
+                for s in list(self._sessions.values()):
+                    if s.state == OPEN:
+                        self._abort_locked(s, ABORTED)
+            finally:
+                self._closed = True
+        try:
+            self._stop.set()
+            if self._maint.is_alive() and self._maint is not threading.current_thread():
+                self._maint.join()
+            self.compactor.wait_idle()
+        finally:
+            # Whatever failed above, the files are closed and the directory released, so the
+            # store can be opened again (recovery takes it from there).
+            self._teardown()
 
     def _teardown(self) -> None:
         first: BaseException | None = None

@@ -194,6 +194,11 @@ class Index:
             return ok
 
     @property
+    def failure(self) -> BaseException | None:
+        """The error that stopped the writer thread, or None."""
+        return self._error
+
+    @property
     def applied_lsn(self) -> int:
         """The last LSN committed to LMDB."""
         return self._applied_lsn

@@ -52,7 +52,7 @@ from tairstore.format.segment import (
 )
 
 __all__ = [
-    "SegmentLog", "Reservation", "Location", "ScannedRecord", "SegmentGoneError",
+    "SegmentLog", "Reservation", "Location", "ScannedRecord", "SegmentGoneError", "ReadIOError",
     "scan_records", "segment_file_name", "DEFAULT_SEGMENT_BYTES", "CAPACITY_DIMENSION",
 ]
 
@@ -84,6 +84,15 @@ class SegmentGoneError(CorruptionError):
 
     After compaction the index may already point elsewhere: the store should look the key up
     again before dropping it, and drop it only if the index still holds this location.
+    """
+
+
+class ReadIOError(CorruptionError):
+    """The disk failed to return a record's bytes (``OSError`` on read, e.g. EIO).
+
+    Unlike a checksum mismatch the bytes may be intact: the store answers a miss and counts a
+    read error, and need not drop the block. A subclass of :class:`CorruptionError` so callers
+    that treat every unreadable record alike keep working.
     """
 
 
@@ -520,7 +529,7 @@ class SegmentLog:
         try:
             raw = seg.file.pread(length, offset)
         except OSError as exc:
-            raise CorruptionError(f"reading segment {segment}: {exc}") from exc
+            raise ReadIOError(f"reading segment {segment}: {exc}") from exc
         finally:
             self._unpin(seg)
         if len(raw) != length:
@@ -658,9 +667,9 @@ class SegmentLog:
                 raise CorruptionError(f"payload crc mismatch at {segment}:{offset}")
             return result
         except OSError as exc:
-            # A media error makes this block unreadable: the store's answer (miss, count, drop
-            # from the index) is the right one, not stopping the store.
-            raise CorruptionError(f"reading segment {segment}: {exc}") from exc
+            # A media error makes this block unreadable now, which is not proof its bytes are
+            # bad: a distinct error lets the store answer a miss and count it, not stop.
+            raise ReadIOError(f"reading segment {segment}: {exc}") from exc
         finally:
             self._unpin(seg)
 

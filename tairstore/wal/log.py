@@ -137,6 +137,11 @@ class WalWriter:
     # --- public API -------------------------------------------------------------------------
 
     @property
+    def failure(self) -> BaseException | None:
+        """The error that poisoned the writer, or None."""
+        return self._error
+
+    @property
     def last_lsn(self) -> int:
         """The LSN of the last appended record (``next_lsn - 1`` before any append)."""
         return self._next_lsn - 1
