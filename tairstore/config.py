@@ -25,11 +25,13 @@ from dataclasses import dataclass, field, fields
 from .errors import InvalidArgumentError
 from .fileio import REAL_FS, FileSystem
 
-__all__ = ["StoreConfig", "DURABILITY_MODES", "MAX_KEY_BYTES"]
+__all__ = ["StoreConfig", "DURABILITY_MODES", "MAX_KEY_BYTES", "DEFAULT_NAMESPACE"]
 
 DURABILITY_MODES = ("sync", "batch", "none")
 PROMOTE_ON = ("first", "second", "never")
 COMPRESSIONS = (None, "zstd")
+#: The namespace of every operation that does not name one.
+DEFAULT_NAMESPACE = "default"
 MAX_KEY_BYTES = 64  # a sha256 chain hash is 32 bytes; 64 leaves room for a prefix or a salt
 MAX_NAMESPACE_BYTES = 255  # stored with a one-byte length in index keys and segment records
 

@@ -49,41 +49,37 @@ import time
 from collections import Counter
 from typing import Any
 
-import numpy as np
-
-from .capacity import TIERS, Namespace, WatermarkTracker, check_limits, fair_share_order, parse_watermarks
+from .capacity import TIERS, Namespace, WatermarkTracker, check_limits, parse_watermarks
 from .compaction import Compactor
-from .config import MAX_KEY_BYTES, MAX_NAMESPACE_BYTES, StoreConfig
+from .config import DEFAULT_NAMESPACE, MAX_KEY_BYTES, MAX_NAMESPACE_BYTES, StoreConfig
 from .datadir import DataDir
 from .errors import (
     CapacityError,
     ClosedError,
-    CorruptionError,
     FatalIOError,
     InvalidArgumentError,
     NotFoundError,
     SessionError,
-    StoreError,
 )
 from .format.checksum import crc32c
-from .format.segment import FLAG_COMMITTED, record_length
+from .format.segment import FLAG_COMMITTED
 from .index.lmdb_index import Index
 from .index.records import BlockRecord
-from .match import MatchResult, match_mask
+from .maintenance import MaintenanceMixin
+from .placement import PlacementMixin, _NeedSsdRoom
+from .readpath import ReadPathMixin
 from .policy import make_policy
 from .session import ABORTED, EXPIRED, FINISHED, OPEN, PendingBlock, WriteSession
 from .tiers.dram import DramArena
-from .tiers.ssd import ReadIOError, SegmentGoneError, SegmentLog
+from .tiers.ssd import SegmentLog
 from .wal import Abort, Commit, CommitEntry, Delete, Prepare, WalWriter
 
 __all__ = ["Store", "open_store", "DEFAULT_NAMESPACE", "PLACEMENTS"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_NAMESPACE = "default"
 PLACEMENTS = ("auto", "dram", "ssd")
 MAX_LEASE_S = 3600.0  # a session holds reserved space; an hour is more than any engine needs
-TRUNCATE_EVERY_S = 1.0  # how often a checkpoint may trigger WAL file deletion
 # A write that finds the SSD files full compacts and retries. Attempts in which compaction
 # freed nothing count toward this limit; attempts that freed room but lost it to concurrent
 # writers do not, bounded instead by ADMIT_DEADLINE_S.
@@ -132,14 +128,6 @@ class _Admission:
             self.fruitless += 1
 
 
-class _NeedSsdRoom(Exception):
-    """Internal: the SSD files have no room for a reservation until compaction runs."""
-
-    def __init__(self, nbytes: int) -> None:
-        super().__init__(nbytes)
-        self.nbytes = nbytes
-
-
 def _as_bytes_view(data: Any) -> memoryview:
     try:
         mv = memoryview(data)
@@ -157,7 +145,7 @@ def _check_session_type(session: Any) -> None:
         raise SessionError(f"expected a WriteSession from start_write, got {type(session).__name__}")
 
 
-class Store:
+class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
     """A tiered KV-cache block store. Use :func:`tairstore.open` to make one.
 
     Every method is safe to call from many threads at once. Every method takes an optional
@@ -500,195 +488,6 @@ class Store:
             "SSD tier full: compaction could not free room for this write (live blocks fill it)",
             dimension="tier:ssd")
 
-    # -- admission (store lock held) -------------------------------------------------------
-    def _ssd_room_needed(self, ns: str, todo: list[tuple[bytes, int]]) -> int:
-        """SSD file bytes the batch needs that only compaction can free (0 if it fits).
-
-        First evicts blocks if live data leaves no room for the batch, so that what is still
-        missing afterwards is dead space for the compactor. Checking the whole batch up front
-        keeps a retry from reserving, abandoning and so filling the files with its own waste.
-        """
-        if self._ssd is None or not todo:
-            return 0
-        nsb = len(ns.encode())
-        need = sum(record_length(nsb, len(key), size) for key, size in todo)
-        excess = self._ssd_live + self._ssd_reserved + need - self._ssd_live_limit
-        if excess > 0:
-            self._evict_global("ssd", excess)
-        if self._ssd.total_bytes + need > self._ssd_limit:
-            return need
-        return 0
-
-    def _admit(self, ns: str, key: bytes, p: PendingBlock, tier: str) -> None:
-        """Check quotas and reserve the places a new block will be written.
-
-        On success the reservations are in ``p`` and counted in the namespace's usage; on any
-        exception nothing of this block is reserved.
-        """
-        st = self._ns_state(ns)
-        size = p.size
-        if st.over(None, size):
-            self._evict_own(st, None, size)
-            if st.over(None, size):
-                raise CapacityError(
-                    f"namespace {ns!r} total quota {st.total_bytes} bytes is full "
-                    f"({st.used_total} used, block of {size}) and nothing more of it can be evicted",
-                    dimension=f"quota:{ns}:total")
-        try:
-            if self._ssd is not None:
-                self._reserve_ssd(st, ns, key, p)
-            if self._dram is not None and tier != "ssd":
-                self._reserve_dram(st, p, required=(tier == "dram" or self._ssd is None))
-        except BaseException:
-            self._unreserve(st, p)
-            raise
-        st.used_total += size
-
-    def _reserve_ssd(self, st: Namespace, ns: str, key: bytes, p: PendingBlock) -> None:
-        size = p.size
-        if st.over("ssd", size):
-            self._evict_own(st, "ssd", size)
-            if st.over("ssd", size):
-                raise CapacityError(
-                    f"namespace {ns!r} SSD quota {st.tier_bytes['ssd']} bytes is full", dimension=f"quota:{ns}:ssd")
-        need = record_length(len(ns.encode()), len(key), size)
-        if need > self._ssd_live_limit:
-            raise CapacityError(
-                f"block of {size} bytes cannot fit the SSD tier ({self.config.ssd_bytes} bytes, "
-                f"of which {self.config.ssd_bytes - self._ssd_live_limit} are compaction slack)",
-                dimension="tier:ssd")
-        if self._ssd_live + self._ssd_reserved + need > self._ssd_live_limit:
-            self._evict_global("ssd", self._ssd_live + self._ssd_reserved + need - self._ssd_live_limit)
-            if self._ssd_live + self._ssd_reserved + need > self._ssd_live_limit:
-                raise CapacityError("SSD tier is full of blocks being written or pinned",
-                                    dimension="tier:ssd")
-        if self._ssd.total_bytes + need > self._ssd_limit:
-            # Live bytes fit but the files are full of dead records: compaction must run.
-            raise _NeedSsdRoom(need)
-        p.ssd = self._ssd.reserve(ns, key, size)
-        self._seg_pending[p.ssd.segment] += 1
-        self._ssd_reserved += p.ssd.length
-        st.used["ssd"] += size
-
-    def _reserve_dram(self, st: Namespace, p: PendingBlock, *, required: bool) -> None:
-        size = p.size
-        arena = self._dram
-        if size > arena.capacity_bytes:
-            if required:
-                raise CapacityError(f"block of {size} bytes is larger than the DRAM tier",
-                                    dimension="tier:dram")
-            return
-        if st.over("dram", size):
-            self._evict_own(st, "dram", size)
-            if st.over("dram", size):
-                if required:
-                    raise CapacityError(f"namespace {st.name!r} DRAM quota is full",
-                                        dimension=f"quota:{st.name}:dram")
-                return
-        slot = arena.alloc(size)
-        while slot is None:
-            if not self._evict_global("dram", size, one=True):
-                break
-            slot = arena.alloc(size)
-        if slot is None:
-            if required:
-                raise CapacityError(
-                    f"DRAM tier cannot fit a block of {size} bytes (pinned views or reservations "
-                    "fill it)", dimension="tier:dram")
-            return
-        p.dram = slot
-        st.used["dram"] += size
-
-    def _unreserve(self, st: Namespace, p: PendingBlock) -> None:
-        """Give back ``p``'s reservations and their usage (store lock held)."""
-        if p.dram is not None:
-            self._dram.release(p.dram)
-            p.dram = None
-            st.used["dram"] -= p.size
-        if p.ssd is not None:
-            self._ssd.abandon(p.ssd)
-            self._seg_pending[p.ssd.segment] -= 1
-            self._ssd_reserved -= p.ssd.length
-            p.ssd = None
-            st.used["ssd"] -= p.size
-
-    # -- eviction (store lock held) ----------------------------------------------------------
-    def _evict_own(self, st: Namespace, tier: str | None, size: int) -> None:
-        """Evict a namespace's own blocks until ``size`` more bytes fit its quota of ``tier``."""
-        policy_tier = tier or ("ssd" if self._ssd is not None else "dram")
-        policy = st.policies[policy_tier]
-        skip = self._skip_for(st.name, policy_tier)
-        while st.over(tier, size):
-            victim = policy.pop_victim(skip)
-            if victim is None:
-                return
-            # A total or SSD quota is freed only by removing blocks; a DRAM quota by dropping copies.
-            self._evict_one(policy_tier, st.name, victim, whole=(tier != "dram"))
-
-    def _evict_global(self, tier: str, nbytes: int, *, one: bool = False) -> int:
-        """Evict from the namespaces furthest over their fair share of ``tier``.
-
-        Returns the bytes freed (0 when nothing is evictable). With ``one``, stops after one
-        block (the DRAM allocator retries its allocation in between).
-        """
-        capacity = self.config.dram_bytes if tier == "dram" else self._ssd_live_limit
-        freed = 0
-        exhausted: set[str] = set()
-        while freed < nbytes:
-            used = {ns: st.used[tier] for ns, st in self._namespaces.items() if ns not in exhausted}
-            order = fair_share_order(used, capacity)
-            if not order:
-                break
-            ns = order[0]
-            victim = self._namespaces[ns].policies[tier].pop_victim(self._skip_for(ns, tier))
-            if victim is None:
-                exhausted.add(ns)
-                continue
-            freed += self._evict_one(tier, ns, victim, whole=(tier == "ssd"))
-            if one:
-                break
-        return freed
-
-    def _skip_for(self, ns: str, tier: str):
-        if tier != "dram":
-            return None
-        arena = self._dram
-        blocks = self._blocks
-
-        def pinned(key: bytes) -> bool:
-            b = blocks.get((ns, key))
-            return b is not None and b.dram is not None and arena.is_pinned(b.dram)
-
-        return pinned
-
-    def _evict_one(self, tier: str, ns: str, key: bytes, *, whole: bool) -> int:
-        """Evict one policy victim: drop its DRAM copy, or the whole block; returns bytes freed."""
-        k = (ns, key)
-        b = self._blocks.get(k)
-        if b is None:
-            return 0
-        if tier == "dram" and not whole:
-            if b.dram is None:
-                return 0
-            self._counters["evictions_dram"] += 1
-            self._drop_dram(k, b)
-            return b.size
-        self._counters["evictions_" + tier] += 1
-        self._remove_locked([k], tombstones=False)
-        return b.size
-
-    def _drop_dram(self, k: tuple[str, bytes], b: _Block) -> None:
-        """Drop a block's DRAM copy; a block with no SSD copy goes with it (store lock held)."""
-        if b.ssd is None:
-            self._remove_locked([k], tombstones=False)
-            return
-        st = self._namespaces[k[0]]
-        st.policies["dram"].on_remove(k[1])
-        self._dram.release(b.dram)
-        b.dram = None
-        b.ssd_hits = 0
-        st.used["dram"] -= b.size
-
     # -- payload and commit ----------------------------------------------------------------
     def write(self, session: WriteSession, key: bytes, data: Any) -> None:
         """Copy one block's payload into its reservation.
@@ -989,224 +788,6 @@ class Store:
             raise
         return self._commit(ns, [(key, p)], 0) == 1
 
-    # ---------------------------------------------------------------------------- read path
-    def get(self, key: bytes, *, namespace: str = DEFAULT_NAMESPACE) -> memoryview | None:
-        """The block's bytes, or None on a miss.
-
-        From DRAM this is a zero-copy read-only view that pins its slot: the bytes never change
-        while the view (or anything made from it) is alive (R2). From SSD the block is read and
-        verified; on its first or second SSD hit (``promote_on``) it is copied into DRAM.
-        """
-        k = (self._ns(namespace), self._key(key))
-        with self._lock:
-            self._check_open()
-            b = self._lookup(k)
-            if b is None:
-                return None
-            if b.dram is not None:
-                view = self._dram.pinned_view(b.dram)
-                if not self.config.verify_dram_reads:
-                    self._count_hit("dram")
-                    return view
-        if b.dram is not None:
-            if crc32c(view) == b.crc:
-                with self._lock:
-                    self._count_hit("dram")
-                return view
-            view.release()
-            self._drop_corrupt(k, b, "DRAM copy")
-            return None
-        return self._get_from_ssd(k, b)
-
-    def _lookup(self, k: tuple[str, bytes]) -> _Block | None:
-        """The block, touching its policies; None (counted) on a miss or expiry (store lock held)."""
-        b = self._blocks.get(k)
-        if b is not None:
-            st = self._namespaces[k[0]]
-            if st.ttl_s is not None and time.time_ns() - b.created_ns > st.ttl_s * 1e9:
-                self._counters["expired"] += 1
-                self._remove_locked([k], tombstones=False)
-                b = None
-            else:
-                if b.dram is not None:
-                    st.policies["dram"].on_access(k[1])
-                if b.ssd is not None:
-                    st.policies["ssd"].on_access(k[1])
-                return b
-        self._counters["misses"] += 1
-        return None
-
-    def _count_hit(self, tier: str) -> None:
-        self._counters["hits"] += 1
-        self._counters["hits_" + tier] += 1
-
-    def _get_from_ssd(self, k, b: _Block) -> memoryview | None:
-        slot = None
-        with self._lock:
-            b.ssd_hits += 1
-            if self._wants_promotion(b) and self._fatal is None and not self._closed:
-                st = self._namespaces[k[0]]
-                p = PendingBlock(b.size)
-                try:
-                    self._reserve_dram(st, p, required=False)
-                except CapacityError:
-                    pass
-                slot = p.dram
-        if slot is not None:
-            dst = self._dram.writable_view(slot)
-            ok = self._read_ssd(k, b, dst)
-            dst.release()
-            with self._lock:
-                st = self._namespaces.get(k[0])
-                if ok and self._blocks.get(k) is b and b.dram is None and not self._closed:
-                    b.dram = slot
-                    st.policies["dram"].on_insert(k[1], b.size, b.parent)
-                    self._counters["promotions"] += 1
-                    return self._dram.pinned_view(slot)
-                self._dram.release(slot)
-                if st is not None:
-                    st.used["dram"] -= b.size
-                if not ok:
-                    return None
-        buf = bytearray(b.size)
-        if not self._read_ssd(k, b, buf):
-            return None
-        return memoryview(buf).toreadonly()
-
-    def _wants_promotion(self, b: _Block) -> bool:
-        if self._dram is None or b.size > self._dram.capacity_bytes:
-            return False
-        mode = self.config.promote_on
-        return mode == "first" or (mode == "second" and b.ssd_hits >= 2)
-
-    def _read_ssd(self, k, b: _Block, out) -> bool:
-        """Read and verify a block from SSD into ``out``; count a hit or a miss."""
-        seg, off, length = b.ssd
-        try:
-            self._ssd.read_into(seg, off, length, out, namespace=k[0], key=k[1], expected_crc=b.crc)
-        except ReadIOError as exc:
-            # The disk failed to return the bytes; they may well be intact: a miss and a
-            # counter, and the block stays (a checksum mismatch below drops it).
-            with self._lock:
-                self._counters["misses"] += 1
-                self._counters["read_errors"] += 1
-            log.warning("read of block %s failed: %s", k[1].hex()[:16], exc)
-            return False
-        except SegmentGoneError:
-            # Evicted or compacted between our lookup and the read. Compaction may have moved
-            # it: look once more before calling it a miss.
-            with self._lock:
-                nb = self._blocks.get(k)
-            if nb is not None and nb is b and b.ssd != (seg, off, length):
-                return self._read_ssd(k, b, out)
-            with self._lock:
-                self._counters["misses"] += 1
-            return False
-        except CorruptionError as exc:
-            self._drop_corrupt(k, b, f"SSD record ({exc})")
-            return False
-        except (StoreError, OSError) as exc:
-            with self._lock:
-                self._counters["misses"] += 1
-                self._counters["read_errors"] += 1
-            log.warning("read of block %s failed: %s", k[1].hex()[:16], exc)
-            return False
-        with self._lock:
-            self._count_hit("ssd")
-        return True
-
-    def _drop_corrupt(self, k, b: _Block, where: str) -> None:
-        """R1: a block failing its checksum is a miss, is counted, and leaves the index."""
-        log.error("checksum mismatch in %s of block %s/%s: dropped", where, k[0], k[1].hex()[:16])
-        with self._lock:
-            self._counters["checksum_errors"] += 1
-            self._counters["misses"] += 1
-            if self._blocks.get(k) is b:
-                self._remove_locked([k], tombstones=False)
-
-    def get_into(self, key: bytes, out: Any, *, namespace: str = DEFAULT_NAMESPACE) -> int:
-        """Copy the block into the writable buffer ``out``; the bytes copied, 0 on a miss.
-
-        Raises:
-            InvalidArgumentError: ``out`` is not writable or is smaller than the block.
-        """
-        k = (self._ns(namespace), self._key(key))
-        try:
-            dst = memoryview(out)
-        except TypeError:
-            raise InvalidArgumentError("out must be a writable buffer (bytearray, numpy array…)") from None
-        if dst.readonly or not dst.c_contiguous:
-            raise InvalidArgumentError("out must be a writable, C-contiguous buffer")
-        dst = dst.cast("B") if (dst.format != "B" or dst.ndim != 1) else dst
-        with self._lock:
-            self._check_open()
-            b = self._blocks.get(k)
-            if b is not None and len(dst) < b.size:
-                raise InvalidArgumentError(f"out holds {len(dst)} bytes; the block has {b.size}")
-            b = self._lookup(k)
-            if b is None:
-                return 0
-            slot = b.dram
-            if slot is not None:
-                # Pinned by copy_out itself; taking the pin under the store lock means no
-                # eviction can release the slot first.
-                self._dram.copy_out(slot, dst)
-        if slot is not None:
-            if self.config.verify_dram_reads and crc32c(dst[: b.size]) != b.crc:
-                self._drop_corrupt(k, b, "DRAM copy")
-                return 0
-            with self._lock:
-                self._count_hit("dram")
-            return b.size
-        with self._lock:
-            b.ssd_hits += 1
-        return b.size if self._read_ssd(k, b, dst[: b.size]) else 0
-
-    def tier_of(self, key: bytes, *, namespace: str = DEFAULT_NAMESPACE) -> str | None:
-        """The fastest tier holding ``key`` now (``"dram"``, ``"ssd"``) or None; no side effects.
-
-        A hint for callers that route reads (the daemon serves DRAM hits on its event loop):
-        the answer can change right after it is given.
-        """
-        k = (self._ns(namespace), self._key(key))
-        with self._lock:
-            self._check_open()
-            b = self._blocks.get(k)
-            return None if b is None else ("dram" if b.dram is not None else "ssd")
-
-    @property
-    def volatile(self) -> bool:
-        """True for a store without SSD tier: nothing it holds survives ``close()``."""
-        return not self._durable
-
-    def exists(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE) -> list[bool]:
-        """Per key, whether it is stored (committed and not deleted)."""
-        ns = self._ns(namespace)
-        keys = self._keys(keys)
-        with self._lock:
-            self._check_open()
-            return [(ns, k) in self._blocks for k in keys]
-
-    def match(self, keys: list[bytes], mode: str = "prefix", window: int | None = None, *,
-              namespace: str = DEFAULT_NAMESPACE) -> MatchResult:
-        """Match a chain of keys: ``prefix``, ``exact`` or ``sliding_window`` (see :mod:`tairstore.match`)."""
-        ns = self._ns(namespace)
-        keys = self._keys(keys)
-        hits: list[bool] = []
-        tiers: list[str | None] = []
-        with self._lock:
-            self._check_open()
-            get = self._blocks.get
-            for k in keys:
-                b = get((ns, k))
-                if b is None:
-                    hits.append(False)
-                    tiers.append(None)
-                else:
-                    hits.append(True)
-                    tiers.append("dram" if b.dram is not None else "ssd")
-        return match_mask(hits, tiers, mode, window)
-
     # ------------------------------------------------------------------------------ delete
     def delete(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE) -> int:
         """Delete blocks; returns how many existed. SSD space is reclaimed by compaction."""
@@ -1294,157 +875,6 @@ class Store:
         """Count a tombstone record as live space until compaction finds it droppable."""
         self._ssd.mark_live(loc.segment, loc.length)
         self._seg_tomb[loc.segment] += loc.length
-
-    # ---------------------------------------------------------------------- maintenance
-    def compact(self, wait: bool = True, *, full: bool = False) -> dict:
-        """Run a compaction pass now (``wait``) or ask the background thread to.
-
-        A pass rewrites the live records of every segment whose live ratio is at most
-        ``compaction_live_ratio`` (``full``: of every segment holding any dead bytes, after
-        closing the head segment) and deletes the old files.
-
-        Returns:
-            the compactor's counters.
-        """
-        self._check_open()
-        if self._ssd is None:
-            return {}
-        if not wait:
-            self._wake.set()
-            return self.compactor.stats()
-        return self.compactor.run(full=full)
-
-    def _maintenance_loop(self) -> None:
-        while not self._stop.wait(self.config.maintenance_interval_s):
-            self._wake.clear()
-            try:
-                self.maintain()
-            except ClosedError:
-                return
-            except Exception:  # noqa: BLE001 - the thread must outlive one failed pass
-                log.exception("maintenance pass failed")
-
-    def maintain(self) -> None:
-        """One maintenance pass: leases, TTLs, watermarks, background compaction."""
-        if self._closed:
-            return
-        self.reap_expired()
-        now = time.monotonic()
-        if now - self._last_ttl_sweep >= 1.0:
-            self._last_ttl_sweep = now
-            self._sweep_ttl()
-        self._enforce_watermarks()
-        if self._ssd is not None and self._fatal is None:
-            self.compactor.background_step()
-
-    def _enforce_watermarks(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            for tier in TIERS:
-                frac, capacity = self._usage_fraction(tier)
-                if capacity == 0:
-                    continue
-                state = self._watermarks.update(tier, frac)
-                if state == "high":
-                    low = self._watermarks.marks[tier].low
-                    used = frac * capacity
-                    self._counters["watermark_evictions"] += 1
-                    self._evict_global(tier, int(used - low * capacity))
-
-    def _usage_fraction(self, tier: str) -> tuple[float, int]:
-        if tier == "dram":
-            if self._dram is None:
-                return 0.0, 0
-            return self._dram.used_bytes / self._dram.capacity_bytes, self._dram.capacity_bytes
-        if self._ssd is None:
-            return 0.0, 0
-        return (self._ssd_live + self._ssd_reserved) / self._ssd_live_limit, self._ssd_live_limit
-
-    def _sweep_ttl(self) -> None:
-        with self._lock:
-            if self._closed or self._fatal is not None:
-                return
-            now = time.time_ns()
-            for ns, st in self._namespaces.items():
-                if st.ttl_s is None:
-                    continue
-                cutoff = now - int(st.ttl_s * 1e9)
-                expired = [k for k, b in self._blocks.items() if k[0] == ns and b.created_ns < cutoff]
-                if expired:
-                    self._remove_locked(expired, tombstones=False)
-                    self._counters["expired"] += len(expired)
-
-    def reap_expired(self) -> int:
-        """Abort every session whose lease ran out; returns how many (the maintenance thread calls this)."""
-        with self._lock:
-            expired = [s for s in self._sessions.values() if s.expired]
-        n = 0
-        for s in expired:
-            with s.lock, self._lock:
-                if s.state == OPEN and not self._closed:
-                    self._abort_locked(s, EXPIRED)
-                    n += 1
-        return n
-
-    def _on_checkpoint(self, lsn: int) -> None:
-        now = time.monotonic()
-        if now - self._last_truncate >= TRUNCATE_EVERY_S:
-            self._last_truncate = now
-            try:
-                self._wal.truncate_before(lsn + 1)
-            except (StoreError, OSError) as exc:
-                log.warning("WAL truncation failed (will retry): %s", exc)
-
-    # ---------------------------------------------------------------------- observability
-    def stats(self) -> dict:
-        """Usage per tier and namespace, watermark states, counters and configuration facts."""
-        with self._lock:
-            self._check_open()
-            tiers: dict[str, dict] = {}
-            ns_totals = {t: sum(st.used[t] for st in self._namespaces.values()) for t in TIERS}
-            if self._dram is not None:
-                frac, _ = self._usage_fraction("dram")
-                tiers["dram"] = {
-                    "blocks": sum(1 for b in self._blocks.values() if b.dram is not None),
-                    "bytes": ns_totals["dram"], "capacity": self._dram.capacity_bytes,
-                    "used_bytes": self._dram.used_bytes, "pinned_bytes": self._dram.pinned_bytes,
-                    "usage": frac, "watermark": self._watermarks.state["dram"],
-                }
-            if self._ssd is not None:
-                frac, _ = self._usage_fraction("ssd")
-                tiers["ssd"] = {
-                    "blocks": sum(1 for b in self._blocks.values() if b.ssd is not None),
-                    "bytes": ns_totals["ssd"], "capacity": self.config.ssd_bytes,
-                    "usable_bytes": self._ssd_live_limit, "live_record_bytes": self._ssd_live,
-                    "reserved_bytes": self._ssd_reserved, "file_bytes": self._ssd.total_bytes,
-                    "tombstone_bytes": sum(self._seg_tomb.values()),
-                    "dead_bytes": (self._ssd.total_bytes - self._ssd_live - self._ssd_reserved
-                                   - sum(self._seg_tomb.values())),
-                    "segments": len(self._ssd.segment_ids()), "usage": frac,
-                    "watermark": self._watermarks.state["ssd"],
-                }
-            namespaces = {
-                name: {"blocks": st.blocks, "bytes": st.used_total,
-                       "tiers": {t: st.used[t] for t in TIERS}, "quota": st.quota_report()}
-                for name, st in self._namespaces.items()}
-            counters = {name: self._counters.get(name, 0) for name in (
-                "hits", "misses", "hits_dram", "hits_ssd", "checksum_errors", "read_errors",
-                "puts", "deletes", "trimmed", "expired", "bytes_written", "evictions_dram",
-                "evictions_ssd", "watermark_evictions", "promotions", "leases_expired",
-                "recovered_blocks", "recovery_dropped")}
-            return {
-                "blocks": len(self._blocks),
-                "tiers": tiers,
-                "namespaces": namespaces,
-                "counters": counters,
-                "compaction": self.compactor.stats() if self._ssd is not None else {},
-                "watermark_crossings": dict(self._watermarks.crossings),
-                "sessions_open": len(self._sessions),
-                "durability": self.config.durability if self._durable else "volatile",
-                "volatile": not self._durable,
-                "writable": self._fatal is None,
-            }
 
     # ----------------------------------------------------------------------- lifecycle
     def sync(self) -> None:
