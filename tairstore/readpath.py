@@ -18,6 +18,7 @@ from .format.checksum import crc32c
 from .match import MatchResult, match_mask
 from .session import PendingBlock
 from .tiers.ssd import ReadIOError, SegmentGoneError
+from .validate import check_out
 
 if TYPE_CHECKING:
     from .store import _Block
@@ -172,13 +173,7 @@ class ReadPathMixin:
             InvalidArgumentError: ``out`` is not writable or is smaller than the block.
         """
         k = (self._ns(namespace), self._key(key))
-        try:
-            dst = memoryview(out)
-        except TypeError:
-            raise InvalidArgumentError("out must be a writable buffer (bytearray, numpy array…)") from None
-        if dst.readonly or not dst.c_contiguous:
-            raise InvalidArgumentError("out must be a writable, C-contiguous buffer")
-        dst = dst.cast("B") if (dst.format != "B" or dst.ndim != 1) else dst
+        dst = check_out(out)
         with self._lock:
             self._check_open()
             b = self._blocks.get(k)

@@ -51,7 +51,7 @@ from typing import Any
 
 from .capacity import TIERS, Namespace, WatermarkTracker, check_limits, parse_watermarks
 from .compaction import Compactor
-from .config import DEFAULT_NAMESPACE, MAX_KEY_BYTES, MAX_NAMESPACE_BYTES, StoreConfig
+from .config import DEFAULT_NAMESPACE, StoreConfig
 from .datadir import DataDir
 from .errors import (
     CapacityError,
@@ -72,6 +72,7 @@ from .policy import make_policy
 from .session import ABORTED, EXPIRED, FINISHED, OPEN, PendingBlock, WriteSession
 from .tiers.dram import DramArena
 from .tiers.ssd import SegmentLog
+from .validate import check_data, check_key, check_keys, check_namespace
 from .wal import Abort, Commit, CommitEntry, Delete, Prepare, WalWriter
 
 __all__ = ["Store", "open_store", "DEFAULT_NAMESPACE", "PLACEMENTS"]
@@ -126,18 +127,6 @@ class _Admission:
     def note(self, progressed: bool) -> None:
         if not progressed:
             self.fruitless += 1
-
-
-def _as_bytes_view(data: Any) -> memoryview:
-    try:
-        mv = memoryview(data)
-    except TypeError:
-        raise InvalidArgumentError(
-            f"block data must be bytes, bytearray, memoryview or a numpy array, not {type(data).__name__}"
-        ) from None
-    if not mv.c_contiguous:
-        raise InvalidArgumentError("block data must be C-contiguous")
-    return mv.cast("B") if (mv.format != "B" or mv.ndim != 1) else mv
 
 
 def _check_session_type(session: Any) -> None:
@@ -288,31 +277,10 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
                 f"the store refuses writes after an I/O failure ({self._fatal}); close and reopen it"
             )
 
-    @staticmethod
-    def _ns(namespace: str) -> str:
-        if not isinstance(namespace, str):
-            raise InvalidArgumentError(f"namespace must be a str, got {type(namespace).__name__}")
-        n = len(namespace.encode())
-        if not 1 <= n <= MAX_NAMESPACE_BYTES:
-            raise InvalidArgumentError(f"namespace must be 1..{MAX_NAMESPACE_BYTES} bytes of UTF-8")
-        return namespace
-
-    @staticmethod
-    def _key(key: Any) -> bytes:
-        if isinstance(key, (bytearray, memoryview)):
-            key = bytes(key)
-        if not isinstance(key, bytes):
-            raise InvalidArgumentError(
-                f"keys are bytes (1..{MAX_KEY_BYTES}), got {type(key).__name__}; encode strings first"
-            )
-        if not 1 <= len(key) <= MAX_KEY_BYTES:
-            raise InvalidArgumentError(f"keys are 1..{MAX_KEY_BYTES} bytes, got {len(key)}")
-        return key
-
-    def _keys(self, keys: Any) -> list[bytes]:
-        if isinstance(keys, (bytes, bytearray, memoryview, str)):
-            raise InvalidArgumentError("pass a list of keys, not a single key")
-        return [self._key(k) for k in keys]
+    # Argument checks (shared with the network clients: tairstore.validate).
+    _ns = staticmethod(check_namespace)
+    _key = staticmethod(check_key)
+    _keys = staticmethod(check_keys)
 
     def _check_size(self, size: Any) -> int:
         if not isinstance(size, int) or isinstance(size, bool):
@@ -500,7 +468,7 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
         """
         _check_session_type(session)
         key = self._key(key)
-        mv = _as_bytes_view(data)
+        mv = check_data(data)
         with session.lock:
             p = self._pending_for_write(session, key)
             if len(mv) != p.size:
@@ -744,7 +712,7 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
         """
         ns = self._ns(namespace)
         key = self._key(key)
-        mv = _as_bytes_view(data)
+        mv = check_data(data)
         size = self._check_size(len(mv))
         tier = self._check_tier(tier)
         k = (ns, key)
