@@ -5,8 +5,9 @@ Durability modes, and what an acknowledged write (``put`` / ``finish_write`` ret
 =============  ==================================================================================
 ``"sync"``     the block's bytes and its COMMIT are fsynced before the call returns (one group
                commit for all concurrent writers); survives ``kill -9`` and power loss.
-``"batch"``    the call returns after the copy into DRAM and the (unsynced) SSD write; a
-               background flush makes it durable within ``batch_interval_ms``. ``kill -9``
+``"batch"``    the call returns after the copy into DRAM, the (unsynced) SSD write and the
+               COMMIT record's hand-off to the OS; a background flush makes it durable
+               within ``batch_interval_ms``. ``kill -9``
                loses nothing the OS already has; power loss may lose the last interval.
 ``"none"``     never fsyncs on a request's path; the OS writes back when it likes (the index
                thread fsyncs segments before LMDB names them, so a power loss leaves keys

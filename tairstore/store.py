@@ -86,6 +86,7 @@ MAX_LEASE_S = 3600.0  # a session holds reserved space; an hour is more than any
 # writers do not, bounded instead by ADMIT_DEADLINE_S.
 ADMIT_ATTEMPTS = 4
 ADMIT_DEADLINE_S = 30.0
+ADMIT_BACKOFF_S = 0.002
 # The SSD tier keeps one segment of headroom that user writes may not use, so compaction can
 # always copy the live records of a segment before deleting it.
 MIN_SEGMENT_BYTES = 64 << 10
@@ -124,9 +125,15 @@ class _Admission:
     def go_on(self) -> bool:
         return self.fruitless < ADMIT_ATTEMPTS and time.monotonic() < self.deadline
 
-    def note(self, progressed: bool) -> None:
-        if not progressed:
-            self.fruitless += 1
+    def note(self, progressed: bool, others_writing: bool) -> None:
+        if progressed:
+            return
+        if others_writing:
+            # Room is held by other writers' reservations; their commits or aborts make it
+            # compactable or free soon. Wait a moment rather than give up.
+            time.sleep(ADMIT_BACKOFF_S)
+            return
+        self.fruitless += 1
 
 
 def _check_session_type(session: Any) -> None:
@@ -416,7 +423,7 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
                 need_bytes = self._ssd_room_needed(ns, todo)
             if need_bytes:
                 # Outside the lock: compaction copies records and fsyncs.
-                admit.note(self.compactor.make_room(need_bytes))
+                admit.note(self.compactor.make_room(need_bytes), self._ssd_reserved > 0)
                 continue
             with self._lock:
                 self._check_writable()
@@ -451,7 +458,7 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
                         self._sessions[sid] = session
                     return session
             # Outside the lock: compaction copies records and fsyncs.
-            admit.note(self.compactor.make_room(need_bytes))
+            admit.note(self.compactor.make_room(need_bytes), self._ssd_reserved > 0)
         raise CapacityError(
             "SSD tier full: compaction could not free room for this write (live blocks fill it)",
             dimension="tier:ssd")
@@ -627,8 +634,8 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
                                                p.location.offset, p.location.length))
                            for k, p in items]
                     lsn = self._log(Commit(sid, entries), ops)
-            if lsn is not None and self.config.durability == "sync":
-                self._wal.sync(lsn)
+            if lsn is not None:
+                self._make_durable(lsn)
         except BaseException as exc:
             if isinstance(exc, FatalIOError):
                 self._fail(exc)
@@ -725,7 +732,7 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
                     return False
                 need_bytes = self._ssd_room_needed(ns, [(key, size)])
             if need_bytes:
-                admit.note(self.compactor.make_room(need_bytes))
+                admit.note(self.compactor.make_room(need_bytes), self._ssd_reserved > 0)
                 continue
             with self._lock:
                 self._check_writable()
@@ -738,7 +745,7 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
                 else:
                     self._inflight[k] = 0
                     break
-            admit.note(self.compactor.make_room(need_bytes))
+            admit.note(self.compactor.make_room(need_bytes), self._ssd_reserved > 0)
         else:
             raise CapacityError("SSD tier full: compaction could not free room for this write",
                                 dimension="tier:ssd")
@@ -790,12 +797,23 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
         return len(victims)
 
     def _sync_if_asked(self, lsn: int | None) -> None:
-        if lsn is not None and self.config.durability == "sync":
+        if lsn is not None:
             try:
-                self._wal.sync(lsn)
+                self._make_durable(lsn)
             except FatalIOError as exc:
                 self._fail(exc)
                 raise
+
+    def _make_durable(self, lsn: int) -> None:
+        """What the durability mode promises before an acknowledgement (no store lock held).
+
+        ``sync``: the record and the payloads it names are fsynced (group commit).
+        ``batch`` / ``none``: the record is handed to the OS, so ``kill -9`` cannot take it.
+        """
+        if self.config.durability == "sync":
+            self._wal.sync(lsn)
+        else:
+            self._wal.write_through(lsn)
 
     def _remove_locked(self, present: list[tuple[str, bytes]], *, tombstones: bool) -> int | None:
         """Drop blocks from the key map, tiers, policies and usage; log DELETE (store lock held).

@@ -27,7 +27,7 @@ from tairstore.fuzz.faultfs import SimulatedCrash
 from tairstore.fuzz.model import Expected, Tally, identify
 from tairstore.fuzz.workload import NAMESPACES, QUOTA_BYTES, QUOTA_NS, key_name, KEYS_PER_NS
 
-__all__ = ["check_store", "observe", "abandon", "quiet_simulated_crashes", "all_keys"]
+__all__ = ["check_store", "check_quota", "observe", "abandon", "quiet_simulated_crashes", "all_keys"]
 
 #: How long abandoning may take before it counts as a hang (threads stuck after a crash).
 ABANDON_TIMEOUT_S = 20.0
@@ -87,13 +87,27 @@ def check_store(store, model: Expected, tally: Tally, where: str) -> list[str]:
                 kind = "UNEXPECTED VERSION"
             failures.append(f"{kind} {ns}/{key.decode()}: holds version {version}, expected "
                             f"one of {sorted(allowed, key=str)} ({where})")
+    failures += check_quota(store, tally, where)
+    return failures
+
+
+def check_quota(store, tally: Tally, where: str) -> list[str]:
+    """C1: the quota'd namespace uses no more than its total quota, nor any tier's limit."""
     try:
-        used = store.quota(QUOTA_NS)["used_bytes"]
+        report = store.quota(QUOTA_NS)
     except NotFoundError:
-        used = 0
-    if used > QUOTA_BYTES:
+        return []
+    failures = []
+    limit = report["total_bytes"] if report["total_bytes"] is not None else QUOTA_BYTES
+    if report["used_bytes"] > limit:
         tally.quota_violations += 1
-        failures.append(f"C1 namespace {QUOTA_NS!r} uses {used} bytes > quota {QUOTA_BYTES} ({where})")
+        failures.append(f"C1 namespace {QUOTA_NS!r} uses {report['used_bytes']} bytes > quota "
+                        f"{limit} ({where})")
+    for tier, t in report["tiers"].items():
+        if t["limit"] is not None and t["used"] > t["limit"]:
+            tally.quota_violations += 1
+            failures.append(f"C1 namespace {QUOTA_NS!r} tier {tier} uses {t['used']} bytes > "
+                            f"its limit {t['limit']} ({where})")
     return failures
 
 

@@ -5,6 +5,9 @@ Subcommands built so far:
 - ``crashpoints``: crash the fixed workload after every persistence point (``--point N``
   replays one), or run random crash runs (``--runs N --seed S``; ``--random-seed R`` replays
   one run exactly, as every failure message prints).
+- ``crash``: the kill -9 loop (``--iterations N --seed S``): a writer process killed with
+  SIGKILL at random moments, the store reopened and checked against the expected-state file
+  after each kill (:mod:`tairstore.fuzz.killloop`).
 
 Every failure prints the seed and the exact replay command; the exit status is 1 when any
 invariant was violated.
@@ -50,6 +53,24 @@ def _crashpoints(args: argparse.Namespace) -> int:
     return 0 if tally.ok else 1
 
 
+def _crash(args: argparse.Namespace) -> int:
+    from tairstore.fuzz.killloop import MODES, run_campaign
+    from tairstore.fuzz.model import Tally
+
+    if not args.verbose:
+        logging.disable(logging.WARNING)
+    modes = MODES if args.durability == "mixed" else tuple(args.durability.split(","))
+    tally = Tally()
+    with tempfile.TemporaryDirectory(prefix="tairstore-killloop-", dir=args.dir) as base:
+        failures = run_campaign(base, tally, seed=args.seed, iterations=args.iterations,
+                                modes=modes,
+                                progress=lambda text: print(text, file=sys.stderr, flush=True))
+    for f in failures:
+        print(f)
+    print(tally.table())
+    return 0 if tally.ok else 1
+
+
 def add_parser(subparsers) -> None:
     """Register ``fuzz`` and its subcommands on a ``tairstore`` argparse subparsers object."""
     p = subparsers.add_parser("fuzz", help="crash-recovery and fault-injection harness")
@@ -63,3 +84,10 @@ def add_parser(subparsers) -> None:
     c.add_argument("--random-seed", type=int, default=None, help="replay one random crash run")
     c.add_argument("--dir", default=None, help="where to put scratch stores (default: temp dir)")
     c.set_defaults(func=_crashpoints)
+    k = sub.add_parser("crash", help="kill -9 loop: a writer process SIGKILLed at random moments")
+    k.add_argument("--iterations", type=int, default=20, help="kills (and reopens) to run")
+    k.add_argument("--seed", type=int, default=0, help="the campaign seed")
+    k.add_argument("--durability", default="mixed",
+                   help='"mixed" (sync, sync, batch), or a comma list of sync/batch/none')
+    k.add_argument("--dir", default=None, help="where to put the run directory (default: temp dir)")
+    k.set_defaults(func=_crash)

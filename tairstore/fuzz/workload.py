@@ -23,7 +23,7 @@ from tairstore.fuzz.model import Expected, content, identify
 
 __all__ = [
     "Hooks", "ModelHooks", "Op", "generate", "fixed_workload", "apply_op", "key_name",
-    "NAMESPACES", "QUOTA_NS", "QUOTA_BYTES", "store_options",
+    "NAMESPACES", "QUOTA_NS", "QUOTA_BYTES", "QUOTA_TIER_BYTES", "store_options",
 ]
 
 #: The namespace that never evicts and the one whose quota makes it evict.
@@ -31,6 +31,9 @@ NAMESPACES = ("default", "q")
 QUOTA_NS = "q"
 #: Smaller than the q keys' blocks together (8 keys x up to 12 KiB), so q evicts its own blocks.
 QUOTA_BYTES = 48 << 10
+#: Per-tier limits of ``"q"`` (the kill loop and the stateful model set them): below the total,
+#: so C1 is checked per (namespace, tier) too, and still above the largest block (12 KiB).
+QUOTA_TIER_BYTES = {"dram": 16 << 10, "ssd": 40 << 10}
 #: Keys per namespace: few, so overwrites (delete + put) and collisions with in-flight ops happen.
 KEYS_PER_NS = 8
 

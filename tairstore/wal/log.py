@@ -109,6 +109,7 @@ class WalWriter:
         self._durable_lsn = next_lsn - 1
         self._leading = False
         self._error: BaseException | None = None
+        self._owe_pre_sync = False  # records were written through without pre_sync
         self._closing = False
         self._closed = False
         # Owned by the current leader (and the constructor): the open file and its append offset.
@@ -198,6 +199,22 @@ class WalWriter:
             last = self._next_lsn - 1
         self._group(last, durable=False)
 
+    def write_through(self, lsn: int) -> None:
+        """Hand every record up to ``lsn`` to the OS now, without fsync and without ``pre_sync``.
+
+        What ``batch`` and ``none`` durability acknowledge after: a record the OS holds
+        survives ``kill -9``. Skipping ``pre_sync`` (the segment fsync) keeps fsyncs off the
+        request path. Power-loss safety is kept twice over: recovery verifies the payload of
+        every COMMIT it replays (one that reached the disk before its segment bytes is
+        dropped, not trusted), and the next durable :meth:`sync` runs ``pre_sync`` before its
+        fsync even if it has no new records to write.
+        """
+        with self._cond:
+            self._check_open()
+            if lsn >= self._next_lsn:
+                raise InvalidArgumentError(f"LSN {lsn} was not appended (last {self.last_lsn})")
+        self._group(lsn, durable=False, pre_sync=False)
+
     def truncate_before(self, lsn: int) -> None:
         """Delete whole files whose records all have LSN < ``lsn``. The current file is kept.
 
@@ -268,7 +285,7 @@ class WalWriter:
 
     # --- group commit -----------------------------------------------------------------------
 
-    def _group(self, lsn: int, durable: bool) -> None:
+    def _group(self, lsn: int, durable: bool, pre_sync: bool = True) -> None:
         cond = self._cond
         with cond:
             while True:
@@ -288,12 +305,16 @@ class WalWriter:
             first = self._taken_lsn + 1
             last = self._taken_lsn = self._next_lsn - 1
         try:
+            if self._pre_sync is not None and ((frames and pre_sync) or (durable and self._owe_pre_sync)):
+                # Before the WAL bytes reach the OS at all: once written, the kernel may
+                # persist them at any moment, and a COMMIT must never be durable before the
+                # payload it points at. Records written through without it (write_through)
+                # are owed it before any fsync makes them durable.
+                self._owe_pre_sync = False
+                self._pre_sync()
             if frames:
-                if self._pre_sync is not None:
-                    # Before the WAL bytes reach the OS at all: once written, the kernel may
-                    # persist them at any moment, and a COMMIT must never be durable before
-                    # the payload it points at.
-                    self._pre_sync()
+                if not pre_sync:
+                    self._owe_pre_sync = True
                 self._write(frames, first)
             if durable:
                 self._file.fsync()

@@ -6,6 +6,9 @@ Each docstring gives the harness run that first showed it.
 from __future__ import annotations
 
 import errno
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -85,3 +88,39 @@ def test_none_mode_power_loss_leaves_index_entries_for_lost_bytes(tmp_path):
             assert bytes(view) == bytes(_BLOCK)
     report = fsck(path)
     assert report["ok"], f"fsck needs a repair after a power loss: {report}"
+
+
+_KILLED_WRITER = r"""
+import os, signal, sys
+import tairstore
+store = tairstore.open(sys.argv[1], durability=sys.argv[2], batch_interval_ms=60_000,
+                       dram_bytes=1 << 20, ssd_bytes=4 << 20)
+for i in range(20):
+    assert store.put(b"k%d" % i, bytes(range(256)) * 16)  # acknowledged
+print("acked", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # a process crash: the page cache survives it
+"""
+
+
+@pytest.mark.parametrize("durability", ["batch", "none"])
+def test_kill9_after_acknowledged_put_loses_it_in_batch_and_none_modes(tmp_path, durability):
+    """Found by ``tairstore fuzz crash --seed 1 --iterations 16`` (iteration 15, "batch").
+
+    docs/ARCHITECTURE.md's durability table promises that in ``batch`` (and ``none``) mode an
+    acknowledged write survives ``kill -9`` ("nothing lost (the OS has it)"); only a power loss
+    may take the last ``batch_interval_ms``. But ``put`` / ``finish_write`` / ``delete`` only
+    append the WAL record to an in-process buffer (``WalWriter.append``) and acknowledge; the
+    record reaches the OS when the background flush runs. A SIGKILL inside that interval loses
+    acknowledged puts and commits, and brings deleted keys back. The kill loop saw exactly
+    that: an acknowledged put absent, acknowledged deletes undone.
+    """
+    path = str(tmp_path / "store")
+    child = subprocess.run([sys.executable, "-c", _KILLED_WRITER, path, durability],
+                           capture_output=True, text=True, timeout=60)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert child.stdout.strip() == "acked"
+    with tairstore.open(path, durability=durability, dram_bytes=1 << 20,
+                        ssd_bytes=4 << 20) as store:
+        lost = [i for i in range(20) if store.get(b"k%d" % i) is None]
+        assert not lost, (f"acknowledged puts {lost} (of 20) were lost to kill -9 in "
+                          f"{durability!r} mode")

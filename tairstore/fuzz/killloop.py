@@ -1,0 +1,251 @@
+"""The kill -9 loop: real processes, real files, real SIGKILLs (``tairstore fuzz crash``).
+
+Theory of operation
+-------------------
+One *campaign* owns a run directory holding the store (``store/``) and the expected-state file
+(``expected.json``, RocksDB's idea: for every key, the value it must hold). Each iteration:
+
+1. loads the expected state from the file (the state after the previous iteration's reopen);
+2. starts the writer (``python -m tairstore.fuzz.writer``) on the store with a seed and a
+   first version drawn from the campaign seed; it reports every operation before it starts and
+   after it was acknowledged over a pipe (:class:`tairstore.fuzz.writer.PipeHooks`);
+3. kills it with SIGKILL at a random moment: most kills land in the running workload, some in
+   the writer's own recovery (right after it reports ``O``), so the next open recovers a
+   store whose recovery was interrupted; the process is always reaped;
+4. replays the writer's complete lines into the model (:class:`~tairstore.fuzz.model.Expected`):
+   an acknowledged operation is promised; the one in flight at the kill may show old or new;
+5. runs ``fsck`` (must be ok, nothing corrupt), reopens the store in this process (a failure is
+   a *reopen failure*) and checks every key (W2: nothing acknowledged lost; W1/R1: every byte
+   exact and of an allowed version) and the quota'd namespace's usage in total and per tier
+   (C1);
+6. every other iteration (seeded) runs ``compact(wait=True, full=True)``, closes, and checks
+   that ``fsck`` reports ``orphan_bytes == 0``;
+7. records what the store now holds as the new expected state, and writes the file.
+
+A kill is a process crash, not a power loss: the page cache survives it, so in every
+durability mode every acknowledged write must survive (``docs/ARCHITECTURE.md``'s durability
+table). The model is therefore always the strict ``"sync"`` one.
+
+Kill timing is wall-clock, so a replay (same seed, same iteration count) runs the same
+workloads and aims at the same moments, but may land a few operations apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tairstore.fuzz.check import check_store, observe
+from tairstore.fuzz.model import Expected, Tally
+from tairstore.fuzz.workload import QUOTA_NS, store_options
+
+__all__ = ["KillLoop", "run_campaign", "parse_lines", "EXPECTED_FILE"]
+
+EXPECTED_FILE = "expected.json"
+#: Versions of iteration i start at i * VERSION_STRIDE + 1: unique across iterations, so a
+#: block left by an aborted session of an earlier run is told apart from an acknowledged one.
+VERSION_STRIDE = 1_000_000
+#: How long after "R" a kill lands: long enough for hundreds of operations (a small op takes
+#: ~1 ms), short enough that a CI campaign of 20+ kills stays within seconds.
+KILL_DELAY_S = (0.005, 0.35)
+#: Share of kills aimed at the writer's own open (recovery), and how far into it: a small
+#: store opens in ~10-30 ms after the interpreter started.
+KILL_DURING_OPEN_P = 0.2
+OPEN_DELAY_S = (0.0, 0.03)
+#: A writer that does not report "O" / "R" within this long is stuck: a failure.
+READY_TIMEOUT_S = 60.0
+#: Modes the writer runs in, weighted towards the one that promises the most.
+MODES = ("sync", "sync", "batch")
+#: How long to wait for a killed writer to be reaped, and its pipe to drain.
+REAP_TIMEOUT_S = 30.0
+
+
+def parse_lines(lines: list[str], model: Expected) -> tuple[list[str], bool]:
+    """Feed the writer's complete lines into ``model``; return (bad reads, saw "D").
+
+    A last line without its newline was cut by the kill: it is not an acknowledgement.
+    """
+    bad: list[str] = []
+    done = False
+    for line in lines:
+        if not line.endswith("\n"):
+            continue
+        tag, _, rest = line.rstrip("\n").partition(" ")
+        if tag in ("B", "A"):
+            changes = [(ns, bytes.fromhex(k), v) for ns, k, v in json.loads(rest)]
+            (model.begin if tag == "B" else model.ack)(changes)
+        elif tag == "F":
+            model.settle()
+        elif tag == "S":
+            model.synced()
+        elif tag == "X":
+            bad.append(rest)
+        elif tag == "D":
+            done = True
+    return bad, done
+
+
+@dataclass
+class KillLoop:
+    """A kill -9 campaign on one run directory (see the module docstring).
+
+    Args:
+        run_dir: holds ``store/`` and the expected-state file; created if missing.
+        seed: the campaign seed (workloads, kill moments, modes).
+        modes: the durability modes iterations draw from.
+    """
+
+    run_dir: str
+    seed: int
+    modes: tuple = MODES
+
+    def __post_init__(self) -> None:
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.path = os.path.join(self.run_dir, "store")
+        self.state_file = os.path.join(self.run_dir, EXPECTED_FILE)
+        self.rng = random.Random(self.seed)
+
+    def replay(self, iterations: int) -> str:
+        """The command that replays this campaign up to ``iterations``."""
+        modes = ("" if tuple(self.modes) == MODES
+                 else f" --durability {','.join(sorted(set(self.modes)))}")
+        return f"tairstore fuzz crash --seed {self.seed} --iterations {iterations}{modes}"
+
+    def _load(self) -> Expected:
+        if os.path.exists(self.state_file):
+            model = Expected.load(self.state_file)
+        else:
+            model = Expected("sync", frozenset({QUOTA_NS}))
+        # A kill is not a power loss: whatever the writer's mode, every ack must survive.
+        model.durability = "sync"
+        return model
+
+    def iteration(self, i: int, tally: Tally) -> list[str]:
+        """Run iteration ``i`` (0-based): start, kill, reopen, check. Returns failures."""
+        rng = random.Random(self.rng.getrandbits(64))
+        mode = rng.choice(self.modes)
+        where = f"seed={self.seed} iteration={i} durability={mode}; replay: {self.replay(i + 1)}"
+        model = self._load()
+        lines, status, stderr = self._run_writer(rng, i, mode)
+        failures: list[str] = []
+        bad, done = parse_lines(lines, model)
+        for message in bad:
+            tally.corrupt_served += 1
+            failures.append(f"CORRUPT read in the writer: {message} ({where})")
+        if status not in (0, -signal.SIGKILL) or (status == 0 and not done):
+            tally.other_failures += 1
+            failures.append(f"WRITER exited with status {status} ({where}):\n{stderr[-3000:]}")
+        tally.runs["kill -9 loop"] += 1
+        if status == -signal.SIGKILL:
+            tally.crash_points += 1
+            tally.faults["sigkill"] += 1
+        failures += self._reopen_and_check(rng, model, mode, tally, where)
+        return failures
+
+    def _run_writer(self, rng: random.Random, i: int, mode: str) -> tuple[list[str], int, str]:
+        """Start the writer, kill it at a random moment, reap it; (lines, status, stderr)."""
+        cmd = [sys.executable, "-m", "tairstore.fuzz.writer", self.path,
+               "--seed", str(rng.getrandbits(40)), "--first-version", str(i * VERSION_STRIDE + 1),
+               "--durability", mode]
+        during_open = rng.random() < KILL_DURING_OPEN_P
+        delay = rng.uniform(*(OPEN_DELAY_S if during_open else KILL_DELAY_S))
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                bufsize=1)
+        lines: list[str] = []
+        marks = {"O": threading.Event(), "R": threading.Event()}
+        err: list[str] = []
+
+        def pump_out() -> None:
+            for line in proc.stdout:
+                lines.append(line)
+                tag = line[:1]
+                if tag in marks and line.strip() == tag:
+                    marks[tag].set()
+            marks["O"].set()  # EOF: stop waiting
+            marks["R"].set()
+
+        def pump_err() -> None:
+            err.append(proc.stderr.read())
+
+        readers = [threading.Thread(target=pump_out, daemon=True),
+                   threading.Thread(target=pump_err, daemon=True)]
+        for t in readers:
+            t.start()
+        try:
+            marks["O" if during_open else "R"].wait(READY_TIMEOUT_S)
+            time.sleep(delay)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+        finally:
+            # Always reaped, whatever happened above.
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(REAP_TIMEOUT_S)
+            for t in readers:
+                t.join(REAP_TIMEOUT_S)
+        return lines, proc.returncode, "".join(err)
+
+    def _reopen_and_check(self, rng: random.Random, model: Expected, mode: str, tally: Tally,
+                          where: str) -> list[str]:
+        import tairstore
+        from tairstore.fsck import fsck
+
+        failures: list[str] = []
+        if not os.path.exists(self.path):
+            # Killed before the store's directory existed: nothing was acknowledged.
+            model.dump(self.state_file)
+            return failures
+        try:
+            report = fsck(self.path)
+            store = tairstore.open(self.path, **store_options(mode))
+        except Exception as exc:  # noqa: BLE001 - any failure to reopen is the finding
+            tally.reopen_failures += 1
+            return [f"REOPEN FAILED {type(exc).__name__}: {exc} ({where})"]
+        if not report["ok"] or report["blocks_corrupt"]:
+            tally.fsck_failures += 1
+            failures.append(f"FSCK after the kill: {report} ({where})")
+        compact = rng.random() < 0.5
+        try:
+            failures += check_store(store, model, tally, where)
+            model.restart(observe(store))
+            if compact:
+                store.compact(wait=True, full=True)
+        finally:
+            store.close()
+        if compact:
+            report = fsck(self.path)
+            tally.runs["full compaction + fsck"] += 1
+            if not report["ok"] or report["orphan_bytes"]:
+                tally.fsck_failures += 1
+                failures.append(f"FSCK after compact(full=True): orphan_bytes="
+                                f"{report['orphan_bytes']} ok={report['ok']} {report} ({where})")
+        model.dump(self.state_file)
+        return failures
+
+
+def run_campaign(run_dir: str, tally: Tally, *, seed: int, iterations: int | None = None,
+                 deadline: float | None = None, modes: tuple = MODES,
+                 progress: Callable[[str], None] | None = None) -> list[str]:
+    """Run ``iterations`` kill / reopen / check rounds (or until ``deadline``) in ``run_dir``.
+
+    Returns:
+        every failure message; each names the seed, the iteration and the replay command.
+    """
+    loop = KillLoop(run_dir, seed, tuple(modes))
+    failures: list[str] = []
+    i = 0
+    while (iterations is None or i < iterations) and (deadline is None or time.monotonic() < deadline):
+        f = loop.iteration(i, tally)
+        failures += f
+        if f and progress:
+            progress("\n".join(f))
+        i += 1
+    return failures

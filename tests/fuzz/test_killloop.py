@@ -1,0 +1,79 @@
+"""CI's short version of the kill -9 loop (:mod:`tairstore.fuzz.killloop`).
+
+At least 20 real SIGKILLs of a real writer process on real files, ``durability="sync"`` (the
+mode DESIGN.md's W2 promises survives kill -9): after each, fsck, reopen, W2 / W1 / R1 / C1
+against the expected-state file, and every other iteration a full compaction that must leave
+no orphaned bytes. ``TAIRSTORE_KILL_ITERATIONS`` raises the count; ``TAIRSTORE_FUZZ_SEED``
+changes the campaign seed.
+
+Kills in ``batch`` / ``none`` mode are what ``tairstore fuzz crash`` (default modes) also
+runs; they currently lose acknowledged writes (see
+``test_kill9_after_acknowledged_put_loses_it_in_batch_and_none_modes``), so CI covers that
+bug with that deterministic regression test rather than a timing-dependent campaign here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tairstore.fuzz.killloop import EXPECTED_FILE, parse_lines, run_campaign
+from tairstore.fuzz.model import Expected, Tally
+
+#: The issue asks CI for at least 20 real SIGKILLs; a few extra cover the kills that land
+#: after a writer already finished (none do in practice) without falling under 20.
+ITERATIONS = int(os.environ.get("TAIRSTORE_KILL_ITERATIONS", "24"))
+SEED = int(os.environ.get("TAIRSTORE_FUZZ_SEED", "20240601"))
+
+
+@pytest.fixture(autouse=True)
+def _quiet_engine_logs():
+    logging.disable(logging.WARNING)
+    yield
+    logging.disable(logging.NOTSET)
+
+
+def test_kill9_loop_loses_nothing_acknowledged_in_sync_mode(tmp_path):
+    tally = Tally()
+    failures = run_campaign(str(tmp_path), tally, seed=SEED, iterations=ITERATIONS,
+                            modes=("sync",))
+    assert not failures, "\n".join(failures[:20]) + f"\n\n{tally.table()}"
+    assert tally.ok, tally.table()
+    assert tally.faults["sigkill"] >= 20, tally.table()
+    assert tally.acked_checked > 0
+    assert tally.runs["full compaction + fsck"] > 0
+    # The expected state persists between iterations in the run directory.
+    assert os.path.exists(tmp_path / EXPECTED_FILE)
+    Expected.load(str(tmp_path / EXPECTED_FILE))
+
+
+def test_cut_last_line_is_not_an_acknowledgement():
+    model = Expected("sync", frozenset())
+    key = b"k000".hex()
+    lines = [f'B [["default","{key}",7]]\n', f'A [["default","{key}",7]]\n',
+             f'B [["default","{key}",null]]\n', f'A [["default","{key}",null]']  # cut by the kill
+    bad, done = parse_lines(lines, model)
+    assert bad == [] and not done
+    # The delete began but its ack was cut: the key may show the old value or be absent.
+    assert model.allowed("default", b"k000") == {7, None}
+    assert model.current("default", b"k000") == 7
+
+
+def test_writer_reports_acks_on_its_pipe(tmp_path):
+    """The writer runs to its end on its own (no kill) and every line parses."""
+    out = subprocess.run(
+        [sys.executable, "-m", "tairstore.fuzz.writer", str(tmp_path / "store"), "--seed", "5",
+         "--first-version", "1", "--ops", "40"],
+        capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines(keepends=True)
+    assert lines[0] == "O\n" and "R\n" in lines and lines[-1] == "D\n"
+    model = Expected("sync", frozenset({"q"}))
+    bad, done = parse_lines(lines, model)
+    assert done and not bad
+    assert any(line.startswith("A ") and json.loads(line[2:]) for line in lines)
