@@ -355,7 +355,8 @@ def load_config(path: str | os.PathLike | None) -> DaemonConfig:
             doc = tomllib.load(f)
     except FileNotFoundError:
         raise InvalidArgumentError(f"{path}: no such config file") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        # TOML is UTF-8 by definition: other bytes are not valid TOML either.
         raise InvalidArgumentError(f"{path}: not valid TOML: {exc}") from None
     except OSError as exc:
         raise InvalidArgumentError(f"{path}: cannot read: {exc.strerror}") from None

@@ -109,7 +109,11 @@ class WalWriter:
         self._durable_lsn = next_lsn - 1
         self._leading = False
         self._error: BaseException | None = None
-        self._owe_pre_sync = False  # records were written through without pre_sync
+        # Records written through without pre_sync bump _owe_gen; a pre_sync that started
+        # after generation g was taken pays everything up to g (_paid_gen).
+        self._owe_gen = 0
+        self._paid_gen = 0
+        self._sync_lock = threading.Lock()  # one fsync at a time; also keeps rolls out of it
         self._closing = False
         self._closed = False
         # Owned by the current leader (and the constructor): the open file and its append offset.
@@ -286,12 +290,28 @@ class WalWriter:
     # --- group commit -----------------------------------------------------------------------
 
     def _group(self, lsn: int, durable: bool, pre_sync: bool = True) -> None:
+        """Make records up to ``lsn`` written (and with ``durable``, fsynced): group commit.
+
+        Two phases with separate leaders, so handing records to the OS never waits behind an
+        fsync in progress (``batch``-mode acknowledgements write through while the background
+        flush fsyncs):
+
+        - write phase (leader flag ``_leading``): one thread takes everything buffered, runs
+          ``pre_sync`` first when asked, and writes it with one ``pwrite``;
+        - sync phase (``_sync_lock``): one thread fsyncs everything written so far, first
+          paying ``pre_sync`` if records were written without it.
+        """
+        self._write_phase(lsn, pre_sync)
+        if durable:
+            self._sync_phase(lsn)
+
+    def _write_phase(self, lsn: int, pre_sync: bool) -> None:
         cond = self._cond
         with cond:
             while True:
                 if self._error is not None:
                     raise self._fatal()
-                if (self._durable_lsn if durable else self._written_lsn) >= lsn:
+                if self._written_lsn >= lsn:
                     return
                 if self._closed:
                     raise ClosedError("the WAL writer is closed")
@@ -299,40 +319,71 @@ class WalWriter:
                     break
                 cond.wait()
             # Leader: take everything buffered so far, not just up to lsn, so followers that
-            # appended meanwhile ride along in the same pwrite and fsync.
+            # appended meanwhile ride along in the same pwrite.
             self._leading = True
             frames, self._pending, self._pending_bytes = self._pending, [], 0
             first = self._taken_lsn + 1
             last = self._taken_lsn = self._next_lsn - 1
+            run_pre_sync = bool(frames) and pre_sync and self._pre_sync is not None
+            if frames and not pre_sync:
+                self._owe_gen += 1
+            gen = self._owe_gen
         try:
-            if self._pre_sync is not None and ((frames and pre_sync) or (durable and self._owe_pre_sync)):
+            if run_pre_sync:
                 # Before the WAL bytes reach the OS at all: once written, the kernel may
                 # persist them at any moment, and a COMMIT must never be durable before the
-                # payload it points at. Records written through without it (write_through)
-                # are owed it before any fsync makes them durable.
-                self._owe_pre_sync = False
+                # payload it points at.
                 self._pre_sync()
+                self._paid(gen)
             if frames:
-                if not pre_sync:
-                    self._owe_pre_sync = True
                 self._write(frames, first)
-            if durable:
-                self._file.fsync()
         except BaseException as exc:
-            # The batch is out of the buffer and its LSNs are spent. Later records would leave
-            # a hole. And if the fsync failed, retrying it can report success for pages the
-            # kernel already dropped. Nothing is safe but to refuse all further work.
-            with cond:
-                self._error = exc
-                self._leading = False
-                cond.notify_all()
+            # The batch is out of the buffer and its LSNs are spent: later records would leave
+            # a hole. Nothing is safe but to refuse all further work.
+            self._poison(exc)
             raise self._fatal() from exc
         with cond:
             self._written_lsn = last
-            if durable:
-                self._durable_lsn = last
             self._leading = False
             cond.notify_all()
+
+    def _sync_phase(self, lsn: int) -> None:
+        with self._sync_lock:
+            with self._cond:
+                if self._error is not None:
+                    raise self._fatal()
+                if self._durable_lsn >= lsn:
+                    return
+                target = self._written_lsn
+                owed = self._owe_gen > self._paid_gen and self._pre_sync is not None
+                gen = self._owe_gen
+                f = self._file
+            try:
+                if owed:
+                    # Records were handed to the OS without the segment fsync (write_through):
+                    # pay it before the fsync that makes them durable.
+                    self._pre_sync()
+                    self._paid(gen)
+                f.fsync()
+            except BaseException as exc:
+                # Retrying an fsync can report success for pages the kernel already dropped.
+                self._poison(exc)
+                raise self._fatal() from exc
+            with self._cond:
+                self._durable_lsn = max(self._durable_lsn, target)
+                self._cond.notify_all()
+
+    def _paid(self, gen: int) -> None:
+        """``pre_sync`` covered every record taken up to owe generation ``gen``."""
+        with self._cond:
+            self._paid_gen = max(self._paid_gen, gen)
+
+    def _poison(self, exc: BaseException) -> None:
+        with self._cond:
+            if self._error is None:
+                self._error = exc
+            self._leading = False
+            self._cond.notify_all()
 
     def _write(self, frames: list[bytes], first_lsn: int) -> None:
         nbytes = sum(map(len, frames))
@@ -363,12 +414,16 @@ class WalWriter:
 
     def _roll(self, first_lsn: int) -> None:
         # The old file's tail must be durable before any record lands in the new one: a reader
-        # only crosses into the new file if the old one ends exactly at first_lsn - 1.
-        if self._fsync_data:
-            self._file.fsync()
-        self._file.close()
-        self._file = self._fs.open(wal_path(self._dir, first_lsn), create=True)
-        self._fs.fsync_dir(self._dir)
+        # only crosses into the new file if the old one ends exactly at first_lsn - 1. The
+        # sync lock keeps a concurrent sync phase from fsyncing the file being closed.
+        with self._sync_lock:
+            if self._fsync_data:
+                self._file.fsync()
+            self._file.close()
+            new_file = self._fs.open(wal_path(self._dir, first_lsn), create=True)
+            self._fs.fsync_dir(self._dir)
+            with self._cond:
+                self._file = new_file
         self._offset = 0
         with self._cond:
             self._file_first = first_lsn

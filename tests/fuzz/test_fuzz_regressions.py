@@ -14,7 +14,7 @@ import time
 import pytest
 
 import tairstore
-from tairstore.errors import FatalIOError, StoreLockedError
+from tairstore.errors import FatalIOError, InvalidArgumentError, StoreLockedError
 from tairstore.fsck import fsck
 from tairstore.fuzz.check import abandon
 from tairstore.fuzz.faultfs import FaultFS
@@ -124,3 +124,21 @@ def test_kill9_after_acknowledged_put_loses_it_in_batch_and_none_modes(tmp_path,
         lost = [i for i in range(20) if store.get(b"k%d" % i) is None]
         assert not lost, (f"acknowledged puts {lost} (of 20) were lost to kill -9 in "
                           f"{durability!r} mode")
+
+
+def test_load_config_of_a_non_utf8_file_raises_unicode_decode_error(tmp_path):
+    """Found while writing the TOML config target of the decoder fuzzers (issue 5).
+
+    ``load_config`` promises that a file that is missing, not TOML or invalid raises
+    InvalidArgumentError (``FILE: reason``), so ``tairstore serve`` refuses it with a clear
+    message. ``tomllib.load`` decodes the bytes as UTF-8 itself and lets UnicodeDecodeError
+    out, which is not a TOMLDecodeError, so any config file holding one byte that is not UTF-8
+    escapes as a raw UnicodeDecodeError. TOML files are UTF-8 by definition: such a file is
+    "not valid TOML".
+    """
+    from tairstore.daemon_config import load_config
+
+    path = tmp_path / "tairstore.toml"
+    path.write_bytes(b"\xff")
+    with pytest.raises(InvalidArgumentError):
+        load_config(str(path))
