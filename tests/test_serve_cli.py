@@ -62,3 +62,53 @@ def test_serve_starts_answers_and_stops_cleanly(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_readme_command_serves_the_default_ports(tmp_path):
+    """Exactly the README's first command's last step, ``tairstore serve`` with no flags."""
+    import numpy as np
+
+    import tairstore
+
+    if not (_port_free(7480) and _port_free(7481)):
+        pytest.fail("the default ports 7480/7481 are taken on this machine; free them to run the "
+                    "README's command as written")
+    proc = subprocess.Popen(_tairstore_command() + ["serve"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    log = []
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert time.monotonic() < deadline, "no startup line:\n" + "".join(log)
+            line = proc.stdout.readline()
+            if not line:
+                pytest.fail(f"tairstore serve exited with {proc.wait()}:\n" + "".join(log))
+            log.append(line)
+            if STARTUP.search(line):
+                break
+        assert "127.0.0.1:7480" in line and "127.0.0.1:7481" in line, line
+        block = np.arange(1 << 16, dtype=np.uint8)
+        with tairstore.Client("tcp://127.0.0.1:7480") as c:
+            assert c.put(b"readme-key", block)
+            assert bytes(c.get(b"readme-key")) == block.tobytes()
+            assert c.match([b"readme-key", b"missing"]).prefix_len == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=STOP_TIMEOUT_S) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # The acknowledged put survived the shutdown (durability=sync by default).
+    with tairstore.open(tmp_path / "tairstore-data", dram_bytes=1 << 20, ssd_bytes=64 << 20) as s:
+        assert bytes(s.get(b"readme-key")) == block.tobytes()
