@@ -19,6 +19,10 @@ What is measured, for each block size (default 64 KiB, 256 KiB, 1 MiB, 4 MiB), e
   preallocated buffer, ``sendall`` of one), with a 1-byte acknowledgement per put and a 9-byte
   request per get: the transport's ceiling for a Python client and server.
 
+Pipelining is the same on every side: none. Each client process has exactly one request in
+flight (tairstore ``Client.put``/``get``, redis-py ``set``/``get`` without ``pipeline()``, the raw
+client's request/answer), so the comparison is at equal concurrency and equal pipelining depth.
+
 Clients are separate processes (``fork``), so that client-side Python does not share one GIL;
 on a small machine the clients and the server compete for the same cores, as they would on a
 loaded inference host, and that contention is part of the numbers. Throughput is payload bytes
@@ -352,6 +356,8 @@ def main() -> int:
             procs.append(raw_proc)
             targets.append(("raw", raw_port))
         print(f"{os.cpu_count()} CPUs; clients are processes; {args.seconds:g} s per cell")
+        print("pipelining: none on any side - every client (tairstore Client, redis-py, raw) has one "
+              "request in flight at a time (redis-py without pipeline(), tairstore without put_many)")
         cells = []
         for op in args.ops.split(","):
             for size in sizes:

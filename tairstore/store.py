@@ -493,6 +493,13 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
         need_crc = self._ssd is not None or self.config.verify_dram_reads
         slot_view = None
         if mv is None:
+            if not need_crc and p.ssd is None:
+                # Payload already in place, nothing to checksum or write through (a volatile
+                # store receiving via write_view): only the generation is left to assign.
+                with self._lock:
+                    p.generation = self._next_generation()
+                p.written = True
+                return
             slot_view = mv = self._dram.writable_view(p.dram)
         elif p.dram is not None:
             self._dram.copy_in(p.dram, mv)

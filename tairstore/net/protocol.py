@@ -30,6 +30,12 @@ Rules
 5. Unknown header fields are ignored, so that a minor revision may add optional ones.
 6. Every malformed input gives a ProtocolError (raised or as an event), never another
    exception, and the decoder never waits for bytes a frame did not announce.
+7. Payload sinks (server): when ``payload_sinks`` is set, a PUT/WRITE request whose header is
+   valid and whose ``sizes`` add up to the payload is offered to it *as soon as the header is
+   in*, before any payload byte is buffered. It may return one writable buffer per block
+   (exactly that block's size; None: discard the block's bytes): each block's bytes are then
+   received straight into its buffer, and the Request's ``blocks`` are those buffers (None for
+   a discarded one). This is how the daemon receives a put into the store's own memory.
 
 Receive-side transitions::
 
@@ -47,7 +53,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import msgpack
 import numpy as np
@@ -83,6 +89,10 @@ DIRECT_READ_MIN = 16 << 10
 #: Scratch receive buffer: big enough for many small frames per recv, small enough that the
 #: bytes of a large payload copied out of it are a small fraction of the payload.
 SCRATCH_BYTES = 64 << 10
+#: After a frame with a large payload, the next read in the PRELUDE state asks for this many
+#: bytes only: enough for a prelude and a typical header, so that little of the next large
+#: payload is copied out of the scratch buffer (back to the whole scratch after small frames).
+HEAD_READ = 4 << 10
 #: Frames whose payload is smaller than this are sent as one joined buffer (one syscall; the
 #: copy is cheaper than another send).
 JOIN_BELOW = 32 << 10
@@ -182,13 +192,22 @@ class Connection:
         self._want = PRELUDE.size
         self._buf = bytearray()
         self._scratch = memoryview(bytearray(SCRATCH_BYTES))
+        self._head = self._scratch  # what get_buffer offers between payloads (see HEAD_READ)
         self._direct = False
         self._error: ProtocolError | None = None
         self._kind = self._id = self._flags = self._payload_len = 0
         self._header = b""
-        self._payload: memoryview | None = None
+        # The payload being received, as segments (writable views, or None: discarded bytes)
+        # back to back: one buffer, or one per block when a payload sink supplied them.
+        self._segs: list = []
+        self._sizes: list[int] = []
+        self._seg = 0          # index of the segment being filled
+        self._seg_off = 0      # bytes of it already filled
         self._filled = 0
         self._payload_in_sink = False
+        self._early: tuple | None = None  # (op, fields, blocks) decoded at header time
+        #: Server: ``fn(request_id, op, fields) -> list[buffer | None] | None``, see rule 7.
+        self.payload_sinks: Callable[[int, Op, dict], list | None] | None = None
         # CLIENT: ids sent and not yet answered; SERVER: ids received and not yet answered.
         self._pending: dict[int, Op] = {}
         self._sinks: dict[int, memoryview] = {}
@@ -217,14 +236,23 @@ class Connection:
     def get_buffer(self) -> memoryview:
         """A writable buffer for the transport's next ``recv_into``; then call ``buffer_filled``.
 
-        While a large payload is coming this is the rest of the payload's own buffer, so its
-        bytes are received exactly once, into the buffer the event hands out.
+        While a large payload is coming this is the rest of the payload's own buffer (or of
+        the current block's sink), so its bytes are received exactly once, into the buffer the
+        event hands out.
         """
-        self._check_usable()
-        self._direct = self._state is _PAYLOAD and self._payload_len - self._filled >= DIRECT_READ_MIN
-        if self._direct:
-            return self._payload[self._filled:]
-        return self._scratch
+        if self._state is _PAYLOAD:
+            seg = self._segs[self._seg]
+            if seg is not None:
+                left = self._sizes[self._seg] - self._seg_off
+                if left >= DIRECT_READ_MIN:
+                    self._direct = True
+                    return seg[self._seg_off:]
+            self._direct = False
+            return self._scratch
+        if self._state is _BROKEN:
+            self._check_usable()
+        self._direct = False
+        return self._head if self._state is _PRELUDE else self._scratch
 
     def buffer_filled(self, nbytes: int) -> list[Event]:
         """Account for ``nbytes`` written into the buffer from :meth:`get_buffer`."""
@@ -232,9 +260,19 @@ class Connection:
             return self.receive_data(self._scratch[:nbytes])
         self._direct = False
         self._filled += nbytes
+        self._seg_off += nbytes
+        if self._seg_off == self._sizes[self._seg]:
+            self._next_seg()
         if self._filled == self._payload_len:
             return [self._complete()]
         return []
+
+    def _next_seg(self) -> None:
+        """Move to the next segment that still wants bytes (skipping empty blocks)."""
+        i, sizes = self._seg + 1, self._sizes
+        while i < len(sizes) - 1 and sizes[i] == 0:
+            i += 1
+        self._seg, self._seg_off = i, 0
 
     def receive_data(self, data: Any) -> list[Event]:
         """Feed received bytes; returns the events they complete (possibly none)."""
@@ -245,10 +283,16 @@ class Connection:
         try:
             while pos < end:
                 if self._state is _PAYLOAD:
-                    take = min(end - pos, self._payload_len - self._filled)
-                    self._payload[self._filled:self._filled + take] = view[pos:pos + take]
+                    i, off = self._seg, self._seg_off
+                    take = min(end - pos, self._sizes[i] - off)
+                    seg = self._segs[i]
+                    if seg is not None:
+                        seg[off:off + take] = view[pos:pos + take]
                     self._filled += take
+                    self._seg_off = off + take
                     pos += take
+                    if self._seg_off == self._sizes[i]:
+                        self._next_seg()
                     if self._filled == self._payload_len:
                         events.append(self._complete())
                     continue
@@ -264,9 +308,22 @@ class Connection:
             self._state = _BROKEN
             self._error = exc
             self._buf.clear()
-            self._payload = None
+            self._drop_payload()
             events.append(ProtocolErrorEvent(exc, None, True))
         return events
+
+    def _drop_payload(self) -> None:
+        self._segs, self._sizes, self._seg, self._seg_off = [], [], 0, 0
+        self._early = None
+
+    def close(self) -> None:
+        """The transport is gone: drop every reference to a partly received payload's buffers
+        (a payload sink's views are no longer written to), and refuse further use."""
+        self._drop_payload()
+        self._payload_in_sink = False
+        if self._state is not _BROKEN:
+            self._state = _BROKEN
+            self._error = _local(Code.BROKEN, "the connection was closed")
 
     def _got_prelude(self) -> Event | None:
         magic, version, kind, flags, rid, header_len, payload_len = PRELUDE.unpack(self._buf)
@@ -306,24 +363,60 @@ class Connection:
         n = self._payload_len
         if n == 0:
             return self._complete()
-        sink = self._sinks.get(self._id)
-        self._payload_in_sink = sink is not None and self._kind == Op.OK and n <= len(sink)
-        if self._payload_in_sink:
-            self._payload = sink[:n]
-        else:
-            # np.empty: not zero-filled, every byte is about to be overwritten by the socket.
-            self._payload = memoryview(np.empty(n, np.uint8))
-        self._filled = 0
+        self._filled, self._seg, self._seg_off = 0, 0, 0
         self._state = _PAYLOAD
+        if self.role is Role.SERVER:
+            if self.payload_sinks is not None and self._kind in _BLOCK_KINDS:
+                segs = self._offer_to_sinks(n)
+                if segs is not None:
+                    return None
+            self._payload_in_sink = False
+        else:
+            sink = self._sinks.get(self._id)
+            self._payload_in_sink = sink is not None and self._kind == Op.OK and n <= len(sink)
+            if self._payload_in_sink:
+                self._segs, self._sizes = [sink[:n]], [n]
+                return None
+        # np.empty: not zero-filled, every byte is about to be overwritten by the socket.
+        self._segs, self._sizes = [memoryview(np.empty(n, np.uint8))], [n]
         return None
+
+    def _offer_to_sinks(self, n: int) -> list | None:
+        """Server, PUT/WRITE header in: decode it now and let ``payload_sinks`` place the blocks."""
+        op = Op(self._kind)
+        try:
+            fields = self._request_fields(op, self._kind, self._header)
+        except ProtocolError:
+            return None  # answered once the payload is in, as without a sink
+        sizes = fields["sizes"]
+        if any(s < 0 for s in sizes) or sum(sizes) != n:
+            return None
+        segs = self.payload_sinks(self._id, op, fields)
+        if segs is None:
+            return None
+        segs = [None if b is None else _byte_view(b) for b in segs]
+        if len(segs) != len(sizes) or any(b is not None and b.nbytes != s for b, s in zip(segs, sizes)):
+            raise ValueError("payload_sinks must return one buffer of each block's size (or None)")
+        self._segs, self._sizes = segs, list(sizes)
+        self._early = (op, fields, segs)
+        self._seg = -1
+        self._next_seg()
+        return segs
 
     def _complete(self) -> Event:
         """A whole frame is in: decode it; reset for the next frame."""
         kind, rid, header = self._kind, self._id, self._header
-        payload = self._payload if self._payload is not None else memoryview(b"")
+        payload = self._segs[0] if len(self._segs) == 1 and self._early is None else _EMPTY
+        self._head = self._scratch[:HEAD_READ] if self._payload_len >= DIRECT_READ_MIN else self._scratch
+        early = self._early
         self._state, self._want = _PRELUDE, PRELUDE.size
-        self._payload, self._header, self._filled = None, b"", 0
+        self._header, self._filled = b"", 0
+        self._segs, self._sizes, self._seg, self._seg_off, self._early = [], [], 0, 0, None
         if self.role is Role.SERVER:
+            if early is not None:
+                op, fields, blocks = early
+                self._pending[rid] = op
+                return Request(rid, op, fields, blocks)
             op = Op(kind) if kind in Op._value2member_map_ else None
             self._pending[rid] = op if op is not None else Op.ERROR
             try:
@@ -359,8 +452,7 @@ class Connection:
             raise _remote(Code.BAD_HEADER, "header is not a msgpack map")
         return fields
 
-    def _decode_request(self, op: Op | None, kind: int, rid: int, header: bytes,
-                        payload: memoryview) -> Request:
+    def _request_fields(self, op: Op | None, kind: int, header: bytes) -> dict:
         if op is None or op not in RECEIVES[self.role]:
             raise _remote(Code.UNKNOWN_OPCODE, f"unknown request opcode {kind:#x}")
         fields = self._decode_header(header)
@@ -368,6 +460,11 @@ class Connection:
         if op in BLOCK_OPS_REQUEST and len(fields["keys"]) != len(fields["sizes"]):
             raise _remote(Code.PAYLOAD_MISMATCH,
                           f"{len(fields['keys'])} keys but {len(fields['sizes'])} sizes")
+        return fields
+
+    def _decode_request(self, op: Op | None, kind: int, rid: int, header: bytes,
+                        payload: memoryview) -> Request:
+        fields = self._request_fields(op, kind, header)
         blocks = _split(fields.get("sizes"), payload, allow_missing=False) if op in BLOCK_OPS_REQUEST \
             else _no_payload(payload)
         return Request(rid, op, fields, blocks)
@@ -471,4 +568,6 @@ def _no_payload(payload: memoryview) -> list:
     return []
 
 
+_EMPTY = memoryview(b"")
+_BLOCK_KINDS = frozenset(int(op) for op in BLOCK_OPS_REQUEST)
 _ON_COMPLETE = {_PRELUDE: Connection._got_prelude, _HEADER: Connection._got_header}

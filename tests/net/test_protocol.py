@@ -334,3 +334,76 @@ def test_truncated_frame_waits_without_events():
     assert server.state == "PAYLOAD"
     assert len(server.receive_data(data[-1:])) == 1
     assert struct.calcsize("<2sBBIQIQ") == PRELUDE.size == 28
+
+
+# ------------------------------------------------------------------------------ payload sinks
+def _sinks_server(plan):
+    """A server codec whose payload_sinks answers with ``plan(fields)`` and records the calls."""
+    server = Connection(Role.SERVER)
+    calls = []
+
+    def sinks(rid, op, fields):
+        calls.append((rid, op, fields))
+        return plan(fields)
+
+    server.payload_sinks = sinks
+    return server, calls
+
+
+@pytest.mark.parametrize("piece", [1, 7, 4096, 1 << 20])
+def test_payload_sinks_receive_each_block_in_place(piece):
+    client = Connection(Role.CLIENT)
+    rng = np.random.default_rng(3)
+    blocks = [rng.bytes(n) for n in (70_000, 0, 5, 100_000)]
+    targets = [bytearray(len(b)) for b in blocks]
+    targets[2] = None  # discarded: e.g. a key already stored
+    server, calls = _sinks_server(lambda fields: targets)
+    keys = [b"a", b"b", b"c", b"d"]
+    data = wire(client.send(Request(9, Op.PUT, {"keys": keys, "sizes": [len(b) for b in blocks]}, blocks)))
+    events, pos = [], 0
+    while pos < len(data):  # the transport's way: get_buffer, recv_into, buffer_filled
+        buf = server.get_buffer()
+        n = min(len(buf), len(data) - pos, piece)
+        buf[:n] = data[pos:pos + n]
+        pos += n
+        events += server.buffer_filled(n)
+        if calls:
+            assert server.state in ("PAYLOAD", "PRELUDE")
+    (req,) = events
+    assert len(calls) == 1 and calls[0][0] == 9 and calls[0][2]["keys"] == keys
+    assert isinstance(req, Request) and req.op is Op.PUT and req.id == 9
+    for got, target, block in zip(req.blocks, targets, blocks):
+        if target is None:
+            assert got is None
+        else:
+            assert got.obj is target and bytes(target) == block
+    # The codec kept no reference to the sinks, and goes on with the next frame.
+    assert server.receive_data(wire(client.send(Request(10, Op.PING))))[0].op is Op.PING
+
+
+def test_payload_sinks_offered_only_well_formed_puts():
+    client = Connection(Role.CLIENT)
+    server, calls = _sinks_server(lambda fields: None)  # None: the codec buffers it itself
+    data = wire(client.send(Request(1, Op.PUT, {"keys": [b"k"], "sizes": [3]}, [b"abc"])))
+    (req,) = server.receive_data(data)
+    assert bytes(req.blocks[0]) == b"abc" and len(calls) == 1
+    # sizes that do not add up to the payload: never offered, answered as before
+    bad = frame(Op.PUT, 2, msgpack.packb({"keys": [b"k"], "sizes": [5]}), b"abc")
+    (ev,) = server.receive_data(bad)
+    assert isinstance(ev, ProtocolErrorEvent) and not ev.fatal and ev.error.code == Code.PAYLOAD_MISMATCH
+    bad = frame(Op.PUT, 3, msgpack.packb({"keys": "k", "sizes": [3]}), b"abc")
+    (ev,) = server.receive_data(bad)
+    assert isinstance(ev, ProtocolErrorEvent) and ev.error.code == Code.BAD_HEADER
+    assert len(calls) == 1
+
+
+def test_close_mid_payload_drops_the_sinks():
+    client = Connection(Role.CLIENT)
+    target = bytearray(100_000)
+    server, calls = _sinks_server(lambda fields: [target])
+    data = wire(client.send(Request(1, Op.PUT, {"keys": [b"k"], "sizes": [len(target)]}, [bytes(len(target))])))
+    assert server.receive_data(data[:50_000]) == [] and server.state == "PAYLOAD"
+    server.close()
+    assert server.broken and server._segs == []
+    with pytest.raises(ProtocolError):
+        server.get_buffer()

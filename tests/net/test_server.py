@@ -399,3 +399,106 @@ def test_metrics_observe_every_request(volatile_store, server_factory):
     while len(seen) < 3 and time.monotonic() < deadline:  # observed just after the answer goes out
         time.sleep(0.01)
     assert ("put", 5, True) in seen and ("get", 5, True) in seen and ("put", 1, False) in seen
+
+
+# ------------------------------------------------------------------ puts received in place
+class CountingStore:
+    """A store whose write_view/write_done calls are counted (everything else passes through)."""
+
+    def __init__(self, store) -> None:
+        self._store = store
+        self.views = 0
+        self.done = 0
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    def write_view(self, session, key):
+        self.views += 1
+        return self._store.write_view(session, key)
+
+    def write_done(self, session, key):
+        self.done += 1
+        return self._store.write_done(session, key)
+
+
+def test_put_arriving_in_pieces_lands_in_place_byte_exact(volatile_store, server_factory):
+    store = CountingStore(volatile_store)
+    server = server_factory(store)
+    rng = np.random.default_rng(7)
+    block = rng.bytes(300_000)
+    data = frame(Op.PUT, 1, {"keys": [b"big"], "sizes": [len(block)]}, block)
+    with raw(server) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(0, len(data), 9_999):  # the payload comes in many small pieces
+            sock.sendall(data[i:i + 9_999])
+            if i < 40_000:
+                time.sleep(0.002)
+        kind, rid, header = read_frame(sock)
+    assert (kind, rid, header) == (Op.OK, 1, {"stored": [True]})
+    assert (store.views, store.done) == (1, 1)
+    assert bytes(volatile_store.get(b"big")) == block
+    with Client(server.url) as c:  # and a batch through the client, blocks of mixed sizes
+        blocks = [rng.bytes(n) for n in (100_000, 1, 7, 2 << 20)]
+        keys = [b"m0", b"m1", b"m2", b"m3"]
+        assert c.put_many(keys, blocks) == [True] * 4
+        assert [bytes(c.get(k)) for k in keys] == blocks
+    assert store.views == 5
+
+
+def test_put_in_place_discards_keys_already_stored(volatile_store, server_factory):
+    server = server_factory(volatile_store)
+    old = b"o" * 100_000
+    with Client(server.url) as c:
+        assert c.put(b"k1", old) is True
+        new = [b"n" * 100_000, b"m" * 200_000, b"p" * 70_000]
+        assert c.put_many([b"k0", b"k1", b"k2"], new) == [True, False, True]
+        assert bytes(c.get(b"k1")) == old  # the stored block is untouched
+        assert bytes(c.get(b"k0")) == new[0] and bytes(c.get(b"k2")) == new[2]
+        assert c.put(b"k1", b"x" * 100_000) is False
+        # a refused batch (duplicate keys) is answered once its payload is in; the connection goes on
+        with pytest.raises(tairstore.errors.InvalidArgumentError):
+            c.put_many([b"d", b"d"], [bytes(100_000), bytes(100_000)])
+        assert c.exists([b"d"]) == [False]
+        assert volatile_store.stats()["sessions_open"] == 0
+
+
+def test_put_aborted_mid_payload_releases_its_reservation(volatile_store, server_factory):
+    server = server_factory(volatile_store)
+    before = volatile_store.stats()
+    size = 4 * MiB
+    sock = raw(server)
+    sock.sendall(frame(Op.PUT, 1, {"keys": [b"half"], "sizes": [size]}, bytes(size // 2), payload_len=size))
+    deadline = time.monotonic() + 10
+    while volatile_store.stats()["sessions_open"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert volatile_store.stats()["sessions_open"] == 1  # reserved as soon as the header came
+    sock.close()  # the client vanishes mid-payload
+    while volatile_store.stats()["sessions_open"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    after = volatile_store.stats()
+    assert after["sessions_open"] == 0
+    assert volatile_store.exists([b"half"]) == [False]
+    assert volatile_store.put(b"half", bytes(size)) is True  # no longer in flight
+    assert after["blocks"] == before["blocks"]
+    assert_still_serving(server)
+
+
+def test_put_in_place_refused_by_auth_reserves_nothing(volatile_store, server_factory):
+    class Auth:
+        enabled = True
+
+        def identify(self, token):
+            return token
+
+        def check(self, token, namespace, admin=False):
+            if namespace != token:
+                raise PermissionDeniedError(f"{token!r} may not use {namespace!r}")
+
+    server = server_factory(volatile_store, auth=Auth())
+    with Client(server.url, token="a") as c:
+        with pytest.raises(PermissionDeniedError):
+            c.put(b"k", bytes(200_000), namespace="b")
+        assert volatile_store.stats()["sessions_open"] == 0
+        assert c.put(b"k", bytes(200_000), namespace="a") is True
+    assert volatile_store.exists([b"k"], namespace="b") == [False]
