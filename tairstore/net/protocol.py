@@ -295,6 +295,8 @@ class Connection:
                         self._next_seg()
                     if self._filled == self._payload_len:
                         events.append(self._complete())
+                        if self._state is _BROKEN:
+                            break
                     continue
                 take = min(end - pos, self._want - len(self._buf))
                 self._buf += view[pos:pos + take]
@@ -303,6 +305,10 @@ class Connection:
                     event = _ON_COMPLETE[self._state](self)
                     if event is not None:
                         events.append(event)
+                    if self._state is _BROKEN:
+                        # A fatal event above (e.g. a response for an unknown request id):
+                        # nothing after it in the stream can be trusted or framed.
+                        break
         except ProtocolError as exc:
             # Framing error: nothing after this point of the stream can be trusted.
             self._state = _BROKEN

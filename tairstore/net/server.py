@@ -8,10 +8,14 @@ own servers). Per connection:
 
 - one **reader** receives straight into the codec's buffers (non-blocking ``readv``; a large
   payload lands in its own buffer, once; it waits on trio only when the socket is empty, and
-  yields every YIELD_EVERY reads so that a busy client cannot starve the others). A semaphore
+  yields before serving a request that was already in when it answered the previous ones, and
+  every YIELD_EVERY reads, so that a client whose next request is always in at once cannot starve
+  the others). A semaphore
   of ``max_inflight`` permits is taken *before* a request is started, so a client that
   pipelines too much simply stops being read: TCP backpressure, no queue to grow;
-- on a volatile store a **PUT is received in place**: once its header is decoded (before the
+- on a volatile store a **PUT is received in place** (batches, and blocks from INPLACE_MIN_BYTES
+  on; a smaller single block is received into a buffer and copied by ``store.put``, cheaper than
+  a write session): once its header is decoded (before the
   payload), the reader opens a write session (memory-only there) and hands the codec each
   block's DRAM reservation (``Store.write_view``) as the block's buffer (``payload_sinks``);
   keys already stored get no buffer (their bytes are discarded). When the payload is in, the
@@ -83,8 +87,12 @@ IOV_BATCH = 512
 ABORT_GRACE_S = 5.0
 #: A single-block PUT smaller than this is received into a buffer and copied by store.put (one
 #: call); from this size on it is received straight into its DRAM reservation (four calls, no
-#: copy). Batches always go in place: they need a write session anyway.
-INPLACE_MIN_BYTES = 64 << 10
+#: copy). Batches always go in place: they need a write session anyway. Measured: a write
+#: session costs ~15-20 us more than store.put, which at 64-256 KiB is more than store.put's
+#: copy (~1-6 us, the buffer just received is in cache) and more than receiving into a warm
+#: buffer saves; at 1 MiB the copy (~25-50 us, cold) dominates. 512 KiB: +25% on 64 KiB and
+#: +10% on 256 KiB puts at 4-16 clients (see docs/PROTOCOL.md).
+INPLACE_MIN_BYTES = int(os.environ.get("TAIRSTORE_INPLACE_MIN", 512 << 10))
 #: SO_SNDBUF of data connections: a 4 MiB answer goes out in one writev instead of waiting for
 #: the client to drain (Linux doubles it, within net.core.wmem_max; autotuning stops at 4 MiB).
 SEND_BUFFER = int(os.environ.get("TAIRSTORE_SNDBUF", 4 << 20))
@@ -299,6 +307,7 @@ class DataServer:
         codec, sock, fd = conn.codec, conn.stream.socket, conn.writer.fd
         readv = os.readv
         reads = 0
+        answered = False
         while True:
             try:
                 n = readv(fd, [codec.get_buffer()])
@@ -306,12 +315,19 @@ class DataServer:
                 if conn.out:
                     await self._flush(conn)
                 await trio.lowlevel.wait_readable(sock)
-                reads = 0
+                reads, answered = 0, False
                 continue
             except OSError:
                 return  # reset by the peer: same as a close
             if n == 0:
                 return
+            if answered:
+                # Fairness: this client's next request was in as soon as we answered (it runs
+                # on another core, or pipelines): let the connections that waited go first,
+                # or it could be served up to YIELD_EVERY times in a row while they wait.
+                # (Only then: a checkpoint per answer would cost a loop cycle per request.)
+                reads, answered = 0, False
+                await trio.lowlevel.checkpoint()
             for event in codec.buffer_filled(n):
                 if isinstance(event, Request):
                     if not self._take_permit(conn):
@@ -336,6 +352,7 @@ class DataServer:
                     return
             if conn.out:
                 await self._flush(conn)
+                answered = True
             reads += 1
             if reads >= YIELD_EVERY:
                 reads = 0

@@ -407,3 +407,18 @@ def test_close_mid_payload_drops_the_sinks():
     assert server.broken and server._segs == []
     with pytest.raises(ProtocolError):
         server.get_buffer()
+
+
+def test_bytes_after_a_fatal_response_do_not_crash_the_decoder():
+    """Found by ``tairstore fuzz decoders --target protocol --seed 994751223306``: a response
+    for an unknown request id is fatal, and the bytes after it in the same read made the
+    decoder look up a transition for the BROKEN state (KeyError) instead of stopping."""
+    from tairstore.net.limits import Limits
+    from tairstore.net.protocol import Connection, ProtocolErrorEvent, Role
+
+    data = bytes.fromhex(
+        "5453018100000000000000000000000019000000000000000000000082a4636f646501a36d7367ad"
+        "7368757474696e6720646f776e545301800000000009000000000000000800000000000000000b57"
+        "bfb9600ed981a5636f756e7401")
+    events = Connection(Role.CLIENT, Limits()).receive_data(data)
+    assert events and isinstance(events[-1], ProtocolErrorEvent) and events[-1].fatal

@@ -22,7 +22,7 @@ from tairstore.net.client import AsyncClient, Client, NetworkError
 from tairstore.net.limits import Limits
 from tairstore.net.protocol import CONNECTION_ID, MAGIC, PRELUDE, VERSION
 from tairstore.net.schema import Code, Op
-from tairstore.net.server import serve_data
+from tairstore.net.server import INPLACE_MIN_BYTES, serve_data
 
 MiB = 1 << 20
 
@@ -426,7 +426,7 @@ def test_put_arriving_in_pieces_lands_in_place_byte_exact(volatile_store, server
     store = CountingStore(volatile_store)
     server = server_factory(store)
     rng = np.random.default_rng(7)
-    block = rng.bytes(300_000)
+    block = rng.bytes(INPLACE_MIN_BYTES + 44_464)  # a single block from INPLACE_MIN_BYTES on
     data = frame(Op.PUT, 1, {"keys": [b"big"], "sizes": [len(block)]}, block)
     with raw(server) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -444,6 +444,19 @@ def test_put_arriving_in_pieces_lands_in_place_byte_exact(volatile_store, server
         assert c.put_many(keys, blocks) == [True] * 4
         assert [bytes(c.get(k)) for k in keys] == blocks
     assert store.views == 5
+
+
+def test_small_single_put_is_copied_by_store_put_not_received_in_place(volatile_store, server_factory):
+    # Below INPLACE_MIN_BYTES a write session costs more than store.put's copy: no write_view.
+    store = CountingStore(volatile_store)
+    server = server_factory(store)
+    block = np.random.default_rng(3).bytes(INPLACE_MIN_BYTES - 1)
+    with Client(server.url) as c:
+        assert c.put(b"small", block) is True
+        assert c.put(b"small", block) is False
+        assert bytes(c.get(b"small")) == block
+    assert (store.views, store.done) == (0, 0)
+    assert volatile_store.stats()["sessions_open"] == 0
 
 
 def test_put_in_place_discards_keys_already_stored(volatile_store, server_factory):
@@ -498,7 +511,7 @@ def test_put_in_place_refused_by_auth_reserves_nothing(volatile_store, server_fa
     server = server_factory(volatile_store, auth=Auth())
     with Client(server.url, token="a") as c:
         with pytest.raises(PermissionDeniedError):
-            c.put(b"k", bytes(200_000), namespace="b")
+            c.put(b"k", bytes(INPLACE_MIN_BYTES + 1), namespace="b")
         assert volatile_store.stats()["sessions_open"] == 0
-        assert c.put(b"k", bytes(200_000), namespace="a") is True
+        assert c.put(b"k", bytes(INPLACE_MIN_BYTES + 1), namespace="a") is True
     assert volatile_store.exists([b"k"], namespace="b") == [False]
