@@ -8,6 +8,12 @@ Subcommands built so far:
 - ``crash``: the kill -9 loop (``--iterations N --seed S``): a writer process killed with
   SIGKILL at random moments, the store reopened and checked against the expected-state file
   after each kill (:mod:`tairstore.fuzz.killloop`).
+- ``stateful``: the stateful fault model, seeded driver (``--seed S`` replays a run exactly;
+  ``--runs N`` runs seeds S..S+N-1) (:mod:`tairstore.fuzz.stateful`).
+- ``decoders``: the decoder fuzzers (``--target NAME --seed S --count N``)
+  (:mod:`tairstore.fuzz.decoders`).
+- ``all --minutes M``: every harness interleaved for M minutes, ending with the table
+  (:mod:`tairstore.fuzz.campaign`).
 
 Every failure prints the seed and the exact replay command; the exit status is 1 when any
 invariant was violated.
@@ -71,6 +77,50 @@ def _crash(args: argparse.Namespace) -> int:
     return 0 if tally.ok else 1
 
 
+def _stateful(args: argparse.Namespace) -> int:
+    from tairstore.fuzz.model import Tally
+    from tairstore.fuzz.stateful import run_seeded
+
+    # CRITICAL: each injected fault makes the engine log its (correct) error answer.
+    logging.disable(logging.NOTSET if args.verbose else logging.CRITICAL)
+    tally = Tally()
+    failures: list[str] = []
+    for i in range(args.runs):
+        f = run_seeded(args.seed + i, steps=args.steps, base=args.dir, tally=tally)
+        for message in f:
+            print(message, file=sys.stderr, flush=True)
+        failures += f
+    for f in failures:
+        print(f)
+    print(tally.table())
+    return 0 if tally.ok and not failures else 1
+
+
+def _decoders(args: argparse.Namespace) -> int:
+    from tairstore.fuzz.decoder_targets import TARGETS
+    from tairstore.fuzz.decoders import run_seeded
+    from tairstore.fuzz.model import Tally
+
+    logging.disable(logging.NOTSET if args.verbose else logging.CRITICAL)
+    tally = Tally()
+    names = list(TARGETS) if args.target == "all" else [args.target]
+    for name in names:
+        n, failures = run_seeded(name, args.seed, args.count)
+        tally.decoder_inputs[name] += n
+        tally.decoder_failures += len(failures)
+        for f in failures:
+            print(f)
+    print(tally.table())
+    return 0 if tally.ok else 1
+
+
+def _all(args: argparse.Namespace) -> int:
+    from tairstore.fuzz.campaign import main_all
+
+    logging.disable(logging.NOTSET if args.verbose else logging.CRITICAL)
+    return main_all(args.minutes, args.seed, args.dir)
+
+
 def add_parser(subparsers) -> None:
     """Register ``fuzz`` and its subcommands on a ``tairstore`` argparse subparsers object."""
     p = subparsers.add_parser("fuzz", help="crash-recovery and fault-injection harness")
@@ -88,6 +138,24 @@ def add_parser(subparsers) -> None:
     k.add_argument("--iterations", type=int, default=20, help="kills (and reopens) to run")
     k.add_argument("--seed", type=int, default=0, help="the campaign seed")
     k.add_argument("--durability", default="mixed",
-                   help='"mixed" (sync, sync, batch), or a comma list of sync/batch/none')
+                   help='"mixed" (sync, sync, batch, none), or a comma list of sync/batch/none')
     k.add_argument("--dir", default=None, help="where to put the run directory (default: temp dir)")
     k.set_defaults(func=_crash)
+    s = sub.add_parser("stateful", help="stateful model of the store under injected faults")
+    s.add_argument("--seed", type=int, default=0, help="the run's seed (a failure prints it)")
+    s.add_argument("--runs", type=int, default=1, help="runs, with seeds SEED, SEED+1, ...")
+    s.add_argument("--steps", type=int, default=40, help="rules per run")
+    s.add_argument("--dir", default=None, help="where to put scratch stores (default: temp dir)")
+    s.set_defaults(func=_stateful)
+    from tairstore.fuzz.decoder_targets import TARGETS
+
+    d = sub.add_parser("decoders", help="fuzz the WAL, segment, protocol, HTTP and config decoders")
+    d.add_argument("--target", default="all", choices=["all", *TARGETS])
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--count", type=int, default=10_000, help="inputs per target")
+    d.set_defaults(func=_decoders)
+    a = sub.add_parser("all", help="every harness interleaved for --minutes, then the table")
+    a.add_argument("--minutes", type=float, required=True)
+    a.add_argument("--seed", type=int, default=0, help="the campaign seed")
+    a.add_argument("--dir", default=None, help="where to put scratch stores (default: temp dir)")
+    a.set_defaults(func=_all)

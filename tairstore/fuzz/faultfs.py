@@ -55,6 +55,7 @@ import os
 import random
 import shutil
 import threading
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -160,6 +161,9 @@ class FaultFS:
         self._flips: list[_ErrorRule] = []
         self._stash = self.root.rstrip(os.sep) + _STASH_SUFFIX
         self._stash_ids = itertools.count()
+        # Open files, so an abandoned store's descriptors can be closed (a killed process's
+        # would be): a store whose close() died of the crash leaves its files open.
+        self._files: weakref.WeakSet = weakref.WeakSet()
 
     # -- arming ------------------------------------------------------------------------------
     def arm_crash(self, after: int, kinds: frozenset[str] = CRASH_POINT_KINDS) -> None:
@@ -193,6 +197,11 @@ class FaultFS:
         with self._lock:
             self._errors.clear()
             self._flips.clear()
+
+    def close_all(self) -> None:
+        """Close every file still open through this FS (what the kernel does for a killed process)."""
+        for f in list(self._files):
+            f.close()
 
     def crash(self) -> None:
         """Lose power now: every later operation raises :class:`SimulatedCrash`."""
@@ -266,7 +275,9 @@ class FaultFS:
                 node.durable_size = 0
                 self._dir_log(path).append(_DirOp("create", node, path))
                 self._tick("create")
-            return FaultFile(self, node, path, fd)
+            f = FaultFile(self, node, path, fd)
+            self._files.add(f)
+            return f
 
     def exists(self, path: str) -> bool:
         """True if ``path`` exists."""
@@ -441,7 +452,7 @@ class FaultFS:
 class FaultFile:
     """A :class:`~tairstore.fileio.File` of a :class:`FaultFS` (see there)."""
 
-    __slots__ = ("fs", "node", "path", "_fd")
+    __slots__ = ("fs", "node", "path", "_fd", "__weakref__")
 
     def __init__(self, fs: FaultFS, node: _Node, path: str, fd: int) -> None:
         self.fs = fs

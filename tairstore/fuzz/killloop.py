@@ -62,8 +62,9 @@ KILL_DURING_OPEN_P = 0.2
 OPEN_DELAY_S = (0.0, 0.03)
 #: A writer that does not report "O" / "R" within this long is stuck: a failure.
 READY_TIMEOUT_S = 60.0
-#: Modes the writer runs in, weighted towards the one that promises the most.
-MODES = ("sync", "sync", "batch")
+#: Modes the writer runs in ("mixed"), weighted towards the one that promises the most. A kill
+#: is a process crash, so each of them must keep every acknowledged write.
+MODES = ("sync", "sync", "batch", "none")
 #: How long to wait for a killed writer to be reaped, and its pipe to drain.
 REAP_TIMEOUT_S = 30.0
 

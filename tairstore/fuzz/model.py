@@ -79,6 +79,7 @@ class _Key:
     cur: int | None = None  # last acknowledged value
     since_sync: set = field(default_factory=lambda: {None})  # values held since the last sync
     inflight: set = field(default_factory=set)  # new values of operations not yet acknowledged
+    maybe_back: set = field(default_factory=set)  # values dropped without an acknowledged DELETE
 
 
 @dataclass
@@ -123,6 +124,18 @@ class Expected:
         for st in self.keys.values():
             st.inflight.clear()
 
+    def dropped(self, ns: str, key: bytes) -> None:
+        """The store dropped the key on its own (a checksum mismatch on read: R1).
+
+        It is absent from now on; its DELETE is logged but never acknowledged, so a crash
+        before that record is durable may bring the old value back.
+        """
+        st = self._k(ns, key)
+        if st.cur is not None:
+            st.maybe_back.add(st.cur)
+        st.cur = None
+        st.since_sync.add(None)
+
     def synced(self) -> None:
         """A ``store.sync()`` was acknowledged: in "batch" mode everything acked is durable."""
         if self.durability == "none":
@@ -133,7 +146,7 @@ class Expected:
     def allowed(self, ns: str, key: bytes) -> set:
         """The values the key may show after a crash."""
         st = self.keys.get((ns, key)) or _Key()
-        out = {st.cur} | st.inflight
+        out = {st.cur} | st.inflight | st.maybe_back
         if self.durability != "sync":
             out |= st.since_sync | {None}
         if ns in self.evictable:
@@ -151,6 +164,7 @@ class Expected:
             st.cur = value
             st.since_sync = {value}
             st.inflight.clear()
+            st.maybe_back.clear()
 
     # The kill loop keeps the model in a file between runs (the expected-state file).
     def dump(self, path: str) -> None:
@@ -190,6 +204,7 @@ class Tally:
     fsck_failures: int = 0
     quota_violations: int = 0
     other_failures: int = 0
+    decoder_failures: int = 0
     decoder_inputs: Counter = field(default_factory=Counter)
     failures: list = field(default_factory=list)
 
@@ -199,7 +214,8 @@ class Tally:
         self.faults.update(other.faults)
         self.decoder_inputs.update(other.decoder_inputs)
         for name in ("crash_points", "acked_checked", "blocks_lost", "corrupt_served",
-                     "reopen_failures", "fsck_failures", "quota_violations", "other_failures"):
+                     "reopen_failures", "fsck_failures", "quota_violations", "other_failures",
+                     "decoder_failures"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.failures.extend(other.failures)
 
@@ -207,7 +223,8 @@ class Tally:
     def ok(self) -> bool:
         """True when no invariant was violated."""
         return not (self.blocks_lost or self.corrupt_served or self.reopen_failures
-                    or self.fsck_failures or self.quota_violations or self.other_failures)
+                    or self.fsck_failures or self.quota_violations or self.other_failures
+                    or self.decoder_failures)
 
     def table(self) -> str:
         """A Markdown table of the counts (the one docs/RELIABILITY.md shows)."""
@@ -223,6 +240,7 @@ class Tally:
             ("reopen failures (must be 0)", self.reopen_failures),
             ("fsck failures (must be 0)", self.fsck_failures),
             ("quota violations after reopen (must be 0)", self.quota_violations),
+            ("decoder contract violations (must be 0)", self.decoder_failures),
             ("other harness failures (must be 0)", self.other_failures),
         ]
         width = max(len(r[0]) for r in rows)

@@ -142,3 +142,32 @@ def test_load_config_of_a_non_utf8_file_raises_unicode_decode_error(tmp_path):
     path.write_bytes(b"\xff")
     with pytest.raises(InvalidArgumentError):
         load_config(str(path))
+
+
+def test_client_fed_bytes_after_a_connection_error_frame_raises_key_error():
+    """Found by ``python -m tairstore.fuzz.atheris_targets protocol`` (issue 5, in a minute).
+
+    A client that receives the server's connection-level ERROR frame (request id 0) marks the
+    connection BROKEN and returns the ProtocolErrorEvent, but ``receive_data`` keeps decoding
+    the rest of the same chunk: once 28 more bytes (one prelude) follow in that chunk it looks
+    up the BROKEN state in its table of receive steps and raises ``KeyError: 'BROKEN'``. The
+    protocol's rule 6 says every malformed input gives a ProtocolError (raised or as an
+    event), never another exception; a server that sends its id-0 ERROR and then anything in
+    the same TCP segment, or one corrupted stream, crashes the client's reader instead.
+    The fuzzer's input was 83 bytes: an OK frame with request id 0 and unknown flags, then
+    zeros.
+    """
+    from tairstore.errors import ProtocolError, StoreError
+    from tairstore.net.protocol import PRELUDE, Connection, Op, ProtocolErrorEvent, Request, Response, Role
+
+    client = Connection(Role.CLIENT)
+    client.send(Request(1, Op.PING))
+    server = Connection(Role.SERVER)
+    goodbye = b"".join(bytes(b) for b in server.send(Response(0, error=StoreError("shutting down"))))
+    try:
+        events = client.receive_data(goodbye + bytes(PRELUDE.size))
+    except ProtocolError:
+        events = None  # a local "the connection is broken" is a fine answer too
+    if events is not None:
+        assert any(isinstance(e, ProtocolErrorEvent) and e.fatal for e in events), events
+    assert client.broken

@@ -1,0 +1,75 @@
+"""``tairstore fuzz stateful | decoders | all``: each runs, prints the table, exits 0 when clean
+and 1 when not; every failure prints its seed and replay command."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from tairstore.cli import main
+from tairstore.fuzz import decoders
+from tairstore.fuzz.model import Tally
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    yield
+    logging.disable(logging.NOTSET)
+
+
+def test_fuzz_stateful_replays_a_seed(capsys, tmp_path):
+    assert main(["fuzz", "stateful", "--seed", "11", "--runs", "2", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| runs: stateful (seeded)" in out and "blocks lost (must be 0)" in out
+
+
+def _check_exit_and_failures(rc: int, out: str) -> None:
+    """The mechanics, whatever the engine's state: exit 1 exactly when something failed, and
+    every failure line names its replay command (an engine bug is its regression test's job)."""
+    failures = [line for line in out.splitlines()
+                if " input #" in line or line.startswith("FAILURE")]
+    assert rc == (1 if failures else 0), out[-3000:]
+    assert all("replay: tairstore fuzz" in line for line in failures), failures[:3]
+
+
+def test_fuzz_decoders_every_target(capsys):
+    rc = main(["fuzz", "decoders", "--count", "300", "--seed", "4"])
+    out = capsys.readouterr().out
+    for name in ("wal", "segment", "protocol", "http", "config"):
+        assert f"decoder inputs: {name}" in out
+    _check_exit_and_failures(rc, out)
+
+
+def test_fuzz_all_ends_with_the_table(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "tairstore", "fuzz", "all", "--minutes", "0.2",
+                          "--seed", "3", "--dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    _check_exit_and_failures(out.returncode, out.stdout)
+    table = out.stdout[out.stdout.index("| measure"):]
+    for row in ("crash points", "faults injected: sigkill", "faults injected: bitflip",
+                "decoder inputs: wal", "acknowledged blocks checked",
+                "blocks lost (must be 0)", "corrupt payloads served (must be 0)",
+                "reopen failures (must be 0)"):
+        assert row in table, row
+
+
+def test_a_decoder_failure_names_its_replay(monkeypatch):
+    from contextlib import contextmanager
+
+    @contextmanager
+    def broken():
+        def check(data: bytes) -> None:
+            if data[:1] == b"\x01":
+                raise KeyError("a stray exception")
+        yield check
+
+    monkeypatch.setitem(decoders.TARGETS, "broken", broken)
+    n, failures = decoders.run_target("broken", [b"\x00", b"\x01x"],
+                                      replay="tairstore fuzz decoders --target broken --seed 9")
+    assert n == 2 and len(failures) == 1
+    assert "KeyError" in failures[0] and "input hex: 0178" in failures[0]
+    assert "replay: tairstore fuzz decoders --target broken --seed 9" in failures[0]
+    assert Tally().ok
