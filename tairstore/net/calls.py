@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from ..validate import check_data, check_key, check_keys, check_namespace, check_out
 from ..errors import InvalidArgumentError, ProtocolError, SessionError
 from ..match import MatchResult
 from ..store import MAX_LEASE_S
@@ -67,55 +68,9 @@ class RemoteWriteSession:
 
 
 # ---------------------------------------------------------------------------- argument checks
-def check_ns(namespace: Any) -> str:
-    """A namespace must at least be a str to travel; the daemon checks its length."""
-    if not isinstance(namespace, str):
-        raise InvalidArgumentError(f"namespace must be a str, got {type(namespace).__name__}")
-    return namespace
-
-
-def check_key(key: Any) -> bytes:
-    """Keys travel as bytes; a str or int is refused as the Store refuses it."""
-    if isinstance(key, (bytearray, memoryview)):
-        key = bytes(key)
-    if not isinstance(key, bytes):
-        raise InvalidArgumentError(
-            f"keys are bytes (1..64), got {type(key).__name__}; encode strings first")
-    return key
-
-
-def check_keys(keys: Any) -> list[bytes]:
-    """A list of keys (a single key or a str is refused, as by the Store)."""
-    if isinstance(keys, (bytes, bytearray, memoryview, str)):
-        raise InvalidArgumentError("pass a list of keys, not a single key")
-    try:
-        return [check_key(k) for k in keys]
-    except TypeError:
-        raise InvalidArgumentError(f"keys must be a list of bytes, got {type(keys).__name__}") from None
-
-
-def check_data(data: Any) -> memoryview:
-    """A block as a flat byte view (no copy), or the Store's InvalidArgumentError."""
-    try:
-        mv = memoryview(data)
-    except TypeError:
-        raise InvalidArgumentError(
-            f"block data must be bytes, bytearray, memoryview or a numpy array, not {type(data).__name__}"
-        ) from None
-    if not mv.c_contiguous:
-        raise InvalidArgumentError("block data must be C-contiguous")
-    return mv.cast("B") if (mv.format != "B" or mv.ndim != 1) else mv
-
-
-def check_out(out: Any) -> memoryview:
-    """``get_into``'s destination as a flat writable byte view."""
-    try:
-        dst = memoryview(out)
-    except TypeError:
-        raise InvalidArgumentError("out must be a writable buffer (bytearray, numpy array…)") from None
-    if dst.readonly or not dst.c_contiguous:
-        raise InvalidArgumentError("out must be a writable, C-contiguous buffer")
-    return dst.cast("B") if (dst.format != "B" or dst.ndim != 1) else dst
+# The same checks as the embedded Store (tairstore.validate), so both refuse the same inputs
+# with the same errors; the daemon checks again on its side.
+check_ns = check_namespace
 
 
 def check_session(owner: Any, session: Any) -> RemoteWriteSession:
