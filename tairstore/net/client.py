@@ -31,15 +31,13 @@ from ..match import MatchResult
 from . import calls
 from .calls import DEFAULT_NAMESPACE, Call, RemoteWriteSession
 from .limits import Limits
-from .protocol import Connection, ProtocolErrorEvent, Request, Response, Role
+from .protocol import IOV_BATCH, Connection, ProtocolErrorEvent, Request, Response, Role, advance_views
 
 __all__ = ["Client", "AsyncClient", "NetworkError", "RemoteWriteSession", "parse_url"]
 
 #: Client-side receive limit: the daemon is trusted more than its clients, but a batched GET
 #: answer (up to max_batch blocks) must fit; 1 GiB bounds what a broken peer can make us allocate.
 CLIENT_LIMITS = Limits(max_frame_bytes=1 << 30, max_batch=1 << 20)
-#: Buffers per sendmsg call: below Linux's IOV_MAX (1024), with room for the header.
-IOV_BATCH = 512
 #: Idle connections a Client keeps open for reuse.
 MAX_IDLE = 16
 DEFAULT_TIMEOUT_S = 30.0
@@ -61,10 +59,11 @@ class NetworkError(StoreError, ConnectionError):
 
 
 def parse_url(url: str) -> tuple[str, int]:
-    """``tcp://host:port`` → (host, port)."""
+    """``tcp://host:port`` (or ``tairstore://host:port``, as the daemon's startup line and
+    location URIs print it) → (host, port)."""
     parts = urlsplit(url)
-    if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
-        raise InvalidArgumentError(f"expected a daemon address like tcp://127.0.0.1:7070, got {url!r}")
+    if parts.scheme not in ("tcp", "tairstore") or not parts.hostname or parts.port is None:
+        raise InvalidArgumentError(f"expected a daemon address like tcp://127.0.0.1:7480, got {url!r}")
     return parts.hostname, parts.port
 
 
@@ -82,15 +81,7 @@ def _send_buffers(sock: socket.socket, buffers: list) -> None:
     views = [memoryview(b) for b in buffers]
     i = 0
     while i < len(views):
-        sent = sock.sendmsg(views[i:i + IOV_BATCH])
-        while sent and i < len(views):
-            n = views[i].nbytes
-            if sent >= n:
-                sent -= n
-                i += 1
-            else:
-                views[i] = views[i][sent:]
-                sent = 0
+        i = advance_views(views, i, sock.sendmsg(views[i:i + IOV_BATCH]))
 
 
 class _SyncConn:

@@ -74,7 +74,7 @@ from .schema import (
 
 __all__ = [
     "MAGIC", "VERSION", "PRELUDE", "CONNECTION_ID", "Op", "Code", "Role", "Connection",
-    "Request", "Response", "ProtocolErrorEvent", "Event",
+    "Request", "Response", "ProtocolErrorEvent", "Event", "IOV_BATCH", "advance_views",
 ]
 
 MAGIC = b"TS"
@@ -159,6 +159,24 @@ class ProtocolErrorEvent:
 Event = Union[Request, Response, ProtocolErrorEvent]
 
 _PRELUDE, _HEADER, _PAYLOAD, _BROKEN = "PRELUDE", "HEADER", "PAYLOAD", "BROKEN"
+
+
+#: Buffers per writev / sendmsg call: below Linux's IOV_MAX (1024).
+IOV_BATCH = 512
+
+
+def advance_views(views: list, i: int, sent: int) -> int:
+    """After a gathered write from ``views[i:]`` took ``sent`` bytes, the index of the first
+    view not fully written; a partly written view is replaced by its unwritten rest."""
+    while sent and i < len(views):
+        n = views[i].nbytes
+        if sent >= n:
+            sent -= n
+            i += 1
+        else:
+            views[i] = views[i][sent:]
+            sent = 0
+    return i
 
 
 def _remote(code: Code, message: str) -> ProtocolError:

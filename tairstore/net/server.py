@@ -70,7 +70,7 @@ import trio
 from ..errors import InvalidArgumentError, PermissionDeniedError, SessionError, StoreError
 from ..session import OPEN, WriteSession
 from .limits import Limits
-from .protocol import CONNECTION_ID, Connection, Request, Response, Role
+from .protocol import CONNECTION_ID, IOV_BATCH, Connection, Request, Response, Role, advance_views
 from .schema import Op, match_to_fields
 
 __all__ = ["serve_data", "DataServer", "main"]
@@ -81,8 +81,6 @@ DEFAULT_NAMESPACE = "default"
 #: A connection's session table is swept of finished/expired entries past this size (they are
 #: kept until then so that reusing one raises the store's own error, e.g. LeaseExpiredError).
 SESSION_SWEEP_AT = 1024
-#: Buffers per writev call: below Linux's IOV_MAX (1024).
-IOV_BATCH = 512
 #: Seconds a closing connection may spend aborting its leftover write sessions.
 ABORT_GRACE_S = 5.0
 #: A single-block PUT smaller than this is received into a buffer and copied by store.put (one
@@ -139,14 +137,7 @@ class _Writer:
                 sent = os.writev(self.fd, views[i:i + IOV_BATCH])
             except BlockingIOError:
                 return views[i:]
-            while sent and i < len(views):
-                n = views[i].nbytes
-                if sent >= n:
-                    sent -= n
-                    i += 1
-                else:
-                    views[i] = views[i][sent:]
-                    sent = 0
+            i = advance_views(views, i, sent)
         return []
 
     def try_write(self, buffers: list) -> list | None:

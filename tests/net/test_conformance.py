@@ -233,3 +233,14 @@ def test_stats(target):
     stats = s.stats()
     assert (stats["namespaces"][ns]["blocks"], stats["namespaces"][ns]["bytes"]) == (1, 1000)
     assert {"blocks", "tiers", "counters", "durability"} <= set(stats)
+
+
+def test_client_urls():
+    from tairstore.errors import InvalidArgumentError
+    from tairstore.net.client import parse_url
+
+    assert parse_url("tcp://127.0.0.1:7480") == ("127.0.0.1", 7480)
+    assert parse_url("tairstore://127.0.0.1:7480") == ("127.0.0.1", 7480)  # as the daemon prints it
+    for bad in ("http://127.0.0.1:7480", "tcp://127.0.0.1", "127.0.0.1:7480"):
+        with pytest.raises(InvalidArgumentError):
+            parse_url(bad)
