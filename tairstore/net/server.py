@@ -575,17 +575,13 @@ class DataServer:
             raise rec.error
         session, copies = rec.session, rec.copies
         rec.session, rec.copies = None, {}
-        try:
-            for key in session.keys_to_write:
-                if key in copies:
-                    self.store.write(session, key, copies[key])
-                else:
-                    self.store.write_done(session, key)
-            self.store.finish_write(session, session.keys_to_write)
-        except BaseException:
-            self.store.abort_write(session)
-            raise
-        written = set(session.keys_to_write)
+        def fill(key: bytes) -> None:
+            if key in copies:
+                self.store.write(session, key, copies[key])
+            else:
+                self.store.write_done(session, key)
+
+        written = self._write_session(session, fill)
         return {"stored": [k in written for k in keys]}, [], nbytes
 
     def _authenticate(self, conn: _Conn, token: str) -> None:
@@ -606,16 +602,21 @@ class DataServer:
             return {"stored": [self.store.put(keys[0], blocks[0], namespace=ns)]}, [], nbytes
         # A batch is one write session: one commit (one fsync in sync mode) for all its blocks.
         session = self.store.start_write(keys, [len(b) for b in blocks], namespace=ns)
+        by_key = dict(zip(keys, blocks))
+        written = self._write_session(session, lambda key: self.store.write(session, key, by_key[key]))
+        return {"stored": [k in written for k in keys]}, [], nbytes
+
+    def _write_session(self, session, fill) -> set:
+        """Fill every key of a fresh session with ``fill(key)`` and commit them all; on any
+        failure abort it (releasing every reservation). Returns the keys committed."""
         try:
-            by_key = dict(zip(keys, blocks))
             for key in session.keys_to_write:
-                self.store.write(session, key, by_key[key])
+                fill(key)
             self.store.finish_write(session, session.keys_to_write)
         except BaseException:
             self.store.abort_write(session)
             raise
-        written = set(session.keys_to_write)
-        return {"stored": [k in written for k in keys]}, [], nbytes
+        return set(session.keys_to_write)
 
     def _get(self, conn: _Conn, req: Request) -> Result:
         ns, cap = req.fields.get("ns", DEFAULT_NAMESPACE), req.fields.get("cap")
