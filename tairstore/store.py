@@ -125,12 +125,13 @@ class _Admission:
     def go_on(self) -> bool:
         return self.fruitless < ADMIT_ATTEMPTS and time.monotonic() < self.deadline
 
-    def note(self, progressed: bool, others_writing: bool) -> None:
+    def note(self, progressed: bool, room_is_coming: bool) -> None:
         if progressed:
             return
-        if others_writing:
-            # Room is held by other writers' reservations; their commits or aborts make it
-            # compactable or free soon. Wait a moment rather than give up.
+        if room_is_coming:
+            # Room is held by other writers' reservations (their commits or aborts make it
+            # compactable or free soon) or by deleted segments a reader or an fsync still
+            # pins. Wait a moment rather than give up; ADMIT_DEADLINE_S bounds the wait.
             time.sleep(ADMIT_BACKOFF_S)
             return
         self.fruitless += 1
@@ -423,7 +424,7 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
                 need_bytes = self._ssd_room_needed(ns, todo)
             if need_bytes:
                 # Outside the lock: compaction copies records and fsyncs.
-                admit.note(self.compactor.make_room(need_bytes), self._ssd_reserved > 0)
+                admit.note(self.compactor.make_room(need_bytes), self._room_is_coming())
                 continue
             with self._lock:
                 self._check_writable()
@@ -458,7 +459,7 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
                         self._sessions[sid] = session
                     return session
             # Outside the lock: compaction copies records and fsyncs.
-            admit.note(self.compactor.make_room(need_bytes), self._ssd_reserved > 0)
+            admit.note(self.compactor.make_room(need_bytes), self._room_is_coming())
         raise CapacityError(
             "SSD tier full: compaction could not free room for this write (live blocks fill it)",
             dimension="tier:ssd")
@@ -708,6 +709,11 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
                 # WAL that failed in the background must not stop the abort — or close().
                 self._fail(exc)
 
+    def _room_is_coming(self) -> bool:
+        """SSD room is held only for now: reservations that will commit or abort, or deleted
+        segments whose last reader (or an fsync in flight) has not let go yet."""
+        return self._ssd_reserved > 0 or self._ssd.retiring_bytes > 0
+
     def _release_pending(self, session: WriteSession, pending: dict[bytes, PendingBlock]) -> None:
         """Give back the reservations of ``pending`` (store lock held)."""
         st = self._ns_state(session.namespace)
@@ -739,7 +745,7 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
                     return False
                 need_bytes = self._ssd_room_needed(ns, [(key, size)])
             if need_bytes:
-                admit.note(self.compactor.make_room(need_bytes), self._ssd_reserved > 0)
+                admit.note(self.compactor.make_room(need_bytes), self._room_is_coming())
                 continue
             with self._lock:
                 self._check_writable()
@@ -752,7 +758,7 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
                 else:
                     self._inflight[k] = 0
                     break
-            admit.note(self.compactor.make_room(need_bytes), self._ssd_reserved > 0)
+            admit.note(self.compactor.make_room(need_bytes), self._room_is_coming())
         else:
             raise CapacityError("SSD tier full: compaction could not free room for this write",
                                 dimension="tier:ssd")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 
 import numpy as np
@@ -276,3 +277,41 @@ def test_compaction_runs_in_the_background_under_churn(tmp_path):
         assert st["compaction"]["segments_compacted"] > 0
         for i in live:
             assert assert_exact(s, "default", k(i), 64 * KiB)
+
+
+def test_writer_waits_for_a_deleted_segment_that_a_reader_still_pins(tmp_path):
+    """Room held by a deleted-but-pinned segment is coming back: a full-SSD put waits for it.
+
+    ``sync`` pins every dirty segment while it fsyncs, and a reader pins the segment it reads;
+    compaction may delete such a segment meanwhile, and its bytes leave the file total only
+    when the last pin goes. A put that needs that room must wait, not raise CapacityError.
+    """
+    with tairstore.open(tmp_path / "s", dram_bytes=0, ssd_bytes=2 * MiB, segment_bytes=256 * KiB,
+                        maintenance_interval_s=60, durability="none") as s:
+        for i in range(60):  # ~3.8 MiB through a 2 MiB tier: eviction has been running
+            s.put(k(i), content("default", k(i), 64 * KiB))
+        ssd = s._ssd
+        # Pin every closed segment, as a long fsync of all dirty segments does.
+        held = [ssd._pin(sid) for sid in ssd.segment_ids() if sid != ssd.head_segment]
+        assert held
+        released = []
+
+        def release():
+            time.sleep(0.3)
+            for seg in held:
+                ssd._unpin(seg)
+            released.append(time.monotonic())
+
+        t = threading.Thread(target=release)
+        t.start()
+        try:
+            for i in range(60, 100):
+                s.put(k(i), content("default", k(i), 64 * KiB))  # must not raise CapacityError
+        finally:
+            t.join()
+        assert released
+        assert ssd.retiring_bytes == 0
+        for i in range(90, 100):
+            assert assert_exact(s, "default", k(i), 64 * KiB)
+        st = s.stats()["tiers"]["ssd"]
+        assert st["file_bytes"] <= 2 * MiB

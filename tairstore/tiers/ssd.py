@@ -320,6 +320,16 @@ class SegmentLog:
         return self._total
 
     @property
+    def retiring_bytes(self) -> int:
+        """Bytes of deleted segments still counted in :attr:`total_bytes`.
+
+        A deleted segment's file goes, and its bytes leave the total, when its last pin (a
+        reader, or ``sync`` fsyncing it) is dropped; until then the room is coming, not gone.
+        """
+        with self._lock:
+            return sum(s.size for s in self._segments.values() if s.doomed and not s.retired)
+
+    @property
     def segment_bytes(self) -> int:
         """The size at which the head segment rolls over."""
         return self._segment_bytes
