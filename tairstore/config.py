@@ -62,7 +62,9 @@ class StoreConfig:
     compaction_live_ratio: float = 0.5
     #: How often the maintenance thread runs (lease reaper, watermarks, TTL, compaction).
     maintenance_interval_s: float = 0.05
-    #: Touch every DRAM arena page at open so the first puts do not pay page faults.
+    #: Fault the DRAM arena in at open (in a background thread where Linux can populate
+    #: pages without writing them), so puts do not pay first-touch page faults. The arena's
+    #: memory is then resident from the start. See :meth:`DramArena.prefault`.
     prefault_dram: bool = False
     #: Run the maintenance thread. ``False`` (fsck, tools) leaves the store exactly as opened:
     #: no reaping, watermark eviction, TTL expiry or compaction unless called explicitly.

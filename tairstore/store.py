@@ -895,6 +895,8 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
                 self._closed = True
         try:
             self._stop.set()
+            if self._dram is not None:
+                self._dram.stop_prefault()
             if self._maint.is_alive() and self._maint is not threading.current_thread():
                 self._maint.join()
             self.compactor.wait_idle()

@@ -738,13 +738,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ssd-bytes", type=int, default=1 << 30, help="0: a volatile DRAM-only store")
     ap.add_argument("--segment-bytes", type=int, default=64 << 20)
     ap.add_argument("--durability", default="sync", choices=("sync", "batch", "none"))
+    ap.add_argument("--prefault-dram", action="store_true",
+                    help="fault the DRAM arena in at start (see StoreConfig.prefault_dram)")
     ap.add_argument("--worker-threads", type=int, default=Limits.worker_threads)
     ap.add_argument("--max-inflight", type=int, default=Limits.max_inflight)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     store = tairstore.open(args.data_dir, dram_bytes=args.dram_bytes, ssd_bytes=args.ssd_bytes,
                            segment_bytes=min(args.segment_bytes, max(args.ssd_bytes, 4096)),
-                           durability=args.durability)
+                           durability=args.durability, prefault_dram=args.prefault_dram)
     limits = Limits(worker_threads=args.worker_threads, max_inflight=args.max_inflight)
 
     async def run() -> None:
