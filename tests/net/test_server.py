@@ -518,3 +518,30 @@ def test_put_in_place_refused_by_auth_reserves_nothing(volatile_store, server_fa
         assert volatile_store.stats()["sessions_open"] == 0
         assert c.put(b"k", bytes(INPLACE_MIN_BYTES + 1), namespace="a") is True
     assert volatile_store.exists([b"k"], namespace="b") == [False]
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_NOTSENT_LOWAT"), reason="Linux/macOS socket option")
+def test_data_sockets_queue_whole_answers():
+    """trio's SocketStream limits unsent bytes to 16 KiB; a data connection lifts that, so a
+    large answer goes to the kernel in one writev instead of ~8 per MiB and a wait."""
+    from tairstore.net.server import SEND_BUFFER, _tune_socket
+
+    async def main():
+        listener = trio.socket.socket()
+        with listener:
+            await listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+            client = trio.socket.socket()
+            with client:
+                await client.connect(listener.getsockname())
+                conn, _ = await listener.accept()
+                stream = trio.SocketStream(conn)
+                sock = stream.socket
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == 1 << 14
+                _tune_socket(sock)
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) >= 1 << 30
+                if SEND_BUFFER:
+                    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= SEND_BUFFER
+                await stream.aclose()
+
+    trio.run(main)
