@@ -224,6 +224,7 @@ class Connection:
         self._filled = 0
         self._payload_in_sink = False
         self._early: tuple | None = None  # (op, fields, blocks) decoded at header time
+        self._decoded: tuple | None = None  # (op, fields) decoded at header time, no sink
         #: Server: ``fn(request_id, op, fields) -> list[buffer | None] | None``, see rule 7.
         self.payload_sinks: Callable[[int, Op, dict], list | None] | None = None
         # CLIENT: ids sent and not yet answered; SERVER: ids received and not yet answered.
@@ -338,7 +339,7 @@ class Connection:
 
     def _drop_payload(self) -> None:
         self._segs, self._sizes, self._seg, self._seg_off = [], [], 0, 0
-        self._early = None
+        self._early = self._decoded = None
 
     def close(self) -> None:
         """The transport is gone: drop every reference to a partly received payload's buffers
@@ -417,6 +418,7 @@ class Connection:
             return None
         segs = self.payload_sinks(self._id, op, fields)
         if segs is None:
+            self._decoded = (op, fields)  # not decoded a second time when the payload is in
             return None
         segs = [None if b is None else _byte_view(b) for b in segs]
         if len(segs) != len(sizes) or any(b is not None and b.nbytes != s for b, s in zip(segs, sizes)):
@@ -432,15 +434,23 @@ class Connection:
         kind, rid, header = self._kind, self._id, self._header
         payload = self._segs[0] if len(self._segs) == 1 and self._early is None else _EMPTY
         self._head = self._scratch[:HEAD_READ] if self._payload_len >= DIRECT_READ_MIN else self._scratch
-        early = self._early
+        early, decoded = self._early, self._decoded
         self._state, self._want = _PRELUDE, PRELUDE.size
         self._header, self._filled = b"", 0
         self._segs, self._sizes, self._seg, self._seg_off, self._early = [], [], 0, 0, None
+        self._decoded = None
         if self.role is Role.SERVER:
             if early is not None:
                 op, fields, blocks = early
                 self._pending[rid] = op
                 return Request(rid, op, fields, blocks)
+            if decoded is not None:
+                op, fields = decoded
+                self._pending[rid] = op
+                try:  # (the sizes were checked against the payload length already)
+                    return Request(rid, op, fields, _split(fields["sizes"], payload, allow_missing=False))
+                except ProtocolError as exc:
+                    return ProtocolErrorEvent(exc, rid, False)
             op = Op(kind) if kind in Op._value2member_map_ else None
             self._pending[rid] = op if op is not None else Op.ERROR
             try:
