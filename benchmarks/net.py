@@ -39,6 +39,11 @@ Setup (Debian/Ubuntu)::
 Run: ``python benchmarks/net.py`` (a few minutes), or e.g. ``--sizes 256K,4M --clients 1,4
 --seconds 1``. ``--json FILE`` writes every cell. Targets checked at the end: tairstore >= 1.2x
 Redis's best for 256 KiB - 4 MiB put and get, >= 0.8x the raw socket, match p50 < 1 ms.
+
+``--batch N`` moves N blocks per round trip on every side instead (tairstore ``put_many`` /
+``get_many``, one request; redis-py ``pipeline(transaction=False)`` of N commands; raw one
+transfer of N blocks): how an engine loads or saves the pages of one prefix. Per-request costs
+are then shared by N blocks; ops/s counts blocks, latencies are per round trip.
 """
 
 from __future__ import annotations
@@ -193,8 +198,8 @@ class RawClient:
         self.buf = memoryview(bytearray(8 * MiB))
         self.ack = bytearray(1)
 
-    def put(self, slot: int, block: memoryview) -> None:
-        self.sock.sendmsg([RAW_REQUEST.pack(0, len(block), slot), block])
+    def put(self, slot: int, block: memoryview, count: int = 1) -> None:
+        self.sock.sendmsg([RAW_REQUEST.pack(0, len(block) * count, slot)] + [block] * count)
         self.sock.recv_into(self.ack)
 
     def get(self, slot: int, size: int) -> None:
@@ -204,39 +209,68 @@ class RawClient:
             got += self.sock.recv_into(self.buf[got:size])
 
 
-def make_ops(target: str, port: int, size: int, worker: int, nkeys: int, run_id: str):
-    """(put(i), get(i), prepare()) closures for one client process."""
+def make_ops(target: str, port: int, size: int, worker: int, nkeys: int, run_id: str, batch: int = 1):
+    """(put(i), get(i), prepare()) closures for one client process.
+
+    With ``batch`` > 1 each call moves ``batch`` blocks in one round trip: tairstore
+    ``put_many``/``get_many`` (one request), redis-py ``pipeline(transaction=False)`` of
+    ``batch`` SET/GET, raw one request of ``batch * size`` bytes.
+    """
     block = memoryview(np.random.default_rng(worker).integers(0, 256, size, dtype=np.uint8)).cast("B")
     keys = [f"{run_id}-{worker}-{i}".encode() for i in range(nkeys)]
+
+    def key_batch(i: int) -> list[bytes]:
+        return [keys[(i * batch + j) % nkeys] for j in range(batch)]
+
     if target == "tairstore":
         from tairstore.net.client import Client
 
         c = Client(f"tcp://127.0.0.1:{port}", timeout=60)
         counter = iter(range(1 << 62))
+        if batch == 1:
+            def put(i: int) -> None:
+                c.put(f"{run_id}-{worker}-p{next(counter)}".encode(), block)
 
-        def put(i: int) -> None:
-            c.put(f"{run_id}-{worker}-p{next(counter)}".encode(), block)
+            def get(i: int) -> None:
+                assert c.get(keys[i % nkeys]) is not None
+        else:
+            blocks = [block] * batch
 
-        def get(i: int) -> None:
-            assert c.get(keys[i % nkeys]) is not None
+            def put(i: int) -> None:
+                c.put_many([f"{run_id}-{worker}-p{next(counter)}".encode() for _ in range(batch)], blocks)
+
+            def get(i: int) -> None:
+                assert all(v is not None for v in c.get_many(key_batch(i)))
 
         return put, get, lambda: [c.put(k, block) for k in keys]
     if target == "raw":
         c = RawClient(port)
-        return (lambda i: c.put(i, block)), (lambda i: c.get(i, size)), (lambda: None)
+        return (lambda i: c.put(i, block, batch)), (lambda i: c.get(i, size * batch)), (lambda: None)
     r = _redis_client(target.split(":", 1)[1], port)
+    if batch == 1:
+        def rput(i: int) -> None:
+            r.set(keys[i % nkeys], block)
 
-    def rput(i: int) -> None:
-        r.set(keys[i % nkeys], block)
+        def rget(i: int) -> None:
+            assert r.get(keys[i % nkeys]) is not None
+    else:
+        def rput(i: int) -> None:
+            pipe = r.pipeline(transaction=False)
+            for k in key_batch(i):
+                pipe.set(k, block)
+            pipe.execute()
 
-    def rget(i: int) -> None:
-        assert r.get(keys[i % nkeys]) is not None
+        def rget(i: int) -> None:
+            pipe = r.pipeline(transaction=False)
+            for k in key_batch(i):
+                pipe.get(k)
+            assert all(v is not None for v in pipe.execute())
 
     return rput, rget, lambda: [r.set(k, block) for k in keys]
 
 
-def client_main(target, port, op, size, worker, nkeys, seconds, run_id, barrier, results) -> None:
-    put, get, prepare = make_ops(target, port, size, worker, nkeys, run_id)
+def client_main(target, port, op, size, worker, nkeys, seconds, run_id, barrier, results, batch) -> None:
+    put, get, prepare = make_ops(target, port, size, worker, nkeys, run_id, batch)
     fn = put if op == "put" else get
     if op == "get":
         prepare()
@@ -257,23 +291,24 @@ def client_main(target, port, op, size, worker, nkeys, seconds, run_id, barrier,
     results.put((start, t1, i, lat))
 
 
-def run_cell(target: str, port: int, op: str, size: int, clients: int, seconds: float) -> dict:
+def run_cell(target: str, port: int, op: str, size: int, clients: int, seconds: float,
+             batch: int = 1) -> dict:
     ctx = mp.get_context("fork")
     barrier, results = ctx.Barrier(clients), ctx.Queue()
-    nkeys = max(2, WORKING_SET // size // clients)
+    nkeys = max(2, batch, WORKING_SET // size // clients)
     run_id = f"{op}{size}c{clients}t{time.monotonic_ns()}"
     procs = [ctx.Process(target=client_main, args=(target, port, op, size, w, nkeys, seconds, run_id, barrier,
-                                                   results)) for w in range(clients)]
+                                                   results, batch)) for w in range(clients)]
     for p in procs:
         p.start()
     out = [results.get(timeout=seconds * 10 + 120) for _ in procs]
     for p in procs:
         p.join()
     start, end = min(o[0] for o in out), max(o[1] for o in out)
-    ops = sum(o[2] for o in out)
+    ops = sum(o[2] for o in out) * batch  # blocks moved
     lat = np.concatenate([np.asarray(o[3]) for o in out])
     wall = end - start
-    return {"target": target, "op": op, "size": size, "clients": clients, "ops": ops,
+    return {"target": target, "op": op, "size": size, "clients": clients, "batch": batch, "ops": ops,
             "gbps": ops * size / wall / 1e9, "ops_s": ops / wall,
             "p50_us": float(np.percentile(lat, 50) * 1e6), "p99_us": float(np.percentile(lat, 99) * 1e6)}
 
@@ -334,6 +369,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=1.5, help="per cell")
     ap.add_argument("--redis-variants", default="hiredis,py-pack,pure-py")
     ap.add_argument("--no-raw", action="store_true")
+    ap.add_argument("--batch", type=int, default=1,
+                    help="blocks per round trip (tairstore put_many/get_many, redis-py pipeline, raw: "
+                         "one transfer); latencies are then per round trip, ops/s per block")
     ap.add_argument("--json", help="write every cell to this file")
     ap.add_argument("--raw-server", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -358,14 +396,23 @@ def main() -> int:
             procs.append(raw_proc)
             targets.append(("raw", raw_port))
         print(f"{os.cpu_count()} CPUs; clients are processes; {args.seconds:g} s per cell")
-        print("pipelining: none on any side - every client (tairstore Client, redis-py, raw) has one "
-              "request in flight at a time (redis-py without pipeline(), tairstore without put_many)")
+        if args.batch == 1:
+            print("pipelining: none on any side - every client (tairstore Client, redis-py, raw) has one "
+                  "request in flight at a time (redis-py without pipeline(), tairstore without put_many)")
+        else:
+            print(f"batches of {args.batch} blocks per round trip on every side: tairstore put_many/get_many "
+                  f"(one request), redis-py pipeline(transaction=False) of {args.batch} commands, raw one "
+                  "transfer; p50/p99 are per round trip")
+        if args.batch < 1:
+            raise SystemExit("--batch must be >= 1")
         cells = []
         for op in args.ops.split(","):
             for size in sizes:
                 for n in clients:
                     for name, port in targets:  # interleaved, so background noise hits all alike
-                        cells.append(run_cell(name, port, op, size, n, args.seconds))
+                        if name == "raw" and size * args.batch > 8 * MiB:
+                            continue  # the raw server's per-connection buffer
+                        cells.append(run_cell(name, port, op, size, n, args.seconds, args.batch))
                         c = cells[-1]
                         print(f"  {op} {fmt_size(size)} x{n} {name}: {c['gbps']:.2f} GB/s p50 {c['p50_us']:.0f} us",
                               flush=True)
