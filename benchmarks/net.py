@@ -270,6 +270,14 @@ def make_ops(target: str, port: int, size: int, worker: int, nkeys: int, run_id:
 
 
 def client_main(target, port, op, size, worker, nkeys, seconds, run_id, barrier, results, batch) -> None:
+    try:
+        _client_loop(target, port, op, size, worker, nkeys, seconds, run_id, barrier, results, batch)
+    except BaseException as exc:  # reported by run_cell instead of a silent timeout
+        barrier.abort()
+        results.put(f"{target} client {worker}: {type(exc).__name__}: {exc}")
+
+
+def _client_loop(target, port, op, size, worker, nkeys, seconds, run_id, barrier, results, batch) -> None:
     put, get, prepare = make_ops(target, port, size, worker, nkeys, run_id, batch)
     fn = put if op == "put" else get
     if op == "get":
@@ -304,6 +312,9 @@ def run_cell(target: str, port: int, op: str, size: int, clients: int, seconds: 
     out = [results.get(timeout=seconds * 10 + 120) for _ in procs]
     for p in procs:
         p.join()
+    failed = [o for o in out if isinstance(o, str)]
+    if failed:
+        raise RuntimeError("; ".join(failed))
     start, end = min(o[0] for o in out), max(o[1] for o in out)
     ops = sum(o[2] for o in out) * batch  # blocks moved
     lat = np.concatenate([np.asarray(o[3]) for o in out])
@@ -409,6 +420,12 @@ def main() -> int:
         for op in args.ops.split(","):
             for size in sizes:
                 for n in clients:
+                    if size * args.batch * n > SERVER_DRAM // 2:
+                        # Blocks being received are reserved DRAM that nothing can evict: with
+                        # this much in flight the server rightly refuses (CapacityError).
+                        print(f"  {op} {fmt_size(size)} x{n}: skipped, {n} clients x {args.batch} "
+                              f"blocks in flight exceed half the server's {SERVER_DRAM // MiB} MiB DRAM")
+                        continue
                     for name, port in targets:  # interleaved, so background noise hits all alike
                         if name == "raw" and size * args.batch > 8 * MiB:
                             continue  # the raw server's per-connection buffer
