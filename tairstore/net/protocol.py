@@ -273,6 +273,59 @@ class Connection:
         self._direct = False
         return self._head if self._state is _PRELUDE else self._scratch
 
+    def get_buffers(self, max_buffers: int = 64) -> list[memoryview]:
+        """Like :meth:`get_buffer`, for a scatter read (``readv`` / ``recvmsg_into``).
+
+        While a payload is coming straight into its block buffers, this is the rest of the
+        current block and the blocks after it (up to ``max_buffers``, up to the first one
+        whose bytes are discarded), so that one read can fill many blocks of a batch. The
+        last buffer offered ends where the payload ends: the next frame is never read into a
+        block. Otherwise it is the one buffer :meth:`get_buffer` returns. Pass the number of
+        bytes read to :meth:`buffers_filled`.
+        """
+        if self._state is _PAYLOAD and self._segs[self._seg] is not None:
+            segs, sizes, i = self._segs, self._sizes, self._seg
+            out = [segs[i][self._seg_off:]]
+            total = sizes[i] - self._seg_off
+            i += 1
+            while i < len(segs) and len(out) < max_buffers:
+                seg = segs[i]
+                if seg is None:
+                    break
+                if sizes[i]:
+                    out.append(seg)
+                    total += sizes[i]
+                i += 1
+            # Worth a direct read even when the current block has only a few bytes left: the
+            # blocks after it take the rest (only the payload's tail goes through scratch).
+            if total >= DIRECT_READ_MIN:
+                self._direct = True
+                return out
+        return [self.get_buffer()]
+
+    def buffers_filled(self, nbytes: int) -> list[Event]:
+        """Account for ``nbytes`` read into the buffers from :meth:`get_buffers`, in order."""
+        if not self._direct:
+            return self.receive_data(self._scratch[:nbytes])
+        self._direct = False
+        sizes = self._sizes
+        while nbytes:
+            take = min(nbytes, sizes[self._seg] - self._seg_off)
+            if not take:
+                raise ValueError("more bytes filled than get_buffers offered")
+            nbytes -= take
+            self._filled += take
+            self._seg_off += take
+            if self._seg_off == sizes[self._seg]:
+                if self._filled == self._payload_len:
+                    if nbytes:
+                        raise ValueError("more bytes filled than get_buffers offered")
+                    return [self._complete()]
+                self._next_seg()
+        if self._filled == self._payload_len:
+            return [self._complete()]
+        return []
+
     def buffer_filled(self, nbytes: int) -> list[Event]:
         """Account for ``nbytes`` written into the buffer from :meth:`get_buffer`."""
         if not self._direct:

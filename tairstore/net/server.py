@@ -7,7 +7,8 @@ Theory of operation
 own servers). Per connection:
 
 - one **reader** receives straight into the codec's buffers (non-blocking ``readv``; a large
-  payload lands in its own buffer, once; it waits on trio only when the socket is empty, and
+  payload lands in its own buffer, once, and one ``readv`` scatters into many blocks of a
+  batch (``Connection.get_buffers``); it waits on trio only when the socket is empty, and
   yields before serving a request that was already in when it answered the previous ones, and
   every YIELD_EVERY reads, so that a client whose next request is always in at once cannot starve
   the others). A semaphore
@@ -314,7 +315,7 @@ class DataServer:
         answered = False
         while True:
             try:
-                n = readv(fd, [codec.get_buffer()])
+                n = readv(fd, codec.get_buffers())
             except BlockingIOError:
                 if conn.out:
                     await self._flush(conn)
@@ -332,7 +333,7 @@ class DataServer:
                 # (Only then: a checkpoint per answer would cost a loop cycle per request.)
                 reads, answered = 0, False
                 await trio.lowlevel.checkpoint()
-            for event in codec.buffer_filled(n):
+            for event in codec.buffers_filled(n):
                 if isinstance(event, Request):
                     if not self._take_permit(conn):
                         await self._flush(conn)

@@ -422,3 +422,54 @@ def test_bytes_after_a_fatal_response_do_not_crash_the_decoder():
         "bfb9600ed981a5636f756e7401")
     events = Connection(Role.CLIENT, Limits()).receive_data(data)
     assert events and isinstance(events[-1], ProtocolErrorEvent) and events[-1].fatal
+
+
+@pytest.mark.parametrize("piece", [1, 9, 4096, 70_001, 1 << 20])
+def test_scatter_reads_fill_many_blocks_per_read(piece):
+    """get_buffers/buffers_filled, as the server's readv uses them: the same blocks, the next
+    frame never read into a block, and far fewer reads than blocks when reads are large."""
+    client = Connection(Role.CLIENT)
+    rng = np.random.default_rng(5)
+    sizes = [20_000, 0, 3, 40_000, 17, 0, 65_536, 30_000]
+    blocks = [rng.bytes(n) for n in sizes]
+    targets = [bytearray(n) for n in sizes]
+    targets[4] = None  # discarded bytes stop a scatter list
+    server, calls = _sinks_server(lambda fields: targets)
+    keys = [b"k%d" % i for i in range(len(sizes))]
+    data = wire(client.send(Request(3, Op.PUT, {"keys": keys, "sizes": sizes}, blocks)))
+    data += wire(client.send(Request(4, Op.PING)))
+    events, pos, reads = [], 0, 0
+    while pos < len(data):
+        bufs = server.get_buffers()
+        room = sum(len(b) for b in bufs)
+        n = min(room, len(data) - pos, piece)
+        left, off = n, pos
+        for b in bufs:  # what readv does: fill the buffers in order
+            take = min(left, len(b))
+            b[:take] = data[off:off + take]
+            off += take
+            left -= take
+        pos += n
+        reads += 1
+        events += server.buffers_filled(n)
+    put, ping = events
+    assert put.id == 3 and ping.op is Op.PING
+    for got, target, block in zip(put.blocks, targets, blocks):
+        if target is None:
+            assert got is None
+        else:
+            assert got.obj is target and bytes(target) == block
+    if piece >= 1 << 20:
+        assert reads <= 6  # prelude+header, scatter up to the discarded block, it, the rest, ping
+
+
+def test_buffers_filled_refuses_more_bytes_than_offered():
+    client = Connection(Role.CLIENT)
+    target = bytearray(50_000)
+    server, _ = _sinks_server(lambda fields: [target])
+    data = wire(client.send(Request(1, Op.PUT, {"keys": [b"k"], "sizes": [50_000]}, [bytes(50_000)])))
+    server.receive_data(data[:100])
+    bufs = server.get_buffers()
+    assert sum(len(b) for b in bufs) < 50_000
+    with pytest.raises(ValueError):
+        server.buffers_filled(sum(len(b) for b in bufs) + 1)
