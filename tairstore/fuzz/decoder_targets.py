@@ -188,6 +188,8 @@ def _protocol_corpus() -> list[bytes]:
     for r in reqs:
         data = wire(client.send(r))
         out.append(b"\x00" + data)  # first byte: role and chunking (see the target)
+        if r.op is Op.PUT:
+            out.append(b"\x0a" + data)  # server with payload sinks, scatter reads
         server.receive_data(data)
     resps = [
         Response(1),
@@ -238,10 +240,22 @@ def _protocol_target() -> Iterator[Callable[[bytes], None]]:
         pos = 0
         while pos < len(body):
             n = len(body) - pos if mode & 4 else rng.randint(1, 64)
-            chunk = body[pos:pos + n]
-            pos += n
             try:
-                events = conn.receive_data(chunk)
+                if mode & 8:
+                    # The transport's way (the server's readv): scatter into get_buffers().
+                    bufs = conn.get_buffers()
+                    n = min(n, len(body) - pos, sum(len(b) for b in bufs))
+                    off = pos
+                    for b in bufs:
+                        take = min(len(b), pos + n - off)
+                        b[:take] = body[off:off + take]
+                        off += take
+                    pos += n
+                    events = conn.buffers_filled(n)
+                else:
+                    chunk = body[pos:pos + n]
+                    pos += n
+                    events = conn.receive_data(chunk)
             except ProtocolError:
                 if not conn.broken:
                     raise _finding("receive_data raised on a connection that is not broken")

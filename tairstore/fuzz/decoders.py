@@ -12,7 +12,8 @@ target      decoder                                                    may raise
             on an in-memory file (yields verified records, reports       the header only;
             the rest)                                                   the scan never raises
 ``protocol`` ``net.protocol.Connection.receive_data`` (both roles,       ProtocolError only
-            random chunking, a small ``Limits``)
+            random chunking, a small ``Limits``), or the server's
+            scatter path ``get_buffers``/``buffers_filled``
 ``config``  ``daemon_config.load_config`` on a file of these bytes        InvalidArgumentError
 ``http``    ``net.http.HttpApi`` (JSON and Tair MetaService endpoints)   never a 500; a body
                                                                        that is not a JSON
