@@ -116,6 +116,9 @@ def run_crash(base: str, run: CrashRun, tally: Tally) -> tuple[list[str], int]:
             except RuntimeError as exc:
                 tally.other_failures += 1
                 failures.append(f"HANG {exc} ({where})")
+            # What a killed process's kernel does, also when the crash came inside open()
+            # (no store to abandon, but files it had opened).
+            fs.close_all()
             tally.faults.update(fs.materialise())
             tally.crash_points += 1
     for message in hooks.bad:

@@ -270,11 +270,15 @@ class FaultFS:
             if create and not readonly:
                 flags |= os.O_CREAT
             fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
-            node = self._node(path)
-            if not existed:
-                node.durable_size = 0
-                self._dir_log(path).append(_DirOp("create", node, path))
-                self._tick("create")
+            try:
+                node = self._node(path)
+                if not existed:
+                    node.durable_size = 0
+                    self._dir_log(path).append(_DirOp("create", node, path))
+                    self._tick("create")  # may crash right after the create: the caller
+            except BaseException:          # never gets this file, so nobody else closes it
+                os.close(fd)
+                raise
             f = FaultFile(self, node, path, fd)
             self._files.add(f)
             return f
