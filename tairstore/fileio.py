@@ -16,7 +16,7 @@ import mmap
 import os
 from typing import Protocol, runtime_checkable
 
-__all__ = ["File", "FileSystem", "OsFile", "OsFileSystem", "REAL_FS"]
+__all__ = ["File", "FileSystem", "OsFile", "OsFileSystem", "MemoryFile", "REAL_FS"]
 
 
 @runtime_checkable
@@ -148,6 +148,26 @@ class OsFile:
 
     def __repr__(self) -> str:
         return f"OsFile({self.path!r})"
+
+
+class MemoryFile:
+    """The read half of :class:`File` over bytes in memory (scans of a segment image, fuzzing)."""
+
+    path = "<memory>"
+
+    def __init__(self, data) -> None:
+        self.data = bytes(data)
+
+    def size(self) -> int:
+        return len(self.data)
+
+    def pread(self, n: int, offset: int) -> bytes:
+        return self.data[offset:offset + n]
+
+    def pread_into(self, buf, offset: int) -> int:
+        chunk = self.data[offset:offset + len(buf)]
+        memoryview(buf).cast("B")[:len(chunk)] = chunk
+        return len(chunk)
 
 
 class OsFileSystem:

@@ -94,24 +94,6 @@ def _wal_target() -> Iterator[Callable[[bytes], None]]:
 
 
 # -- segment ----------------------------------------------------------------------------------
-class _MemFile:
-    """The read half of :class:`tairstore.fileio.File` over bytes in memory."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def size(self) -> int:
-        return len(self.data)
-
-    def pread(self, n: int, offset: int) -> bytes:
-        return self.data[offset:offset + n]
-
-    def pread_into(self, buf, offset: int) -> int:
-        chunk = self.data[offset:offset + len(buf)]
-        memoryview(buf).cast("B")[:len(chunk)] = chunk
-        return len(chunk)
-
-
 def _segment_record(ns: str, key: bytes, payload: bytes, *, zstd: bool = False,
                     tombstone: bool = False, generation: int = 1) -> bytes:
     from tairstore.format.checksum import crc32c
@@ -141,6 +123,7 @@ def _segment_corpus() -> list[bytes]:
 @contextlib.contextmanager
 def _segment_target() -> Iterator[Callable[[bytes], None]]:
     from tairstore.format.segment import decode_header
+    from tairstore.fileio import MemoryFile
     from tairstore.tiers.ssd import scan_records
 
     def check(data: bytes) -> None:
@@ -150,7 +133,7 @@ def _segment_target() -> Iterator[Callable[[bytes], None]]:
             pass
         reports: list[tuple[int, str]] = []
         end = 0
-        for rec in scan_records(_MemFile(data), 1, reporter=lambda n, r: reports.append((n, r))):
+        for rec in scan_records(MemoryFile(data), 1, reporter=lambda n, r: reports.append((n, r))):
             loc = rec.location
             if not rec.verified:
                 raise _finding(f"scan yielded an unverified record at {loc.offset}")

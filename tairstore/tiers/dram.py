@@ -259,13 +259,18 @@ class DramArena:
         """
         return self._view(slot, readonly=True)
 
+    def _pin_locked(self, slot: Slot) -> _Entry:
+        """Pin a live slot (lock held); the pin goes through ``_unpinned`` like a view's."""
+        self._drain()
+        entry = self._entry_of(slot)
+        if entry.pins == 0:
+            self._pinned += slot.reserved
+        entry.pins += 1
+        return entry
+
     def _view(self, slot: Slot, *, readonly: bool) -> memoryview:
         with self._lock:
-            self._drain()
-            entry = self._entry_of(slot)
-            if entry.pins == 0:
-                self._pinned += slot.reserved
-            entry.pins += 1
+            entry = self._pin_locked(slot)
             pin = _Pin(self, entry, self._base + slot.offset, readonly)
         # Outside the lock: if numpy fails here, dropping `pin` unpins through the normal path.
         return memoryview(np.asarray(pin))
@@ -288,11 +293,7 @@ class DramArena:
             InvalidArgumentError: the slot is not live or was already released.
         """
         with self._lock:
-            self._drain()
-            entry = self._entry_of(slot)
-            if entry.pins == 0:
-                self._pinned += slot.reserved
-            entry.pins += 1
+            entry = self._pin_locked(slot)
         try:
             np.copyto(np.frombuffer(dst, np.uint8, count=slot.size),
                       self._buf[slot.offset : slot.offset + slot.size])

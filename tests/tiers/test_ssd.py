@@ -16,7 +16,7 @@ from tairstore.errors import (
     CapacityError, ClosedError, CorruptionError, DiskFullError, FatalIOError,
     InvalidArgumentError,
 )
-from tairstore.fileio import REAL_FS
+from tairstore.fileio import REAL_FS, MemoryFile
 from tairstore.format.checksum import crc32c
 from tairstore.format.segment import (
     FLAG_SHUFFLE2, FLAG_TOMBSTONE, FLAG_ZSTD, HEADER_SIZE, decode_header,
@@ -340,26 +340,6 @@ def test_scan_bad_header_stops(tmp_path):
     assert reports[0][1].startswith("bad header crc")
 
 
-class _MemFile:
-    """Just enough of fileio.File for scan_records over bytes in memory."""
-
-    path = "<memory>"
-
-    def __init__(self, data: bytes) -> None:
-        self.data = bytes(data)
-
-    def size(self) -> int:
-        return len(self.data)
-
-    def pread(self, n: int, offset: int) -> bytes:
-        return self.data[offset:offset + n]
-
-    def pread_into(self, buf, offset: int) -> int:
-        chunk = self.data[offset:offset + len(buf)]
-        memoryview(buf)[:len(chunk)] = chunk
-        return len(chunk)
-
-
 _SAMPLE: list[bytes] = []
 
 
@@ -381,7 +361,7 @@ def _sample_segment() -> bytes:
 
 def _check_scan(data: bytes) -> None:
     reports = []
-    for rec in scan_records(_MemFile(data), 1, reporter=lambda n, w: reports.append((n, w))):
+    for rec in scan_records(MemoryFile(data), 1, reporter=lambda n, w: reports.append((n, w))):
         assert rec.verified
         loc = rec.location
         h = decode_header(data[loc.offset:loc.offset + loc.length])
@@ -409,7 +389,7 @@ def test_scan_mutated_segment(data):
 
 
 def test_scan_of_clean_sample_finds_everything():
-    recs = list(scan_records(_MemFile(_sample_segment()), 1))
+    recs = list(scan_records(MemoryFile(_sample_segment()), 1))
     assert [(r.key, r.flags & FLAG_TOMBSTONE) for r in recs] == [
         (b"one", 0), (b"two", 0), (b"three", 0), (b"one", FLAG_TOMBSTONE)]
 
