@@ -304,7 +304,8 @@ class Connection:
         return [self.get_buffer()]
 
     def buffers_filled(self, nbytes: int) -> list[Event]:
-        """Account for ``nbytes`` read into the buffers from :meth:`get_buffers`, in order."""
+        """Account for ``nbytes`` read into the buffers from :meth:`get_buffers` (or the one
+        from :meth:`get_buffer`), in order; returns the events they complete."""
         if not self._direct:
             return self.receive_data(self._scratch[:nbytes])
         self._direct = False
@@ -316,28 +317,16 @@ class Connection:
             nbytes -= take
             self._filled += take
             self._seg_off += take
+            if self._filled == self._payload_len:
+                if nbytes:
+                    raise ValueError("more bytes filled than get_buffers offered")
+                return [self._complete()]
             if self._seg_off == sizes[self._seg]:
-                if self._filled == self._payload_len:
-                    if nbytes:
-                        raise ValueError("more bytes filled than get_buffers offered")
-                    return [self._complete()]
                 self._next_seg()
-        if self._filled == self._payload_len:
-            return [self._complete()]
         return []
 
-    def buffer_filled(self, nbytes: int) -> list[Event]:
-        """Account for ``nbytes`` written into the buffer from :meth:`get_buffer`."""
-        if not self._direct:
-            return self.receive_data(self._scratch[:nbytes])
-        self._direct = False
-        self._filled += nbytes
-        self._seg_off += nbytes
-        if self._seg_off == self._sizes[self._seg]:
-            self._next_seg()
-        if self._filled == self._payload_len:
-            return [self._complete()]
-        return []
+    #: After :meth:`get_buffer`: the same accounting, for the one buffer it offered.
+    buffer_filled = buffers_filled
 
     def _next_seg(self) -> None:
         """Move to the next segment that still wants bytes (skipping empty blocks)."""
