@@ -27,6 +27,8 @@ import sys
 import threading
 import time
 
+from net import process_cpu  # benchmarks/net.py, beside this script
+
 REQUEST = b"x" * 32
 
 
@@ -117,12 +119,6 @@ def client(port: int, requests: int, results) -> None:
     sock.close()
 
 
-def process_cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=20000, help="per client")
@@ -141,7 +137,7 @@ def main() -> int:
             for n in (int(c) for c in args.clients.split(",")):
                 results = ctx.Queue()
                 procs = [ctx.Process(target=client, args=(port, args.requests, results)) for _ in range(n)]
-                cpu0, t0 = process_cpu(server.pid), time.perf_counter()
+                cpu0, t0 = sum(process_cpu(server.pid)), time.perf_counter()
                 for p in procs:
                     p.start()
                 times = [results.get(timeout=600) for _ in procs]
@@ -149,7 +145,7 @@ def main() -> int:
                 for p in procs:
                     p.join()
                 total = n * args.requests
-                cpu = (process_cpu(server.pid) - cpu0) / total * 1e6
+                cpu = (sum(process_cpu(server.pid)) - cpu0) / total * 1e6
                 print(f"{name:7} {n:>7} {total / wall:9.0f} {cpu:18.1f} {sum(times) / n / args.requests * 1e6:16.1f}",
                       flush=True)
         finally:
