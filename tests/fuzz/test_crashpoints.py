@@ -7,10 +7,8 @@ with ``TAIRSTORE_FUZZ_CRASH_RUNS``; ``TAIRSTORE_FUZZ_SEED`` changes the campaign
 
 from __future__ import annotations
 
-import logging
 import os
 
-import pytest
 
 from tairstore.fuzz.crashpoints import enumerate_points, random_runs
 from tairstore.fuzz.faultfs import ALL_KINDS
@@ -19,14 +17,6 @@ from tairstore.fuzz.model import Tally
 #: The issue asks CI for at least 200 random crash-point runs.
 RANDOM_RUNS = int(os.environ.get("TAIRSTORE_FUZZ_CRASH_RUNS", "200"))
 SEED = int(os.environ.get("TAIRSTORE_FUZZ_SEED", "20240601"))
-
-
-@pytest.fixture(autouse=True)
-def _quiet_engine_logs():
-    # Each simulated crash makes the engine log its (correct) refusal; thousands drown a report.
-    logging.disable(logging.WARNING)
-    yield
-    logging.disable(logging.NOTSET)
 
 
 def _assert_clean(tally: Tally, failures: list[str]) -> None:

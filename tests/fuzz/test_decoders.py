@@ -10,7 +10,6 @@ target: it parses, or raises its one designated error; never anything else, neve
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 
@@ -26,14 +25,6 @@ SEED = int(os.environ.get("TAIRSTORE_FUZZ_SEED", "20240601"))
 #: Hypothesis' share of the inputs: it shrinks well but costs more per input than the loop.
 HYPOTHESIS_SHARE = 0.1
 NAMES = sorted(TARGETS)
-
-
-@pytest.fixture(autouse=True)
-def _quiet_logs():
-    # The HTTP API logs every refused request; 10,000 of them drown a report.
-    logging.disable(logging.CRITICAL)
-    yield
-    logging.disable(logging.NOTSET)
 
 
 @pytest.mark.parametrize("name", NAMES)

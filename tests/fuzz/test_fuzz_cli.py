@@ -3,21 +3,13 @@ and 1 when not; every failure prints its seed and replay command."""
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
 
-import pytest
 
 from tairstore.cli import main
 from tairstore.fuzz import decoders
 from tairstore.fuzz.model import Tally
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    yield
-    logging.disable(logging.NOTSET)
 
 
 def test_fuzz_stateful_replays_a_seed(capsys, tmp_path):

@@ -11,12 +11,10 @@ campaign seed.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
 
-import pytest
 
 from tairstore.fuzz.killloop import EXPECTED_FILE, MODES, parse_lines, run_campaign
 from tairstore.fuzz.model import Expected, Tally
@@ -25,13 +23,6 @@ from tairstore.fuzz.model import Expected, Tally
 #: after a writer already finished (none do in practice) without falling under 20.
 ITERATIONS = int(os.environ.get("TAIRSTORE_KILL_ITERATIONS", "24"))
 SEED = int(os.environ.get("TAIRSTORE_FUZZ_SEED", "20240601"))
-
-
-@pytest.fixture(autouse=True)
-def _quiet_engine_logs():
-    logging.disable(logging.WARNING)
-    yield
-    logging.disable(logging.NOTSET)
 
 
 def test_kill9_loop_loses_nothing_acknowledged_in_mixed_durability(tmp_path):

@@ -7,10 +7,8 @@ driver that ``tairstore fuzz stateful --seed S`` replays.
 
 from __future__ import annotations
 
-import logging
 import os
 
-import pytest
 from hypothesis import HealthCheck, settings
 
 from tairstore.fuzz.model import Tally
@@ -20,14 +18,6 @@ EXAMPLES = int(os.environ.get("TAIRSTORE_STATEFUL_FAULT_EXAMPLES", "300"))
 SEED = int(os.environ.get("TAIRSTORE_FUZZ_SEED", "20240601"))
 #: Rules per Hypothesis example: enough for a fault to meet a restart and a crash.
 STEPS = 30
-
-
-@pytest.fixture(autouse=True)
-def _quiet_engine_logs():
-    # Every injected fault makes the engine log its (correct) answer; thousands drown a report.
-    logging.disable(logging.CRITICAL)
-    yield
-    logging.disable(logging.NOTSET)
 
 
 def test_store_under_injected_faults_hypothesis():
