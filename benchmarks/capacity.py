@@ -4,7 +4,7 @@ Sections (``--section``, default ``all``):
 
 - ``policies``: the hit rate of each eviction policy (:data:`tairstore.policy.POLICIES`) on the
   Mooncake conversation trace (``../shared/data/traces/mooncake_conversation_trace.jsonl``,
-  kvcache-ai/Mooncake FAST'25 release, Apache-2.0), replayed by :func:`tairstore.replay.replay`
+  kvcache-ai/Mooncake FAST'25 release, Apache-2.0), replayed by :func:`tairstore.policy.replay.replay`
   through the same policy objects the store uses. Each ``hash_id`` is one 512-token block; the
   tier holds a fraction (``--capacities``, default 10%, 25%, 50%) of the trace's unique blocks.
   Two rates per policy and capacity: the *prefix* hit rate (blocks in the leading resident run
@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tairstore.policy import POLICIES, make_policy
-from tairstore.replay import load_mooncake_trace, replay
+from tairstore.policy.replay import load_mooncake_trace, replay
 
 GIB = 1 << 30
 

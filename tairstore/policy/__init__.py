@@ -1,6 +1,6 @@
 """Eviction policies: which resident block of a tier leaves next.
 
-The same objects drive the store, HiSim and the trace replayer (:mod:`tairstore.replay`), so a
+The same objects drive the store, HiSim and the trace replayer (:mod:`tairstore.policy.replay`), so a
 simulated hit rate is the store's real hit rate. A policy is pure: no I/O, no locks, no threads;
 the store calls it under its own lock.
 

@@ -8,7 +8,7 @@ import pytest
 
 from tairstore.errors import InvalidArgumentError
 from tairstore.policy import POLICIES, LeafLRU, make_policy
-from tairstore.replay import load_mooncake_trace, replay
+from tairstore.policy.replay import load_mooncake_trace, replay
 
 TRACE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "traces" / (
     "mooncake_conversation_trace.jsonl"
