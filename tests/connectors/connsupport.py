@@ -1,0 +1,126 @@
+"""Helpers of the adapter tests: the engines' real modules (skipped with the reason when an
+engine is not installed, unless TAIRSTORE_ENGINE_TESTS=1 makes that a failure), a daemon
+started as users start it, and a host KV pool shaped like SGLang's."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+
+#: Set by CI after it installed the engines: a missing engine then fails instead of skipping.
+REQUIRE_ENGINES = os.environ.get("TAIRSTORE_ENGINE_TESTS") == "1"
+STARTUP = re.compile(r"listening data=(\S+) http=http://127\.0\.0\.1:(\d+)")
+START_TIMEOUT_S = 60
+
+
+def need(module: str, install: str):
+    """Import ``module`` or skip (fail under TAIRSTORE_ENGINE_TESTS=1) naming the install."""
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError as exc:
+        reason = f"{module} is not importable ({exc}); install with: {install}"
+        if REQUIRE_ENGINES:
+            pytest.fail(reason + " (TAIRSTORE_ENGINE_TESTS=1 requires it)")
+        pytest.skip(reason)
+
+
+def sglang_modules():
+    """SGLang's storage base class, config and factory, as installed with ``--no-deps``.
+
+    ``import sglang`` pulls the whole server (triton and more); the storage modules only need
+    torch, so a bare ``sglang`` package object stands in for the package's ``__init__``.
+    """
+    need("torch", "pip install torch==2.13.0")
+    if "sglang" not in sys.modules:
+        spec = importlib.util.find_spec("sglang")
+        if spec is None or not spec.submodule_search_locations:
+            need("sglang", "pip install --no-deps sglang")
+        bare = types.ModuleType("sglang")
+        bare.__path__ = list(spec.submodule_search_locations)
+        sys.modules["sglang"] = bare
+    storage = need("sglang.srt.mem_cache.hicache_storage", "pip install --no-deps sglang")
+    factory = need("sglang.srt.mem_cache.storage.backend_factory", "pip install --no-deps sglang")
+    return storage, factory
+
+
+class Daemon:
+    """``python -m tairstore serve`` on free loopback ports, stopped with SIGTERM."""
+
+    def __init__(self, data_dir: str, extra: list[str] | None = None) -> None:
+        cmd = [sys.executable, "-m", "tairstore", "serve", "--data-dir", data_dir,
+               "--host", "127.0.0.1", "--port", "0", "--http-port", "0"] + (extra or [])
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        log = []
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert time.monotonic() < deadline, "no startup line:\n" + "".join(log)
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"tairstore serve exited {self.proc.wait()}:\n" + "".join(log))
+            log.append(line)
+            m = STARTUP.search(line)
+            if m:
+                self.url, self.http_port = m.group(1), int(m.group(2))
+                break
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stdout.close()
+
+
+class HostPool:
+    """A host KV pool with the geometry SGLang's ``MHATokenToKVPoolHost`` and
+    ``MLATokenToKVPoolHost`` give it (``kv_buffer`` dims per layout, and the flat-page methods).
+
+    SGLang's own pool classes need its compiled transfer kernels (tvm_ffi) even on CPU, so the
+    tests build the same tensors here; the storage backend only reads this interface.
+    """
+
+    def __init__(self, *, layout: str, pages: int, page_size: int, layers: int, heads: int = 2,
+                 head_dim: int = 8, mla: bool = False, dtype=None, seed: int = 0) -> None:
+        import torch
+
+        self.layout, self.page_size, self.layer_num = layout, page_size, layers
+        self.dtype = dtype or torch.bfloat16
+        self.size = pages * page_size
+        self.mla = mla
+        self.head_num, self.head_dim = (1, head_dim) if mla else (heads, head_dim)
+        lead = () if mla else (2,)
+        body = (layers, self.size) if layout == "layer_first" else (self.size, layers)
+        g = torch.Generator().manual_seed(seed)
+        self.kv_buffer = torch.randn(*lead, *body, self.head_num, self.head_dim,
+                                     generator=g).to(self.dtype)
+
+    def page(self, index: int):
+        """The page starting at token ``index`` (a view, all layers and components)."""
+        sl = slice(index, index + self.page_size)
+        if self.mla:
+            return self.kv_buffer[:, sl] if self.layout == "layer_first" else self.kv_buffer[sl]
+        return self.kv_buffer[:, :, sl] if self.layout == "layer_first" else self.kv_buffer[:, sl]
+
+    def get_data_page(self, index: int, flat: bool = True):
+        p = self.page(index)
+        return p.flatten() if flat else p
+
+    def get_dummy_flat_data_page(self):
+        import torch
+
+        return torch.zeros(self.page(0).numel(), dtype=self.dtype)
+
+    def set_from_flat_data_page(self, index: int, data_page) -> None:
+        p = self.page(index)
+        p.copy_(data_page.reshape(p.shape))
