@@ -87,7 +87,7 @@ class TairStoreHiCacheImpl:
         self.is_writer = bool(getattr(storage_config, "is_storage_writer", True))
         self.backend: Backend = open_backend(
             url, self._namespace(), timeout_s=float(extra.get("timeout_s", DEFAULT_TIMEOUT_S)),
-            token=extra.get("token"))
+            token=extra.get("token"), store_options=extra.get("store_options"))
 
     # -- geometry and namespace ------------------------------------------------------------
     def _namespace(self) -> str:
