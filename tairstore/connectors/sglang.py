@@ -200,8 +200,8 @@ class TairStoreHiCacheImpl:
         if self.transfer is None:
             return [self._read_page(k, p) for k, p in zip(ks, pages)]
         nbytes = self.paged.block_bytes
-        ok = self.transfer.load(pages, lambda i, buf: self.backend.get_into(ks[i], buf, nbytes)).wait()
-        return ok
+        return self.transfer.load(pages, read=lambda i, buf: self.backend.get_into(ks[i], buf, nbytes),
+                                  fetch=lambda i: self.backend.get(ks[i])).wait()
 
     def batch_set_v1(self, keys: List[str], host_indices: Any,
                      extra_info: Optional[Any] = None) -> List[bool]:

@@ -29,6 +29,7 @@ store goes through its public ``write``/``get_into`` calls anyway.
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import Any, Callable, Sequence
 
 from ..errors import InvalidArgumentError
@@ -48,6 +49,8 @@ LAYOUTS = ("layer_first", "page_first")
 #: Default staging slab: 64 MiB holds 8 pages of Llama-3.1-8B (8 MiB each at 64 tokens a page).
 DEFAULT_SLAB_BYTES = 64 << 20
 DEFAULT_SLABS = 2
+#: Element types copies move, widest first (see PagedKV.word).
+WORDS = tuple(getattr(torch, n) for n in ("int64", "int32", "int16", "uint8")) if torch is not None else ()
 
 
 def available() -> bool:
@@ -104,23 +107,31 @@ class PagedKV:
         self.layout = layout
         self.page_size = page_size
         # views[c][l]: a [num_pages, page_size, row_bytes] uint8 view (possibly strided).
-        self.views: list[list["torch.Tensor"]] = [self._layer_views(c) for c in components]
-        first = self.views[0][0]
-        self.num_layers = len(self.views[0])
+        views = [self._layer_views(c) for c in components]
+        first = views[0][0]
+        self.num_layers = len(views[0])
         self.num_pages = first.shape[0]
         self.device = first.device
-        for comp in self.views:
+        for comp in views:
             if len(comp) != self.num_layers:
                 raise InvalidArgumentError("components have different layer counts")
             for v in comp:
                 if v.shape[0] != self.num_pages or v.device != self.device:
                     raise InvalidArgumentError("components disagree on page count or device")
         #: bytes of one page of one layer of one component, per component
-        self.page_bytes = [comp[0].shape[1] * comp[0].shape[2] for comp in self.views]
+        self.page_bytes = [comp[0].shape[1] * comp[0].shape[2] for comp in views]
         #: bytes of one layer (all components) inside a block
         self.layer_bytes = sum(self.page_bytes)
         #: bytes of one block (one page, every layer and component)
         self.block_bytes = self.layer_bytes * self.num_layers
+        # Copies move the widest machine words that divide every row: torch copies uint8
+        # tensors with strides element by element, an order of magnitude slower.
+        self.word = next(w for w in WORDS if all(c[0].shape[2] % w.itemsize == 0 for c in views))
+        self.views = [[v.view(self.word) for v in comp] for comp in views]
+        self._full = [self._all_layers(c) for c in components]
+        ws = self.word.itemsize
+        self._offsets = [sum(self.page_bytes[:c]) // ws for c in range(len(views))]
+        self._words = [n // ws for n in self.page_bytes]
 
     def _layer_views(self, comp: Any) -> list["torch.Tensor"]:
         ps = self.page_size
@@ -172,48 +183,68 @@ class PagedKV:
             raise InvalidArgumentError("each layer's KV tensor must be contiguous")
         return cls(flat, "layer_first", int(first.shape[1]))
 
+    def _all_layers(self, comp: Any) -> "torch.Tensor | None":
+        """A component as one ``[P, L, page_size, W]`` word view, when it is one tensor."""
+        if not isinstance(comp, torch.Tensor):
+            return None
+        b = _as_bytes(comp).view(self.word)
+        if self.layout == "page_first":
+            slots, layers = comp.shape[0], comp.shape[1]
+            return b.reshape(slots // self.page_size, self.page_size, layers, -1).transpose(1, 2)
+        layers, slots = comp.shape[0], comp.shape[1]
+        return b.reshape(layers, slots // self.page_size, self.page_size, -1).transpose(0, 1)
+
     # -- copies ----------------------------------------------------------------------------
-    def _index(self, pages: Any) -> "torch.Tensor":
-        idx = torch.as_tensor(pages, dtype=torch.long).reshape(-1)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_pages):
+    def _index(self, pages: Any) -> list[int]:
+        idx = [int(p) for p in (pages.reshape(-1).tolist() if hasattr(pages, "tolist") else pages)]
+        if any(not 0 <= p < self.num_pages for p in idx):
             raise InvalidArgumentError(f"page index out of range [0, {self.num_pages})")
-        return idx.to(self.device)
+        return idx
 
     def blocks_view(self, staging: "torch.Tensor", n: int) -> "torch.Tensor":
-        """``staging`` (uint8, at least ``n * block_bytes``) as ``[n, layer_bytes * L]``."""
+        """``staging`` (uint8, at least ``n * block_bytes``) as ``[n, L, layer_bytes]``."""
         return staging[: n * self.block_bytes].view(n, self.num_layers, self.layer_bytes)
+
+    def _region(self, blocks: "torch.Tensor", i: int, c: int, layer: int | None) -> "torch.Tensor":
+        off, n = self._offsets[c], self._words[c]
+        if layer is None:
+            return blocks[i, :, off:off + n].view(self.num_layers, self.page_size, -1)
+        return blocks[i, layer, off:off + n].view(self.page_size, -1)
+
+    def _words_of(self, staging: "torch.Tensor", n: int) -> "torch.Tensor":
+        return self.blocks_view(staging, n).view(self.word)
 
     def gather(self, pages: Any, out: "torch.Tensor") -> None:
         """Copy ``pages`` into ``out`` (uint8 on this device), one block after another."""
         idx = self._index(pages)
-        blocks = self.blocks_view(out, idx.numel())
-        for layer in range(self.num_layers):
-            self._copy_layer(layer, idx, blocks, to_blocks=True)
+        blocks = self._words_of(out, len(idx))
+        for i, p in enumerate(idx):
+            for c, full in enumerate(self._full):
+                if full is not None:
+                    self._region(blocks, i, c, None).copy_(full[p])
+                else:
+                    for layer in range(self.num_layers):
+                        self._region(blocks, i, c, layer).copy_(self.views[c][layer][p])
 
     def scatter_layer(self, layer: int, pages: Any, src: "torch.Tensor") -> None:
         """Copy layer ``layer`` of the blocks in ``src`` into ``pages``."""
         idx = self._index(pages)
-        self._copy_layer(layer, idx, self.blocks_view(src, idx.numel()), to_blocks=False)
+        blocks = self._words_of(src, len(idx))
+        for i, p in enumerate(idx):
+            for c, comp in enumerate(self.views):
+                comp[layer][p].copy_(self._region(blocks, i, c, layer))
 
     def scatter(self, pages: Any, src: "torch.Tensor") -> None:
         """Copy every layer of the blocks in ``src`` into ``pages``."""
         idx = self._index(pages)
-        blocks = self.blocks_view(src, idx.numel())
-        for layer in range(self.num_layers):
-            self._copy_layer(layer, idx, blocks, to_blocks=False)
-
-    def _copy_layer(self, layer: int, idx: "torch.Tensor", blocks: "torch.Tensor", *,
-                    to_blocks: bool) -> None:
-        n = idx.numel()
-        off = 0
-        for comp, nbytes in zip(self.views, self.page_bytes):
-            region = blocks[:, layer, off:off + nbytes]
-            view = comp[layer]
-            if to_blocks:
-                region.copy_(view.index_select(0, idx).reshape(n, nbytes))
-            else:
-                view.index_copy_(0, idx, region.reshape(n, *view.shape[1:]))
-            off += nbytes
+        blocks = self._words_of(src, len(idx))
+        for i, p in enumerate(idx):
+            for c, full in enumerate(self._full):
+                if full is not None:
+                    full[p].copy_(self._region(blocks, i, c, None))
+                else:
+                    for layer in range(self.num_layers):
+                        self.views[c][layer][p].copy_(self._region(blocks, i, c, layer))
 
 
 class StagingPool:
@@ -261,6 +292,8 @@ class _Lease:
 
 #: ``read(i, buffer) -> bool``: fill a staging buffer with block ``i``.
 ReadFn = Callable[[int, memoryview], bool]
+#: ``fetch(i) -> buffer | None``: block ``i`` as a buffer the store hands out, or None.
+FetchFn = Callable[[int], Any]
 #: ``write(indices, fill) -> list[bool]``: store blocks ``indices`` (positions in the page list),
 #: ``fill(i)`` giving the bytes of block ``i``.
 WriteFn = Callable[[list[int], Callable[[int], memoryview]], list[bool]]
@@ -270,15 +303,22 @@ def _host_bytes(t: "torch.Tensor") -> memoryview:
     return memoryview(t.numpy()).cast("B")
 
 
+def _view_tensor(buf: Any) -> "torch.Tensor":
+    """A (possibly read-only) buffer as a uint8 tensor without a copy; only ever read from."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch warns on read-only buffers
+        return torch.frombuffer(buf, dtype=torch.uint8)
+
+
 class LayerLoad:
     """A load in progress: ``ok[i]`` says whether block ``i`` arrived; ``wait_layer(l)``
     returns once layer ``l`` of every arrived block is in the KV tensors (on CUDA: once the
     engine's current stream is ordered after it)."""
 
-    def __init__(self, kv: PagedKV, pages: "torch.Tensor", ok: list[bool],
-                 blocks: "torch.Tensor | None", events: list | None) -> None:
+    def __init__(self, kv: PagedKV, ok: list[bool], parts: list[tuple[list[int], "torch.Tensor"]],
+                 events: list | None = None, lease: Any = None) -> None:
         self.kv, self.ok = kv, ok
-        self._pages, self._blocks, self._events = pages, blocks, events
+        self._parts, self._events, self._lease = parts, events, lease
         self._done = 0
 
     def wait_layer(self, layer: int) -> None:
@@ -287,11 +327,21 @@ class LayerLoad:
             raise InvalidArgumentError(f"layer {layer} out of range [0, {self.kv.num_layers})")
         if self._events is not None:
             torch.cuda.current_stream(self.kv.device).wait_event(self._events[layer])
-            return
-        while self._done <= layer:
-            if self._blocks is not None:
-                self.kv.scatter_layer(self._done, self._pages, self._blocks)
-            self._done += 1
+        else:
+            while self._done <= layer:
+                for pages, blocks in self._parts:
+                    self.kv.scatter_layer(self._done, pages, blocks)
+                self._done += 1
+        if layer == self.kv.num_layers - 1:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._events is not None:
+            self._events[-1].synchronize()  # the staging buffer is read until the last copy
+        self._parts = []
+        if self._lease is not None:
+            self._lease.__exit__(None, None, None)
+            self._lease = None
 
     def wait(self) -> list[bool]:
         """Finish every layer; the per-block success list."""
@@ -342,39 +392,54 @@ class KVTransfer:
             host.copy_(dev, non_blocking=True)
         self.stream.synchronize()
 
-    def load(self, pages: Sequence[int], read: ReadFn) -> LayerLoad:
-        """Read the blocks for ``pages`` (``read(i, buf)``) and start applying them.
+    def load(self, pages: Sequence[int], read: ReadFn | None = None,
+             fetch: FetchFn | None = None) -> LayerLoad:
+        """Read the blocks for ``pages`` and start applying them, layer by layer.
 
-        Blocks that ``read`` could not fill are skipped (``ok[i]`` False) and their pages left
-        untouched. The returned :class:`LayerLoad` applies layers in order.
+        ``fetch(i)`` returns block ``i`` as a buffer the store hands out (or None); into CPU
+        tensors the pages are then copied straight from those buffers, with no staging copy.
+        Otherwise ``read(i, buf)`` fills a staging buffer (pinned on CUDA). Blocks that could
+        not be read are skipped (``ok[i]`` False) and their pages left untouched.
         """
-        pages = list(pages)
         kv = self.kv
+        pages = kv._index(pages)
         ok = [False] * len(pages)
         if not pages:
-            return LayerLoad(kv, kv._index([]), ok, None, None)
-        host = torch.empty(len(pages) * kv.block_bytes, dtype=torch.uint8,
-                           pin_memory=self.staging.pinned)
+            return LayerLoad(kv, ok, [])
+        if fetch is not None and not self.cuda:
+            parts = []
+            for i, page in enumerate(pages):
+                buf = fetch(i)
+                if buf is not None and memoryview(buf).nbytes == kv.block_bytes:
+                    ok[i] = True
+                    parts.append(([page], _view_tensor(buf)))
+            return LayerLoad(kv, ok, parts)
+        if read is None:
+            raise InvalidArgumentError("load needs read (or fetch, for CPU tensors)")
+        lease = self.staging.acquire(len(pages) * kv.block_bytes)
+        host = lease.__enter__()
         mv = _host_bytes(host)
         for i in range(len(pages)):
             ok[i] = bool(read(i, mv[i * kv.block_bytes:(i + 1) * kv.block_bytes]))
         good = [p for p, o in zip(pages, ok) if o]
         if len(good) != len(pages):
-            keep = torch.as_tensor([i for i, o in enumerate(ok) if o], dtype=torch.long)
-            host = self.kv.blocks_view(host, len(pages)).index_select(0, keep).reshape(-1)
-        idx = kv._index(good)
+            # Move the blocks that arrived to the front, in order, so block j is good[j].
+            rows = host.view(len(pages), kv.block_bytes)
+            for j, i in enumerate(i for i, o in enumerate(ok) if o):
+                if j != i:
+                    rows[j].copy_(rows[i])
         if not good:
-            return LayerLoad(kv, idx, ok, None, None)
+            lease.__exit__(None, None, None)
+            return LayerLoad(kv, ok, [])
         if not self.cuda:
-            return LayerLoad(kv, idx, ok, host, None)
+            return LayerLoad(kv, ok, [(good, host)], lease=lease)
         events = []
         self.stream.wait_stream(torch.cuda.current_stream(kv.device))
         with torch.cuda.stream(self.stream):
-            dev = host.to(kv.device, non_blocking=True)
+            dev = host[: len(good) * kv.block_bytes].to(kv.device, non_blocking=True)
             for layer in range(kv.num_layers):
-                kv.scatter_layer(layer, idx, dev)
+                kv.scatter_layer(layer, good, dev)
                 ev = torch.cuda.Event()
                 ev.record(self.stream)
                 events.append(ev)
-        return LayerLoad(kv, idx, ok, dev, events)
-
+        return LayerLoad(kv, ok, [(good, dev)], events, lease)

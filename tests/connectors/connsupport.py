@@ -4,6 +4,7 @@ started as users start it, and a host KV pool shaped like SGLang's."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import re
@@ -32,23 +33,67 @@ def need(module: str, install: str):
         pytest.skip(reason)
 
 
-def sglang_modules():
-    """SGLang's storage base class, config and factory, as installed with ``--no-deps``.
+def load_sglang():
+    """SGLang's storage modules (``hicache_storage``, ``storage.backend_factory``), as installed
+    with ``--no-deps``; raises ImportError when SGLang or torch is missing.
 
     ``import sglang`` pulls the whole server (triton and more); the storage modules only need
     torch, so a bare ``sglang`` package object stands in for the package's ``__init__``.
     """
-    need("torch", "pip install torch==2.13.0")
     if "sglang" not in sys.modules:
         spec = importlib.util.find_spec("sglang")
         if spec is None or not spec.submodule_search_locations:
-            need("sglang", "pip install --no-deps sglang")
+            raise ImportError("No module named 'sglang'")
         bare = types.ModuleType("sglang")
         bare.__path__ = list(spec.submodule_search_locations)
         sys.modules["sglang"] = bare
-    storage = need("sglang.srt.mem_cache.hicache_storage", "pip install --no-deps sglang")
-    factory = need("sglang.srt.mem_cache.storage.backend_factory", "pip install --no-deps sglang")
-    return storage, factory
+    return (importlib.import_module("sglang.srt.mem_cache.hicache_storage"),
+            importlib.import_module("sglang.srt.mem_cache.storage.backend_factory"))
+
+
+def load_sglang_file_backend() -> None:
+    """Make SGLang's own ``file`` storage backend importable on CPU.
+
+    Its evictor imports one helper (``human_readable_int``) from ``sglang.srt.utils.common``,
+    a module that imports triton at the top. Where that import fails, the helper is compiled
+    from that very file (picked out with ``ast``) into a stand-in ``sglang.srt.utils.common``,
+    so the benchmark runs SGLang's real file backend code.
+    """
+    import ast
+
+    load_sglang()
+    try:
+        importlib.import_module("sglang.srt.mem_cache.storage.file.lru_file_evictor")
+        return
+    except ImportError:
+        pass
+    root = list(sys.modules["sglang"].__path__)[0]
+    utils_dir = os.path.join(root, "srt", "utils")
+    path = os.path.join(utils_dir, "common.py")
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    wanted = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "human_readable_int"]
+    if not wanted:
+        raise ImportError("sglang.srt.utils.common has no human_readable_int")
+    utils = types.ModuleType("sglang.srt.utils")
+    utils.__path__ = [utils_dir]
+    common = types.ModuleType("sglang.srt.utils.common")
+    exec(compile(ast.Module(body=wanted, type_ignores=[]), path, "exec"), common.__dict__)
+    sys.modules.setdefault("sglang.srt.utils", utils)
+    sys.modules["sglang.srt.utils.common"] = common
+    importlib.import_module("sglang.srt.mem_cache.storage.file.lru_file_evictor")
+
+
+def sglang_modules():
+    """:func:`load_sglang`, or skip (fail under TAIRSTORE_ENGINE_TESTS=1) naming the install."""
+    need("torch", "pip install torch==2.13.0")
+    try:
+        return load_sglang()
+    except ImportError as exc:
+        reason = f"SGLang's storage modules are not importable ({exc}); install with: pip install --no-deps sglang"
+        if REQUIRE_ENGINES:
+            pytest.fail(reason + " (TAIRSTORE_ENGINE_TESTS=1 requires it)")
+        pytest.skip(reason)
 
 
 class Daemon:
@@ -102,8 +147,9 @@ class HostPool:
         lead = () if mla else (2,)
         body = (layers, self.size) if layout == "layer_first" else (self.size, layers)
         g = torch.Generator().manual_seed(seed)
-        self.kv_buffer = torch.randn(*lead, *body, self.head_num, self.head_dim,
-                                     generator=g).to(self.dtype)
+        shape = (*lead, *body, self.head_num, self.head_dim)
+        # Random bytes, as finite values (random bits would hold NaNs, which never compare equal).
+        self.kv_buffer = torch.randint(-100, 100, shape, generator=g, dtype=torch.int8).to(self.dtype)
 
     def page(self, index: int):
         """The page starting at token ``index`` (a view, all layers and components)."""
@@ -124,3 +170,8 @@ class HostPool:
     def set_from_flat_data_page(self, index: int, data_page) -> None:
         p = self.page(index)
         p.copy_(data_page.reshape(p.shape))
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page (all layers and components)."""
+        return self.page(0).numel() * self.dtype.itemsize

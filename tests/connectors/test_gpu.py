@@ -109,7 +109,7 @@ def test_transfer_chunks_through_small_staging_and_loads_layer_by_layer():
     assert sorted(store.blocks) == list(range(6))
     del store.blocks[4]  # one block lost: that page must stay untouched
     dst = [torch.zeros_like(t) for t in src]
-    load = gpu.KVTransfer(gpu.PagedKV(dst, "page_first", 4), pool).load([7, 6, 5, 4, 3, 2], store.read)
+    load = gpu.KVTransfer(gpu.PagedKV(dst, "page_first", 4), pool).load([7, 6, 5, 4, 3, 2], read=store.read)
     assert load.ok == [True, True, True, True, False, True]
     assert not any(t.view(torch.uint8).any() for t in dst)  # nothing applied before wait_layer
     load.wait_layer(0)
@@ -158,3 +158,17 @@ def test_without_torch_everything_imports_and_the_gpu_path_says_why():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "refused: the GPU hooks need torch" in out.stdout
+
+
+def test_load_applies_pages_straight_from_store_buffers():
+    src = _kv("layer_first", True, torch.bfloat16, 8, pages=4)
+    kv = gpu.PagedKV(src, "layer_first", 4)
+    blocks = _Blocks()
+    gpu.KVTransfer(kv).save([0, 1, 2], blocks.write)
+    dst = [torch.zeros_like(t) for t in src]
+    fetched = {0: memoryview(blocks.blocks[0]), 1: b"short", 2: memoryview(blocks.blocks[2])}
+    load = gpu.KVTransfer(gpu.PagedKV(dst, "layer_first", 4)).load([3, 2, 1], fetch=fetched.get)
+    assert load.wait() == [True, False, True]  # a block of the wrong size is a miss
+    assert _same(_page(dst[0], "layer_first", 3, 4), _page(src[0], "layer_first", 0, 4))
+    assert _same(_page(dst[0], "layer_first", 1, 4), _page(src[0], "layer_first", 2, 4))
+    assert not _page(dst[0], "layer_first", 2, 4).view(torch.uint8).any()
