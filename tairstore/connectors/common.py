@@ -123,16 +123,25 @@ class Backend:
     """
 
     def __init__(self, target: Any, namespace: str, *, owned: bool = True,
-                 retry_after_s: float = DEFAULT_RETRY_AFTER_S) -> None:
-        self.target = target
+                 retry_after_s: float = DEFAULT_RETRY_AFTER_S, connect: Any = None) -> None:
+        self._target = target
+        self._connect = connect
         self.namespace = namespace
-        self.remote = not hasattr(target, "write_view")
+        self.remote = connect is not None or not hasattr(target, "write_view")
         self.stats = BackendStats()
         self._owned = owned
         self._retry_after_s = retry_after_s
         self._down_until = 0.0
         self._logged: set[str] = set()
         self._lock = threading.Lock()
+
+    @property
+    def target(self) -> Any:
+        """The Store or Client; a daemon's Client is (re)connected on first use, so an engine
+        starts, and recovers, while the daemon is down (raises NetworkError until it is up)."""
+        if self._target is None:
+            self._target = self._connect()
+        return self._target
 
     # -- failure handling --------------------------------------------------------------------
     def _fail(self, op: str, exc: BaseException) -> None:
@@ -220,8 +229,8 @@ class Backend:
         keys = list(keys)
         if not keys or self._skipping():
             return [False] * len(keys)
-        t = self.target
         try:
+            t = self.target
             session = t.start_write(keys, [nbytes] * len(keys), namespace=self.namespace)
         except (StoreError, OSError) as exc:
             self._fail("start_write", exc)
@@ -269,9 +278,9 @@ class Backend:
 
     def close(self) -> None:
         """Close the store or client if this backend opened it."""
-        if self._owned:
+        if self._owned and self._target is not None:
             try:
-                self.target.close()
+                self._target.close()
             except (StoreError, OSError):
                 pass
 
@@ -306,7 +315,8 @@ def open_backend(url: str, namespace: str, *, timeout_s: float = DEFAULT_TIMEOUT
         raise InvalidArgumentError("tairstore_url must be tcp://host:port or a directory path")
     if is_daemon_url(url):
         parse_url(url)  # a malformed address is a configuration error, raised now
-        return Backend(Client(url, token=token, timeout=timeout_s), namespace)
+        return Backend(None, namespace,
+                       connect=lambda: Client(url, token=token, timeout=timeout_s))
     path = os.path.abspath(os.path.expanduser(url))
     with _EMBEDDED_LOCK:
         store = _EMBEDDED.get(path)
