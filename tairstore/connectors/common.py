@@ -25,7 +25,8 @@ from typing import Any, Sequence
 
 from ..errors import ClosedError, InvalidArgumentError, StoreError
 
-__all__ = ["Backend", "Deployment", "engine_key", "open_backend", "is_daemon_url", "BackendStats"]
+__all__ = ["Backend", "Deployment", "engine_key", "open_backend", "is_daemon_url", "BackendStats",
+           "lazy_classes"]
 
 log = logging.getLogger("tairstore.connectors")
 
@@ -283,6 +284,26 @@ class Backend:
                 self._target.close()
             except (StoreError, OSError):
                 pass
+
+
+def lazy_classes(module: str, builders: dict[str, Any]) -> Any:
+    """A module ``__getattr__`` that builds each named class on first lookup (and keeps it).
+
+    An adapter's class derives from its engine's base class, so it can only be built once the
+    engine is importable; building it on first use lets the module import without the engine.
+    """
+    built: dict[str, type] = {}
+    lock = threading.Lock()
+
+    def __getattr__(name: str) -> Any:
+        if name not in builders:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        with lock:
+            if name not in built:
+                built[name] = builders[name]()
+            return built[name]
+
+    return __getattr__
 
 
 _EMBEDDED: dict[str, Any] = {}

@@ -28,7 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, List, Optional
 
 from ..errors import InvalidArgumentError
-from .common import DEFAULT_TIMEOUT_S, Backend, Deployment, engine_key, is_daemon_url, open_backend
+from .common import (DEFAULT_TIMEOUT_S, Backend, Deployment, engine_key, is_daemon_url, lazy_classes,
+                     open_backend)
 
 __all__ = ["TairStoreRemoteConnector", "TairStoreRemoteConnectorImpl", "deployment_for"]
 
@@ -223,9 +224,6 @@ class TairStoreRemoteConnectorImpl:
         return RemoteMetadata
 
 
-_CLASS: type | None = None
-
-
 def _build() -> type:
     from lmcache.v1.storage_backend.connector.base_connector import RemoteConnector
 
@@ -240,11 +238,5 @@ def _build() -> type:
     })
 
 
-def __getattr__(name: str) -> Any:
-    # LMCache is imported on first use of the class, not when this module is imported.
-    global _CLASS
-    if name == "TairStoreRemoteConnector":
-        if _CLASS is None:
-            _CLASS = _build()
-        return _CLASS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# LMCache is imported on first use of the class, not when this module is imported.
+__getattr__ = lazy_classes(__name__, {"TairStoreRemoteConnector": _build})

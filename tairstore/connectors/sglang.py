@@ -23,7 +23,7 @@ from typing import Any, List, Optional
 
 from ..errors import InvalidArgumentError
 from ..tiers import gpu
-from .common import DEFAULT_TIMEOUT_S, Backend, Deployment, engine_key, open_backend
+from .common import DEFAULT_TIMEOUT_S, Backend, Deployment, engine_key, lazy_classes, open_backend
 
 __all__ = ["HiCacheTairStore", "TairStoreHiCacheImpl", "deployment_for"]
 
@@ -267,14 +267,5 @@ def _build() -> type:
     })
 
 
-_CLASS: type | None = None
-
-
-def __getattr__(name: str) -> Any:
-    # SGLang is imported on first use of the class, not when this module is imported.
-    global _CLASS
-    if name == "HiCacheTairStore":
-        if _CLASS is None:
-            _CLASS = _build()
-        return _CLASS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# SGLang is imported on first use of the class, not when this module is imported.
+__getattr__ = lazy_classes(__name__, {"HiCacheTairStore": _build})

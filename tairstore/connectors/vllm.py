@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..tiers import gpu
-from .common import DEFAULT_TIMEOUT_S, Backend, Deployment, engine_key, open_backend
+from .common import DEFAULT_TIMEOUT_S, Backend, Deployment, engine_key, lazy_classes, open_backend
 
 __all__ = ["TairStoreConnector", "TairStoreConnectorMetadata", "BlockTransfer", "deployment_for"]
 
@@ -265,24 +265,24 @@ class TairStoreConnectorImpl:
         self.backend.close()
 
 
-_CLASSES: dict[str, type] = {}
-
-
 def _metadata_class() -> type:
-    if "TairStoreConnectorMetadata" not in _CLASSES:
-        from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+    return __getattr__("TairStoreConnectorMetadata")
 
-        @dataclass
-        class TairStoreConnectorMetadata(KVConnectorMetadata):
-            """One step's block loads and saves; crosses to the workers pickled."""
 
-            loads: list = field(default_factory=list)
-            saves: list = field(default_factory=list)
+def _build_metadata() -> type:
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
-        TairStoreConnectorMetadata.__module__ = __name__
-        TairStoreConnectorMetadata.__qualname__ = "TairStoreConnectorMetadata"
-        _CLASSES["TairStoreConnectorMetadata"] = TairStoreConnectorMetadata
-    return _CLASSES["TairStoreConnectorMetadata"]
+    @dataclass
+    class TairStoreConnectorMetadata(KVConnectorMetadata):
+        """One step's block loads and saves; crosses to the workers pickled."""
+
+        loads: list = field(default_factory=list)
+        saves: list = field(default_factory=list)
+
+    # Pickle finds it under this module's name (through __getattr__ below).
+    TairStoreConnectorMetadata.__module__ = __name__
+    TairStoreConnectorMetadata.__qualname__ = "TairStoreConnectorMetadata"
+    return TairStoreConnectorMetadata
 
 
 def _build() -> type:
@@ -299,12 +299,6 @@ def _build() -> type:
     })
 
 
-def __getattr__(name: str) -> Any:
-    # vLLM is imported on first use of a class, not when this module is imported.
-    if name == "TairStoreConnectorMetadata":
-        return _metadata_class()
-    if name == "TairStoreConnector":
-        if name not in _CLASSES:
-            _CLASSES[name] = _build()
-        return _CLASSES[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# vLLM is imported on first use of a class, not when this module is imported.
+__getattr__ = lazy_classes(__name__, {"TairStoreConnector": _build,
+                                      "TairStoreConnectorMetadata": _build_metadata})
