@@ -257,6 +257,20 @@ class Backend:
         self.stats.bytes_written += committed * nbytes
         return [(k not in todo) or ok for k in keys]
 
+    def load_pages(self, transfer: Any, keys: Sequence[bytes], pages: Sequence[int]) -> Any:
+        """Start loading ``keys[i]`` into page ``pages[i]`` of a
+        :class:`tairstore.tiers.gpu.KVTransfer`; the :class:`~tairstore.tiers.gpu.LayerLoad`."""
+        nbytes = transfer.kv.block_bytes
+        return transfer.load(pages, read=lambda i, buf: self.get_into(keys[i], buf, nbytes),
+                             fetch=lambda i: self.get(keys[i]))
+
+    def save_pages(self, transfer: Any, keys: Sequence[bytes], pages: Sequence[int]) -> list[bool]:
+        """Store page ``pages[i]`` of a :class:`tairstore.tiers.gpu.KVTransfer` as ``keys[i]``
+        (pages already stored are not gathered); per page, whether it is stored."""
+        nbytes = transfer.kv.block_bytes
+        return transfer.save(pages, lambda idx, fill: self.put_many(
+            [keys[i] for i in idx], lambda j, _k: fill(idx[j]), nbytes))
+
     def delete_all(self) -> bool:
         """Drop every block of this namespace (an engine's ``clear``)."""
         try:

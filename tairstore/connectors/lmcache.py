@@ -31,7 +31,9 @@ from ..errors import InvalidArgumentError
 from .common import (DEFAULT_TIMEOUT_S, Backend, Deployment, engine_key, is_daemon_url, lazy_classes,
                      open_backend)
 
-__all__ = ["TairStoreRemoteConnector", "TairStoreRemoteConnectorImpl", "deployment_for"]
+# The engine-derived classes are looked up lazily (module __getattr__), so they stay out of
+# __all__: a star import must not import the engine.
+__all__ = ["TairStoreRemoteConnectorImpl", "deployment_for"]
 
 log = logging.getLogger("tairstore.connectors.lmcache")
 PLUGIN = "tairstore"

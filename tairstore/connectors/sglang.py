@@ -25,7 +25,9 @@ from ..errors import InvalidArgumentError
 from ..tiers import gpu
 from .common import DEFAULT_TIMEOUT_S, Backend, Deployment, engine_key, lazy_classes, open_backend
 
-__all__ = ["HiCacheTairStore", "TairStoreHiCacheImpl", "deployment_for"]
+# The engine-derived classes are looked up lazily (module __getattr__), so they stay out of
+# __all__: a star import must not import the engine.
+__all__ = ["TairStoreHiCacheImpl", "deployment_for"]
 
 log = logging.getLogger("tairstore.connectors.sglang")
 
@@ -184,47 +186,41 @@ class TairStoreHiCacheImpl:
                 f"{idx.numel()} host indices for {len(keys)} pages of {self.page_size} tokens")
         return [int(i) // self.page_size for i in idx[:: self.page_size].tolist()]
 
-    def batch_get_v1(self, keys: List[str], host_indices: Any,
-                     extra_info: Optional[Any] = None) -> List[bool]:
-        """Read pages straight into the host pool at ``host_indices``; per key, success."""
-        if not keys:
-            return []
+    def _v1_args(self, op: str, keys: List[str], host_indices: Any) -> tuple[list, list] | None:
+        """(store keys, pool pages) of a v1 call, or None when it cannot run (logged)."""
         if self.mem_pool_host is None:
-            return [False] * len(keys)
+            return None
         try:
             pages = self._pages(keys, host_indices)
         except InvalidArgumentError as exc:
-            log.warning("tairstore batch_get_v1: %s", exc)
+            log.warning("tairstore %s: %s", op, exc)
+            return None
+        return [engine_key(k) for k in keys], pages
+
+    def batch_get_v1(self, keys: List[str], host_indices: Any,
+                     extra_info: Optional[Any] = None) -> List[bool]:
+        """Read pages straight into the host pool at ``host_indices``; per key, success."""
+        args = self._v1_args("batch_get_v1", keys, host_indices) if keys else None
+        if args is None:
             return [False] * len(keys)
-        ks = [engine_key(k) for k in keys]
+        ks, pages = args
         if self.transfer is None:
             return [self._read_page(k, p) for k, p in zip(ks, pages)]
-        nbytes = self.paged.block_bytes
-        return self.transfer.load(pages, read=lambda i, buf: self.backend.get_into(ks[i], buf, nbytes),
-                                  fetch=lambda i: self.backend.get(ks[i])).wait()
+        return self.backend.load_pages(self.transfer, ks, pages).wait()
 
     def batch_set_v1(self, keys: List[str], host_indices: Any,
                      extra_info: Optional[Any] = None) -> List[bool]:
         """Write pages straight from the host pool at ``host_indices``; per key, success."""
-        if not keys:
-            return []
-        if self.mem_pool_host is None:
+        if not self.is_writer and self.mem_pool_host is not None:
+            return [True] * len(keys)  # MLA: another rank writes the same bytes
+        args = self._v1_args("batch_set_v1", keys, host_indices) if keys else None
+        if args is None:
             return [False] * len(keys)
-        if not self.is_writer:
-            return [True] * len(keys)
-        try:
-            pages = self._pages(keys, host_indices)
-        except InvalidArgumentError as exc:
-            log.warning("tairstore batch_set_v1: %s", exc)
-            return [False] * len(keys)
-        ks = [engine_key(k) for k in keys]
+        ks, pages = args
         if self.transfer is None:
             return [self.backend.put(k, _tensor_bytes(self.mem_pool_host.get_data_page(
                 p * self.page_size, flat=True))) for k, p in zip(ks, pages)]
-        nbytes = self.paged.block_bytes
-        return self.transfer.save(
-            pages, lambda idx, fill: self.backend.put_many([ks[i] for i in idx],
-                                                           lambda j, _k: fill(idx[j]), nbytes))
+        return self.backend.save_pages(self.transfer, ks, pages)
 
     def _read_page(self, key: bytes, page: int) -> bool:
         pool = self.mem_pool_host

@@ -31,7 +31,9 @@ from typing import Any
 from ..tiers import gpu
 from .common import DEFAULT_TIMEOUT_S, Backend, Deployment, engine_key, lazy_classes, open_backend
 
-__all__ = ["TairStoreConnector", "TairStoreConnectorMetadata", "BlockTransfer", "deployment_for"]
+# The engine-derived classes are looked up lazily (module __getattr__), so they stay out of
+# __all__: a star import must not import the engine.
+__all__ = ["BlockTransfer", "deployment_for"]
 
 log = logging.getLogger("tairstore.connectors.vllm")
 
@@ -213,12 +215,8 @@ class TairStoreConnectorImpl:
             for t in meta.loads:
                 self._load_errors.update(t.block_ids)
             return
-        nbytes = self._paged.block_bytes
         for t in meta.loads:
-            keys = t.keys
-            load = self._transfer.load(
-                t.block_ids, read=lambda i, buf, ks=keys: self.backend.get_into(ks[i], buf, nbytes),
-                fetch=lambda i, ks=keys: self.backend.get(ks[i]))
+            load = self.backend.load_pages(self._transfer, t.keys, t.block_ids)
             self._load_errors.update(b for b, ok in zip(t.block_ids, load.ok) if not ok)
             if self.layerwise:
                 self._loads.append(load)
@@ -245,11 +243,8 @@ class TairStoreConnectorImpl:
         self._loads = []
         if self._transfer is None or not self.has_connector_metadata():
             return
-        nbytes = self._paged.block_bytes
         for t in self._get_connector_metadata().saves:
-            keys = t.keys
-            self._transfer.save(t.block_ids, lambda idx, fill, ks=keys: self.backend.put_many(
-                [ks[i] for i in idx], lambda j, _k: fill(idx[j]), nbytes))
+            self.backend.save_pages(self._transfer, t.keys, t.block_ids)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[None, None]:
         """Nothing is in flight between steps."""

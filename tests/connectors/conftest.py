@@ -24,3 +24,13 @@ def own_daemon(tmp_path):
     d = Daemon(str(tmp_path / "daemon"))
     yield d
     d.stop()
+
+
+@pytest.fixture
+def store_dir(tmp_path):
+    """A directory for an embedded store, closed after the test (adapters share one per path)."""
+    from tairstore.connectors.common import close_embedded
+
+    d = str(tmp_path / "kv")
+    yield d
+    close_embedded(d)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from connsupport import need
 
 need("torch", "pip install torch==2.13.0")
@@ -20,7 +18,6 @@ from lmcache.v1.metadata import LMCacheMetadata  # noqa: E402
 from lmcache.v1.storage_backend.connector import CreateConnector  # noqa: E402
 from lmcache.v1.storage_backend.local_cpu_backend import LocalCPUBackend  # noqa: E402
 
-from tairstore.connectors.common import close_embedded  # noqa: E402
 
 CHUNK = 16
 
@@ -59,13 +56,6 @@ class Engine:
     def close(self):
         self.run(self.conn.close())
         self.loop.close()
-
-
-@pytest.fixture
-def store_dir(tmp_path):
-    d = str(tmp_path / "kv")
-    yield d
-    close_embedded(d)
 
 
 def test_loaded_through_the_plugin_framework(store_dir):

@@ -43,13 +43,6 @@ def _idx(*pages):
     return torch.cat([torch.arange(p * PS, (p + 1) * PS) for p in pages]) if pages else torch.empty(0, dtype=torch.long)
 
 
-@pytest.fixture
-def store_dir(tmp_path):
-    d = str(tmp_path / "kv")
-    yield d
-    close_embedded(d)
-
-
 def test_factory_loads_a_real_hicache_storage_subclass(store_dir):
     b = _backend(store_dir)
     assert isinstance(b, storage.HiCacheStorage)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import pickle
 
-import pytest
-
 from connsupport import need
 
 need("torch", "pip install torch==2.13.0")
@@ -25,7 +23,7 @@ from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, Schedul
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec  # noqa: E402
 from vllm.v1.request import Request  # noqa: E402
 
-from tairstore.connectors.common import close_embedded, engine_key  # noqa: E402
+from tairstore.connectors.common import engine_key  # noqa: E402
 
 BS, LAYERS, BLOCKS, HEADS, DIM = 4, 3, 16, 2, 8
 ROLE = base.KVConnectorRole
@@ -89,13 +87,6 @@ class Instance:
 def _request(rid, tokens):
     return Request(rid, list(tokens), SamplingParams(max_tokens=1), None,
                    block_hasher=get_request_block_hasher(BS, sha256))
-
-
-@pytest.fixture
-def store_dir(tmp_path):
-    d = str(tmp_path / "kv")
-    yield d
-    close_embedded(d)
 
 
 def test_loaded_by_vllms_factory_as_a_real_connector(store_dir):
