@@ -216,15 +216,11 @@ class PagedKV:
 
     def gather(self, pages: Any, out: "torch.Tensor") -> None:
         """Copy ``pages`` into ``out`` (uint8 on this device), one block after another."""
-        idx = self._index(pages)
-        blocks = self._words_of(out, len(idx))
-        for i, p in enumerate(idx):
-            for c, full in enumerate(self._full):
-                if full is not None:
-                    self._region(blocks, i, c, None).copy_(full[p])
-                else:
-                    for layer in range(self.num_layers):
-                        self._region(blocks, i, c, layer).copy_(self.views[c][layer][p])
+        self._copy_pages(pages, out, to_blocks=True)
+
+    def scatter(self, pages: Any, src: "torch.Tensor") -> None:
+        """Copy every layer of the blocks in ``src`` into ``pages``."""
+        self._copy_pages(pages, src, to_blocks=False)
 
     def scatter_layer(self, layer: int, pages: Any, src: "torch.Tensor") -> None:
         """Copy layer ``layer`` of the blocks in ``src`` into ``pages``."""
@@ -234,17 +230,21 @@ class PagedKV:
             for c, comp in enumerate(self.views):
                 comp[layer][p].copy_(self._region(blocks, i, c, layer))
 
-    def scatter(self, pages: Any, src: "torch.Tensor") -> None:
-        """Copy every layer of the blocks in ``src`` into ``pages``."""
+    def _copy_pages(self, pages: Any, staging: "torch.Tensor", *, to_blocks: bool) -> None:
         idx = self._index(pages)
-        blocks = self._words_of(src, len(idx))
+        blocks = self._words_of(staging, len(idx))
         for i, p in enumerate(idx):
             for c, full in enumerate(self._full):
-                if full is not None:
-                    full[p].copy_(self._region(blocks, i, c, None))
-                else:
-                    for layer in range(self.num_layers):
-                        self.views[c][layer][p].copy_(self._region(blocks, i, c, layer))
+                # One copy per page and component when the component is one tensor; per layer
+                # when the engine keeps a tensor per layer.
+                pairs = ([(self._region(blocks, i, c, None), full[p])] if full is not None else
+                         [(self._region(blocks, i, c, layer), self.views[c][layer][p])
+                          for layer in range(self.num_layers)])
+                for block_part, kv_part in pairs:
+                    if to_blocks:
+                        block_part.copy_(kv_part)
+                    else:
+                        kv_part.copy_(block_part)
 
 
 class StagingPool:
