@@ -15,6 +15,8 @@ from tairstore.errors import InvalidArgumentError  # noqa: E402
 from tairstore.tiers import gpu  # noqa: E402
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.int8, torch.float8_e4m3fn]
+#: The same checks run on CUDA where there is a device (side stream, pinned staging, events).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _random(shape, dtype, seed):
@@ -24,10 +26,10 @@ def _random(shape, dtype, seed):
     return raw.view(dtype)
 
 
-def _kv(layout, mla, dtype, seed, *, layers=3, pages=6, ps=4, heads=2, dim=8):
+def _kv(layout, mla, dtype, seed, *, layers=3, pages=6, ps=4, heads=2, dim=8, device="cpu"):
     body = (layers, pages * ps) if layout == "layer_first" else (pages * ps, layers)
     comps = 1 if mla else 2
-    return [_random((*body, 1 if mla else heads, dim), dtype, seed + c) for c in range(comps)]
+    return [_random((*body, 1 if mla else heads, dim), dtype, seed + c).to(device) for c in range(comps)]
 
 
 def _same(a, b):
@@ -39,15 +41,16 @@ def _page(t, layout, page, ps):
     return t[:, page * ps:(page + 1) * ps] if layout == "layer_first" else t[page * ps:(page + 1) * ps]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", gpu.LAYOUTS)
 @pytest.mark.parametrize("mla", [False, True], ids=["mha", "mla"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gather_scatter_round_trip_is_byte_exact(layout, mla, dtype):
-    src = _kv(layout, mla, dtype, 1)
+def test_gather_scatter_round_trip_is_byte_exact(layout, mla, dtype, device):
+    src = _kv(layout, mla, dtype, 1, device=device)
     dst = [torch.zeros_like(t) for t in src]
     a, b = gpu.PagedKV(src, layout, 4), gpu.PagedKV(dst, layout, 4)
     assert a.block_bytes == b.block_bytes == sum(t.numel() * t.element_size() for t in src) // 6
-    blocks = torch.empty(3 * a.block_bytes, dtype=torch.uint8)
+    blocks = torch.empty(3 * a.block_bytes, dtype=torch.uint8, device=device)
     a.gather([5, 0, 2], blocks)
     b.scatter([1, 3, 4], blocks)
     for s, d in zip(src, dst):
@@ -100,8 +103,9 @@ class _Blocks:
         return True
 
 
-def test_transfer_chunks_through_small_staging_and_loads_layer_by_layer():
-    src = _kv("page_first", False, torch.bfloat16, 3, pages=8)
+@pytest.mark.parametrize("device", DEVICES)
+def test_transfer_chunks_through_small_staging_and_loads_layer_by_layer(device):
+    src = _kv("page_first", False, torch.bfloat16, 3, pages=8, device=device)
     kv = gpu.PagedKV(src, "page_first", 4)
     pool = gpu.StagingPool(slab_bytes=2 * kv.block_bytes, slabs=1)  # 3 chunks for 6 pages
     store = _Blocks()
@@ -111,9 +115,10 @@ def test_transfer_chunks_through_small_staging_and_loads_layer_by_layer():
     dst = [torch.zeros_like(t) for t in src]
     load = gpu.KVTransfer(gpu.PagedKV(dst, "page_first", 4), pool).load([7, 6, 5, 4, 3, 2], read=store.read)
     assert load.ok == [True, True, True, True, False, True]
-    assert not any(t.view(torch.uint8).any() for t in dst)  # nothing applied before wait_layer
-    load.wait_layer(0)
-    assert _same(dst[0][28:32, 0], src[0][0:4, 0]) and not dst[0][:, 1:].view(torch.uint8).any()
+    if device == "cpu":  # on CUDA the copies are queued on the side stream already
+        assert not any(t.view(torch.uint8).any() for t in dst)  # nothing applied before wait_layer
+        load.wait_layer(0)
+        assert _same(dst[0][28:32, 0], src[0][0:4, 0]) and not dst[0][:, 1:].view(torch.uint8).any()
     assert load.wait() == load.ok
     for s_page, d_page in [(0, 7), (1, 6), (2, 5), (3, 4), (5, 2)]:
         for s, d in zip(src, dst):
