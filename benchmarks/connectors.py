@@ -137,7 +137,9 @@ def main() -> int:
             b.register_mem_pool_host(pool)
             runners.append(Runner("sglang file", b, pool, v1=False))
         if "embedded" in names:
-            opts = {"dram_bytes": 2 * total + (64 * MIB), "ssd_bytes": 2 * total + (256 * MIB)}
+            # Prefaulted, as a long-running engine's arena is: first-touch faults are start-up cost.
+            opts = {"dram_bytes": 2 * total + (64 * MIB), "ssd_bytes": 2 * total + (256 * MIB),
+                    "prefault_dram": True}
             runners.append(Runner("tairstore embedded", tairstore_backend(embedded_dir, store_options=opts),
                                   pool, v1=True))
         for name in ("daemon", "daemon-batch"):
@@ -148,7 +150,8 @@ def main() -> int:
             if name == "daemon-batch":
                 conf = os.path.join(tmp, "daemon-batch.toml")
                 with open(conf, "w") as f:
-                    f.write('[store]\ndurability = "batch"\n')
+                    f.write(f'[store]\ndurability = "batch"\ndram_bytes = {2 * total + 64 * MIB}\n'
+                            'prefault_dram = true\n')
                 extra = ["--config", conf]
             # Started as users start it: tairstore serve --data-dir D --port P --http-port H.
             d = Daemon(data_dir, extra)

@@ -261,8 +261,11 @@ class Backend:
         """Start loading ``keys[i]`` into page ``pages[i]`` of a
         :class:`tairstore.tiers.gpu.KVTransfer`; the :class:`~tairstore.tiers.gpu.LayerLoad`."""
         nbytes = transfer.kv.block_bytes
-        return transfer.load(pages, read=lambda i, buf: self.get_into(keys[i], buf, nbytes),
-                             fetch=lambda i: self.get(keys[i]))
+        # An embedded store hands out views of its DRAM tier: pages are copied from there
+        # straight into the KV tensors. A daemon's blocks arrive over a socket, better received
+        # into reused staging buffers than into a fresh allocation per block.
+        fetch = None if self.remote else (lambda i: self.get(keys[i]))
+        return transfer.load(pages, read=lambda i, buf: self.get_into(keys[i], buf, nbytes), fetch=fetch)
 
     def save_pages(self, transfer: Any, keys: Sequence[bytes], pages: Sequence[int]) -> list[bool]:
         """Store page ``pages[i]`` of a :class:`tairstore.tiers.gpu.KVTransfer` as ``keys[i]``

@@ -416,6 +416,15 @@ class KVTransfer:
             return LayerLoad(kv, ok, parts)
         if read is None:
             raise InvalidArgumentError("load needs read (or fetch, for CPU tensors)")
+        per_chunk = max(1, self.staging.slab_bytes // kv.block_bytes)
+        if not self.cuda and len(pages) > per_chunk:
+            # More than a staging slab: apply slab-sized chunks one after another (every layer
+            # at once) rather than allocate a buffer for the whole batch.
+            for start in range(0, len(pages), per_chunk):
+                part = self.load(pages[start:start + per_chunk],
+                                 read=lambda i, buf, s=start: read(s + i, buf))
+                ok[start:start + len(part.ok)] = part.wait()
+            return LayerLoad(kv, ok, [])
         lease = self.staging.acquire(len(pages) * kv.block_bytes)
         host = lease.__enter__()
         mv = _host_bytes(host)

@@ -113,7 +113,8 @@ def test_transfer_chunks_through_small_staging_and_loads_layer_by_layer(device):
     assert sorted(store.blocks) == list(range(6))
     del store.blocks[4]  # one block lost: that page must stay untouched
     dst = [torch.zeros_like(t) for t in src]
-    load = gpu.KVTransfer(gpu.PagedKV(dst, "page_first", 4), pool).load([7, 6, 5, 4, 3, 2], read=store.read)
+    big = gpu.StagingPool(slab_bytes=6 * kv.block_bytes, slabs=1)  # the whole load in one slab
+    load = gpu.KVTransfer(gpu.PagedKV(dst, "page_first", 4), big).load([7, 6, 5, 4, 3, 2], read=store.read)
     assert load.ok == [True, True, True, True, False, True]
     if device == "cpu":  # on CUDA the copies are queued on the side stream already
         assert not any(t.view(torch.uint8).any() for t in dst)  # nothing applied before wait_layer
@@ -177,3 +178,18 @@ def test_load_applies_pages_straight_from_store_buffers():
     assert _same(_page(dst[0], "layer_first", 3, 4), _page(src[0], "layer_first", 0, 4))
     assert _same(_page(dst[0], "layer_first", 1, 4), _page(src[0], "layer_first", 2, 4))
     assert not _page(dst[0], "layer_first", 2, 4).view(torch.uint8).any()
+
+
+def test_a_load_larger_than_the_staging_slab_goes_in_chunks():
+    src = _kv("layer_first", False, torch.float16, 11, pages=8)
+    kv = gpu.PagedKV(src, "layer_first", 4)
+    store = _Blocks()
+    gpu.KVTransfer(kv).save(list(range(7)), store.write)
+    del store.blocks[5]
+    dst = [torch.zeros_like(t) for t in src]
+    pool = gpu.StagingPool(slab_bytes=2 * kv.block_bytes, slabs=1)
+    load = gpu.KVTransfer(gpu.PagedKV(dst, "layer_first", 4), pool).load(list(range(7)), read=store.read)
+    assert load.wait() == [True] * 5 + [False, True]
+    for p in (0, 4, 6):
+        assert _same(_page(dst[1], "layer_first", p, 4), _page(src[1], "layer_first", p, 4))
+    assert not _page(dst[0], "layer_first", 5, 4).view(torch.uint8).any()
