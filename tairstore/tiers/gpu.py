@@ -9,8 +9,10 @@ their bytes), MHA (K and V components) or MLA (one latent component), in two lay
 - ``page_first``: each component is a tensor ``[T, L, ...]`` (SGLang's host ``page_first``);
 
 where ``T`` counts token slots and a page is ``page_size`` consecutive slots. A block holds one
-page of every layer and component, laid out ``[layer][component][token][...]``: the bytes of a
-layer are contiguous, so a load can be applied layer by layer while an engine computes.
+page of every layer and component: component after component (K, V), each in the engine's own
+page order (``[layer][token][...]`` for layer_first, ``[token][layer][...]`` for page_first), so
+a page_first page moves as plain memory copies; a load can still be applied layer by layer
+while an engine computes.
 
 :class:`KVTransfer` does the copies. On CUDA it gathers and scatters on a side stream, stages
 through pinned host memory, and records one event per layer so that ``wait_layer(l)`` blocks
@@ -120,7 +122,7 @@ class PagedKV:
                     raise InvalidArgumentError("components disagree on page count or device")
         #: bytes of one page of one layer of one component, per component
         self.page_bytes = [comp[0].shape[1] * comp[0].shape[2] for comp in views]
-        #: bytes of one layer (all components) inside a block
+        #: bytes of one layer (all components) of a page
         self.layer_bytes = sum(self.page_bytes)
         #: bytes of one block (one page, every layer and component)
         self.block_bytes = self.layer_bytes * self.num_layers
@@ -130,8 +132,9 @@ class PagedKV:
         self.views = [[v.view(self.word) for v in comp] for comp in views]
         self._full = [self._all_layers(c) for c in components]
         ws = self.word.itemsize
-        self._offsets = [sum(self.page_bytes[:c]) // ws for c in range(len(views))]
-        self._words = [n // ws for n in self.page_bytes]
+        # Component c's part of a block starts at this word and holds L pages' worth of words.
+        self._offsets = [sum(self.page_bytes[:c]) * self.num_layers // ws for c in range(len(views))]
+        self._words = [n * self.num_layers // ws for n in self.page_bytes]
 
     def _layer_views(self, comp: Any) -> list["torch.Tensor"]:
         ps = self.page_size
@@ -202,14 +205,18 @@ class PagedKV:
         return idx
 
     def blocks_view(self, staging: "torch.Tensor", n: int) -> "torch.Tensor":
-        """``staging`` (uint8, at least ``n * block_bytes``) as ``[n, L, layer_bytes]``."""
-        return staging[: n * self.block_bytes].view(n, self.num_layers, self.layer_bytes)
+        """``staging`` (uint8, at least ``n * block_bytes``) as ``[n, block_bytes]``."""
+        return staging[: n * self.block_bytes].view(n, self.block_bytes)
 
     def _region(self, blocks: "torch.Tensor", i: int, c: int, layer: int | None) -> "torch.Tensor":
+        """Component ``c`` of block ``i`` as ``[L, page_size, W]`` (or layer ``layer`` of it)."""
         off, n = self._offsets[c], self._words[c]
-        if layer is None:
-            return blocks[i, :, off:off + n].view(self.num_layers, self.page_size, -1)
-        return blocks[i, layer, off:off + n].view(self.page_size, -1)
+        part = blocks[i, off:off + n]
+        if self.layout == "page_first":  # stored [token][layer][...]: the engine's page as is
+            part = part.view(self.page_size, self.num_layers, -1).transpose(0, 1)
+        else:
+            part = part.view(self.num_layers, self.page_size, -1)
+        return part if layer is None else part[layer]
 
     def _words_of(self, staging: "torch.Tensor", n: int) -> "torch.Tensor":
         return self.blocks_view(staging, n).view(self.word)
