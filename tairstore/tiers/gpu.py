@@ -334,6 +334,11 @@ class LayerLoad:
             raise InvalidArgumentError(f"layer {layer} out of range [0, {self.kv.num_layers})")
         if self._events is not None:
             torch.cuda.current_stream(self.kv.device).wait_event(self._events[layer])
+        elif self._done == 0 and layer == self.kv.num_layers - 1:
+            # Everything at once: whole-page copies rather than one per layer.
+            for pages, blocks in self._parts:
+                self.kv.scatter(pages, blocks)
+            self._done = self.kv.num_layers
         else:
             while self._done <= layer:
                 for pages, blocks in self._parts:
