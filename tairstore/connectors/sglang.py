@@ -19,6 +19,8 @@ up, so this module imports where SGLang is not installed.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any, List, Optional
 
 from ..errors import InvalidArgumentError
@@ -87,6 +89,9 @@ class TairStoreHiCacheImpl:
         self.dtype_name = str(extra.get("dtype", "unknown"))
         self.layout = "page_first" if storage_config.is_page_first_layout else "layer_first"
         self.is_writer = bool(getattr(storage_config, "is_storage_writer", True))
+        self._metrics: dict[str, list] = {f"{k}_{m}": [] for k in ("prefetch", "backup")
+                                          for m in ("pgs", "bandwidth")}
+        self._metrics_lock = threading.Lock()
         self.backend: Backend = open_backend(
             url, self._namespace(), timeout_s=float(extra.get("timeout_s", DEFAULT_TIMEOUT_S)),
             token=extra.get("token"), store_options=extra.get("store_options"))
@@ -204,9 +209,13 @@ class TairStoreHiCacheImpl:
         if args is None:
             return [False] * len(keys)
         ks, pages = args
+        t0 = time.perf_counter()
         if self.transfer is None:
-            return [self._read_page(k, p) for k, p in zip(ks, pages)]
-        return self.backend.load_pages(self.transfer, ks, pages).wait()
+            ok = [self._read_page(k, p) for k, p in zip(ks, pages)]
+        else:
+            ok = self.backend.load_pages(self.transfer, ks, pages).wait()
+        self._record("prefetch", sum(ok), time.perf_counter() - t0)
+        return ok
 
     def batch_set_v1(self, keys: List[str], host_indices: Any,
                      extra_info: Optional[Any] = None) -> List[bool]:
@@ -217,10 +226,14 @@ class TairStoreHiCacheImpl:
         if args is None:
             return [False] * len(keys)
         ks, pages = args
+        t0 = time.perf_counter()
         if self.transfer is None:
-            return [self.backend.put(k, _tensor_bytes(self.mem_pool_host.get_data_page(
+            ok = [self.backend.put(k, _tensor_bytes(self.mem_pool_host.get_data_page(
                 p * self.page_size, flat=True))) for k, p in zip(ks, pages)]
-        return self.backend.save_pages(self.transfer, ks, pages)
+        else:
+            ok = self.backend.save_pages(self.transfer, ks, pages)
+        self._record("backup", sum(ok), time.perf_counter() - t0)
+        return ok
 
     def _read_page(self, key: bytes, page: int) -> bool:
         pool = self.mem_pool_host
@@ -236,8 +249,34 @@ class TairStoreHiCacheImpl:
         """Drop this deployment's pages (embedded stores; a daemon's are trimmed over HTTP)."""
         return self.backend.delete_all()
 
-    def get_stats(self) -> dict:
-        """This adapter's counters beside the store's own stats."""
+    def _record(self, kind: str, pages: int, seconds: float) -> None:
+        # What SGLang's storage metrics (--enable-storage-metrics) collect per batch call.
+        if not self.storage_config.enable_storage_metrics or not pages or seconds <= 0:
+            return
+        nbytes = self.paged.block_bytes if self.paged is not None else 0
+        with self._metrics_lock:
+            self._metrics[f"{kind}_pgs"].append(pages)
+            self._metrics[f"{kind}_bandwidth"].append(pages * nbytes / seconds / 1e9)
+
+    def get_stats(self) -> Any:
+        """SGLang's ``StorageMetrics`` (pages and GB/s per prefetch and backup batch since the
+        last call) when storage metrics are on and SGLang's metrics module imports; else None.
+        :meth:`tairstore_stats` has this adapter's own counters."""
+        if not self.storage_config.enable_storage_metrics:
+            return None
+        with self._metrics_lock:
+            taken = {k: list(v) for k, v in self._metrics.items()}
+            for v in self._metrics.values():
+                v.clear()
+        try:
+            from sglang.srt.observability.metrics_collector import StorageMetrics
+        except ImportError:
+            return None
+        return StorageMetrics(**taken)
+
+    def tairstore_stats(self) -> dict:
+        """This adapter's counters: pages and bytes read and written, misses, failures (daemon
+        errors served as misses), and its namespace."""
         s = self.backend.stats
         return {"namespace": self.namespace, "pages_read": s.pages_read,
                 "pages_written": s.pages_written, "bytes_read": s.bytes_read,
