@@ -100,7 +100,7 @@ class TairStoreConnectorImpl:
     """The behaviour of :class:`TairStoreConnector`; the class itself is built on vLLM's
     ``KVConnectorBase_V1`` and ``SupportsHMA`` when first looked up (see :func:`_build`)."""
 
-    def _setup(self, vllm_config: Any, role: Any) -> None:
+    def _setup(self, vllm_config: Any, role: Any, kv_cache_config: Any) -> None:
         extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
         url = extra.get("tairstore_url")
         from ..errors import InvalidArgumentError
@@ -118,6 +118,14 @@ class TairStoreConnectorImpl:
         self.backend: Backend = open_backend(
             url, ns, timeout_s=float(extra.get("timeout_s", DEFAULT_TIMEOUT_S)),
             token=extra.get("token"), store_options=extra.get("store_options"))
+        # One KV cache group (every layer indexed by the same block table) is what a block
+        # here means. A hybrid model's several groups would need a block table per group: the
+        # connector then stays out of the way (every lookup misses) rather than mix them up.
+        groups = list(getattr(kv_cache_config, "kv_cache_groups", None) or [])
+        self.enabled = len(groups) <= 1
+        self._layers = set(groups[0].layer_names) if groups else None
+        if not self.enabled:
+            log.warning("tairstore: %d KV cache groups (a hybrid model); the connector is off", len(groups))
         self._reqs: dict[str, _ReqState] = {}
         self._layer_index: dict[str, int] = {}
         self._paged: gpu.PagedKV | None = None
@@ -129,6 +137,8 @@ class TairStoreConnectorImpl:
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         """Tokens beyond ``num_computed_tokens`` the store can supply (whole blocks, at least
         one prompt token left to compute); loads are synchronous (False)."""
+        if not self.enabled:
+            return 0, False
         hashes = list(request.block_hashes)
         hit = self.backend.prefix_len([engine_key(h) for h in hashes])
         # vLLM must compute at least the last prompt token itself.
@@ -155,6 +165,8 @@ class TairStoreConnectorImpl:
     def build_connector_meta(self, scheduler_output: Any) -> Any:
         """This step's loads and saves, as picklable metadata for the workers."""
         meta = _metadata_class()()
+        if not self.enabled:
+            return meta
         for new in scheduler_output.scheduled_new_reqs:
             state = self._reqs.get(new.req_id)
             if state is None:
@@ -200,7 +212,11 @@ class TairStoreConnectorImpl:
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         """View every layer's paged tensor; an unsupported layout disables the connector (all
         misses) instead of failing the engine."""
+        if self._layers is not None:
+            kv_caches = {name: t for name, t in kv_caches.items() if name in self._layers}
         self._layer_index = {name: i for i, name in enumerate(kv_caches)}
+        if not self.enabled or not kv_caches:
+            return
         try:
             self._paged = gpu.PagedKV.from_blocks(_components(list(kv_caches.values())))
             self._transfer = gpu.KVTransfer(self._paged)
@@ -285,7 +301,7 @@ def _build() -> type:
 
     def __init__(self: Any, vllm_config: Any, role: Any, kv_cache_config: Any = None) -> None:
         KVConnectorBase_V1.__init__(self, vllm_config, role, kv_cache_config)
-        self._setup(vllm_config, role)
+        self._setup(vllm_config, role, kv_cache_config)
 
     return type("TairStoreConnector", (TairStoreConnectorImpl, KVConnectorBase_V1, SupportsHMA), {
         "__module__": __name__,

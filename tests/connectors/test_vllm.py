@@ -38,17 +38,18 @@ def _config(url, model="tiny-llama", **extra):
                       device_config=DeviceConfig(device="cpu"))
 
 
-def _kv_cache_config():
+def _kv_cache_config(groups=1):
     spec = FullAttentionSpec(block_size=BS, num_kv_heads=HEADS, head_size=DIM, dtype=torch.bfloat16)
+    per = [[f"layer.{i}" for i in range(LAYERS) if i % groups == g] for g in range(groups)]
     return KVCacheConfig(num_blocks=BLOCKS, kv_cache_tensors=[],
-                         kv_cache_groups=[KVCacheGroupSpec([f"layer.{i}" for i in range(LAYERS)], spec)])
+                         kv_cache_groups=[KVCacheGroupSpec(names, spec) for names in per])
 
 
 class Instance:
     """One vLLM instance's connector pair (scheduler and worker) with its own paged KV."""
 
-    def __init__(self, url, seed=0, **kw):
-        cfg, kvc = _config(url, **kw), _kv_cache_config()
+    def __init__(self, url, seed=0, groups=1, **kw):
+        cfg, kvc = _config(url, **kw), _kv_cache_config(groups)
         self.sched = KVConnectorFactory.create_connector(cfg, ROLE.SCHEDULER, kvc)
         self.worker = KVConnectorFactory.create_connector(cfg, ROLE.WORKER, kvc)
         g = torch.Generator().manual_seed(seed)
@@ -178,3 +179,11 @@ def test_through_a_daemon_and_a_stopped_daemon_is_a_miss(own_daemon):
     c = Instance(own_daemon.url, seed=9)
     n, meta, errors = c.step(_request("r3", range(9)), [6, 7, 8])  # saves fail quietly too
     assert n == 0 and not errors
+
+
+def test_a_hybrid_models_several_kv_cache_groups_turn_the_connector_off(store_dir):
+    a = Instance(store_dir)
+    a.step(_request("r1", range(9)), [0, 1, 2])
+    hybrid = Instance(store_dir, groups=2)
+    n, meta, errors = hybrid.step(_request("r2", range(9)), [3, 4, 5])
+    assert n == 0 and not meta.loads and not meta.saves and not errors
