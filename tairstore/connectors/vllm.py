@@ -93,7 +93,9 @@ def _components(kv_layers: list[Any]) -> list[list[Any]]:
     first = kv_layers[0]
     split = first.dim() >= 3 and first.shape[0] == 2
     comps = [[t[0] for t in kv_layers], [t[1] for t in kv_layers]] if split else [list(kv_layers)]
-    return [[t.reshape(t.shape[0], 1, -1) for t in comp] for comp in comps]
+    # view, not reshape: a tensor laid out with other strides must fail here, never be copied
+    # (a load into a copy would vanish).
+    return [[t.view(t.shape[0], 1, -1) for t in comp] for comp in comps]
 
 
 class TairStoreConnectorImpl:

@@ -187,3 +187,13 @@ def test_a_hybrid_models_several_kv_cache_groups_turn_the_connector_off(store_di
     hybrid = Instance(store_dir, groups=2)
     n, meta, errors = hybrid.step(_request("r2", range(9)), [3, 4, 5])
     assert n == 0 and not meta.loads and not meta.saves and not errors
+
+
+def test_kv_caches_it_cannot_view_turn_the_connector_into_misses(store_dir):
+    a = Instance(store_dir, seed=10)
+    a.step(_request("r1", range(9)), [0, 1, 2])
+    b = Instance(store_dir, seed=11)
+    strided = {name: t.transpose(3, 4).contiguous().transpose(3, 4) for name, t in b.kv.items()}
+    b.worker.register_kv_caches(strided)  # heads and dims swapped in memory: not viewable
+    n, meta, errors = b.step(_request("r2", range(9)), [3, 4, 5])
+    assert n == 2 * BS and errors == {3, 4}  # counted by the scheduler, reported as load errors
