@@ -23,7 +23,8 @@ Backends alternate within each round; the table gives the best round in GB/s (10
 page payload a second) and each tairstore row's ratio to ``file`` (>1.00: faster).
 
 Run: ``python benchmarks/connectors.py`` (needs torch and ``pip install --no-deps sglang``),
-``--pages 16 --rounds 2`` for a quick look, ``--json out.json`` for every sample.
+``--pages 16 --rounds 2`` for a quick look, ``--json out.json`` for every sample;
+``--h2d`` measures the GPU hooks' host-to-device load against a plain ``tensor.copy_``.
 """
 
 from __future__ import annotations
@@ -85,6 +86,47 @@ def timed(fn, keys: list[str], pages: list[int], batch: int) -> float:
     return time.perf_counter() - t0
 
 
+def h2d(pages: int, rounds: int) -> None:
+    """``--h2d``: the GPU hooks' load (pinned staging, side stream, per-layer scatter) of
+    Llama-3.1-8B pages into a paged KV cache on the device, beside one plain ``tensor.copy_``
+    of the same bytes from pinned memory; on a machine without CUDA, both on the CPU."""
+    from tairstore.tiers import gpu
+
+    device = "cuda" if gpu.cuda_available() else "cpu"
+    ps = 64
+    kv = [torch.zeros(LAYERS, pages * ps, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device=device)
+          for _ in range(2)]
+    transfer = gpu.KVTransfer(gpu.PagedKV(kv, "layer_first", ps),
+                              gpu.StagingPool(pages * LAYERS * ps * KV_HEADS * HEAD_DIM * 4, 1))
+    nbytes = transfer.kv.block_bytes
+    blocks = torch.randint(0, 255, (pages * nbytes,), dtype=torch.uint8).pin_memory() \
+        if device == "cuda" else torch.randint(0, 255, (pages * nbytes,), dtype=torch.uint8)
+    src = memoryview(blocks.numpy())
+    plain = torch.empty(pages * nbytes, dtype=torch.uint8, device=device)
+
+    def read(i: int, buf: memoryview) -> bool:
+        buf[:] = src[i * nbytes:(i + 1) * nbytes]
+        return True
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    best_load = best_copy = 0.0
+    for _ in range(rounds):
+        t = time.perf_counter()
+        transfer.load(list(range(pages)), read=read).wait()
+        sync()
+        best_load = max(best_load, pages * nbytes / (time.perf_counter() - t) / GB)
+        t = time.perf_counter()
+        plain.copy_(blocks, non_blocking=True)
+        sync()
+        best_copy = max(best_copy, pages * nbytes / (time.perf_counter() - t) / GB)
+    print(f"{device}: {pages} pages of {nbytes / MIB:.0f} MiB: KVTransfer.load {best_load:.2f} GB/s "
+          f"(including the copy into staging), tensor.copy_ {best_copy:.2f} GB/s, "
+          f"ratio {best_load / best_copy:.2f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pages", type=int, default=32, help="pages per round (8 MiB each by default)")
@@ -96,7 +138,12 @@ def main() -> int:
                     help="daemon: its default durability (sync); daemon-batch: durability batch")
     ap.add_argument("--dir", default=".", help="where the file backend and embedded store write")
     ap.add_argument("--json", help="write every sample to this file")
+    ap.add_argument("--h2d", action="store_true",
+                    help="instead: the GPU hooks' host-to-device load against tensor.copy_")
     args = ap.parse_args()
+    if args.h2d:
+        h2d(args.pages, args.rounds)
+        return 0
 
     try:
         storage, factory = load_sglang()
