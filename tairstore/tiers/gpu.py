@@ -128,13 +128,23 @@ class PagedKV:
         self.block_bytes = self.layer_bytes * self.num_layers
         # Copies move the widest machine words that divide every row: torch copies uint8
         # tensors with strides element by element, an order of magnitude slower.
-        self.word = next(w for w in WORDS if all(c[0].shape[2] % w.itemsize == 0 for c in views))
-        self.views = [[v.view(self.word) for v in comp] for comp in views]
+        self.word, self.views = self._word_views(views)
         self._full = [self._all_layers(c) for c in components]
         ws = self.word.itemsize
         # Component c's part of a block starts at this word and holds L pages' worth of words.
         self._offsets = [sum(self.page_bytes[:c]) * self.num_layers // ws for c in range(len(views))]
         self._words = [n * self.num_layers // ws for n in self.page_bytes]
+
+    @staticmethod
+    def _word_views(views: list) -> tuple[Any, list]:
+        for word in WORDS:
+            if any(c[0].shape[2] % word.itemsize for c in views):
+                continue
+            try:  # an odd storage offset cannot be viewed as wider words
+                return word, [[v.view(word) for v in comp] for comp in views]
+            except RuntimeError:
+                continue
+        return torch.uint8, views  # pragma: no cover - uint8 always views
 
     def _layer_views(self, comp: Any) -> list["torch.Tensor"]:
         ps = self.page_size
@@ -188,9 +198,12 @@ class PagedKV:
 
     def _all_layers(self, comp: Any) -> "torch.Tensor | None":
         """A component as one ``[P, L, page_size, W]`` word view, when it is one tensor."""
-        if not isinstance(comp, torch.Tensor):
+        if not isinstance(comp, torch.Tensor) or not comp.is_contiguous():
+            return None  # per-layer copies then (a reshape here could silently copy)
+        try:
+            b = _as_bytes(comp).view(self.word)
+        except RuntimeError:
             return None
-        b = _as_bytes(comp).view(self.word)
         if self.layout == "page_first":
             slots, layers = comp.shape[0], comp.shape[1]
             return b.reshape(slots // self.page_size, self.page_size, layers, -1).transpose(1, 2)
