@@ -151,7 +151,7 @@ def main() -> int:
     except ImportError as exc:
         sys.exit(f"{exc}: pip install --no-deps sglang")
     from tairstore.connectors.common import close_embedded
-    from tairstore.net.client import Client
+    from tairstore import Client
 
     pool = HostPool(layout=args.layout, pages=2 * args.pages, page_size=args.page_size,
                     layers=LAYERS, heads=KV_HEADS, head_dim=HEAD_DIM)

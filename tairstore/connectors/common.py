@@ -123,12 +123,13 @@ class Backend:
     answered as a miss. A read that returns a block of another size than expected is a miss too.
     """
 
-    def __init__(self, target: Any, namespace: str, *, owned: bool = True,
+    def __init__(self, target: Any, namespace: str, *, remote: bool, owned: bool = True,
                  retry_after_s: float = DEFAULT_RETRY_AFTER_S, connect: Any = None) -> None:
         self._target = target
         self._connect = connect
         self.namespace = namespace
-        self.remote = connect is not None or not hasattr(target, "write_view")
+        #: True for a daemon's Client (its failures pause calls briefly), False for a Store.
+        self.remote = remote
         self.stats = BackendStats()
         self._owned = owned
         self._retry_after_s = retry_after_s
@@ -346,14 +347,16 @@ def open_backend(url: str, namespace: str, *, timeout_s: float = DEFAULT_TIMEOUT
     Raises:
         InvalidArgumentError: ``url`` is empty or a malformed daemon address.
     """
-    from ..net.client import Client, parse_url
-    from ..store import open_store
+    # The package's public entry points only (tairstore.open, tairstore.Client).
+    from .. import Client
+    from .. import open as open_store
+    from ..net.client import parse_url
 
     if not isinstance(url, str) or not url:
         raise InvalidArgumentError("tairstore_url must be tcp://host:port or a directory path")
     if is_daemon_url(url):
         parse_url(url)  # a malformed address is a configuration error, raised now
-        return Backend(None, namespace,
+        return Backend(None, namespace, remote=True,
                        connect=lambda: Client(url, token=token, timeout=timeout_s))
     path = os.path.abspath(os.path.expanduser(url))
     with _EMBEDDED_LOCK:
@@ -363,7 +366,7 @@ def open_backend(url: str, namespace: str, *, timeout_s: float = DEFAULT_TIMEOUT
         if store is None:
             store = open_store(path, **{**EMBEDDED_DEFAULTS, **(store_options or {})})
             _EMBEDDED[path] = store
-    return Backend(store, namespace, owned=False)
+    return Backend(store, namespace, remote=False, owned=False)
 
 
 def close_embedded(url: str) -> None:
