@@ -59,7 +59,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_fsck(args: argparse.Namespace) -> int:
     """Check a data directory; optionally repair it or rebuild its index from the segments."""
-    from tairstore.fsck import fsck
+    from tairstore.engine.fsck import fsck
 
     report = fsck(args.dir, repair=args.repair, rebuild=args.rebuild)
     if args.json:
@@ -95,8 +95,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the cache daemon until SIGTERM or Ctrl-C (see docs/DAEMON.md)."""
     import trio
 
-    from tairstore.daemon import run_daemon
-    from tairstore.daemon_config import load_config
+    from tairstore.daemon.main import run_daemon
+    from tairstore.daemon.config import load_config
     from tairstore.errors import StoreError
 
     cfg = load_config(args.config)
@@ -110,7 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.ssd is not None:
         cfg.store["ssd_bytes"] = args.ssd
     # The startup and shutdown lines are the daemon's main output: show them without -v.
-    logging.getLogger("tairstore.daemon").setLevel(logging.INFO)
+    logging.getLogger("tairstore.daemon.main").setLevel(logging.INFO)
     try:
         trio.run(run_daemon, cfg)
     except KeyboardInterrupt:

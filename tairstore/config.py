@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from .errors import InvalidArgumentError
-from .fileio import REAL_FS, FileSystem
+from tairstore.errors import InvalidArgumentError
+from tairstore.fileio import REAL_FS, FileSystem
 
 __all__ = ["StoreConfig", "DURABILITY_MODES", "MAX_KEY_BYTES", "DEFAULT_NAMESPACE"]
 
@@ -99,14 +99,14 @@ class StoreConfig:
             self.policy = {"dram": self.policy, "ssd": self.policy}
         if not isinstance(self.policy, dict) or not set(self.policy) <= {"dram", "ssd"}:
             raise InvalidArgumentError(f"policy must be a name or {{'dram': name, 'ssd': name}}, got {self.policy!r}")
-        from .policy import POLICIES
+        from tairstore.policy import POLICIES
 
         for tier, name in self.policy.items():
             if name not in POLICIES:
                 raise InvalidArgumentError(
                     f"unknown {tier} eviction policy {name!r}; choose one of {sorted(POLICIES)}")
         self.policy = {"dram": "lru", "ssd": "leaf_lru", **self.policy}
-        from .capacity import parse_watermarks
+        from tairstore.engine.capacity import parse_watermarks
 
         parse_watermarks(self.watermarks)
         if not 0 < self.compaction_live_ratio < 1:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import MAX_KEY_BYTES, MAX_NAMESPACE_BYTES
-from .errors import InvalidArgumentError
+from tairstore.config import MAX_KEY_BYTES, MAX_NAMESPACE_BYTES
+from tairstore.errors import InvalidArgumentError
 
 __all__ = ["check_namespace", "check_key", "check_keys", "check_data", "check_out"]
 

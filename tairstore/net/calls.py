@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from ..validate import check_data, check_key, check_keys, check_namespace, check_out
-from ..errors import InvalidArgumentError, ProtocolError, SessionError
-from ..match import MatchResult
-from ..store import MAX_LEASE_S
-from .protocol import Response
-from .schema import Code, Op, match_from_fields
+from tairstore.validate import check_data, check_key, check_keys, check_namespace, check_out
+from tairstore.errors import InvalidArgumentError, ProtocolError, SessionError
+from tairstore.engine.match import MatchResult
+from tairstore.engine.store import MAX_LEASE_S
+from tairstore.net.protocol import Response
+from tairstore.net.schema import Code, Op, match_from_fields
 
 __all__ = ["Call", "RemoteWriteSession", "DEFAULT_NAMESPACE"]
 

@@ -26,12 +26,12 @@ from urllib.parse import urlsplit
 
 import trio
 
-from ..errors import ClosedError, InvalidArgumentError, SessionError, StoreError
-from ..match import MatchResult
-from . import calls
-from .calls import DEFAULT_NAMESPACE, Call, RemoteWriteSession
-from .limits import Limits
-from .protocol import IOV_BATCH, Connection, ProtocolErrorEvent, Request, Response, Role, advance_views
+from tairstore.errors import ClosedError, InvalidArgumentError, SessionError, StoreError
+from tairstore.engine.match import MatchResult
+from tairstore.net import calls
+from tairstore.net.calls import DEFAULT_NAMESPACE, Call, RemoteWriteSession
+from tairstore.net.limits import Limits
+from tairstore.net.protocol import IOV_BATCH, Connection, ProtocolErrorEvent, Request, Response, Role, advance_views
 
 __all__ = ["Client", "AsyncClient", "NetworkError", "RemoteWriteSession", "parse_url"]
 

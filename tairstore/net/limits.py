@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from ..errors import InvalidArgumentError
+from tairstore.errors import InvalidArgumentError
 
 __all__ = ["Limits", "DEFAULT_LIMITS"]
 

@@ -58,9 +58,9 @@ from typing import Any, Callable, Union
 import msgpack
 import numpy as np
 
-from ..errors import ProtocolError, StoreError
-from .limits import DEFAULT_LIMITS, Limits
-from .schema import (
+from tairstore.errors import ProtocolError, StoreError
+from tairstore.net.limits import DEFAULT_LIMITS, Limits
+from tairstore.net.schema import (
     BLOCK_OPS_REQUEST,
     BLOCK_OPS_RESPONSE,
     REQUEST_FIELDS,

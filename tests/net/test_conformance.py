@@ -17,35 +17,22 @@ import pytest
 
 import tairstore
 from tairstore.errors import CapacityError, InvalidArgumentError, LeaseExpiredError, SessionError
-from tairstore.match import MatchResult
+from tairstore.engine.match import MatchResult
+from tairstore.daemon.process import DaemonProcess
 from tairstore.net.client import Client
 
 KiB, MiB = 1 << 10, 1 << 20
-STORE_OPTIONS = ["--dram-bytes", str(32 * MiB), "--ssd-bytes", str(128 * MiB), "--segment-bytes",
-                 str(8 * MiB), "--durability", "batch"]
+STORE_OPTIONS = {"dram_bytes": 32 * MiB, "ssd_bytes": 128 * MiB, "segment_bytes": 8 * MiB,
+                 "durability": "batch"}
 _namespaces = itertools.count()
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    """``python -m tairstore.net.server`` as a subprocess; yields its URL."""
+    """``tairstore serve`` as a subprocess; yields its data URL."""
     data = tmp_path_factory.mktemp("daemon") / "data"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tairstore.net.server", "--data-dir", str(data), "--port", "0", *STORE_OPTIONS],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        line = proc.stdout.readline()
-        if not line.startswith("PORT "):
-            proc.kill()
-            raise RuntimeError(f"daemon did not start: {line!r} {proc.stderr.read()}")
-        yield f"tcp://127.0.0.1:{int(line.split()[1])}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with DaemonProcess(data, store=STORE_OPTIONS) as d:
+        yield d.data_url
 
 
 @pytest.fixture(params=["embedded", "daemon"])

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from tairstore import errors
 from tairstore.errors import ProtocolError
-from tairstore.match import MatchResult
+from tairstore.engine.match import MatchResult
 from tairstore.net.limits import Limits
 from tairstore.net.protocol import (
     CONNECTION_ID,

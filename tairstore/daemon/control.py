@@ -1,7 +1,7 @@
 """The daemon's control plane: instances, namespaces and quotas, HTTP write sessions.
 
-Nothing here speaks HTTP. :mod:`tairstore.net.http` (the native JSON API) and
-:mod:`tairstore.net.tair_compat` (Tair KVCache's MetaService) both translate requests into these
+Nothing here speaks HTTP. :mod:`tairstore.daemon.api` (the native JSON API) and
+:mod:`tairstore.daemon.tair_compat` (Tair KVCache's MetaService) both translate requests into these
 calls, so the two APIs cannot disagree about what a write session or a quota means. Every method
 is synchronous and thread-safe: the HTTP layer runs them in worker threads, because store calls
 may wait for an fsync.
@@ -25,18 +25,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import MAX_NAMESPACE_BYTES
-from ..errors import (
+from tairstore.config import MAX_NAMESPACE_BYTES
+from tairstore.errors import (
     CapacityError,
     InvalidArgumentError,
     NotFoundError,
     SessionError,
     StoreError,
 )
-from ..keys import chain_hashes
-from ..match import MatchResult
-from ..session import OPEN, WriteSession
-from .state import DaemonState
+from tairstore.keys import chain_hashes
+from tairstore.engine.match import MatchResult
+from tairstore.engine.session import OPEN, WriteSession
+from tairstore.daemon.state import DaemonState
 
 __all__ = [
     "ConflictError",
@@ -66,7 +66,7 @@ def parse_quota(obj: Any) -> tuple[int | None, dict[str, int]]:
 
     Sizes are ints or strings such as ``"2GiB"``; a missing or null total means unlimited.
     """
-    from ..daemon_config import parse_size
+    from tairstore.daemon.config import parse_size
 
     if obj is None:
         return None, {}
@@ -106,7 +106,7 @@ class HttpWriteSession:
         id: the id clients use (unguessable; the store's own id is inside it).
         namespace: the namespace every key belongs to.
         keys: every requested key, in request order.
-        session: the store's :class:`~tairstore.session.WriteSession`.
+        session: the store's :class:`~tairstore.engine.session.WriteSession`.
         sizes: the byte size of each key to write.
         specs: named parts of each block as ``(name, offset, size)``; one part ``"block"``
             covering the whole block when the caller gave plain sizes.
@@ -136,7 +136,7 @@ class ControlPlane:
     """Instances, namespaces, quotas and HTTP write sessions over one store.
 
     Args:
-        store: the open :class:`~tairstore.store.Store`.
+        store: the open :class:`~tairstore.engine.store.Store`.
         state: where registrations and namespace records persist.
         max_sessions: how many HTTP write sessions may be open at once.
     """

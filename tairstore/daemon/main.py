@@ -7,8 +7,8 @@ runs in one trio nursery:
 
 - a signal watcher (SIGTERM, SIGINT): the first signal starts a graceful shutdown, a second one
   cancels whatever is still running;
-- the HTTP server (:mod:`tairstore.net.httpserver` + :mod:`tairstore.net.http`);
-- the data server (:func:`tairstore.net.server.serve_data`).
+- the HTTP server (:mod:`tairstore.daemon.httpserver` + :mod:`tairstore.daemon.api`);
+- the data server (:func:`tairstore.daemon.dataserver.serve_data`).
 
 Once both listen it logs one line saying where, and what sizes and durability it chose.
 
@@ -31,18 +31,18 @@ from typing import Any, Callable
 
 import trio
 
-from .daemon_config import DaemonConfig, is_loopback
-from .errors import StoreError
-from .net.auth import Authenticator
-from .net.control import ControlPlane
-from .net.http import HttpApi
-from .net.httpserver import HttpServer
-from .net.metrics import Metrics
-from .net.state import STATE_FILE, DaemonState
+from tairstore.daemon.config import DaemonConfig, is_loopback
+from tairstore.errors import StoreError
+from tairstore.daemon.auth import Authenticator
+from tairstore.daemon.control import ControlPlane
+from tairstore.daemon.api import HttpApi
+from tairstore.daemon.httpserver import HttpServer
+from tairstore.daemon.metrics import Metrics
+from tairstore.daemon.state import STATE_FILE, DaemonState
 
 __all__ = ["DaemonInfo", "choose_sizes", "run_daemon"]
 
-log = logging.getLogger("tairstore.daemon")
+log = logging.getLogger("tairstore.daemon.main")
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -130,7 +130,7 @@ def _url_host(host: str) -> str:
 
 
 def _data_limits(config: DaemonConfig) -> Any:
-    from .net.limits import Limits
+    from tairstore.net.limits import Limits
 
     return Limits(**config.limits.data_limits(), shutdown_grace_s=config.shutdown_grace_s)
 
@@ -153,7 +153,7 @@ async def _watch_signals(stop: trio.Event, hard_stop: Callable[[], None], *,
 async def _serve_data_in(scope: trio.CancelScope, store: Any, config: DaemonConfig, auth: Authenticator,
                          metrics: Metrics, *, task_status: trio.TaskStatus[int | None]) -> None:
     try:
-        from .net.server import serve_data
+        from tairstore.daemon.dataserver import serve_data
     except ImportError as exc:  # the data path ships separately in some builds
         log.warning("data server unavailable (%s): serving HTTP only", exc)
         task_status.started(None)
@@ -168,7 +168,7 @@ async def run_daemon(config: DaemonConfig, *, handle_signals: bool = True,
     """Run the daemon until SIGTERM/SIGINT (or ``DaemonInfo.shutdown()``), then stop cleanly.
 
     Args:
-        config: everything it needs (:func:`tairstore.daemon_config.load_config`).
+        config: everything it needs (:func:`tairstore.daemon.config.load_config`).
         handle_signals: watch SIGTERM/SIGINT (only possible in the main thread).
         task_status: receives a :class:`DaemonInfo` once both listeners accept connections.
 

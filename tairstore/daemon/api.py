@@ -6,7 +6,7 @@ for an fsync) and returns JSON. Errors become ``{"error": {"type", "message"}}``
 of :data:`ERROR_STATUS`; nothing a client sends can crash the server: an unexpected exception is
 logged and answered with 500.
 
-``POST /api/<method>`` answers Tair KVCache's MetaService (see :mod:`tairstore.net.tair_compat`).
+``POST /api/<method>`` answers Tair KVCache's MetaService (see :mod:`tairstore.daemon.tair_compat`).
 The endpoint reference with examples is ``docs/DAEMON.md``.
 """
 
@@ -22,8 +22,8 @@ from urllib.parse import quote
 
 import trio
 
-from .. import __version__
-from ..errors import (
+from tairstore import __version__
+from tairstore.errors import (
     CapacityError,
     ClosedError,
     CorruptionError,
@@ -35,10 +35,10 @@ from ..errors import (
     StoreError,
     StoreLockedError,
 )
-from .auth import ALL_NAMESPACES, Authenticator, Unauthenticated
-from .control import ConflictError, ControlPlane, UnsupportedError, check_namespace
-from .httpserver import Request, Response
-from .metrics import Metrics
+from tairstore.daemon.auth import ALL_NAMESPACES, Authenticator, Unauthenticated
+from tairstore.daemon.control import ConflictError, ControlPlane, UnsupportedError, check_namespace
+from tairstore.daemon.httpserver import Request, Response
+from tairstore.daemon.metrics import Metrics
 
 __all__ = ["ERROR_STATUS", "HttpApi", "json_response", "error_response"]
 
@@ -117,7 +117,7 @@ Handler = Callable[..., Awaitable[Response]]
 
 
 class HttpApi:
-    """The application behind :class:`~tairstore.net.httpserver.HttpServer`.
+    """The application behind :class:`~tairstore.daemon.httpserver.HttpServer`.
 
     Args:
         control: the control plane over the store.
@@ -132,7 +132,7 @@ class HttpApi:
     def __init__(self, control: ControlPlane, auth: Authenticator, metrics: Metrics, *,
                  http_max_body_bytes: int = 8 << 20, data_url: str = "", http_url: str = "",
                  worker_threads: int = 4) -> None:
-        from .tair_compat import TairCompat
+        from tairstore.daemon.tair_compat import TairCompat
 
         self.control = control
         self.auth = auth

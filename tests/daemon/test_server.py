@@ -22,7 +22,7 @@ from tairstore.net.client import AsyncClient, Client, NetworkError
 from tairstore.net.limits import Limits
 from tairstore.net.protocol import CONNECTION_ID, MAGIC, PRELUDE, VERSION
 from tairstore.net.schema import Code, Op
-from tairstore.net.server import INPLACE_MIN_BYTES, serve_data
+from tairstore.daemon.dataserver import INPLACE_MIN_BYTES, serve_data
 
 MiB = 1 << 20
 
@@ -254,7 +254,7 @@ class FakeAuth:
 
 def _authenticator():
     try:
-        from tairstore.net.auth import Authenticator, TokenSpec
+        from tairstore.daemon.auth import Authenticator, TokenSpec
     except ImportError:
         return FakeAuth({"tok-a": {"a"}, "root": {"*"}})
     return Authenticator([TokenSpec("tok-a", ["a"]), TokenSpec("root", role="admin")])
@@ -524,7 +524,7 @@ def test_put_in_place_refused_by_auth_reserves_nothing(volatile_store, server_fa
 def test_data_sockets_queue_whole_answers():
     """trio's SocketStream limits unsent bytes to 16 KiB; a data connection lifts that, so a
     large answer goes to the kernel in one writev instead of ~8 per MiB and a wait."""
-    from tairstore.net.server import SEND_BUFFER, _tune_socket
+    from tairstore.daemon.dataserver import SEND_BUFFER, _tune_socket
 
     async def main():
         listener = trio.socket.socket()

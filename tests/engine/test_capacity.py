@@ -11,7 +11,7 @@ import pytest
 
 import tairstore
 from tairstore.errors import CapacityError, InvalidArgumentError, NotFoundError
-from tairstore.fsck import fsck
+from tairstore.engine.fsck import fsck
 
 KiB = 1 << 10
 MiB = 1 << 20

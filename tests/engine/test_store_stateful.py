@@ -64,7 +64,7 @@ class OpenSession:
 
 
 def expected_match(hits: list[bool], mode: str, window: int | None) -> tuple[int, int | None, int]:
-    """(prefix_len, window_start, window_len), written independently of ``tairstore.match``."""
+    """(prefix_len, window_start, window_len), written independently of ``tairstore.engine.match``."""
     prefix = next((i for i, h in enumerate(hits) if not h), len(hits))
     if mode != "sliding_window":
         return prefix, None, 0

@@ -1,8 +1,8 @@
 """Maintenance and observation: the background thread's work, compaction, stats.
 
-Part of :class:`tairstore.store.Store` (a mixin). One maintenance pass reaps expired write
+Part of :class:`tairstore.engine.store.Store` (a mixin). One maintenance pass reaps expired write
 sessions, expires TTLs, keeps every tier between its watermarks and takes one background
-compaction step (:mod:`tairstore.compaction`).
+compaction step (:mod:`tairstore.engine.compaction`).
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import time
 
-from .capacity import TIERS
-from .errors import ClosedError, StoreError
-from .session import EXPIRED, OPEN
+from tairstore.engine.capacity import TIERS
+from tairstore.errors import ClosedError, StoreError
+from tairstore.engine.session import EXPIRED, OPEN
 
 __all__ = ["MaintenanceMixin"]
 
-log = logging.getLogger("tairstore.store")
+log = logging.getLogger("tairstore.engine.store")
 
 TRUNCATE_EVERY_S = 1.0  # how often a checkpoint may trigger WAL file deletion
 

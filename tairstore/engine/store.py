@@ -13,7 +13,7 @@ State lives in three places, each with one job:
 
 Write path (two-phase): ``start_write`` drops keys already stored or in flight and *admits*
 each remaining key (quotas, then space in each tier, evicting as needed — see
-:mod:`tairstore.capacity`) by reserving a DRAM slot and an SSD record; ``write`` copies the
+:mod:`tairstore.engine.capacity`) by reserving a DRAM slot and an SSD record; ``write`` copies the
 payload into its reservations (one copy into the arena, one ``pwritev`` into the segment) and
 computes its crc32c once; ``finish_write`` logs COMMIT (one group-committed fsync in ``sync``
 mode) and only then publishes the keys. Keys not committed are released. ``put`` runs the same
@@ -22,7 +22,7 @@ three steps without a session object.
 Placement: every block of a store with an SSD tier is written through to SSD; the DRAM copy is
 a cache in front of it. DRAM pressure drops DRAM copies (the block stays on SSD); SSD pressure
 evicts blocks (deletes them) by the SSD tier's policy and leaves dead bytes that compaction
-(:mod:`tairstore.compaction`) reclaims. A store without an SSD tier is a volatile cache whose
+(:mod:`tairstore.engine.compaction`) reclaims. A store without an SSD tier is a volatile cache whose
 DRAM evictions drop blocks. An SSD hit is promoted into DRAM on its first or second hit
 (``promote_on``).
 
@@ -49,11 +49,11 @@ import time
 from collections import Counter
 from typing import Any
 
-from .capacity import TIERS, Namespace, WatermarkTracker, check_limits, parse_watermarks
-from .compaction import Compactor
-from .config import DEFAULT_NAMESPACE, StoreConfig
-from .datadir import DataDir
-from .errors import (
+from tairstore.engine.capacity import TIERS, Namespace, WatermarkTracker, check_limits, parse_watermarks
+from tairstore.engine.compaction import Compactor
+from tairstore.config import DEFAULT_NAMESPACE, StoreConfig
+from tairstore.engine.datadir import DataDir
+from tairstore.errors import (
     CapacityError,
     ClosedError,
     FatalIOError,
@@ -61,19 +61,19 @@ from .errors import (
     NotFoundError,
     SessionError,
 )
-from .format.checksum import crc32c
-from .format.segment import FLAG_COMMITTED
-from .index.lmdb_index import Index
-from .index.records import BlockRecord
-from .maintenance import MaintenanceMixin
-from .placement import PlacementMixin, _NeedSsdRoom
-from .readpath import ReadPathMixin
-from .policy import make_policy
-from .session import ABORTED, EXPIRED, FINISHED, OPEN, PendingBlock, WriteSession
-from .tiers.dram import DramArena
-from .tiers.ssd import SegmentLog
-from .validate import check_data, check_key, check_keys, check_namespace
-from .wal import Abort, Commit, CommitEntry, Delete, Prepare, WalWriter
+from tairstore.format.checksum import crc32c
+from tairstore.format.segment import FLAG_COMMITTED
+from tairstore.index.lmdb_index import Index
+from tairstore.index.records import BlockRecord
+from tairstore.engine.maintenance import MaintenanceMixin
+from tairstore.engine.placement import PlacementMixin, _NeedSsdRoom
+from tairstore.engine.reads import ReadPathMixin
+from tairstore.policy import make_policy
+from tairstore.engine.session import ABORTED, EXPIRED, FINISHED, OPEN, PendingBlock, WriteSession
+from tairstore.tiers.dram import DramArena
+from tairstore.tiers.ssd import SegmentLog
+from tairstore.validate import check_data, check_key, check_keys, check_namespace
+from tairstore.wal import Abort, Commit, CommitEntry, Delete, Prepare, WalWriter
 
 __all__ = ["Store", "open_store", "DEFAULT_NAMESPACE", "PLACEMENTS"]
 
@@ -221,7 +221,7 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
             segment_bytes=seg_bytes, compression=cfg.compression, zstd_level=cfg.zstd_level,
         )
         self._ssd.open()
-        from .recovery import recover
+        from tairstore.engine.recovery import recover
 
         next_lsn = recover(self)
         self._wal = WalWriter(
@@ -926,7 +926,7 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
         The next open then replays nothing (and decodes nothing). A crash during the unlinks
         leaves files whose records are all at or below the checkpoint, which replay skips.
         """
-        from .wal import list_files
+        from tairstore.wal import list_files
 
         wal_dir = self._dir.sub("wal")
         try:

@@ -15,7 +15,7 @@ import os
 import threading
 from typing import Any
 
-from ..errors import FormatError
+from tairstore.errors import FormatError
 
 __all__ = ["STATE_FILE", "DaemonState"]
 

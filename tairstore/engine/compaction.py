@@ -45,14 +45,14 @@ import threading
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from .errors import ClosedError, CorruptionError, StoreError
-from .format.segment import FLAG_TOMBSTONE
-from .index.records import BlockRecord
-from .tiers.ssd import ReadIOError, SegmentGoneError
-from .wal import Commit, CommitEntry
+from tairstore.errors import ClosedError, CorruptionError, StoreError
+from tairstore.format.segment import FLAG_TOMBSTONE
+from tairstore.index.records import BlockRecord
+from tairstore.tiers.ssd import ReadIOError, SegmentGoneError
+from tairstore.wal import Commit, CommitEntry
 
 if TYPE_CHECKING:
-    from .store import Store
+    from tairstore.engine.store import Store
 
 __all__ = ["Compactor"]
 

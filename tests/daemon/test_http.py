@@ -12,10 +12,10 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from tairstore.daemon import run_daemon
-from tairstore.daemon_config import DaemonConfig, LimitsConfig, NamespaceQuota
+from tairstore.daemon.main import run_daemon
+from tairstore.daemon.config import DaemonConfig, LimitsConfig, NamespaceQuota
 from tairstore.keys import chain_hashes
-from tairstore.net.auth import TokenSpec
+from tairstore.daemon.auth import TokenSpec
 
 ADMIN = "admin-token-0123456789abcdef"
 USER_A = "user-a-token-0123456789abcdef"

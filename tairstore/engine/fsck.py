@@ -17,14 +17,14 @@ import os
 import re
 import shutil
 
-from .config import StoreConfig
-from .datadir import DataDir
-from .errors import CorruptionError, StoreError
-from .fileio import REAL_FS, FileSystem
-from .format.segment import FLAG_COMMITTED, FLAG_TOMBSTONE
-from .index.lmdb_index import META_FORMAT, Index
-from .index.records import BlockRecord
-from .wal import list_files
+from tairstore.config import StoreConfig
+from tairstore.engine.datadir import DataDir
+from tairstore.errors import CorruptionError, StoreError
+from tairstore.fileio import REAL_FS, FileSystem
+from tairstore.format.segment import FLAG_COMMITTED, FLAG_TOMBSTONE
+from tairstore.index.lmdb_index import META_FORMAT, Index
+from tairstore.index.records import BlockRecord
+from tairstore.wal import list_files
 
 __all__ = ["fsck", "rebuild_index"]
 
@@ -40,8 +40,8 @@ def fsck(path: str, *, repair: bool = False, rebuild: bool = False, fs: FileSyst
 
     ``report["ok"]`` is True when every indexed block verified.
     """
-    from .datadir import FORMAT_VERSION
-    from .store import Store
+    from tairstore.engine.datadir import FORMAT_VERSION
+    from tairstore.engine.store import Store
 
     rebuilt = rebuild_index(path, fs=fs) if rebuild else None
     store = Store(path, StoreConfig(dram_bytes=0, ssd_bytes=_UNBOUNDED, create=False, fs=fs,
@@ -122,7 +122,7 @@ def _stray_files(store) -> dict[str, int]:
 
 def rebuild_index(path: str, *, fs: FileSystem = REAL_FS) -> int:
     """Rebuild the LMDB index of the store in ``path`` from its segment files; return the blocks found."""
-    from .tiers.ssd import SegmentLog
+    from tairstore.tiers.ssd import SegmentLog
 
     ddir = DataDir(path, fs, create=False)
     try:
@@ -150,7 +150,7 @@ def rebuild_index(path: str, *, fs: FileSystem = REAL_FS) -> int:
         # A fresh LMDB: the old one may be what is damaged.
         shutil.rmtree(ddir.sub("index"), ignore_errors=True)
         os.makedirs(ddir.sub("index"), exist_ok=True)
-        from .datadir import FORMAT_VERSION
+        from tairstore.engine.datadir import FORMAT_VERSION
 
         # The checkpoint sits just before the oldest WAL file still present, so the next open
         # replays every record that file set holds on top of what the segments said.

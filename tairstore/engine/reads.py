@@ -1,6 +1,6 @@
 """The read path: get, get_into, exists, match, tier_of.
 
-Part of :class:`tairstore.store.Store` (a mixin). Lookups and pins happen under the store
+Part of :class:`tairstore.engine.store.Store` (a mixin). Lookups and pins happen under the store
 lock; copies, SSD reads and checksums outside it. A DRAM hit is a pinned zero-copy view (R2);
 an SSD read is verified (header, namespace and key, payload crc32c) and a mismatch is a miss
 that drops the block (R1); a read I/O error is a miss and a counter.
@@ -12,20 +12,20 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from .config import DEFAULT_NAMESPACE
-from .errors import CapacityError, CorruptionError, InvalidArgumentError, StoreError
-from .format.checksum import crc32c
-from .match import MatchResult, match_mask
-from .session import PendingBlock
-from .tiers.ssd import ReadIOError, SegmentGoneError
-from .validate import check_out
+from tairstore.config import DEFAULT_NAMESPACE
+from tairstore.errors import CapacityError, CorruptionError, InvalidArgumentError, StoreError
+from tairstore.format.checksum import crc32c
+from tairstore.engine.match import MatchResult, match_mask
+from tairstore.engine.session import PendingBlock
+from tairstore.tiers.ssd import ReadIOError, SegmentGoneError
+from tairstore.validate import check_out
 
 if TYPE_CHECKING:
-    from .store import _Block
+    from tairstore.engine.store import _Block
 
 __all__ = ["ReadPathMixin"]
 
-log = logging.getLogger("tairstore.store")
+log = logging.getLogger("tairstore.engine.store")
 
 
 class ReadPathMixin:
@@ -225,7 +225,7 @@ class ReadPathMixin:
 
     def match(self, keys: list[bytes], mode: str = "prefix", window: int | None = None, *,
               namespace: str = DEFAULT_NAMESPACE) -> MatchResult:
-        """Match a chain of keys: ``prefix``, ``exact`` or ``sliding_window`` (see :mod:`tairstore.match`)."""
+        """Match a chain of keys: ``prefix``, ``exact`` or ``sliding_window`` (see :mod:`tairstore.engine.match`)."""
         ns = self._ns(namespace)
         keys = self._keys(keys)
         hits: list[bool] = []

@@ -22,7 +22,7 @@ import hmac
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
-from ..errors import InvalidArgumentError, PermissionDeniedError
+from tairstore.errors import InvalidArgumentError, PermissionDeniedError
 
 __all__ = ["ALL_NAMESPACES", "ROLES", "Authenticator", "TokenSpec", "Unauthenticated"]
 

@@ -22,7 +22,7 @@ import pytest
 import tairstore
 from tairstore.fileio import REAL_FS
 from tairstore.format.segment import header_length
-from tairstore.fsck import fsck
+from tairstore.engine.fsck import fsck
 from tairstore.index.lmdb_index import Index
 from tairstore.wal import Commit, read_log
 

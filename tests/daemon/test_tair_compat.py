@@ -11,10 +11,10 @@ from urllib.parse import urlsplit
 
 import trio
 
-from tairstore.daemon import run_daemon
-from tairstore.daemon_config import DaemonConfig
+from tairstore.daemon.main import run_daemon
+from tairstore.daemon.config import DaemonConfig
 from tairstore.keys import chain_hashes
-from tairstore.net.tair_compat import key_of_int64
+from tairstore.daemon.tair_compat import key_of_int64
 
 SPEC = 256  # bytes per location spec (one per TP rank)
 STORE = {"dram_bytes": 16 << 20, "ssd_bytes": 64 << 20, "segment_bytes": 4 << 20, "durability": "none"}

@@ -20,8 +20,8 @@ import json
 import os
 import time
 
-from .errors import FormatError, StoreLockedError
-from .fileio import FileSystem
+from tairstore.errors import FormatError, StoreLockedError
+from tairstore.fileio import FileSystem
 
 __all__ = ["FORMAT_VERSION", "MARKER", "DataDir"]
 

@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InvalidArgumentError
+from tairstore.errors import InvalidArgumentError
 
 __all__ = ["TIERS", "Namespace", "Watermarks", "WatermarkTracker", "parse_watermarks", "fair_share_order"]
 

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import LeaseExpiredError, SessionError
+from tairstore.errors import LeaseExpiredError, SessionError
 
 __all__ = ["WriteSession", "PendingBlock"]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import InvalidArgumentError
+from tairstore.errors import InvalidArgumentError
 
 __all__ = ["MatchResult", "MATCH_MODES", "match_mask"]
 

@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 
-from tairstore.daemon import choose_sizes
-from tairstore.daemon_config import (
+from tairstore.daemon.main import choose_sizes
+from tairstore.daemon.config import (
     DEFAULT_DATA_DIR,
     DEFAULT_HTTP_PORT,
     DEFAULT_PORT,

@@ -1,7 +1,7 @@
 """Admission and eviction: fitting a new block into quotas and tiers.
 
-Part of :class:`tairstore.store.Store` (a mixin; the store's lock is held by every method
-here). The accounting rules and fair shares are in :mod:`tairstore.capacity`; the store's
+Part of :class:`tairstore.engine.store.Store` (a mixin; the store's lock is held by every method
+here). The accounting rules and fair shares are in :mod:`tairstore.engine.capacity`; the store's
 module docstring has the theory of operation.
 
 Admission of one key, in order: the namespace's total quota, its SSD quota, its DRAM quota —
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .capacity import Namespace, fair_share_order
-from .errors import CapacityError
-from .format.segment import record_length
-from .session import PendingBlock
+from tairstore.engine.capacity import Namespace, fair_share_order
+from tairstore.errors import CapacityError
+from tairstore.format.segment import record_length
+from tairstore.engine.session import PendingBlock
 
 if TYPE_CHECKING:
-    from .store import _Block
+    from tairstore.engine.store import _Block
 
 __all__ = ["PlacementMixin"]
 

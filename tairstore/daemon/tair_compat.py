@@ -2,7 +2,7 @@
 
 A client written for Tair KVCache's manager POSTs to ``/api/<lowerCamelMethod>`` with the
 request message in proto3's JSON mapping and reads ``header.status.code`` from the answer. This
-module speaks that dialect on top of :class:`~tairstore.net.control.ControlPlane`:
+module speaks that dialect on top of :class:`~tairstore.daemon.control.ControlPlane`:
 
 - field names: requests may use the proto field names (``block_keys``) or lowerCamelCase
   (``blockKeys``), as any proto3 JSON parser accepts; responses use the proto field names, as
@@ -30,7 +30,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import quote
 
-from ..errors import (
+from tairstore.errors import (
     CapacityError,
     ClosedError,
     CorruptionError,
@@ -41,11 +41,11 @@ from ..errors import (
     SessionError,
     StoreError,
 )
-from .control import ConflictError, UnsupportedError, check_namespace
-from .httpserver import Request, Response
+from tairstore.daemon.control import ConflictError, UnsupportedError, check_namespace
+from tairstore.daemon.httpserver import Request, Response
 
 if TYPE_CHECKING:
-    from .http import HttpApi
+    from tairstore.daemon.api import HttpApi
 
 __all__ = ["TairCompat", "key_of_int64", "STATUS_CODES"]
 
@@ -176,7 +176,7 @@ class TairCompat:
 
     async def handle(self, req: Request, method: str) -> Response:
         """Answer one MetaService call."""
-        from .http import error_response, json_response, parse_json
+        from tairstore.daemon.api import error_response, json_response, parse_json
 
         request_id = uuid.uuid4().hex
         try:

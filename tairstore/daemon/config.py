@@ -40,9 +40,9 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .config import COMPRESSIONS, DURABILITY_MODES, MAX_NAMESPACE_BYTES, StoreConfig
-from .errors import InvalidArgumentError
-from .net.auth import ALL_NAMESPACES, ROLES, TokenSpec
+from tairstore.config import COMPRESSIONS, DURABILITY_MODES, MAX_NAMESPACE_BYTES, StoreConfig
+from tairstore.errors import InvalidArgumentError
+from tairstore.daemon.auth import ALL_NAMESPACES, ROLES, TokenSpec
 
 __all__ = [
     "DEFAULT_DATA_DIR",

@@ -24,14 +24,14 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from .datadir import FORMAT_VERSION
-from .errors import CorruptionError, StoreError
-from .index.lmdb_index import META_FORMAT
-from .index.records import BlockRecord
-from .wal import Commit, Delete, read_log
+from tairstore.engine.datadir import FORMAT_VERSION
+from tairstore.errors import CorruptionError, StoreError
+from tairstore.index.lmdb_index import META_FORMAT
+from tairstore.index.records import BlockRecord
+from tairstore.wal import Commit, Delete, read_log
 
 if TYPE_CHECKING:
-    from .store import Store
+    from tairstore.engine.store import Store
 
 __all__ = ["recover"]
 
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 def recover(store: "Store") -> int:
     """Rebuild ``store``'s in-memory state from LMDB and the WAL; return the next LSN to assign."""
-    from .store import _Block
+    from tairstore.engine.store import _Block
 
     index, ssd = store._index, store._ssd
     if index.format_version() is None:

@@ -53,13 +53,10 @@ store is the caller's job.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
-import signal
 import socket
-import sys
 import time
 from contextlib import contextmanager
 from functools import partial
@@ -68,13 +65,13 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import trio
 
-from ..errors import InvalidArgumentError, PermissionDeniedError, SessionError, StoreError
-from ..session import OPEN, WriteSession
-from .limits import Limits
-from .protocol import CONNECTION_ID, IOV_BATCH, Connection, Request, Response, Role, advance_views
-from .schema import Op, match_to_fields
+from tairstore.errors import InvalidArgumentError, PermissionDeniedError, SessionError, StoreError
+from tairstore.engine.session import OPEN, WriteSession
+from tairstore.net.limits import Limits
+from tairstore.net.protocol import CONNECTION_ID, IOV_BATCH, Connection, Request, Response, Role, advance_views
+from tairstore.net.schema import Op, match_to_fields
 
-__all__ = ["serve_data", "DataServer", "main"]
+__all__ = ["serve_data", "DataServer"]
 
 log = logging.getLogger(__name__)
 
@@ -736,49 +733,3 @@ async def serve_data(store: Any, *, host: str = "127.0.0.1", port: int = 0,
         finally:
             server.begin_shutdown()
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m tairstore.net.server --data-dir DIR [--port 0]``: serve until SIGTERM/SIGINT.
-
-    Prints ``PORT <n>`` on stdout once listening (tests and benchmarks read it).
-    """
-    import tairstore
-
-    ap = argparse.ArgumentParser(prog="python -m tairstore.net.server", description=main.__doc__)
-    ap.add_argument("--data-dir", required=True)
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=0)
-    ap.add_argument("--dram-bytes", type=int, default=256 << 20)
-    ap.add_argument("--ssd-bytes", type=int, default=1 << 30, help="0: a volatile DRAM-only store")
-    ap.add_argument("--segment-bytes", type=int, default=64 << 20)
-    ap.add_argument("--durability", default="sync", choices=("sync", "batch", "none"))
-    ap.add_argument("--prefault-dram", action="store_true",
-                    help="fault the DRAM arena in at start (see StoreConfig.prefault_dram)")
-    ap.add_argument("--worker-threads", type=int, default=Limits.worker_threads)
-    ap.add_argument("--max-inflight", type=int, default=Limits.max_inflight)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    store = tairstore.open(args.data_dir, dram_bytes=args.dram_bytes, ssd_bytes=args.ssd_bytes,
-                           segment_bytes=min(args.segment_bytes, max(args.ssd_bytes, 4096)),
-                           durability=args.durability, prefault_dram=args.prefault_dram)
-    limits = Limits(worker_threads=args.worker_threads, max_inflight=args.max_inflight)
-
-    async def run() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                port = await nursery.start(partial(serve_data, store, host=args.host,
-                                                   port=args.port, limits=limits))
-                print(f"PORT {port}", flush=True)
-                async for _ in signals:
-                    nursery.cancel_scope.cancel()
-                    break
-
-    try:
-        trio.run(run)
-    finally:
-        store.close()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 
 import tairstore
-from tairstore.fsck import fsck
+from tairstore.engine.fsck import fsck
 
 WRITER = Path(__file__).with_name("crash_writer.py")
 _spec = importlib.util.spec_from_file_location("crash_writer", WRITER)
