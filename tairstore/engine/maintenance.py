@@ -12,7 +12,7 @@ import time
 
 from tairstore.engine.capacity import TIERS
 from tairstore.errors import ClosedError, StoreError
-from tairstore.engine.session import EXPIRED, OPEN
+from tairstore.engine.session import OPEN
 
 __all__ = ["MaintenanceMixin"]
 
@@ -112,7 +112,7 @@ class MaintenanceMixin:
         for s in expired:
             with s.lock, self._lock:
                 if s.state == OPEN and not self._closed:
-                    self._abort_locked(s, EXPIRED)
+                    self._abort_locked(s, "expire")
                     n += 1
         return n
 

@@ -187,16 +187,26 @@ class PlacementMixin:
         return freed
 
     def _skip_for(self, ns: str, tier: str):
+        """The policy's ``skip``: keys that must stay now (store lock held).
+
+        In every tier, a block whose continuation is being written (a held parent); in DRAM,
+        also a copy a reader has pinned (R2).
+        """
+        held = self._held_parents
         if tier != "dram":
-            return None
+            if not held:
+                return None
+            return lambda key: (ns, key) in held
         arena = self._dram
         blocks = self._blocks
 
-        def pinned(key: bytes) -> bool:
+        def skip(key: bytes) -> bool:
+            if (ns, key) in held:
+                return True
             b = blocks.get((ns, key))
             return b is not None and b.dram is not None and arena.is_pinned(b.dram)
 
-        return pinned
+        return skip
 
     def _evict_one(self, tier: str, ns: str, key: bytes, *, whole: bool) -> int:
         """Evict one policy victim: drop its DRAM copy, or the whole block; returns bytes freed."""

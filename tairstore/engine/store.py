@@ -47,6 +47,8 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from tairstore.engine.capacity import TIERS, Namespace, WatermarkTracker, check_limits, parse_watermarks
@@ -69,7 +71,7 @@ from tairstore.engine.maintenance import MaintenanceMixin
 from tairstore.engine.placement import PlacementMixin, _NeedSsdRoom
 from tairstore.engine.reads import ReadPathMixin
 from tairstore.policy import make_policy
-from tairstore.engine.session import ABORTED, EXPIRED, FINISHED, OPEN, PendingBlock, WriteSession
+from tairstore.engine.session import OPEN, PendingBlock, WriteSession
 from tairstore.tiers.dram import DramArena
 from tairstore.tiers.ssd import SegmentLog
 from tairstore.validate import check_data, check_key, check_keys, check_namespace
@@ -156,6 +158,10 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
         self._lock = threading.RLock()
         self._blocks: dict[tuple[str, bytes], _Block] = {}
         self._inflight: dict[tuple[str, bytes], int] = {}
+        # Keys whose continuation (a block naming it as parent) is being written: eviction
+        # skips them, so a write that extends a stored prefix never loses that prefix before
+        # it commits (a continuation without its prefix is useless to a prefix match).
+        self._held_parents: Counter[tuple[str, bytes]] = Counter()
         self._sessions: dict[int, WriteSession] = {}
         self._namespaces: dict[str, Namespace] = {}
         self._seg_keys: dict[int, set[tuple[str, bytes]]] = {}
@@ -415,6 +421,12 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
         tier = self._check_tier(tier)
         parent = None if parent is None else self._key(parent)
         parents = ([parent] + keys[:-1]) if chain else [None] * len(keys)
+        with self._holding(ns, parents):
+            return self._admit_session(ns, keys, sizes, parents, float(lease_s), tier)
+
+    def _admit_session(self, ns: str, keys: list[bytes], sizes: list[int],
+                       parents: list[bytes | None], lease_s: float, tier: str) -> WriteSession:
+        """start_write's admission loop: reserve every new key, compacting when the files are full."""
         admit = _Admission()
         while admit.go_on():
             with self._lock:
@@ -435,10 +447,14 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
                         if (ns, key) in self._blocks or (ns, key) in self._inflight:
                             continue
                         p = PendingBlock(size, parent=par)
-                        self._admit(ns, key, p, tier)
+                        self._begin_inflight(ns, key, p, sid)
+                        try:
+                            self._admit(ns, key, p, tier)
+                        except BaseException:
+                            self._end_inflight(ns, key, p)
+                            raise
                         session.pending[key] = p
                         session.keys_to_write.append(key)
-                        self._inflight[(ns, key)] = sid
                 except _NeedSsdRoom as need:
                     self._release_pending(session, session.pending)
                     need_bytes = need.nbytes
@@ -583,7 +599,9 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
             if self._sessions.get(session.id) is not session and session.state == OPEN:
                 raise SessionError("not a write session from this store")
             if session.state == OPEN and session.expired:
-                self._abort_locked(session, EXPIRED)
+                # Expiry is decided here, once, under the store lock, and releases the
+                # reservations in the same critical section (check_usable only reads the state).
+                self._abort_locked(session, "expire")
         self._check_open()
         session.check_usable()
 
@@ -601,7 +619,8 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
         with session.lock:
             if session.state == OPEN and not session.keys_to_write and not ok:
                 # Every key was already stored: nothing was reserved, nothing to commit.
-                session.state = FINISHED
+                with self._lock:
+                    session.transition("finish")
                 return 0
             self._check_session(session)
             ok_set = set(ok)
@@ -615,7 +634,7 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
             finally:
                 with self._lock:
                     self._release_pending(session, session.pending)
-                    session.state = FINISHED
+                    session.transition("finish")
                     self._sessions.pop(session.id, None)
             return n
 
@@ -652,7 +671,7 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
                 for k, p in items:
                     self._unreserve(st, p)
                     st.used_total -= p.size
-                    self._inflight.pop((ns, k), None)
+                    self._end_inflight(ns, k, p)
             raise
         with self._lock:
             st = self._ns_state(ns)
@@ -676,10 +695,87 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
                     self._ssd_live += ssd[2]
                 p.ssd = None
                 p.dram = None
-                del self._inflight[kk]
+                self._end_inflight(ns, k, p)
             self._counters["puts"] += len(items)
             self._counters["bytes_written"] += sum(p.size for _, p in items)
         return len(items)
+
+    def _admit_one(self, ns: str, key: bytes, p: PendingBlock, tier: str) -> bool:
+        """put's admission loop: reserve ``key``; False if it exists or is being written."""
+        k = (ns, key)
+        admit = _Admission()
+        while admit.go_on():
+            with self._lock:
+                self._check_writable()
+                if k in self._blocks or k in self._inflight:
+                    return False
+                need_bytes = self._ssd_room_needed(ns, [(key, p.size)])
+            if need_bytes:
+                admit.note(self.compactor.make_room(need_bytes), self._room_is_coming())
+                continue
+            with self._lock:
+                self._check_writable()
+                if k in self._blocks or k in self._inflight:
+                    return False
+                self._begin_inflight(ns, key, p, 0)
+                try:
+                    self._admit(ns, key, p, tier)
+                except _NeedSsdRoom as need:
+                    self._end_inflight(ns, key, p)
+                    need_bytes = need.nbytes
+                except BaseException:
+                    self._end_inflight(ns, key, p)
+                    raise
+                else:
+                    return True
+            admit.note(self.compactor.make_room(need_bytes), self._room_is_coming())
+        raise CapacityError("SSD tier full: compaction could not free room for this write",
+                            dimension="tier:ssd")
+
+    @contextmanager
+    def _holding(self, ns: str, parents: list[bytes | None]) -> Iterator[None]:
+        """Hold ``parents`` against eviction while a write's admission runs (it may evict).
+
+        Each admitted key then holds its own parent until it commits or is released
+        (:meth:`_begin_inflight`); this covers the moments before that, when the batch's room
+        is made.
+        """
+        held = [(ns, par) for par in parents if par is not None]
+        if not held:
+            yield
+            return
+        with self._lock:
+            for kp in held:
+                self._held_parents[kp] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                for kp in held:
+                    self._release_hold(kp)
+
+    def _release_hold(self, kp: tuple[str, bytes]) -> None:
+        held = self._held_parents
+        held[kp] -= 1
+        if held[kp] <= 0:
+            del held[kp]
+
+    def _begin_inflight(self, ns: str, key: bytes, p: PendingBlock, sid: int) -> None:
+        """Mark ``key`` as being written and hold its parent against eviction (store lock held)."""
+        self._inflight[(ns, key)] = sid
+        if p.parent is not None:
+            self._held_parents[(ns, p.parent)] += 1
+
+    def _end_inflight(self, ns: str, key: bytes, p: PendingBlock) -> None:
+        """``key`` is committed or released: its parent may be evicted again (store lock held).
+
+        At commit the policy learns the parent link (``on_insert(parent=…)``), which protects
+        the parent from then on under ``leaf_lru``.
+        """
+        if self._inflight.pop((ns, key), None) is None:
+            return
+        if p.parent is not None:
+            self._release_hold((ns, p.parent))
 
     def _log(self, rec: Any, ops: list) -> int:
         """Append to the WAL and queue the index change, in LSN order (store lock held)."""
@@ -693,13 +789,14 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
         _check_session_type(session)
         with session.lock, self._lock:
             if session.state == OPEN:
-                self._abort_locked(session, ABORTED)
+                self._abort_locked(session, "abort")
 
-    def _abort_locked(self, session: WriteSession, state: str) -> None:
+    def _abort_locked(self, session: WriteSession, event: str) -> None:
+        """Abort or expire an open session and release its reservations (store lock held)."""
         self._release_pending(session, session.pending)
-        session.state = state
+        session.transition(event)
         self._sessions.pop(session.id, None)
-        if state == EXPIRED:
+        if event == "expire":
             self._counters["leases_expired"] += 1
         if self._wal is not None and not self._closed and self._fatal is None:
             try:
@@ -720,7 +817,7 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
         for key, p in list(pending.items()):
             self._unreserve(st, p)
             st.used_total -= p.size
-            self._inflight.pop((session.namespace, key), None)
+            self._end_inflight(session.namespace, key, p)
         pending.clear()
 
     def put(self, key: bytes, data: Any, *, namespace: str = DEFAULT_NAMESPACE, tier: str = "auto",
@@ -735,33 +832,10 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
         mv = check_data(data)
         size = self._check_size(len(mv))
         tier = self._check_tier(tier)
-        k = (ns, key)
         p = PendingBlock(size, parent=None if parent is None else self._key(parent))
-        admit = _Admission()
-        while admit.go_on():
-            with self._lock:
-                self._check_writable()
-                if k in self._blocks or k in self._inflight:
-                    return False
-                need_bytes = self._ssd_room_needed(ns, [(key, size)])
-            if need_bytes:
-                admit.note(self.compactor.make_room(need_bytes), self._room_is_coming())
-                continue
-            with self._lock:
-                self._check_writable()
-                if k in self._blocks or k in self._inflight:
-                    return False
-                try:
-                    self._admit(ns, key, p, tier)
-                except _NeedSsdRoom as need:
-                    need_bytes = need.nbytes
-                else:
-                    self._inflight[k] = 0
-                    break
-            admit.note(self.compactor.make_room(need_bytes), self._room_is_coming())
-        else:
-            raise CapacityError("SSD tier full: compaction could not free room for this write",
-                                dimension="tier:ssd")
+        with self._holding(ns, [p.parent]):
+            if not self._admit_one(ns, key, p, tier):
+                return False
         try:
             # The whole payload is at hand, so the record is written committed at once: a
             # rebuild may restore it even if the crash comes before COMMIT, and its bytes are
@@ -772,7 +846,7 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
                 st = self._ns_state(ns)
                 self._unreserve(st, p)
                 st.used_total -= p.size
-                self._inflight.pop(k, None)
+                self._end_inflight(ns, key, p)
             raise
         return self._commit(ns, [(key, p)], 0) == 1
 
@@ -890,7 +964,7 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
             try:
                 for s in list(self._sessions.values()):
                     if s.state == OPEN:
-                        self._abort_locked(s, ABORTED)
+                        self._abort_locked(s, "abort")
             finally:
                 self._closed = True
         try:
