@@ -80,6 +80,32 @@ class Reads:
             return None
         return self._get_from_ssd(k, b)
 
+    def get_pinned(self, k: Key) -> tuple[memoryview, Any] | None:
+        """A DRAM-resident block's pinned read-only view and its arena slot, or None.
+
+        None also when the block is stored but has no DRAM copy (the caller reads it another
+        way). The slot (offset, size, generation) stays the block's, unchanged, for as long as
+        the view — or anything made from it — is alive (R2): that is what lets a daemon hand
+        the slot's place in a shared arena to a client on the same host.
+        """
+        with self._lock:
+            self._life.check_open()
+            b = self._lookup(k)
+            if b is None or b.dram is None:
+                return None
+            slot = b.dram
+            view = self._dram.pinned_view(slot)
+            if not self.config.verify_dram_reads:
+                self._count_hit("dram")
+                return view, slot
+        if crc32c(view) != b.crc:
+            view.release()
+            self.drop_corrupt(k, b, "DRAM copy")
+            return None
+        with self._lock:
+            self._count_hit("dram")
+        return view, slot
+
     def _lookup(self, k: Key) -> Block | None:
         """The block, touching its policies; None (counted) on a miss or expiry (store lock held)."""
         b = self._catalog.blocks.get(k)

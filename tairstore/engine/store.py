@@ -386,6 +386,16 @@ class Store:
         """
         return self._reads.get((self._ns(namespace), self._key(key)))
 
+    def get_pinned(self, key: bytes, *, namespace: str = DEFAULT_NAMESPACE) -> tuple[memoryview, Any] | None:
+        """``(view, slot)`` of a block with a DRAM copy, or None (a miss, or not in DRAM).
+
+        ``view`` is a zero-copy read-only view that pins ``slot`` (its ``offset``, ``size``
+        and ``generation`` in the DRAM arena) until the view and everything made from it are
+        released (R2). A daemon uses it to lend a block's place in a shared arena to a local
+        client instead of copying the bytes.
+        """
+        return self._reads.get_pinned((self._ns(namespace), self._key(key)))
+
     def get_into(self, key: bytes, out: Any, *, namespace: str = DEFAULT_NAMESPACE) -> int:
         """Copy the block into the writable buffer ``out``; the bytes copied, 0 on a miss.
 

@@ -95,3 +95,17 @@ def test_ttl_sweep_expires_only_what_is_older_than_the_ttl(tmp_path):
         assert all(s.exists([key(i) for i in range(5)], namespace="keep"))
         assert s.stats()["counters"]["expired"] == 4
         assert s.check() == []
+
+
+def test_get_pinned_lends_the_slot_until_the_view_is_released(tmp_path):
+    with tairstore.open(tmp_path / "s", dram_bytes=256 * KiB, ssd_bytes=0, background=False) as s:
+        s.put(key(1), block(1, 64 * KiB))
+        view, slot = s.get_pinned(key(1))
+        assert (slot.size, bytes(view)) == (64 * KiB, block(1, 64 * KiB).tobytes())
+        s.delete([key(1)])
+        for i in range(2, 12):  # churn the arena: the pinned slot must not be reused
+            s.put(key(i), block(i, 64 * KiB))
+        assert bytes(view) == block(1, 64 * KiB).tobytes()
+        view.release()
+        assert s.get_pinned(key(1)) is None
+        assert s.get_pinned(key(99)) is None
