@@ -80,6 +80,104 @@ class Reads:
             return None
         return self._get_from_ssd(k, b)
 
+    def get_many(self, ns: str, keys: list[bytes], memory_only: bool) -> list[memoryview | None] | None:
+        """:meth:`get` of many keys with one store-lock round for the lookups.
+
+        DRAM hits are pinned views taken under that one lock; SSD-resident blocks are read
+        afterwards, one by one, as :meth:`get` reads them. With ``memory_only`` the call answers
+        only from memory: it returns None, touching nothing (no policy, no counter), when any
+        stored key has no DRAM copy — the caller then asks again without it (the daemon does
+        so from a worker thread instead of its event loop).
+        """
+        out: list[memoryview | None] = [None] * len(keys)
+        from_ssd: list[tuple[int, Key, Block]] = []
+        to_verify: list[tuple[int, Key, Block]] = []
+        verify = self.config.verify_dram_reads
+        with self._lock:
+            self._life.check_open()
+            if memory_only:
+                blocks = self._catalog.blocks
+                for key in keys:
+                    b = blocks.get((ns, key))
+                    if b is not None and b.dram is None:
+                        return None
+            for i, key in enumerate(keys):
+                k = (ns, key)
+                b = self._lookup(k)
+                if b is None:
+                    continue
+                if b.dram is None:
+                    from_ssd.append((i, k, b))
+                    continue
+                out[i] = self._dram.pinned_view(b.dram)
+                if verify:
+                    to_verify.append((i, k, b))
+                else:
+                    self._count_hit("dram")
+        for i, k, b in to_verify:
+            if crc32c(out[i]) == b.crc:
+                with self._lock:
+                    self._count_hit("dram")
+            else:
+                out[i].release()
+                out[i] = None
+                self.drop_corrupt(k, b, "DRAM copy")
+        for i, k, b in from_ssd:
+            out[i] = self._get_from_ssd(k, b)
+        return out
+
+    def get_into_many(self, ns: str, keys: list[bytes], dsts: list[memoryview]) -> list[int]:
+        """:meth:`get_into` of many keys with one store-lock round for the lookups.
+
+        DRAM copies are pinned under the lock and copied into the caller's buffers outside it.
+
+        Raises:
+            InvalidArgumentError: a buffer is smaller than its stored block (nothing is copied).
+        """
+        n = [0] * len(keys)
+        pinned: list[tuple[int, Key, Block, memoryview]] = []
+        from_ssd: list[tuple[int, Key, Block]] = []
+        with self._lock:
+            self._life.check_open()
+            blocks = self._catalog.blocks
+            for key, dst in zip(keys, dsts):
+                b = blocks.get((ns, key))
+                if b is not None and len(dst) < b.size:
+                    raise InvalidArgumentError(
+                        f"out holds {len(dst)} bytes; the block {key.hex()[:16]}… has {b.size}")
+            for i, key in enumerate(keys):
+                k = (ns, key)
+                b = self._lookup(k)
+                if b is None:
+                    continue
+                if b.dram is not None:
+                    pinned.append((i, k, b, self._dram.pinned_view(b.dram)))
+                else:
+                    b.ssd_hits += 1
+                    from_ssd.append((i, k, b))
+        verify = self.config.verify_dram_reads
+        hits = 0
+        try:
+            for i, k, b, view in pinned:
+                dst = dsts[i][: b.size]
+                dst[:] = view
+                if verify and crc32c(dst) != b.crc:
+                    self.drop_corrupt(k, b, "DRAM copy")
+                    continue
+                n[i] = b.size
+                hits += 1
+        finally:
+            for *_, view in pinned:
+                view.release()
+        if hits:
+            with self._lock:
+                self._counters["hits"] += hits
+                self._counters["hits_dram"] += hits
+        for i, k, b in from_ssd:
+            if self._read_ssd(k, b, dsts[i][: b.size]):
+                n[i] = b.size
+        return n
+
     def get_pinned(self, k: Key) -> tuple[memoryview, Any] | None:
         """A DRAM-resident block's pinned read-only view and its arena slot, or None.
 

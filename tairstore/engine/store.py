@@ -359,6 +359,38 @@ class Store:
         tier = self._check_tier(tier)
         return self._writes.put(ns, key, mv, tier, None if parent is None else self._key(parent))
 
+    def put_many(self, keys: list[bytes], blocks: list[Any], *, namespace: str = DEFAULT_NAMESPACE,
+                 tier: str = "auto", parent: bytes | None = None, chain: bool = False) -> list[bool]:
+        """Store many blocks at once; per key, True if this call stored it.
+
+        One admission under the store lock, one ``pwritev`` per run of adjacent SSD records,
+        one COMMIT record (and in ``sync`` mode one fsync) for the whole batch: the cheap way to
+        write many small blocks. Keys already stored or being written are skipped (False).
+
+        Args:
+            chain: the keys are consecutive blocks of one sequence (``parent`` precedes the
+                first), as for :meth:`start_write`.
+
+        Raises:
+            InvalidArgumentError: bad or duplicate keys, blocks not matching keys, bad tier.
+            CapacityError: a block cannot fit (nothing of the batch is stored then).
+        """
+        ns = self._ns(namespace)
+        keys = self._keys(keys)
+        mvs = [check_data(b) for b in blocks]
+        if len(keys) != len(mvs):
+            raise InvalidArgumentError(f"{len(keys)} keys but {len(mvs)} blocks")
+        if len(set(keys)) != len(keys):
+            raise InvalidArgumentError("duplicate keys in one put_many")
+        for mv in mvs:
+            self._check_size(len(mv))
+        tier = self._check_tier(tier)
+        parent = None if parent is None else self._key(parent)
+        parents = ([parent] + keys[:-1]) if chain else [None] * len(keys)
+        if not keys:
+            return []
+        return self._writes.put_many(ns, keys, mvs, tier, parents)
+
     def delete(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE) -> int:
         """Delete blocks; returns how many existed. SSD space is reclaimed by compaction."""
         return self._writes.delete(self._ns(namespace), self._keys(keys))
@@ -385,6 +417,30 @@ class Store:
         first or second SSD hit (``promote_on``) it is copied into DRAM.
         """
         return self._reads.get((self._ns(namespace), self._key(key)))
+
+    def get_many(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE,
+                 memory_only: bool = False) -> list[memoryview | None] | None:
+        """:meth:`get` of many keys: per key its bytes or None, with one lock round for lookups.
+
+        With ``memory_only`` the answer comes from DRAM alone, or is None as a whole (nothing
+        touched) when a stored key has no DRAM copy: ask again without it.
+        """
+        if not isinstance(memory_only, bool):
+            raise InvalidArgumentError(f"memory_only must be True or False, got {memory_only!r}")
+        return self._reads.get_many(self._ns(namespace), self._keys(keys), memory_only)
+
+    def get_into_many(self, keys: list[bytes], outs: list[Any], *,
+                      namespace: str = DEFAULT_NAMESPACE) -> list[int]:
+        """:meth:`get_into` of many keys: per key the bytes copied into its buffer, 0 on a miss.
+
+        Raises:
+            InvalidArgumentError: a buffer is not writable or smaller than its stored block.
+        """
+        keys = self._keys(keys)
+        dsts = [check_out(o) for o in outs]
+        if len(keys) != len(dsts):
+            raise InvalidArgumentError(f"{len(keys)} keys but {len(dsts)} buffers")
+        return self._reads.get_into_many(self._ns(namespace), keys, dsts)
 
     def get_pinned(self, key: bytes, *, namespace: str = DEFAULT_NAMESPACE) -> tuple[memoryview, Any] | None:
         """``(view, slot)`` of a block with a DRAM copy, or None (a miss, or not in DRAM).

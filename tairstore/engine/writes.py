@@ -114,12 +114,13 @@ class Writes:
 
     # ---------------------------------------------------------------------------- sessions
     def start_write(self, ns: str, keys: list[bytes], sizes: list[int], lease_s: float,
-                    tier: str, parents: list[bytes | None]) -> WriteSession:
+                    tier: str, parents: list[bytes | None], *, register: bool = True) -> WriteSession:
         """Begin a two-phase write (see :meth:`tairstore.engine.store.Store.start_write`)."""
         with self._holding(ns, parents):
             admit = _Admission()
             while admit.go_on():
-                need_bytes = self._try_session(ns, keys, sizes, lease_s, tier, parents)
+                need_bytes = self._try_session(ns, keys, sizes, lease_s, tier, parents,
+                                               register=register)
                 if isinstance(need_bytes, WriteSession):
                     return need_bytes
                 self._make_room(need_bytes, admit)
@@ -128,8 +129,13 @@ class Writes:
             dimension="tier:ssd")
 
     def _try_session(self, ns: str, keys: list[bytes], sizes: list[int], lease_s: float,
-                     tier: str, parents: list[bytes | None]) -> "WriteSession | int":
-        """One admission attempt: the session, or the SSD bytes compaction must free first."""
+                     tier: str, parents: list[bytes | None], *,
+                     register: bool = True) -> "WriteSession | int":
+        """One admission attempt: the session, or the SSD bytes compaction must free first.
+
+        Without ``register`` (a batched put, committed before it returns) the session is
+        neither logged (PREPARE) nor listed for the reaper.
+        """
         catalog = self._catalog
         with self._lock:
             self._life.check_writable()
@@ -155,7 +161,7 @@ class Writes:
             except BaseException:
                 self._release_pending(session, session.pending)
                 raise
-            if session.keys_to_write:
+            if session.keys_to_write and register:
                 if self._journal.enabled:
                     try:
                         self._journal.wal.append(Prepare(
@@ -440,6 +446,63 @@ class Writes:
                 self._forget(self._catalog.ns(ns), ns, key, p)
             raise
         return self._commit(ns, [(key, p)], 0) == 1
+
+    def put_many(self, ns: str, keys: list[bytes], mvs: list[memoryview], tier: str,
+                 parents: list[bytes | None]) -> list[bool]:
+        """Store many blocks with one admission, one write per run of records, one COMMIT.
+
+        Returns, per key, True if this call stored it (False: it existed or was being
+        written). The blocks are committed together: one WAL record and, in ``sync`` mode, one
+        group-committed fsync for the whole batch.
+        """
+        session = self.start_write(ns, keys, [len(mv) for mv in mvs], ADMIT_DEADLINE_S, tier,
+                                   parents, register=False)
+        todo = session.keys_to_write
+        if not todo:
+            return [False] * len(keys)
+        by_key = dict(zip(keys, mvs))
+        items = [(k, session.pending[k]) for k in todo]
+        try:
+            self._fill_many(ns, [(k, p, by_key[k]) for k, p in items])
+            session.pending.clear()
+            self._commit(ns, items, 0)
+        except BaseException:
+            with self._lock:
+                self._release_pending(session, session.pending)
+            raise
+        stored = set(todo)
+        return [k in stored for k in keys]
+
+    def _fill_many(self, ns: str, batch: list[tuple[bytes, PendingBlock, memoryview]]) -> None:
+        """:meth:`_fill` for a batch: DRAM copies and checksums, then one ``write_many`` of the
+        SSD records, written committed (the whole payload is at hand, as for ``put``)."""
+        self._life.check_writable()
+        need_crc = self._space is not None or self.config.verify_dram_reads
+        dram = self._dram
+        for _, p, mv in batch:
+            if p.dram is not None:
+                dram.copy_in(p.dram, mv)
+                if need_crc:
+                    p.crc = dram.crc32c(p.dram)
+            elif need_crc:
+                p.crc = crc32c(mv)
+        with self._lock:
+            for _, p, _ in batch:
+                p.generation = self.next_generation()
+        on_ssd = [(k, p, mv) for k, p, mv in batch if p.ssd is not None]
+        if on_ssd:
+            try:
+                locations = self._ssd.write_many(
+                    [(p.ssd, ns, k, mv, p.generation, p.crc) for k, p, mv in on_ssd], committed=True)
+            except FatalIOError as exc:
+                self._life.fail(exc)
+                raise
+            with self._lock:
+                for (_, p, _), loc in zip(on_ssd, locations):
+                    p.location = loc
+                    self._space.note_written(loc, p.generation)
+        for _, p, _ in batch:
+            p.written = True
 
     def _admit_one(self, ns: str, key: bytes, p: PendingBlock, tier: str) -> bool:
         """put's admission loop: reserve ``key``; False if it exists or is being written."""
