@@ -49,9 +49,12 @@ class Namespace:
 
     def over(self, tier: str | None, extra: int) -> bool:
         """Whether adding ``extra`` bytes would exceed the quota of ``tier`` (None = total)."""
-        lim = self.limit(tier)
-        used = self.used_total if tier is None else self.used[tier]
-        return lim is not None and used + extra > lim
+        # On every admission: no helper calls, and no work at all for an unlimited namespace.
+        if tier is None:
+            lim = self.total_bytes
+            return lim is not None and self.used_total + extra > lim
+        lim = self.tier_bytes.get(tier)
+        return lim is not None and self.used[tier] + extra > lim
 
     def settings(self) -> dict:
         """The persisted part: limits and TTL."""
