@@ -131,22 +131,30 @@ def _wm_kwargs(v: Any) -> dict:
 
 
 class WatermarkTracker:
-    """Remembers each tier's watermark state so a crossing is logged once."""
+    """Remembers each tier's watermark state so a crossing is logged once.
+
+    Hysteresis: after a crossing of ``warn`` is logged, the next one is logged only once usage
+    has gone back below ``low``. A tier hovering around ``warn`` (a full cache under steady
+    traffic) logs once, not at every maintenance pass.
+    """
 
     def __init__(self, marks: dict[str, Watermarks]) -> None:
         self.marks = marks
         self.state = {t: "ok" for t in TIERS}
         self.crossings = {t: 0 for t in TIERS}
+        self._armed = {t: True for t in TIERS}
 
     def update(self, tier: str, fraction: float) -> str:
         """Record ``tier``'s usage fraction; returns ``"ok"``, ``"warn"`` or ``"high"``."""
         wm = self.marks[tier]
         new = "high" if fraction >= wm.high else "warn" if fraction >= wm.warn else "ok"
-        old = self.state[tier]
-        if new != "ok" and old == "ok":
+        if new != "ok" and self._armed[tier]:
+            self._armed[tier] = False
             self.crossings[tier] += 1
             log.warning("%s tier at %.0f%% of capacity (warn watermark %.0f%%)",
                         tier, fraction * 100, wm.warn * 100)
+        elif fraction < wm.low:
+            self._armed[tier] = True
         self.state[tier] = new
         return new
 
