@@ -16,10 +16,11 @@ from tairstore.validate import check_data, check_key, check_keys, check_namespac
 from tairstore.errors import InvalidArgumentError, ProtocolError, SessionError
 from tairstore.engine.match import MatchResult
 from tairstore.engine.store import MAX_LEASE_S
+from tairstore.net.limits import DEFAULT_LIMITS, Limits
 from tairstore.net.protocol import Response
 from tairstore.net.schema import Code, Op, match_from_fields
 
-__all__ = ["Call", "RemoteWriteSession", "DEFAULT_NAMESPACE"]
+__all__ = ["Call", "RemoteWriteSession", "DEFAULT_NAMESPACE", "batches"]
 
 DEFAULT_NAMESPACE = "default"
 
@@ -97,6 +98,23 @@ def ping() -> Call:
 
 def auth(token: str) -> Call:
     return Call(Op.AUTH, {"token": token}, lambda r: None, idempotent=True)
+
+
+def batches(sizes: list[int], limits: Limits = DEFAULT_LIMITS) -> list[slice]:
+    """Split a batch into requests the server accepts: at most ``max_batch`` keys and at most
+    one largest block's worth of payload each (a single larger block goes alone, and the
+    server answers it with its own error)."""
+    out: list[slice] = []
+    start, nbytes = 0, 0
+    cap = limits.max_frame_bytes - limits.max_header_bytes
+    for i, size in enumerate(sizes):
+        if i > start and (i - start >= limits.max_batch or nbytes + size > cap):
+            out.append(slice(start, i))
+            start, nbytes = i, 0
+        nbytes += size
+    if start < len(sizes) or not sizes:
+        out.append(slice(start, len(sizes)))
+    return out
 
 
 def put_many(keys: Any, blocks: Any, namespace: Any) -> Call:

@@ -31,6 +31,7 @@ from tairstore.engine.match import MatchResult
 from tairstore.net import calls
 from tairstore.net.calls import DEFAULT_NAMESPACE, Call, RemoteWriteSession
 from tairstore.net.limits import Limits
+from tairstore.validate import check_data
 from tairstore.net.protocol import IOV_BATCH, Connection, ProtocolErrorEvent, Request, Response, Role, advance_views
 
 __all__ = ["Client", "AsyncClient", "NetworkError", "RemoteWriteSession", "parse_url"]
@@ -65,6 +66,15 @@ def parse_url(url: str) -> tuple[str, int]:
     if parts.scheme not in ("tcp", "tairstore") or not parts.hostname or parts.port is None:
         raise InvalidArgumentError(f"expected a daemon address like tcp://127.0.0.1:7480, got {url!r}")
     return parts.hostname, parts.port
+
+
+def _split_args(keys: Any, blocks: Any) -> tuple[list, list[memoryview]]:
+    """put_many's arguments as lists of keys and byte views, checked like the Store's."""
+    keys = list(keys)
+    views = [check_data(b) for b in blocks]
+    if len(keys) != len(views):
+        raise InvalidArgumentError(f"{len(keys)} keys but {len(views)} blocks")
+    return keys, views
 
 
 def _raise_for(resp: Response) -> Response:
@@ -232,24 +242,38 @@ class Client:
         return self._run(calls.put(key, data, namespace))
 
     def put_many(self, keys: list[bytes], blocks: list[Any], *, namespace: str = DEFAULT_NAMESPACE) -> list[bool]:
-        """Store many blocks in one request (one commit); per key, whether it was stored."""
-        return self._run(calls.put_many(keys, blocks, namespace))
+        """Store many blocks; per key, whether it was stored.
+
+        One request (one commit) when the batch fits the protocol's limits; a larger batch is
+        split into several requests, each committed on its own.
+        """
+        keys, blocks = _split_args(keys, blocks)
+        out: list[bool] = []
+        for sl in calls.batches([v.nbytes for v in blocks]):
+            out += self._run(calls.put_many(keys[sl], blocks[sl], namespace))
+        return out
 
     def get(self, key: bytes, *, namespace: str = DEFAULT_NAMESPACE) -> memoryview | None:
         """The block's bytes (a read-only view of a private buffer), or None on a miss."""
         return self._run(calls.get(key, namespace))
 
     def get_many(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE) -> list[memoryview | None]:
-        """Many blocks in one request; None for each miss."""
-        return self._run(calls.get_many(keys, namespace))
+        """Many blocks (several requests past the protocol's batch limit); None for each miss."""
+        keys = list(keys)
+        out: list[memoryview | None] = []
+        for sl in calls.batches([0] * len(keys)):
+            out += self._run(calls.get_many(keys[sl], namespace))
+        return out
 
     def get_into(self, key: bytes, out: Any, *, namespace: str = DEFAULT_NAMESPACE) -> int:
         """Receive the block straight into ``out``; the bytes written, 0 on a miss."""
         return self._run(calls.get_into(key, out, namespace))
 
     def exists(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE) -> list[bool]:
-        """Per key, whether it is stored."""
-        return self._run(calls.exists(keys, namespace))
+        """Per key, whether it is stored (several requests past the protocol's batch limit)."""
+        keys = list(keys)
+        return [hit for sl in calls.batches([0] * len(keys))
+                for hit in self._run(calls.exists(keys[sl], namespace))]
 
     def match(self, keys: list[bytes], mode: str = "prefix", window: int | None = None, *,
               namespace: str = DEFAULT_NAMESPACE) -> MatchResult:
@@ -257,8 +281,9 @@ class Client:
         return self._run(calls.match(keys, mode, window, namespace))
 
     def delete(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE) -> int:
-        """Delete blocks; returns how many existed."""
-        return self._run(calls.delete(keys, namespace))
+        """Delete blocks; returns how many existed (several requests past the batch limit)."""
+        keys = list(keys)
+        return sum(self._run(calls.delete(keys[sl], namespace)) for sl in calls.batches([0] * len(keys)))
 
     def start_write(self, keys: list[bytes], sizes: list[int], lease_s: float = 30.0, *,
                     namespace: str = DEFAULT_NAMESPACE) -> RemoteWriteSession:
@@ -466,7 +491,11 @@ class AsyncClient:
     async def put_many(self, keys: list[bytes], blocks: list[Any], *,
                        namespace: str = DEFAULT_NAMESPACE) -> list[bool]:
         """See :meth:`Client.put_many`."""
-        return await self._run(calls.put_many(keys, blocks, namespace))
+        keys, blocks = _split_args(keys, blocks)
+        out: list[bool] = []
+        for sl in calls.batches([v.nbytes for v in blocks]):
+            out += await self._run(calls.put_many(keys[sl], blocks[sl], namespace))
+        return out
 
     async def get(self, key: bytes, *, namespace: str = DEFAULT_NAMESPACE) -> memoryview | None:
         """See :meth:`Client.get`."""
@@ -474,7 +503,11 @@ class AsyncClient:
 
     async def get_many(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE) -> list[memoryview | None]:
         """See :meth:`Client.get_many`."""
-        return await self._run(calls.get_many(keys, namespace))
+        keys = list(keys)
+        out: list[memoryview | None] = []
+        for sl in calls.batches([0] * len(keys)):
+            out += await self._run(calls.get_many(keys[sl], namespace))
+        return out
 
     async def get_into(self, key: bytes, out: Any, *, namespace: str = DEFAULT_NAMESPACE) -> int:
         """See :meth:`Client.get_into`."""
@@ -482,7 +515,11 @@ class AsyncClient:
 
     async def exists(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE) -> list[bool]:
         """See :meth:`Client.exists`."""
-        return await self._run(calls.exists(keys, namespace))
+        keys = list(keys)
+        out: list[bool] = []
+        for sl in calls.batches([0] * len(keys)):
+            out += await self._run(calls.exists(keys[sl], namespace))
+        return out
 
     async def match(self, keys: list[bytes], mode: str = "prefix", window: int | None = None, *,
                     namespace: str = DEFAULT_NAMESPACE) -> MatchResult:
@@ -491,7 +528,11 @@ class AsyncClient:
 
     async def delete(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE) -> int:
         """See :meth:`Client.delete`."""
-        return await self._run(calls.delete(keys, namespace))
+        keys = list(keys)
+        n = 0
+        for sl in calls.batches([0] * len(keys)):
+            n += await self._run(calls.delete(keys[sl], namespace))
+        return n
 
     async def start_write(self, keys: list[bytes], sizes: list[int], lease_s: float = 30.0, *,
                           namespace: str = DEFAULT_NAMESPACE) -> RemoteWriteSession:
