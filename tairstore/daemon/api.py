@@ -23,6 +23,7 @@ from urllib.parse import quote
 import trio
 
 from tairstore import __version__
+from tairstore.config import DEFAULT_NAMESPACE, MAX_KEY_BYTES
 from tairstore.errors import (
     CapacityError,
     ClosedError,
@@ -44,7 +45,6 @@ __all__ = ["ERROR_STATUS", "HttpApi", "json_response", "error_response"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_NAMESPACE = "default"
 MAX_KEYS = 1 << 20  # keys in one request; a 1M-token prompt at page size 1
 
 #: Exception type -> HTTP status; the first match wins, so subclasses come first.
@@ -108,8 +108,9 @@ def hex_key(text: Any) -> bytes:
         key = bytes.fromhex(text)
     except ValueError:
         raise InvalidArgumentError(f"key {text[:20]!r} is not hex") from None
-    if not 1 <= len(key) <= 64:
-        raise InvalidArgumentError(f"keys are 1..64 bytes (2..128 hex digits), got {len(key)} bytes")
+    if not 1 <= len(key) <= MAX_KEY_BYTES:
+        raise InvalidArgumentError(
+            f"keys are 1..{MAX_KEY_BYTES} bytes (2..{2 * MAX_KEY_BYTES} hex digits), got {len(key)} bytes")
     return key
 
 

@@ -65,6 +65,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import trio
 
+from tairstore.config import DEFAULT_NAMESPACE
 from tairstore.errors import InvalidArgumentError, PermissionDeniedError, SessionError, StoreError
 from tairstore.engine.session import OPEN, WriteSession
 from tairstore.net.limits import Limits
@@ -75,7 +76,6 @@ __all__ = ["serve_data", "DataServer"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_NAMESPACE = "default"
 #: A connection's session table is swept of finished/expired entries past this size (they are
 #: kept until then so that reusing one raises the store's own error, e.g. LeaseExpiredError).
 SESSION_SWEEP_AT = 1024

@@ -72,7 +72,7 @@ from tairstore.policy import make_policy
 from tairstore.engine.session import ABORTED, EXPIRED, FINISHED, OPEN, PendingBlock, WriteSession
 from tairstore.tiers.dram import DramArena
 from tairstore.tiers.ssd import SegmentLog
-from tairstore.validate import check_data, check_key, check_keys, check_namespace
+from tairstore.validate import check_data, check_key, check_keys, check_lease, check_namespace, check_timestamp
 from tairstore.wal import Abort, Commit, CommitEntry, Delete, Prepare, WalWriter
 
 __all__ = ["Store", "open_store", "DEFAULT_NAMESPACE", "PLACEMENTS"]
@@ -80,7 +80,6 @@ __all__ = ["Store", "open_store", "DEFAULT_NAMESPACE", "PLACEMENTS"]
 log = logging.getLogger(__name__)
 
 PLACEMENTS = ("auto", "dram", "ssd")
-MAX_LEASE_S = 3600.0  # a session holds reserved space; an hour is more than any engine needs
 # A write that finds the SSD files full compacts and retries. Attempts in which compaction
 # freed nothing count toward this limit; attempts that freed room but lost it to concurrent
 # writers do not, bounded instead by ADMIT_DEADLINE_S.
@@ -410,8 +409,7 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
         if len(set(keys)) != len(keys):
             raise InvalidArgumentError("duplicate keys in one write session")
         sizes = [self._check_size(s) for s in sizes]
-        if not isinstance(lease_s, (int, float)) or not 0 < lease_s <= MAX_LEASE_S:
-            raise InvalidArgumentError(f"lease_s must be in (0, {MAX_LEASE_S}]")
+        lease_s = check_lease(lease_s)
         tier = self._check_tier(tier)
         parent = None if parent is None else self._key(parent)
         parents = ([parent] + keys[:-1]) if chain else [None] * len(keys)
@@ -797,8 +795,9 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
         ns = self._ns(namespace)
         if mode not in ("all", "older_than"):
             raise InvalidArgumentError(f"trim mode must be 'all' or 'older_than', got {mode!r}")
-        if mode == "older_than" and not isinstance(ts, (int, float)):
+        if mode == "older_than" and ts is None:
             raise InvalidArgumentError("trim(mode='older_than') needs ts, a Unix time in seconds")
+        ts = None if mode == "all" else check_timestamp("ts", ts)
         cutoff = None if mode == "all" else int(ts * 1e9)
         with self._lock:
             self._check_writable()

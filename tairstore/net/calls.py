@@ -12,16 +12,14 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from tairstore.validate import check_data, check_key, check_keys, check_namespace, check_out
+from tairstore.config import DEFAULT_NAMESPACE
 from tairstore.errors import InvalidArgumentError, ProtocolError, SessionError
 from tairstore.engine.match import MatchResult
-from tairstore.engine.store import MAX_LEASE_S
 from tairstore.net.protocol import Response
 from tairstore.net.schema import Code, Op, match_from_fields
+from tairstore.validate import check_data, check_key, check_keys, check_lease, check_namespace, check_out
 
 __all__ = ["Call", "RemoteWriteSession", "DEFAULT_NAMESPACE"]
-
-DEFAULT_NAMESPACE = "default"
 
 
 class Call:
@@ -191,11 +189,10 @@ def start_write(owner: Any, keys: Any, sizes: Any, lease_s: Any, namespace: Any)
     for s in sizes:
         if not isinstance(s, int) or isinstance(s, bool):
             raise InvalidArgumentError(f"block sizes are ints, got {type(s).__name__}")
-    if not isinstance(lease_s, (int, float)) or isinstance(lease_s, bool) or not 0 < lease_s <= MAX_LEASE_S:
-        raise InvalidArgumentError(f"lease_s must be in (0, {MAX_LEASE_S}]")
+    lease_s = check_lease(lease_s)  # the Store's own check, so both refuse the same leases
     # Clamped into what msgpack encodes; the store refuses both ends with its own error.
     sizes = [max(min(s, 1 << 62), -1) for s in sizes]
-    fields = {"ns": ns, "keys": ks, "sizes": sizes, "lease": float(lease_s)}
+    fields = {"ns": ns, "keys": ks, "sizes": sizes, "lease": lease_s}
 
     def parse(r: Response) -> RemoteWriteSession:
         f = r.fields
