@@ -272,9 +272,17 @@ class ControlPlane:
             (True, record) when new; (False, record) when already registered identically.
 
         Raises:
+            InvalidArgumentError: a field is missing or wrong, or the location specs add up to
+                a block larger than the store takes (found now, not at the first write).
             ConflictError: the id is registered with different information.
         """
         rec = _check_instance(rec)
+        total = self.block_bytes(rec)
+        limit = self.store.config.max_block_bytes
+        if total > limit:
+            raise InvalidArgumentError(
+                f"the location specs add up to {total} bytes per block; this daemon's store takes "
+                f"blocks of at most max_block_bytes={limit}")
         with self._lock:
             old = self.state.get("instances", rec["instance_id"])
             if old is not None:

@@ -30,14 +30,14 @@ from tairstore.engine.match import MatchResult
 from tairstore.net import calls
 from tairstore.config import DEFAULT_NAMESPACE
 from tairstore.net.calls import Call, RemoteWriteSession
-from tairstore.net.limits import Limits
+from tairstore.net.limits import MAX_DRAIN_BYTES, Limits
 from tairstore.net.protocol import IOV_BATCH, Connection, Request, Response, Role, advance_views
 
 __all__ = ["Client", "AsyncClient", "NetworkError", "RemoteWriteSession", "parse_url"]
 
 #: Client-side receive limit: the daemon is trusted more than its clients, but a batched GET
 #: answer (up to max_batch blocks) must fit; 1 GiB bounds what a broken peer can make us allocate.
-CLIENT_LIMITS = Limits(max_frame_bytes=1 << 30, max_batch=1 << 20)
+CLIENT_LIMITS = Limits(max_frame_bytes=MAX_DRAIN_BYTES, max_batch=1 << 20)
 #: Idle connections a Client keeps open for reuse.
 MAX_IDLE = 16
 DEFAULT_TIMEOUT_S = 30.0
