@@ -22,8 +22,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -117,11 +119,38 @@ def test_readme_block_runs_as_written(tmp_path, line, lang, code, marker):
     script.write_text(code)
     cmd = [sys.executable, str(script)] if lang == "python" else ["bash", "-e", "-o", "pipefail", str(script)]
     daemon = _Daemon(tmp_path) if kind == "with-daemon" else None
+    # Its own process group: whatever the block starts (a daemon in the background) is stopped
+    # with it, even when the block fails or hangs.
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     try:
-        done = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                              timeout=BLOCK_TIMEOUT_S)
+        out, err = proc.communicate(timeout=BLOCK_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        _end_group(proc.pid)
+        out, err = proc.communicate()
+        pytest.fail(f"README.md:{line} ({lang}) did not finish:\n{out}\n{err}")
     finally:
+        _end_group(proc.pid)
         if daemon is not None:
             daemon.stop()
-    assert done.returncode == 0, (f"README.md:{line} ({lang}) exited with {done.returncode}\n"
-                                  f"--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}")
+    assert proc.returncode == 0, (f"README.md:{line} ({lang}) exited with {proc.returncode}\n"
+                                  f"--- stdout\n{out}\n--- stderr\n{err}")
+
+
+def _end_group(pgid: int) -> None:
+    """SIGTERM every process left in the group (a graceful stop), SIGKILL what outlives it."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        for _ in range(300):  # bounded: up to ~30 s for a daemon to close its store
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            try:
+                os.waitpid(-pgid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.1)

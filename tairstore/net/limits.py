@@ -17,7 +17,7 @@ MiB = 1 << 20
 
 #: The largest block the store accepts by default (``StoreConfig.max_block_bytes``).
 MAX_BLOCK_BYTES = 64 * MiB
-#: A header lists at most ``max_batch`` keys of <= 64 bytes plus sizes: 1024 keys are ~72 KiB of
+#: A header lists at most ``max_batch`` keys of <= MAX_KEY_BYTES (64) bytes plus sizes: 1024 keys are ~72 KiB of
 #: msgpack. 1 MiB leaves room for long namespaces and error messages while keeping the work a
 #: hostile header can cause small.
 MAX_HEADER_BYTES = 1 * MiB
