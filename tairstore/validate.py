@@ -19,11 +19,11 @@ import math
 import numbers
 from typing import Any
 
-from tairstore.errors import InvalidArgumentError
+from tairstore.errors import CapacityError, InvalidArgumentError
 
 __all__ = [
     "MAX_KEY_BYTES", "MAX_NAMESPACE_BYTES", "MAX_LEASE_S",
-    "check_namespace", "check_key", "check_keys", "check_data", "check_out",
+    "check_namespace", "check_key", "check_keys", "check_block_size", "check_data", "check_out",
     "check_int", "check_real", "check_bool", "check_choice", "check_lease", "check_ttl",
     "check_timestamp",
 ]
@@ -72,6 +72,19 @@ def check_keys(keys: Any) -> list[bytes]:
         return [check_key(k) for k in keys]
     except TypeError:
         raise InvalidArgumentError(f"keys must be a list of bytes, got {type(keys).__name__}") from None
+
+
+def check_block_size(size: Any, max_block_bytes: int | None = None) -> int:
+    """A block's size: an int >= 1 (never a bool); past ``max_block_bytes`` (when given) a
+    :class:`~tairstore.errors.CapacityError` with ``dimension="block_size"``."""
+    if not isinstance(size, int) or isinstance(size, bool):
+        raise InvalidArgumentError(f"block sizes are ints, got {type(size).__name__}")
+    if size < 1:
+        raise InvalidArgumentError("empty blocks are not stored; a block has >= 1 byte")
+    if max_block_bytes is not None and size > max_block_bytes:
+        raise CapacityError(f"block of {size} bytes exceeds max_block_bytes={max_block_bytes}",
+                            dimension="block_size")
+    return size
 
 
 def _flat_bytes(mv: memoryview, what: str) -> memoryview:

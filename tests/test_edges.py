@@ -178,3 +178,12 @@ def test_constants_have_one_definition():
     assert log.DURABILITY_MODES is config.DURABILITY_MODES
     assert records.MAX_KEY_BYTES is config.MAX_KEY_BYTES is validate.MAX_KEY_BYTES
     assert math.isfinite(config.MAX_LEASE_S) and config.MAX_LEASE_S is validate.MAX_LEASE_S
+
+
+@pytest.mark.parametrize("size", [0, -1, True, 1.5, "4", np.int64(4)])
+def test_store_and_client_refuse_the_same_block_sizes_with_the_same_message(store, size):
+    with pytest.raises(InvalidArgumentError) as embedded:
+        store.start_write([b"k"], [size])
+    with pytest.raises(InvalidArgumentError) as remote:
+        calls.start_write(None, [b"k"], [size], 30.0, "default")
+    assert str(embedded.value) == str(remote.value)

@@ -72,7 +72,8 @@ from tairstore.policy import make_policy
 from tairstore.engine.session import ABORTED, EXPIRED, FINISHED, OPEN, PendingBlock, WriteSession
 from tairstore.tiers.dram import DramArena
 from tairstore.tiers.ssd import SegmentLog
-from tairstore.validate import check_data, check_key, check_keys, check_lease, check_namespace, check_timestamp
+from tairstore.validate import (check_block_size, check_data, check_key, check_keys, check_lease, check_namespace,
+                                check_timestamp)
 from tairstore.wal import Abort, Commit, CommitEntry, Delete, Prepare, WalWriter
 
 __all__ = ["Store", "open_store", "DEFAULT_NAMESPACE", "PLACEMENTS"]
@@ -290,16 +291,7 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
     _keys = staticmethod(check_keys)
 
     def _check_size(self, size: Any) -> int:
-        if not isinstance(size, int) or isinstance(size, bool):
-            raise InvalidArgumentError(f"block sizes are ints, got {type(size).__name__}")
-        if size < 1:
-            raise InvalidArgumentError("empty blocks are not stored; a block has >= 1 byte")
-        if size > self.config.max_block_bytes:
-            raise CapacityError(
-                f"block of {size} bytes exceeds max_block_bytes={self.config.max_block_bytes}",
-                dimension="block_size",
-            )
-        return size
+        return check_block_size(size, self.config.max_block_bytes)
 
     def _check_tier(self, tier: str) -> str:
         if tier not in PLACEMENTS:
