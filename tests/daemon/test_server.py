@@ -575,6 +575,15 @@ def test_a_put_over_the_frame_limit_gets_the_stores_capacity_error(tmp_path):
                 # The connection was drained, not dropped: the next request goes on it.
                 assert client.put(b"k2", b"x" * 100) is True
                 assert bytes(client.get(b"k2")) == b"x" * 100
+
+            async def pipelined() -> None:
+                async with AsyncClient(server.url) as aclient:
+                    with pytest.raises(CapacityError) as refused:
+                        await aclient.put_many([b"a", b"b"], [block, block])
+                    assert refused.value.dimension == "frame_size"  # a batch: split it
+                    assert bytes(await aclient.get(b"k2")) == b"x" * 100
+
+            trio.run(pipelined)
         finally:
             server.stop()
 
