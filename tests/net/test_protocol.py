@@ -445,7 +445,7 @@ def test_bytes_after_a_fatal_response_do_not_crash_the_decoder():
     """Found by ``tairstore fuzz decoders --target protocol --seed 994751223306``: a response
     for an unknown request id is fatal, and the bytes after it in the same read made the
     decoder look up a transition for the BROKEN state (KeyError) instead of stopping."""
-    from tairstore.net.limits import MAX_DRAIN_BYTES, Limits
+    from tairstore.net.limits import Limits
     from tairstore.net.protocol import Connection, ProtocolErrorEvent, Role
 
     data = bytes.fromhex(
