@@ -13,6 +13,8 @@ import sys
 import tempfile
 import time
 
+from tairstore.config import DURABILITY_MODES
+
 __all__ = ["main", "build_parser"]
 
 
@@ -153,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--block-bytes", type=_size, default=_size("256K"))
     d.add_argument("--dram", type=_size, default=_size("64M"))
     d.add_argument("--ssd", type=_size, default=_size("256M"))
-    d.add_argument("--durability", choices=("sync", "batch", "none"), default="sync")
+    d.add_argument("--durability", choices=DURABILITY_MODES, default="sync")
     d.set_defaults(func=cmd_demo)
 
     f = sub.add_parser("fsck", help="check a data directory against its segments")

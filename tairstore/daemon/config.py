@@ -40,8 +40,9 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from tairstore.config import COMPRESSIONS, DURABILITY_MODES, MAX_NAMESPACE_BYTES, StoreConfig
+from tairstore.config import COMPRESSIONS, DURABILITY_MODES, TIERS, StoreConfig
 from tairstore.errors import InvalidArgumentError
+from tairstore.validate import check_namespace
 from tairstore.daemon.auth import ALL_NAMESPACES, ROLES, TokenSpec
 
 __all__ = [
@@ -63,7 +64,6 @@ DEFAULT_DATA_DIR = "./tairstore-data"
 DEFAULT_HTTP_MAX_BODY_BYTES = 8 << 20  # a JSON request with ~500k token ids fits
 DEFAULT_SHUTDOWN_GRACE_S = 10.0
 MIN_TOKEN_CHARS = 16  # shorter secrets are guessable over a network
-TIERS = ("dram", "ssd")
 
 # Store options a daemon file may set; the rest (fs, create) make no sense for a daemon.
 _STORE_KEYS = tuple(f.name for f in fields(StoreConfig) if f.name not in ("fs", "create"))
@@ -312,8 +312,10 @@ def _namespaces(where: _Where, cfg: DaemonConfig, table: Any) -> None:
     out: dict[str, NamespaceQuota] = {}
     for name, t in table.items():
         sec = f"namespaces.{name}"
-        if not 1 <= len(name.encode()) <= MAX_NAMESPACE_BYTES:
-            raise where.error(sec, None, f"a namespace name is 1..{MAX_NAMESPACE_BYTES} bytes")
+        try:
+            check_namespace(name)
+        except InvalidArgumentError as exc:
+            raise where.error(sec, None, str(exc)) from None
         t = _check_keys(where, sec, t, ("total_bytes", "tier_bytes"))
         q = NamespaceQuota()
         if "total_bytes" in t:

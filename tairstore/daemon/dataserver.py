@@ -37,7 +37,8 @@ own servers). Per connection:
 Errors never leave a connection task: a store error or a semantic protocol error is an ERROR
 frame for that request and the connection goes on; a framing error gets an ERROR frame with
 request id 0 and the connection is closed once the requests already read are answered. Other
-connections are not affected by either.
+connections are not affected by either. Protocol errors, resets and auth refusals are counted
+and logged, rate-limited (:class:`~tairstore.daemon.events.ConnectionEvents`).
 
 Auth (when ``auth.enabled``): a connection binds a token with an AUTH request (an unknown
 token is refused at once); every request that touches a namespace is then checked against it
@@ -65,17 +66,19 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import trio
 
-from tairstore.errors import InvalidArgumentError, PermissionDeniedError, SessionError, StoreError
+from tairstore.config import DEFAULT_NAMESPACE
+from tairstore.errors import InvalidArgumentError, PermissionDeniedError, ProtocolError, SessionError, StoreError
+from tairstore.daemon.auth import Unauthenticated
+from tairstore.daemon.events import ConnectionEvents
 from tairstore.engine.session import OPEN, WriteSession
 from tairstore.net.limits import Limits
 from tairstore.net.protocol import CONNECTION_ID, IOV_BATCH, Connection, Request, Response, Role, advance_views
-from tairstore.net.schema import Op, match_to_fields
+from tairstore.net.schema import Code, Op, match_to_fields
 
 __all__ = ["serve_data", "DataServer"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_NAMESPACE = "default"
 #: A connection's session table is swept of finished/expired entries past this size (they are
 #: kept until then so that reusing one raises the store's own error, e.g. LeaseExpiredError).
 SESSION_SWEEP_AT = 1024
@@ -217,6 +220,12 @@ def _tune_socket(sock: Any) -> None:
             log.debug("setsockopt(%s, %s, %s) failed: %s", level, opt, value, exc)
 
 
+def _code_name(error: BaseException) -> str:
+    """A protocol error's wire code as a metric label (``frame_too_large``...)."""
+    code = getattr(error, "code", 0)
+    return Code(code).name.lower() if code in Code._value2member_map_ else "protocol"
+
+
 def _request_bytes(req: Request) -> int:
     """Payload bytes a request carried (for metrics), even if the store refused them."""
     if req.op in (Op.PUT, Op.WRITE):
@@ -235,6 +244,7 @@ class DataServer:
         self.limits = limits or Limits()
         self.auth = auth
         self.metrics = metrics
+        self.events = ConnectionEvents(metrics)
         self.limiter = trio.CapacityLimiter(self.limits.worker_threads)
         self._scopes: set[trio.CancelScope] = set()
         self._deadline = math.inf
@@ -319,7 +329,8 @@ class DataServer:
                 await trio.lowlevel.wait_readable(sock)
                 reads, answered = 0, False
                 continue
-            except OSError:
+            except OSError as exc:
+                self.events.connection("data", "reset", f"reading from a client failed: {exc}")
                 return  # reset by the peer: same as a close
             if n == 0:
                 return
@@ -342,13 +353,16 @@ class DataServer:
                     else:
                         nursery.start_soon(self._serve_request, conn, event)
                 elif not event.fatal:
+                    if isinstance(event.error, ProtocolError):
+                        self.events.protocol("data", _code_name(event.error), str(event.error))
                     if not self._take_permit(conn):
                         await self._flush(conn)
                         await conn.inflight.acquire()
                     self._queue(conn, event.request_id, Response(event.request_id, error=event.error),
                                 [], None)
                 else:
-                    log.info("closing a data connection after a framing error: %s", event.error)
+                    self.events.protocol("data", _code_name(event.error),
+                                         f"closing the connection after a framing error: {event.error}")
                     await self._flush(conn)
                     await self._send_error(conn, CONNECTION_ID, event.error, permit=False)
                     return
@@ -404,14 +418,15 @@ class DataServer:
         try:
             try:
                 rest = conn.writer.try_write(buffers)
-            except OSError:
+            except OSError as exc:
+                self.events.connection("data", "reset", f"writing answers failed: {exc}")
                 rest = None  # the client left; its requests are simply not acknowledged
             if rest is not None:
                 with self._shielded():
                     try:
                         await conn.writer.write(rest)
-                    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass
+                    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                        self.events.connection("data", "reset", f"writing answers failed: {exc!r}")
         finally:
             self._finish_out(conn, out)
 
@@ -476,8 +491,9 @@ class DataServer:
             buffers = conn.codec.send(Response(response.id, error=exc))
         try:
             await conn.writer.write(buffers)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client left; its requests are simply not acknowledged
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            # The client left; its requests are simply not acknowledged.
+            self.events.connection("data", "reset", f"writing an answer failed: {exc!r}")
 
     def _on_loop(self, req: Request) -> bool:
         """Whether ``req`` runs on the event loop (see PLACEMENT)."""
@@ -502,12 +518,19 @@ class DataServer:
         return self._volatile
 
     def _check_auth(self, conn: _Conn, req: Request) -> None:
-        op = req.op
+        if req.op in _NAMESPACED:
+            self._check_token(conn, req.fields.get("ns", DEFAULT_NAMESPACE))
+        elif req.op is Op.STATS:
+            self._check_token(conn, "*")
+
+    def _check_token(self, conn: _Conn, namespace: str) -> None:
+        """Refuse (and report) unless the connection's token covers ``namespace``."""
         if self.auth is not None and self.auth.enabled:
-            if op in _NAMESPACED:
-                self.auth.check(conn.token, req.fields.get("ns", DEFAULT_NAMESPACE))
-            elif op is Op.STATS:
-                self.auth.check(conn.token, "*")
+            try:
+                self.auth.check(conn.token, namespace)
+            except PermissionDeniedError as exc:
+                self.events.auth("data", exc)
+                raise
 
     def _call(self, conn: _Conn, req: Request) -> Result:
         """Run ``req`` here (inline); raises what the store raises."""
@@ -537,8 +560,7 @@ class DataServer:
         rec = _InPlace()
         conn.inplace[rid] = rec
         try:
-            if self.auth is not None and self.auth.enabled:
-                self.auth.check(conn.token, fields.get("ns", DEFAULT_NAMESPACE))
+            self._check_token(conn, fields.get("ns", DEFAULT_NAMESPACE))
             rec.session = session = self.store.start_write(
                 keys, sizes, namespace=fields.get("ns", DEFAULT_NAMESPACE))
             todo = set(session.keys_to_write)
@@ -599,7 +621,9 @@ class DataServer:
         if self.auth is not None and self.auth.enabled:
             identify = getattr(self.auth, "identify", None)
             if identify is not None and identify(token) is None:
-                raise PermissionDeniedError("unknown token")
+                error = Unauthenticated("unknown token")
+                self.events.auth("data", error)
+                raise error
         conn.token = token
 
     # ------------------------------------------------------ store calls (worker threads)

@@ -192,7 +192,7 @@ async def run_daemon(config: DaemonConfig, *, handle_signals: bool = True,
         metrics = Metrics(store)
         api = HttpApi(control, auth, metrics, http_max_body_bytes=config.limits.http_max_body_bytes,
                       worker_threads=config.limits.worker_threads or 4)
-        http = HttpServer(api, max_body_bytes=api.max_body_bytes)
+        http = HttpServer(api, max_body_bytes=api.max_body_bytes, events=api.events)
         stop = trio.Event()
         data_scope = trio.CancelScope()
         serving = trio.CancelScope()  # cancelled by a second signal: stop without waiting

@@ -21,13 +21,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from tairstore.config import TIERS
 from tairstore.errors import InvalidArgumentError
+from tairstore.validate import check_int, check_real, check_ttl
 
 __all__ = ["TIERS", "Namespace", "Watermarks", "WatermarkTracker", "parse_watermarks", "fair_share_order"]
 
 log = logging.getLogger(__name__)
-
-TIERS = ("dram", "ssd")
 
 
 @dataclass
@@ -72,22 +72,23 @@ class Namespace:
 
 
 def check_limits(total_bytes: Any, tier_bytes: Any, ttl_s: Any) -> tuple[int | None, dict[str, int], float | None]:
-    """Validate quota arguments; raise :class:`InvalidArgumentError` naming the bad one."""
-    if total_bytes is not None and (not isinstance(total_bytes, int) or isinstance(total_bytes, bool)
-                                    or total_bytes < 0):
-        raise InvalidArgumentError(f"total_bytes must be an int >= 0 or None, got {total_bytes!r}")
+    """Validate quota arguments; raise :class:`InvalidArgumentError` naming the bad one.
+
+    A TTL must be finite: it is saved with the namespace and used by every TTL sweep, where a
+    ``nan`` or ``inf`` would fail (or never expire anything) from then on.
+    """
+    if total_bytes is not None:
+        total_bytes = check_int("total_bytes", total_bytes, 0)
+    if tier_bytes is not None and not isinstance(tier_bytes, dict):
+        raise InvalidArgumentError(f"tier_bytes must be a dict of tier -> bytes, got {tier_bytes!r}")
     tiers: dict[str, int] = {}
     for tier, v in (tier_bytes or {}).items():
         if tier not in TIERS:
             raise InvalidArgumentError(f"unknown tier {tier!r} in tier_bytes; tiers are {TIERS}")
         if v is None:
             continue
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise InvalidArgumentError(f"tier_bytes[{tier!r}] must be an int >= 0, got {v!r}")
-        tiers[tier] = v
-    if ttl_s is not None and (not isinstance(ttl_s, (int, float)) or ttl_s <= 0):
-        raise InvalidArgumentError(f"ttl_s must be > 0 or None, got {ttl_s!r}")
-    return total_bytes, tiers, ttl_s
+        tiers[tier] = check_int(f"tier_bytes[{tier!r}]", v, 0)
+    return total_bytes, tiers, check_ttl(ttl_s)
 
 
 @dataclass(frozen=True)
@@ -100,9 +101,7 @@ class Watermarks:
 
     def __post_init__(self) -> None:
         for name in ("warn", "high", "low"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not 0 < v <= 1:
-                raise InvalidArgumentError(f"watermark {name} must be in (0, 1], got {v!r}")
+            check_real(f"watermark {name}", getattr(self, name), 0, 1)
         if not self.low < self.high:
             raise InvalidArgumentError(f"watermarks need low < high, got low={self.low} high={self.high}")
 
