@@ -117,8 +117,16 @@ class Store:
         self._index = Index(self._dir.sub("index"))
         self._journal.index = self._index
         for name, settings in self._index.namespaces().items():
-            self._catalog.set_limits(name, *check_limits(
-                settings.get("total_bytes"), settings.get("tier_bytes"), settings.get("ttl_s")))
+            try:
+                limits = check_limits(settings.get("total_bytes"), settings.get("tier_bytes"),
+                                      settings.get("ttl_s"))
+            except InvalidArgumentError as exc:
+                # Saved by an older version that accepted it (a nan TTL): the namespace opens
+                # unlimited rather than the whole store refusing; set_quota saves a valid one.
+                log.error("namespace %r: ignoring its saved quota/TTL (%s); set it again with "
+                          "set_quota", name, exc)
+                limits = (None, {}, None)
+            self._catalog.set_limits(name, *limits)
         if self._durable:
             self._ssd = SegmentLog(
                 self._fs, self._dir.sub("segments"), capacity_bytes=cfg.ssd_bytes,

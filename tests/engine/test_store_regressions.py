@@ -146,3 +146,15 @@ def test_session_transitions_outside_the_table_are_refused():
     assert sess.transition("finish") == "finished"
     with pytest.raises(SessionError):
         sess.transition("expire")
+
+
+def test_a_nan_ttl_saved_by_an_older_version_does_not_stop_the_store_opening(tmp_path, caplog):
+    with tairstore.open(tmp_path / "s", dram_bytes=MiB, ssd_bytes=8 * MiB, background=False) as s:
+        s.put(key(1), payload(1), namespace="t")
+        s.set_quota("t", ttl_s=60)
+        s._index.set_namespace("t", {"total_bytes": None, "tier_bytes": {}, "ttl_s": float("nan")})
+    with tairstore.open(tmp_path / "s", dram_bytes=MiB, ssd_bytes=8 * MiB, background=False) as s:
+        assert s.quota("t")["ttl_s"] is None
+        assert bytes(s.get(key(1), namespace="t")) == payload(1).tobytes()
+        s.maintain()  # the TTL sweep runs without raising
+    assert any("ignoring its saved quota" in r.message for r in caplog.records)
