@@ -51,7 +51,7 @@ def _configure_step(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-dtype", choices=("bfloat16", "fp8"), help="KV-cache dtype")
     p.add_argument("--gpu-file", help="TOML file with extra [gpu.NAME] profiles")
     p.add_argument("--tables", help="AIConfigurator GPU folder measured on this GPU")
-    p.add_argument("--json", action="store_true", help='print {"step_ms": .., "breakdown": {..}}')
+    p.add_argument("--json", action="store_true", help='print {"inputs": {..}, "step_ms": .., "breakdown": {..}}')
     p.set_defaults(func=run_step)
 
 
@@ -78,7 +78,11 @@ def run_step(args: argparse.Namespace) -> int:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"step_ms": round(result.step_ms, 4),
+        inputs = {"model": model.name, "gpu": gpu.name, "tp": args.tp,
+                  "prefill": [[c.new_tokens, c.prefix] for c in step.prefill],
+                  "decode": [list(d) for d in args.decode],
+                  "weight_dtype": model.weight_dtype, "kv_dtype": model.kv_dtype}
+        print(json.dumps({"inputs": inputs, "step_ms": round(result.step_ms, 4),
                           "breakdown": {k: round(v, 4) for k, v in result.breakdown.items()}}))
         return 0
     print(f"{model.name} on {args.tp} x {gpu.name}: {step.num_tokens} tokens "
