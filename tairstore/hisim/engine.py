@@ -222,7 +222,9 @@ class _Run:
         self.R = 0  # sum over decoders of (clipped output - prev_out - 1 + g0): reserve R - n*G
         self.prefill_kv = 0  # KV allocated to admitted requests still prefilling
         self.ratio = INIT_NEW_TOKEN_RATIO
-        self.stall = 0.0
+        self.stall = 0.0  # prefill time decoders have waited through since their last token
+        self.stalled = 0  # measured decoders that waited through all of it
+        self.measured_decoders = 0
         self.admitted = 0
         self.res = SimResult([], kv_pool_tokens=sim.pool, concurrency=self.closed)
 
@@ -251,6 +253,7 @@ class _Run:
             return
         st.g0 = self.G
         self.decoders[st.req.rid] = st
+        self.measured_decoders += st.measured
         self.S += st.target + 1 - st.g0
         self.R += min(st.req.output_len, CLIP_MAX_NEW_TOKENS) - st.prev_out - 1 + st.g0
         fin = st.g0 + st.req.output_len - st.prev_out - 1
@@ -258,6 +261,7 @@ class _Run:
 
     def leave(self, st: ReqState) -> None:
         del self.decoders[st.req.rid]
+        self.measured_decoders -= st.measured
         self.S -= st.target + 1 - st.g0
         self.R -= min(st.req.output_len, CLIP_MAX_NEW_TOKENS) - st.prev_out - 1 + st.g0
 
@@ -281,13 +285,16 @@ class _Run:
             self.finish(st)
 
     def add_itl(self, first_ms: float, rest_ms: float, k: int) -> None:
-        m = sum(1 for st in self.decoders.values() if st.measured) if self.decoders else 0
-        if m:
-            self.res.itl_ms.append(first_ms)
-            self.res.itl_weight.append(m)
-            if k > 1:
-                self.res.itl_ms.append(rest_ms)
-                self.res.itl_weight.append(m * (k - 1))
+        """ITL samples of ``k`` steps: the first one's gap includes any prefill stall, for the
+        decoders that waited through it."""
+        m, res = self.measured_decoders, self.res
+        stalled = min(self.stalled, m) if self.stall else 0
+        for value, weight in ((first_ms + self.stall, stalled), (first_ms, m - stalled),
+                              (rest_ms, m * (k - 1))):
+            if weight > 0:
+                res.itl_ms.append(value)
+                res.itl_weight.append(weight)
+        self.stall = 0.0
 
     # -- scheduling ----------------------------------------------------------------------------
 
@@ -370,11 +377,12 @@ class _Run:
         self.now += t
         self.res.steps += 1
         if mixed:
-            self.add_itl(self.stall + t, 0.0, 1)
-            self.stall = 0.0
+            self.add_itl(t, 0.0, 1)
             self.G += 1
             self.pop_finished()
         else:
+            if not self.stall:
+                self.stalled = self.measured_decoders
             self.stall += t
         for st, n in chunks:
             st.done += n
@@ -397,8 +405,7 @@ class _Run:
             k = min(k, max(1, math.ceil((self.arrivals[0].arrival_ms - self.now) / t0)))
         k = max(k, 1)
         t1 = self.sim.step_wall_ms((), n, kv0 + k - 1) if k > 1 else t0
-        self.add_itl(self.stall + t0, (t0 + t1) / 2, k)
-        self.stall = 0.0
+        self.add_itl(t0, (t0 + t1) / 2, k)
         self.now += t0 + (k - 1) * (t0 + t1) / 2
         self.res.steps += k
         self.G += k
