@@ -217,7 +217,7 @@ def test_unlimited_gpu_cache_gives_the_ideal_prefix_hit_ratio():
     chains = [r.hash_ids for r in sorted(reqs, key=lambda r: r.arrival_ms)]
     hits, total = _gpu_hits(reqs, CacheConfig(gpu_blocks=10**12))
     assert hits == _ideal_prefix_hits(chains)
-    assert hits / total > 0.3  # the trace really shares prefixes
+    assert hits / total > 0.2  # the trace really shares prefixes
 
 
 @needs_data
