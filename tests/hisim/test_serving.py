@@ -174,13 +174,19 @@ def test_azure_trace_loads_with_speedup():
 
 # ---- exact cache checks on the Mooncake conversation trace ----------------------------------
 
+def _leading_run(chain, resident):
+    n = 0
+    for key in chain:
+        if key not in resident:
+            break
+        n += 1
+    return n
+
+
 def _ideal_prefix_hits(chains):
     seen, hits = set(), 0
     for chain in chains:
-        for key in chain:
-            if key not in seen:
-                break
-            hits += 1
+        hits += _leading_run(chain, seen)
         seen.update(chain)
     return hits
 
@@ -188,10 +194,7 @@ def _ideal_prefix_hits(chains):
 def _plain_lru_prefix_hits(chains, n):
     lru, hits = OrderedDict(), 0
     for chain in chains:
-        for key in chain:
-            if key not in lru:
-                break
-            hits += 1
+        hits += _leading_run(chain, lru)
         for key in chain:
             if key in lru:
                 lru.move_to_end(key)
