@@ -40,7 +40,7 @@ from tairstore.errors import InvalidArgumentError
 
 from .engine import Simulator
 from .hardware import get_gpu
-from .latency import StepLatencyModel
+from .latency import Step, StepLatencyModel
 from .database import make_timer
 from .metrics import summarize
 from .models import get_model
@@ -144,7 +144,6 @@ def simulate_row(row: SiliconRow, overhead: Overhead | None = None, warmup_per_c
 def saturation_batch(row: SiliconRow) -> int:
     """Decode batch at which a step takes twice as long as a batch of one."""
     sm = _step_model(row.model, row.weight_dtype, row.system, row.tp)
-    from .latency import Step
     kv = row.isl + row.osl // 2
     one = sm.predict(Step.of(decode=1, kv_len=kv)).step_ms
     b = 1
