@@ -3,11 +3,11 @@
 What is measured, for each block size (default 64 KiB, 256 KiB, 1 MiB, 4 MiB), each operation
 (``put``, ``get``) and each concurrency (default 1, 4 and 16 clients):
 
-- ``tairstore``: ``python -m tairstore.net.server`` with a volatile DRAM-only store (``--ssd-bytes
+- ``tairstore``: ``tairstore serve`` with a volatile DRAM-only store (``ssd_bytes =
   0``: no disk, like Redis with persistence off), driven by :class:`tairstore.net.client.Client`.
   ``put`` writes a fresh key every time (a put of an existing key is a no-op that returns False),
   so the arena evicts LRU blocks once full; ``get`` reads a pre-written set of keys and returns
-  a new buffer per call, as redis-py does. The arena is prefaulted (``--prefault-dram``, as a
+  a new buffer per call, as redis-py does. The arena is prefaulted (``prefault_dram``, as a
   dedicated cache host runs it): a first write to a fresh page costs a page fault and its
   zeroing, 15-150 us per 64 KiB here, while Redis's overwrites reuse memory it already touched.
 - ``redis``: ``redis-server`` on 127.0.0.1 with ``--save '' --appendonly no``, driven by redis-py
@@ -70,6 +70,8 @@ import time
 
 import numpy as np
 
+from tairstore.daemon.process import DaemonProcess
+
 KiB, MiB = 1 << 10, 1 << 20
 RAW_REQUEST = struct.Struct("<BQQ")  # op (0 put, 1 get), size, slot
 WORKING_SET = 64 * MiB  # bytes of keys each (op, size, concurrency) cell cycles through
@@ -100,16 +102,11 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
 
 
 # ---------------------------------------------------------------------------------- servers
-def start_tairstore(tmp: str) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tairstore.net.server", "--data-dir", os.path.join(tmp, "ts"), "--port", "0",
-         "--ssd-bytes", "0", "--dram-bytes", str(SERVER_DRAM), "--prefault-dram"],
-        stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    if not line.startswith("PORT "):
-        proc.kill()
-        raise RuntimeError(f"tairstore server did not start: {line!r}")
-    port = int(line.split()[1])
+def start_tairstore(tmp: str) -> tuple[DaemonProcess, int]:
+    """``tairstore serve`` with a volatile DRAM-only store, arena prefaulted."""
+    proc = DaemonProcess(os.path.join(tmp, "ts"), store={
+        "ssd_bytes": 0, "dram_bytes": SERVER_DRAM, "prefault_dram": True}).start()
+    port = int(proc.data_url.rsplit(":", 1)[1])
     # Touch the whole arena once, as a long-running daemon has: first-touch page faults are
     # a start-up cost, not a per-put one (benchmarks/engine.py reports them separately).
     from tairstore.net.client import Client
@@ -441,9 +438,10 @@ def main() -> int:
     variants = [v for v in args.redis_variants.split(",") if v]
     tmp = tempfile.mkdtemp(prefix="tairstore-netbench-")
     procs: list[subprocess.Popen] = []
+    daemons: list[DaemonProcess] = []
     try:
-        ts_proc, ts_port = start_tairstore(tmp)
-        procs.append(ts_proc)
+        ts_daemon, ts_port = start_tairstore(tmp)
+        daemons.append(ts_daemon)
         targets = [("tairstore", ts_port)]
         redis = start_redis() if variants else None
         if redis is not None:
@@ -453,7 +451,7 @@ def main() -> int:
             raw_proc, raw_port = start_raw()
             procs.append(raw_proc)
             targets.append(("raw", raw_port))
-        pids = {ts_port: ts_proc.pid}
+        pids = {ts_port: ts_daemon.proc.pid}
         if redis is not None:
             pids[redis[1]] = redis[0].pid
         if not args.no_raw:
@@ -497,6 +495,8 @@ def main() -> int:
             with open(args.json, "w") as f:
                 json.dump({"cells": cells, "match_p50_ms": p50}, f, indent=1)
     finally:
+        for d in daemons:
+            d.stop()
         for p in procs:
             p.terminate()
         for p in procs:

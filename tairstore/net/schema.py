@@ -18,9 +18,9 @@ from __future__ import annotations
 import enum
 from typing import Any, Callable
 
-from .. import errors
-from ..errors import ProtocolError, StoreError
-from ..match import MatchResult
+from tairstore import errors
+from tairstore.errors import ProtocolError, StoreError
+from tairstore.engine.match import MatchResult
 
 __all__ = [
     "Op", "Code", "ERROR_CLASSES", "REQUEST_FIELDS", "RESPONSE_FIELDS", "BLOCK_OPS_REQUEST",

@@ -190,7 +190,8 @@ class DramArena:
             CapacityError: ``size`` exceeds the whole arena (``dimension="block_size"``), so no
                 amount of eviction would help.
         """
-        size = _as_int(size, "size")
+        if type(size) is not int:  # the store passes checked ints: skip the conversion then
+            size = _as_int(size, "size")
         if size < 1:
             raise InvalidArgumentError(f"size must be positive, got {size}")
         g = self._granularity
@@ -201,7 +202,8 @@ class DramArena:
                 dimension="block_size",
             )
         with self._lock:
-            self._drain()
+            if self._unpinned:
+                self._drain()
             i = bisect.bisect_left(self._free_by_size, (reserved,))
             if i == len(self._free_by_size):
                 return None
