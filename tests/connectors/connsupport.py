@@ -145,7 +145,10 @@ class HostPool:
         self.mla = mla
         self.head_num, self.head_dim = (1, head_dim) if mla else (heads, head_dim)
         lead = () if mla else (2,)
-        body = (layers, self.size) if layout == "layer_first" else (self.size, layers)
+        if layout == "page_first_direct":  # [page][layer][token]: a layout moved page by page
+            body = (pages, layers, page_size)
+        else:
+            body = (layers, self.size) if layout == "layer_first" else (self.size, layers)
         g = torch.Generator().manual_seed(seed)
         shape = (*lead, *body, self.head_num, self.head_dim)
         # Random bytes, as finite values (random bits would hold NaNs, which never compare equal).
@@ -154,6 +157,9 @@ class HostPool:
     def page(self, index: int):
         """The page starting at token ``index`` (a view, all layers and components)."""
         sl = slice(index, index + self.page_size)
+        if self.layout == "page_first_direct":
+            sl = slice(index // self.page_size, index // self.page_size + 1)
+            return self.kv_buffer[sl] if self.mla else self.kv_buffer[:, sl]
         if self.mla:
             return self.kv_buffer[:, sl] if self.layout == "layer_first" else self.kv_buffer[sl]
         return self.kv_buffer[:, :, sl] if self.layout == "layer_first" else self.kv_buffer[:, sl]

@@ -66,6 +66,17 @@ def test_v1_round_trip_is_byte_exact(store_dir, layout, mla):
     assert not dst.page(2 * PS).any()
 
 
+def test_other_host_layouts_move_page_by_page(store_dir):
+    src = HostPool(layout="page_first_direct", pages=4, page_size=PS, layers=3, seed=12)
+    keys = _keys(2, "direct")
+    b = _backend(store_dir, src)
+    assert b.paged is None  # not a PagedKV layout: the pool's own flat-page methods are used
+    assert b.batch_set_v1(keys, _idx(1, 3)) == [True, True]
+    dst = HostPool(layout="page_first_direct", pages=4, page_size=PS, layers=3, seed=13)
+    assert _backend(store_dir, dst).batch_get_v1(keys + _keys(1, "none"), _idx(0, 2, 3)) == [True, True, False]
+    assert torch.equal(dst.page(0), src.page(PS)) and torch.equal(dst.page(2 * PS), src.page(3 * PS))
+
+
 def test_prefix_semantics_and_misses(store_dir):
     b = _backend(store_dir)
     keys = _keys(5)
