@@ -134,8 +134,9 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=8, help="pages per batch call")
     ap.add_argument("--layout", choices=["page_first", "layer_first"], default="page_first")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--backends", default="file,embedded,daemon,daemon-batch",
-                    help="daemon: its default durability (sync); daemon-batch: durability batch")
+    ap.add_argument("--backends", default="file,embedded,embedded-none,daemon,daemon-batch",
+                    help="embedded, daemon: durability sync (the default); embedded-none: no fsync, "
+                         "as the file backend; daemon-batch: durability batch")
     ap.add_argument("--dir", default=".", help="where the file backend and embedded store write")
     ap.add_argument("--json", help="write every sample to this file")
     ap.add_argument("--h2d", action="store_true",
@@ -175,7 +176,7 @@ def main() -> int:
         b.register_mem_pool_host(pool)
         return b
 
-    embedded_dir = os.path.join(tmp, "embedded")
+    embedded_dirs: list[str] = []
     try:
         names = args.backends.split(",")
         if "file" in names:
@@ -183,25 +184,26 @@ def main() -> int:
                 "file", config({"file_storage_path": os.path.join(tmp, "file")}), pool)
             b.register_mem_pool_host(pool)
             runners.append(Runner("sglang file", b, pool, v1=False))
-        if "embedded" in names:
+        for name, durability in (("embedded", "sync"), ("embedded-none", "none")):
+            if name not in names:
+                continue
             # Prefaulted, as a long-running engine's arena is: first-touch faults are start-up cost.
+            # "none" promises what the file backend does: bytes handed to the OS, no fsync.
             opts = {"dram_bytes": 2 * total + (64 * MIB), "ssd_bytes": 2 * total + (256 * MIB),
-                    "prefault_dram": True}
-            runners.append(Runner("tairstore embedded", tairstore_backend(embedded_dir, store_options=opts),
-                                  pool, v1=True))
+                    "prefault_dram": True, "durability": durability}
+            path = os.path.join(tmp, name)
+            embedded_dirs.append(path)
+            runners.append(Runner(f"tairstore embedded {durability}",
+                                  tairstore_backend(path, store_options=opts), pool, v1=True))
         for name in ("daemon", "daemon-batch"):
             if name not in names:
                 continue
             data_dir = os.path.join(tmp, name)
-            extra = []
+            store = None
             if name == "daemon-batch":
-                conf = os.path.join(tmp, "daemon-batch.toml")
-                with open(conf, "w") as f:
-                    f.write(f'[store]\ndurability = "batch"\ndram_bytes = {2 * total + 64 * MIB}\n'
-                            'prefault_dram = true\n')
-                extra = ["--config", conf]
-            # Started as users start it: tairstore serve --data-dir D --port P --http-port H.
-            d = Daemon(data_dir, extra)
+                store = {"durability": "batch", "dram_bytes": 2 * total + 64 * MIB, "prefault_dram": True}
+            # Started as users start it: tairstore serve --config C --data-dir D --port 0 ....
+            d = Daemon(data_dir, store)
             daemons.append(d)
             label = "tairstore daemon" + (" batch" if name == "daemon-batch" else " sync")
             runners.append(Runner(label, tairstore_backend(d.url), pool, v1=True, client_url=d.url))
@@ -230,7 +232,8 @@ def main() -> int:
         for r in runners:
             if hasattr(r.backend, "close"):
                 r.backend.close()
-        close_embedded(embedded_dir)
+        for path in embedded_dirs:
+            close_embedded(path)
         for d in daemons:
             d.stop()
         shutil.rmtree(tmp, ignore_errors=True)

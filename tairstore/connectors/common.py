@@ -231,6 +231,8 @@ class Backend:
         keys = list(keys)
         if not keys or self._skipping():
             return [False] * len(keys)
+        if self.remote:
+            return self._put_many_remote(keys, fill, nbytes)
         try:
             t = self.target
             session = t.start_write(keys, [nbytes] * len(keys), namespace=self.namespace)
@@ -257,6 +259,25 @@ class Backend:
         self.stats.pages_written += committed
         self.stats.bytes_written += committed * nbytes
         return [(k not in todo) or ok for k in keys]
+
+    def _put_many_remote(self, keys: list[bytes], fill: Any, nbytes: int) -> list[bool]:
+        """put_many over a daemon: ``exists`` then one ``put_many`` of the missing blocks — two
+        round trips, where a write session costs one per block."""
+        present = [False] * len(keys)
+        try:
+            t = self.target  # connects on first use: inside the try, a daemon down is a miss
+            present = t.exists(keys, namespace=self.namespace)
+            todo = [(i, k) for i, (k, hit) in enumerate(zip(keys, present)) if not hit]
+            stored = t.put_many([k for _, k in todo], [fill(i, k) for i, k in todo],
+                                namespace=self.namespace) if todo else []
+        except (StoreError, OSError) as exc:
+            self._fail("put_many", exc)
+            return list(present)
+        # A False from put_many: another writer stored (or is storing) it meanwhile.
+        n = sum(stored)
+        self.stats.pages_written += n
+        self.stats.bytes_written += n * nbytes
+        return [True] * len(keys)
 
     def load_pages(self, transfer: Any, keys: Sequence[bytes], pages: Sequence[int]) -> Any:
         """Start loading ``keys[i]`` into page ``pages[i]`` of a

@@ -7,19 +7,15 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import re
-import signal
-import subprocess
 import sys
-import time
 import types
 
 import pytest
 
+from tairstore.daemon.process import DaemonProcess
+
 #: Set by CI after it installed the engines: a missing engine then fails instead of skipping.
 REQUIRE_ENGINES = os.environ.get("TAIRSTORE_ENGINE_TESTS") == "1"
-STARTUP = re.compile(r"listening data=(\S+) http=http://127\.0\.0\.1:(\d+)")
-START_TIMEOUT_S = 60
 
 
 def need(module: str, install: str):
@@ -96,35 +92,16 @@ def sglang_modules():
         pytest.skip(reason)
 
 
-class Daemon:
-    """``python -m tairstore serve`` on free loopback ports, stopped with SIGTERM."""
+class Daemon(DaemonProcess):
+    """``tairstore serve`` on free loopback ports (:class:`DaemonProcess`), started at once.
 
-    def __init__(self, data_dir: str, extra: list[str] | None = None) -> None:
-        cmd = [sys.executable, "-m", "tairstore", "serve", "--data-dir", data_dir,
-               "--host", "127.0.0.1", "--port", "0", "--http-port", "0"] + (extra or [])
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        log = []
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert time.monotonic() < deadline, "no startup line:\n" + "".join(log)
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"tairstore serve exited {self.proc.wait()}:\n" + "".join(log))
-            log.append(line)
-            m = STARTUP.search(line)
-            if m:
-                self.url, self.http_port = m.group(1), int(m.group(2))
-                break
+    ``url`` is the data address the daemon prints (``tcp://127.0.0.1:P``).
+    """
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc.stdout.close()
+    def __init__(self, data_dir: str, store: dict | None = None) -> None:
+        super().__init__(data_dir, store=store)
+        self.start()
+        self.url = self.data_url
 
 
 class HostPool:
