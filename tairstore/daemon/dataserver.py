@@ -39,6 +39,11 @@ frame for that request and the connection goes on; a framing error gets an ERROR
 request id 0 and the connection is closed once the requests already read are answered. Other
 connections are not affected by either.
 
+Shared memory (SHM_HELLO, GET_SHM, RELEASE): when the arena is a shared file, a client on the
+same host is lent blocks in place; the ops and the per-connection lease table are in
+:mod:`tairstore.daemon.shm`. They touch memory only and run inline; a connection's leases are
+released when it ends.
+
 Auth (when ``auth.enabled``): a connection binds a token with an AUTH request (an unknown
 token is refused at once); every request that touches a namespace is then checked against it
 (``auth.check(token, namespace)``), STATS as a daemon-wide read (``"*"``). A refusal is an
@@ -67,6 +72,7 @@ import trio
 
 from tairstore.errors import InvalidArgumentError, PermissionDeniedError, SessionError, StoreError
 from tairstore.engine.session import OPEN, WriteSession
+from tairstore.daemon.shm import LeaseTable, ShmService
 from tairstore.net.limits import Limits
 from tairstore.net.protocol import CONNECTION_ID, IOV_BATCH, Connection, Request, Response, Role, advance_views
 from tairstore.net.schema import Op, match_to_fields
@@ -106,10 +112,10 @@ PLACEMENT = {
     Op.PING: "loop", Op.AUTH: "loop", Op.EXISTS: "loop", Op.MATCH: "loop",
     Op.GET: "memory", Op.PUT: "memory", Op.START_WRITE: "memory", Op.WRITE: "memory",
     Op.FINISH_WRITE: "memory", Op.ABORT_WRITE: "memory", Op.DELETE: "memory",
-    Op.STATS: "thread",
+    Op.STATS: "thread", Op.SHM_HELLO: "loop", Op.GET_SHM: "loop", Op.RELEASE: "loop",
 }
 #: Ops that carry ``ns`` and are checked against the connection's token.
-_NAMESPACED = frozenset({Op.PUT, Op.GET, Op.EXISTS, Op.MATCH, Op.DELETE, Op.START_WRITE})
+_NAMESPACED = frozenset({Op.PUT, Op.GET, Op.EXISTS, Op.MATCH, Op.DELETE, Op.START_WRITE, Op.GET_SHM})
 
 
 class _Writer:
@@ -187,6 +193,8 @@ class _Conn:
         #: Answers of requests served inline, written together once the read is processed:
         #: (request, response buffers, views to release after the write, t0, nbytes, ok).
         self.out: list = []
+        #: Shared-memory leases lent to this client (made on its first GET_SHM).
+        self.leases: LeaseTable | None = None
 
 
 Result = tuple[dict, list, int]  # response fields, payload blocks (released after send), bytes
@@ -230,8 +238,9 @@ class DataServer:
     """Serves one :class:`~tairstore.Store` over the binary protocol (see the module doc)."""
 
     def __init__(self, store: Any, *, limits: Limits | None = None, auth: Any = None,
-                 metrics: Any = None) -> None:
+                 metrics: Any = None, shm: Any = None, lease_s: float | None = None) -> None:
         self.store = store
+        self.shm = ShmService(store, shm, auth, **({"lease_s": lease_s} if lease_s else {}))
         self.limits = limits or Limits()
         self.auth = auth
         self.metrics = metrics
@@ -248,7 +257,8 @@ class DataServer:
             Op.PUT: self._put, Op.GET: self._get, Op.EXISTS: self._exists, Op.MATCH: self._match,
             Op.DELETE: self._delete, Op.START_WRITE: self._start_write, Op.WRITE: self._write,
             Op.FINISH_WRITE: self._finish_write, Op.ABORT_WRITE: self._abort_write,
-            Op.STATS: self._stats,
+            Op.STATS: self._stats, Op.SHM_HELLO: self._shm_hello, Op.GET_SHM: self._get_shm,
+            Op.RELEASE: self._release,
         }
 
     # ------------------------------------------------------------------------ lifecycle
@@ -287,6 +297,8 @@ class DataServer:
             for rec in conn.inplace.values():
                 self._drop_inplace(rec)
             conn.inplace.clear()
+            if conn.leases is not None:
+                conn.leases.close()  # a client that died holding leases frees their slots here
             if conn.sessions:
                 with self._shielded(ABORT_GRACE_S):
                     await trio.to_thread.run_sync(self._abort_all, conn, limiter=self.limiter)
@@ -704,9 +716,24 @@ class DataServer:
     def _stats(self, conn: _Conn, req: Request) -> Result:
         return {"stats": self.store.stats()}, [], 0
 
+    def _shm_hello(self, conn: _Conn, req: Request) -> Result:
+        return self.shm.hello(conn.token), [], 0
+
+    def _get_shm(self, conn: _Conn, req: Request) -> Result:
+        if conn.leases is None:
+            conn.leases = LeaseTable(self.shm.lease_s)
+        fields = self.shm.get(conn.leases, conn.token, req.fields)
+        return fields, [], sum(n for n in fields["sizes"] if n > 0)
+
+    def _release(self, conn: _Conn, req: Request) -> Result:
+        if conn.leases is None:
+            conn.leases = LeaseTable(self.shm.lease_s)
+        return self.shm.release(conn.leases, req.fields), [], 0
+
 
 async def serve_data(store: Any, *, host: str = "127.0.0.1", port: int = 0,
                      limits: Limits | None = None, auth: Any = None, metrics: Any = None,
+                     shm: Any = None, lease_s: float | None = None,
                      task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``store`` over the binary data-path protocol until cancelled.
 
@@ -718,12 +745,15 @@ async def serve_data(store: Any, *, host: str = "127.0.0.1", port: int = 0,
         auth: an ``Authenticator`` (``enabled``, ``check(token, namespace, admin=)``), or None
             for an open server.
         metrics: an object with ``observe_request(op, seconds, nbytes, ok)``, or None.
+        shm: the arena's SharedBacking when it is in shared memory (see
+            :mod:`tairstore.daemon.shm`), or None.
+        lease_s: how long a shared-memory lease lasts unless given back (None: the default).
         task_status: receives the bound port once the server accepts connections.
 
     On cancellation the listeners close at once and requests already read get up to
     ``limits.shutdown_grace_s`` seconds to finish; then it returns (by raising Cancelled).
     """
-    server = DataServer(store, limits=limits, auth=auth, metrics=metrics)
+    server = DataServer(store, limits=limits, auth=auth, metrics=metrics, shm=shm, lease_s=lease_s)
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as handlers:

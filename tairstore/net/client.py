@@ -148,10 +148,20 @@ class Client:
     """A blocking, thread-safe client of ``tairstore serve``.
 
     Args:
-        url: ``tcp://host:port`` of the daemon's data port.
+        url: ``tcp://host:port`` of the daemon's data port; ``shm+tcp://host:port`` on the
+            daemon's host reads blocks in place from its shared arena
+            (:class:`tairstore.net.shmclient.ShmClient`).
         token: bearer token, sent once per connection (AUTH) when given.
         timeout: seconds one socket operation may block; None waits forever.
     """
+
+    def __new__(cls, url: str, *args: Any, **kwargs: Any) -> "Client":
+        # shm+tcp://: reads from the daemon's shared arena (tairstore.net.shmclient).
+        if cls is Client and isinstance(url, str) and url.startswith("shm+"):
+            from tairstore.net.shmclient import ShmClient
+
+            return super().__new__(ShmClient)
+        return super().__new__(cls)
 
     def __init__(self, url: str, token: str | None = None, timeout: float | None = DEFAULT_TIMEOUT_S) -> None:
         self._host, self._port = parse_url(url)
