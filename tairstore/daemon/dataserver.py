@@ -397,7 +397,10 @@ class DataServer:
             rec = conn.inplace.pop(req.id, None)
             if rec is not None:  # refused before the store took the payload (e.g. auth)
                 self._drop_inplace(rec)
-        self._queue(conn, req.id, response, blocks, (req.op, t0, nbytes, ok))
+        # SHM_HELLO is the probe every loopback client sends when it starts (see
+        # tairstore.net.shmclient.shm_reachable): a handshake, not traffic to count.
+        obs = None if req.op is Op.SHM_HELLO else (req.op, t0, nbytes, ok)
+        self._queue(conn, req.id, response, blocks, obs)
 
     def _queue(self, conn: _Conn, rid: int, response: Response, blocks: list, obs: tuple | None) -> None:
         try:

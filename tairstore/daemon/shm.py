@@ -106,9 +106,10 @@ class LeaseTable:
     def expire(self, now: float) -> int:
         """Drop every lease past its deadline; returns how many slots were unpinned."""
         expired = 0
-        for handle, entry in list(self._leases.items()):
+        while self._leases:
+            handle, entry = next(iter(self._leases.items()))
             if entry[2] > now:
-                break  # grant order is deadline order
+                break  # grant order is deadline order: O(expired), not O(leases)
             del self._leases[handle]
             entry[0].release()
             expired += 1

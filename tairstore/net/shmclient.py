@@ -35,13 +35,14 @@ from typing import Any
 
 import numpy as np
 
-from tairstore.errors import InvalidArgumentError, ProtocolError
+from tairstore.errors import InvalidArgumentError, ProtocolError, StoreError
+from tairstore.net import calls
 from tairstore.net.calls import DEFAULT_NAMESPACE, Call, _sized
-from tairstore.net.client import Client, NetworkError, _raise_for
+from tairstore.net.client import DEFAULT_TIMEOUT_S, Client, NetworkError, _raise_for, _SyncConn, parse_url
 from tairstore.net.schema import Op
 from tairstore.validate import check_key, check_keys, check_namespace, check_out
 
-__all__ = ["ShmClient", "RETURN_BATCH", "SHM_SCHEME"]
+__all__ = ["ShmClient", "RETURN_BATCH", "SHM_SCHEME", "shm_reachable"]
 
 #: The URL scheme that asks for shared-memory reads.
 SHM_SCHEME = "shm+"
@@ -49,6 +50,34 @@ SHM_SCHEME = "shm+"
 RETURN_BATCH = 256
 #: GET_SHM sizes that carry no slot (see tairstore.daemon.shm).
 _MISS, _NOT_IN_DRAM = -1, -2
+
+
+def shm_reachable(url: str, token: str | None, timeout: float | None) -> bool:
+    """Whether the daemon at ``tcp://`` ``url`` is on a loopback address and has a shared
+    arena this process may open (one short extra connection; any failure means no)."""
+    from tairstore.daemon.config import is_loopback
+
+    try:
+        host, port = parse_url(url)
+    except InvalidArgumentError:
+        return False
+    if not is_loopback(host):
+        return False
+    try:
+        conn = _SyncConn(host, port, timeout)
+    except NetworkError:
+        return False
+    try:
+        with conn.lock:
+            if token is not None and conn.call(calls.auth(token)).error is not None:
+                return False
+            resp = conn.call(Call(Op.SHM_HELLO, {}, lambda r: r))
+        path = resp.fields.get("path", "") if resp.error is None else ""
+        return bool(path) and os.access(path, os.R_OK)
+    except (StoreError, OSError):
+        return False  # e.g. a daemon that predates SHM_HELLO: the socket it is
+    finally:
+        conn.close()
 
 
 class _Lease:
@@ -71,7 +100,8 @@ class ShmClient(Client):
     """A :class:`~tairstore.net.client.Client` whose reads come from the shared arena.
 
     Args:
-        url: ``shm+tcp://host:port`` (the daemon must run on this host with ``[shm]``).
+        url: ``shm+tcp://host:port`` or ``tcp://host:port`` (the daemon must run on this host
+            with ``[shm]``).
         token: bearer token; with auth on, it must cover every namespace (see docs/PROTOCOL.md).
         timeout: seconds one socket operation may block; None waits forever.
 
@@ -81,10 +111,11 @@ class ShmClient(Client):
         PermissionDeniedError: the token does not cover every namespace.
     """
 
-    def __init__(self, url: str, token: str | None = None, timeout: float | None = 30.0) -> None:
-        if not url.startswith(SHM_SCHEME):
-            raise InvalidArgumentError(f"expected a shm+tcp:// address, got {url!r}")
-        super().__init__(url[len(SHM_SCHEME):], token, timeout)
+    def __init__(self, url: str, token: str | None = None, timeout: float | None = DEFAULT_TIMEOUT_S,
+                 shm: bool | None = True) -> None:
+        if shm is False:
+            raise InvalidArgumentError("a ShmClient reads from shared memory: shm=False contradicts it")
+        super().__init__(url[len(SHM_SCHEME):] if url.startswith(SHM_SCHEME) else url, token, timeout)
         self._returns: collections.deque = collections.deque()
         self._shm_lock = threading.Lock()
         self._epoch = 0

@@ -126,6 +126,14 @@ def test_views_hold_their_bytes_through_delete_and_eviction(tmp_path):
         assert c.release_leases() >= 1
 
 
+def test_loopback_clients_detect_the_shared_arena(tmp_path):
+    with daemon(tmp_path, dram=4 * MiB) as d:
+        with tairstore.Client(d.data_url) as auto, tairstore.Client(d.data_url, shm=False) as plain:
+            assert isinstance(auto, ShmClient) and not isinstance(plain, ShmClient)
+            auto.put(b"a", block(5, 8 * KiB))
+            assert is_block(auto.get(b"a"), 5) and is_block(plain.get(b"a"), 5)
+
+
 def test_arena_file_is_removed_when_the_daemon_stops(tmp_path):
     with daemon(tmp_path, dram=4 * MiB) as d:
         with ShmClient("shm+" + d.data_url) as c:
@@ -139,6 +147,7 @@ def test_a_daemon_without_shm_is_refused_cleanly(tmp_path):
         with pytest.raises(InvalidArgumentError):
             tairstore.Client("shm+" + d.data_url)
         with tairstore.Client(d.data_url) as c:  # the socket path is unaffected
+            assert not isinstance(c, ShmClient)
             c.put(b"a", b"x")
             assert bytes(c.get(b"a")) == b"x"
 
