@@ -72,7 +72,7 @@ import trio
 
 from tairstore.errors import InvalidArgumentError, PermissionDeniedError, SessionError, StoreError
 from tairstore.engine.session import OPEN, WriteSession
-from tairstore.daemon.shm import LeaseTable, ShmService
+from tairstore.daemon.shm import LeaseTable, ShmService, Staging
 from tairstore.net.limits import Limits
 from tairstore.net.protocol import CONNECTION_ID, IOV_BATCH, Connection, Request, Response, Role, advance_views
 from tairstore.net.schema import Op, match_to_fields
@@ -113,9 +113,11 @@ PLACEMENT = {
     Op.GET: "memory", Op.PUT: "memory", Op.START_WRITE: "memory", Op.WRITE: "memory",
     Op.FINISH_WRITE: "memory", Op.ABORT_WRITE: "memory", Op.DELETE: "memory",
     Op.STATS: "thread", Op.SHM_HELLO: "loop", Op.GET_SHM: "loop", Op.RELEASE: "loop",
+    Op.SHM_STAGE: "loop", Op.PUT_SHM: "memory",
 }
 #: Ops that carry ``ns`` and are checked against the connection's token.
-_NAMESPACED = frozenset({Op.PUT, Op.GET, Op.EXISTS, Op.MATCH, Op.DELETE, Op.START_WRITE, Op.GET_SHM})
+_NAMESPACED = frozenset({Op.PUT, Op.GET, Op.EXISTS, Op.MATCH, Op.DELETE, Op.START_WRITE, Op.GET_SHM,
+                         Op.PUT_SHM})
 
 
 class _Writer:
@@ -195,6 +197,9 @@ class _Conn:
         self.out: list = []
         #: Shared-memory leases lent to this client (made on its first GET_SHM).
         self.leases: LeaseTable | None = None
+        #: The staging file of local puts (SHM_STAGE), and whether its name is still there.
+        self.staging: Staging | None = None
+        self.staging_named = False
 
 
 Result = tuple[dict, list, int]  # response fields, payload blocks (released after send), bytes
@@ -258,7 +263,7 @@ class DataServer:
             Op.DELETE: self._delete, Op.START_WRITE: self._start_write, Op.WRITE: self._write,
             Op.FINISH_WRITE: self._finish_write, Op.ABORT_WRITE: self._abort_write,
             Op.STATS: self._stats, Op.SHM_HELLO: self._shm_hello, Op.GET_SHM: self._get_shm,
-            Op.RELEASE: self._release,
+            Op.RELEASE: self._release, Op.SHM_STAGE: self._shm_stage, Op.PUT_SHM: self._put_shm,
         }
 
     # ------------------------------------------------------------------------ lifecycle
@@ -299,6 +304,9 @@ class DataServer:
             conn.inplace.clear()
             if conn.leases is not None:
                 conn.leases.close()  # a client that died holding leases frees their slots here
+            if conn.staging is not None:
+                conn.staging.unlink()
+                conn.staging = None
             if conn.sessions:
                 with self._shielded(ABORT_GRACE_S):
                     await trio.to_thread.run_sync(self._abort_all, conn, limiter=self.limiter)
@@ -527,6 +535,9 @@ class DataServer:
     def _call(self, conn: _Conn, req: Request) -> Result:
         """Run ``req`` here (inline); raises what the store raises."""
         op = req.op
+        if conn.staging_named and op is not Op.SHM_STAGE:
+            conn.staging.unlink()  # the client mapped it before sending this: nobody else may
+            conn.staging_named = False
         if op is Op.PING:
             return {}, [], 0
         if op is Op.AUTH:
@@ -727,6 +738,22 @@ class DataServer:
             conn.leases = LeaseTable(self.shm.lease_s)
         fields = self.shm.get(conn.leases, conn.token, req.fields)
         return fields, [], sum(n for n in fields["sizes"] if n > 0)
+
+    def _shm_stage(self, conn: _Conn, req: Request) -> Result:
+        if conn.staging is not None:
+            conn.staging.unlink()
+        conn.staging = self.shm.stage(req.fields["size"], self.limits.max_frame_bytes)
+        conn.staging_named = True
+        return {"path": conn.staging.path, "size": conn.staging.size}, [], 0
+
+    def _put_shm(self, conn: _Conn, req: Request) -> Result:
+        if conn.staging is None:
+            raise InvalidArgumentError("no staging file on this connection: send SHM_STAGE first")
+        if conn.staging_named:  # served in a thread, so _call did not see it
+            conn.staging_named = False
+            conn.staging.unlink()
+        req.blocks = conn.staging.blocks(req.fields["offs"], req.fields["sizes"])
+        return self._put(conn, req)  # as a PUT whose payload is already here
 
     def _release(self, conn: _Conn, req: Request) -> Result:
         if conn.leases is None:

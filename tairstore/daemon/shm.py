@@ -20,6 +20,14 @@ blocks in place:
   is refused with InvalidArgumentError and nothing is released, so a client can never make the
   daemon unpin a slot someone else still reads.
 
+Local puts (SHM_STAGE, PUT_SHM): a client may ask for a *staging file* of its own (created in
+the arena's directory, owner-only, mapped by the daemon and by that client only; it is unlinked
+as soon as the client has mapped it, i.e. at the connection's next request, and unmapped when
+the connection closes). The client copies blocks into it and PUT_SHM names them by
+``(offset, size)``; the daemon checks each range lies inside the file and stores them as a PUT
+of those bytes (one copy, into the arena), so the socket carries no payload. The client must
+not touch a staged range until PUT_SHM is answered.
+
 Isolation: a client that maps the arena can read every byte of it, whatever namespace it was
 given offsets for. So when auth is on, shared memory is offered only to tokens that cover
 every namespace (``auth.check(token, "*")``); other tokens are refused (PermissionDenied) and
@@ -34,7 +42,7 @@ from typing import Any
 
 from tairstore.errors import CapacityError, InvalidArgumentError, PermissionDeniedError
 
-__all__ = ["LeaseTable", "ShmService", "DEFAULT_LEASE_S", "MAX_LEASES", "NOT_IN_DRAM", "MISS"]
+__all__ = ["LeaseTable", "ShmService", "Staging", "DEFAULT_LEASE_S", "MAX_LEASES", "NOT_IN_DRAM", "MISS"]
 
 #: Seconds a lease lasts unless given back first.
 DEFAULT_LEASE_S = 60.0
@@ -123,6 +131,32 @@ class LeaseTable:
         return len(leases)
 
 
+class Staging:
+    """One connection's staging file, mapped read-write by the daemon and that client."""
+
+    def __init__(self, directory: str, size: int, group: Any = None) -> None:
+        from tairstore.tiers.dram import SharedBacking
+
+        self._file = SharedBacking(directory, group)
+        self.buf = self._file.map(size)
+        self.path, self.size = self._file.path, size
+
+    def unlink(self) -> None:
+        """Remove the file's name (the client has mapped it; the mappings stay)."""
+        self._file.unlink()
+
+    def blocks(self, offsets: list[int], sizes: list[int]) -> list[memoryview]:
+        """The staged blocks as views, each range checked to lie inside the file."""
+        if len(offsets) != len(sizes):
+            raise InvalidArgumentError("offs and sizes must have the same length")
+        out = []
+        for off, n in zip(offsets, sizes):
+            if off < 0 or n < 0 or off + n > self.size:
+                raise InvalidArgumentError(f"staged range {off}+{n} is outside the {self.size}-byte staging file")
+            out.append(memoryview(self.buf[off:off + n]))
+        return out
+
+
 class ShmService:
     """The daemon's side of the shared-memory ops, over one store and its shared backing.
 
@@ -192,6 +226,14 @@ class ShmService:
             leases.release([o for o, _ in granted], [g for _, g in granted])
             raise
         return {"sizes": sizes, "offs": offs, "gens": gens}
+
+    def stage(self, size: int, max_bytes: int) -> Staging:
+        """SHM_STAGE: a staging file of ``size`` bytes (at most ``max_bytes``, a frame's limit)."""
+        if self.backing is None:
+            raise InvalidArgumentError("this daemon's arena is not in shared memory")
+        if not 0 < size <= max_bytes:
+            raise InvalidArgumentError(f"a staging file holds 1 to {max_bytes} bytes, not {size}")
+        return Staging(self.backing.directory, size, self.backing.group)
 
     def release(self, leases: LeaseTable, fields: dict) -> dict:
         """RELEASE: give leases back (all or nothing, see :meth:`LeaseTable.release`)."""

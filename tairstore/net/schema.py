@@ -48,6 +48,9 @@ class Op(enum.IntEnum):
     SHM_HELLO = 0x40
     GET_SHM = 0x41
     RELEASE = 0x42
+    #: Local puts: a staging file the client writes blocks into, then PUT_SHM stores them.
+    SHM_STAGE = 0x43
+    PUT_SHM = 0x44
     OK = 0x80
     ERROR = 0x81
 
@@ -192,6 +195,8 @@ REQUEST_FIELDS: dict[Op, tuple] = {
     # rel_o/rel_g: (offset, generation) of leases given back before this get (saves a RELEASE).
     Op.GET_SHM: (_NS, _KEYS, ("rel_o", _ints, OPT), ("rel_g", _ints, OPT)),
     Op.RELEASE: (("rel_o", _ints, REQ), ("rel_g", _ints, REQ)),
+    Op.SHM_STAGE: (("size", _uint, REQ),),
+    Op.PUT_SHM: (_NS, _KEYS, ("sizes", _ints, REQ), ("offs", _ints, REQ)),  # offs: in the staging file
 }
 
 #: OK-response header fields per request opcode.
@@ -214,6 +219,8 @@ RESPONSE_FIELDS: dict[Op, tuple] = {
     # Per key: size -1 a miss, -2 stored but not in DRAM (read it with GET); else its slot.
     Op.GET_SHM: (("sizes", _ints, REQ), ("offs", _ints, REQ), ("gens", _ints, REQ)),
     Op.RELEASE: (("count", _uint, REQ),),
+    Op.SHM_STAGE: (("path", _str, REQ), ("size", _uint, REQ)),
+    Op.PUT_SHM: (("stored", _bools, REQ),),
 }
 ERROR_FIELDS = (("code", _uint, REQ), ("msg", _str, REQ), ("dim", _str, OPT))
 

@@ -13,6 +13,9 @@ under a lease (see :mod:`tairstore.daemon.shm`), so a get moves no payload throu
   at :meth:`ShmClient.release_leases` / ``close``;
 - ``get_into`` copies the block from the mapping into the caller's buffer while it holds the
   lease, then returns the lease: one round trip and one memcpy;
+- ``put`` / ``put_many`` copy the blocks into a staging file of this connection (SHM_STAGE; a
+  file only this client and the daemon map) and send PUT_SHM with their offsets: the daemon
+  stores them from there (one copy into the arena), and no payload crosses the socket;
 - a block that is stored but not in DRAM (SSD only) is read over the socket, as by
   :class:`~tairstore.net.client.Client`.
 
@@ -40,7 +43,7 @@ from tairstore.net import calls
 from tairstore.net.calls import DEFAULT_NAMESPACE, Call, _sized
 from tairstore.net.client import DEFAULT_TIMEOUT_S, Client, NetworkError, _raise_for, _SyncConn, parse_url
 from tairstore.net.schema import Op
-from tairstore.validate import check_key, check_keys, check_namespace, check_out
+from tairstore.validate import check_data, check_key, check_keys, check_namespace, check_out
 
 __all__ = ["ShmClient", "RETURN_BATCH", "SHM_SCHEME", "shm_reachable"]
 
@@ -48,6 +51,10 @@ __all__ = ["ShmClient", "RETURN_BATCH", "SHM_SCHEME", "shm_reachable"]
 SHM_SCHEME = "shm+"
 #: Lease returns queued before they are sent on their own (RELEASE) rather than with a get.
 RETURN_BATCH = 256
+#: Bytes of the staging file local puts are copied into (grown for a larger batch), and the
+#: largest put that goes through it (larger ones go over the socket).
+STAGE_BYTES = 16 << 20
+MAX_STAGE_BYTES = 64 << 20
 #: GET_SHM sizes that carry no slot (see tairstore.daemon.shm).
 _MISS, _NOT_IN_DRAM = -1, -2
 
@@ -120,14 +127,21 @@ class ShmClient(Client):
         self._shm_lock = threading.Lock()
         self._epoch = 0
         self._conn = None
+        self._stage: np.ndarray | None = None
+        self._stage_epoch = -1
         self._buf = self._map()
 
     # ---------------------------------------------------------------------- the mapping
-    def _call_shm(self, op: Op, fields: dict) -> Any:
-        """One request on the lease connection (opened on first use; lock held)."""
+    def _shm_conn(self) -> Any:
+        """The lease connection, opened on first use or after it broke (lock held)."""
         if self._conn is None or self._conn.closed:
             self._conn = self._connect()
-            self._epoch += 1  # leases of a previous connection are gone with it
+            self._epoch += 1  # leases and staging of a previous connection are gone with it
+        return self._conn
+
+    def _call_shm(self, op: Op, fields: dict) -> Any:
+        """One request on the lease connection (lock held)."""
+        self._shm_conn()
         with self._conn.lock:
             return _raise_for(self._conn.call(Call(op, fields, lambda r: r)))
 
@@ -205,6 +219,43 @@ class ShmClient(Client):
     def _maybe_flush(self) -> None:
         if len(self._returns) >= RETURN_BATCH:
             self.release_leases()
+
+    # ------------------------------------------------------------------------ puts
+    def _staging(self, nbytes: int) -> np.ndarray:
+        """This connection's staging file, at least ``nbytes`` long (lock held)."""
+        self._shm_conn()  # a new connection needs a new staging file
+        if self._stage is None or self._stage_epoch != self._epoch or self._stage.nbytes < nbytes:
+            self._stage = None
+            info = self._call_shm(Op.SHM_STAGE, {"size": max(nbytes, STAGE_BYTES)}).fields
+            fd = os.open(info["path"], os.O_RDWR)
+            try:
+                mm = mmap.mmap(fd, info["size"], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                os.close(fd)
+            self._stage, self._stage_epoch = np.frombuffer(mm, np.uint8), self._epoch
+        return self._stage
+
+    def put(self, key: bytes, data: Any, *, namespace: str = DEFAULT_NAMESPACE) -> bool:
+        """Store one block, copied into the staging file instead of sent (see the module doc)."""
+        return self.put_many([key], [data], namespace=namespace)[0]
+
+    def put_many(self, keys: list[bytes], blocks: list[Any], *, namespace: str = DEFAULT_NAMESPACE) -> list[bool]:
+        """Store many blocks in one request (one commit); per key, whether it was stored."""
+        ks, ns = check_keys(keys), check_namespace(namespace)
+        datas = [check_data(b) for b in blocks] if isinstance(blocks, (list, tuple)) else None
+        total = sum(d.nbytes for d in datas) if datas is not None else 0
+        if datas is None or len(datas) != len(ks) or not 0 < total <= MAX_STAGE_BYTES:
+            return super().put_many(keys, blocks, namespace=namespace)  # its checks and errors
+        with self._shm_lock:
+            stage = self._staging(total)
+            offs, pos = [], 0
+            for d in datas:
+                np.copyto(stage[pos:pos + d.nbytes], np.frombuffer(d, np.uint8))
+                offs.append(pos)
+                pos += d.nbytes
+            r = self._call_shm(Op.PUT_SHM, {"ns": ns, "keys": ks, "sizes": [d.nbytes for d in datas],
+                                            "offs": offs})
+        return _sized(r, "stored", len(ks))
 
     # ------------------------------------------------------------------------ reads
     def get(self, key: bytes, *, namespace: str = DEFAULT_NAMESPACE) -> memoryview | None:
