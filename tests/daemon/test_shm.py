@@ -9,6 +9,7 @@ lent a slot of the arena.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -302,3 +303,32 @@ def test_local_puts_go_through_a_private_staging_file(tmp_path):
                                      "offs": [c._stage.nbytes - 5]})
         with pytest.raises(InvalidArgumentError):  # batch checks as over the socket
             c.put_many([b"d", b"d"], [b"1", b"2"])
+
+
+def test_group_backing_is_group_readable(tmp_path):
+    backing = SharedBacking(str(tmp_path), group=os.getgid())
+    DramArena(64 * KiB, backing=backing)
+    st = os.stat(backing.path)
+    assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_gid == os.getgid()
+    backing.unlink()
+    with pytest.raises(InvalidArgumentError):
+        SharedBacking(str(tmp_path), group="no-such-group-tairstore").map(4096)
+    with pytest.raises(InvalidArgumentError):
+        SharedBacking(str(tmp_path / "missing")).map(4096)
+
+
+@pytest.mark.parametrize("body, where", [
+    ('dir = "/no/such/dir"', "[shm] dir"),
+    ("lease_s = 0", "[shm] lease_s"),
+    ("group = 5", "[shm] group"),
+    ("size = 1", "[shm] size"),
+])
+def test_shm_config_is_validated(tmp_path, body, where):
+    from tairstore.daemon.config import load_config
+
+    path = tmp_path / "c.toml"
+    path.write_text(f"[shm]\n{body}\n")
+    with pytest.raises(InvalidArgumentError, match=re.escape(where)):
+        load_config(path)
+    path.write_text("[shm]\nenabled = false\n")
+    assert load_config(path).shm is None
