@@ -733,10 +733,13 @@ class DataServer:
     def _shm_hello(self, conn: _Conn, req: Request) -> Result:
         return self.shm.hello(conn.token), [], 0
 
-    def _get_shm(self, conn: _Conn, req: Request) -> Result:
+    def _leases(self, conn: _Conn) -> LeaseTable:
         if conn.leases is None:
             conn.leases = LeaseTable(self.shm.lease_s)
-        fields = self.shm.get(conn.leases, conn.token, req.fields)
+        return conn.leases
+
+    def _get_shm(self, conn: _Conn, req: Request) -> Result:
+        fields = self.shm.get(self._leases(conn), conn.token, req.fields)
         return fields, [], sum(n for n in fields["sizes"] if n > 0)
 
     def _shm_stage(self, conn: _Conn, req: Request) -> Result:
@@ -756,9 +759,7 @@ class DataServer:
         return self._put(conn, req)  # as a PUT whose payload is already here
 
     def _release(self, conn: _Conn, req: Request) -> Result:
-        if conn.leases is None:
-            conn.leases = LeaseTable(self.shm.lease_s)
-        return self.shm.release(conn.leases, req.fields), [], 0
+        return self.shm.release(self._leases(conn), req.fields), [], 0
 
 
 async def serve_data(store: Any, *, host: str = "127.0.0.1", port: int = 0,
