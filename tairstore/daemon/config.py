@@ -159,6 +159,7 @@ class DaemonConfig:
     namespaces: dict[str, NamespaceQuota] = field(default_factory=dict)
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
     source: str | None = None
+    shm: "ShmConfig | None" = None  # [shm]: the DRAM arena in shared memory (None: private)
 
 
 class _Where:
@@ -332,12 +333,48 @@ def _namespaces(where: _Where, cfg: DaemonConfig, table: Any) -> None:
     cfg.namespaces = out
 
 
+@dataclass
+class ShmConfig:
+    """``[shm]``: put the DRAM arena in a file clients on this host map read-only.
+
+    Attributes:
+        dir: where the arena file is created (``/dev/shm``, or a hugetlbfs mount).
+        group: a group allowed to map it (mode 0640); empty: owner only (0600).
+        lease_s: how long a client's read lease lasts unless given back.
+    """
+
+    dir: str = "/dev/shm"
+    group: str = ""
+    lease_s: float = 60.0
+
+
+def _shm(where: _Where, cfg: DaemonConfig, table: Any) -> None:
+    t = _check_keys(where, "shm", table, ("enabled", "dir", "group", "lease_s"))
+    if not isinstance(t.get("enabled", True), bool):
+        raise where.error("shm", "enabled", "must be true or false")
+    out = ShmConfig()
+    for key in ("dir", "group"):
+        if key in t:
+            if not isinstance(t[key], str):
+                raise where.error("shm", key, "must be a string")
+            setattr(out, key, t[key])
+    if "lease_s" in t:
+        v = t["lease_s"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+            raise where.error("shm", "lease_s", "must be a positive number of seconds")
+        out.lease_s = float(v)
+    if not out.dir or not os.path.isdir(out.dir):
+        raise where.error("shm", "dir", f"{out.dir!r} is not a directory")
+    cfg.shm = out if t.get("enabled", True) else None
+
+
 _SECTIONS = {
     "server": _server,
     "store": _store,
     "limits": _limits,
     "tokens": _tokens,
     "namespaces": _namespaces,
+    "shm": _shm,
 }
 
 

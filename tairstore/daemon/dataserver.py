@@ -40,6 +40,11 @@ request id 0 and the connection is closed once the requests already read are ans
 connections are not affected by either. Protocol errors, resets and auth refusals are counted
 and logged, rate-limited (:class:`~tairstore.daemon.events.ConnectionEvents`).
 
+Shared memory (SHM_HELLO, GET_SHM, RELEASE): when the arena is a shared file, a client on the
+same host is lent blocks in place; the ops and the per-connection lease table are in
+:mod:`tairstore.daemon.shm`. They touch memory only and run inline; a connection's leases are
+released when it ends.
+
 Auth (when ``auth.enabled``): a connection binds a token with an AUTH request (an unknown
 token is refused at once); every request that touches a namespace is then checked against it
 (``auth.check(token, namespace)``), STATS as a daemon-wide read (``"*"``). A refusal is an
@@ -71,6 +76,7 @@ from tairstore.errors import InvalidArgumentError, PermissionDeniedError, Protoc
 from tairstore.daemon.auth import Unauthenticated
 from tairstore.daemon.events import ConnectionEvents
 from tairstore.engine.session import OPEN, WriteSession
+from tairstore.daemon.shm import LeaseTable, ShmService, Staging
 from tairstore.net.limits import Limits
 from tairstore.net.protocol import CONNECTION_ID, IOV_BATCH, Connection, Request, Response, Role, advance_views
 from tairstore.net.schema import Code, Op, match_to_fields
@@ -109,10 +115,12 @@ PLACEMENT = {
     Op.PING: "loop", Op.AUTH: "loop", Op.EXISTS: "loop", Op.MATCH: "loop",
     Op.GET: "memory", Op.PUT: "memory", Op.START_WRITE: "memory", Op.WRITE: "memory",
     Op.FINISH_WRITE: "memory", Op.ABORT_WRITE: "memory", Op.DELETE: "memory",
-    Op.STATS: "thread",
+    Op.STATS: "thread", Op.SHM_HELLO: "loop", Op.GET_SHM: "loop", Op.RELEASE: "loop",
+    Op.SHM_STAGE: "loop", Op.PUT_SHM: "memory",
 }
 #: Ops that carry ``ns`` and are checked against the connection's token.
-_NAMESPACED = frozenset({Op.PUT, Op.GET, Op.EXISTS, Op.MATCH, Op.DELETE, Op.START_WRITE})
+_NAMESPACED = frozenset({Op.PUT, Op.GET, Op.EXISTS, Op.MATCH, Op.DELETE, Op.START_WRITE, Op.GET_SHM,
+                         Op.PUT_SHM})
 
 
 class _Writer:
@@ -190,6 +198,11 @@ class _Conn:
         #: Answers of requests served inline, written together once the read is processed:
         #: (request, response buffers, views to release after the write, t0, nbytes, ok).
         self.out: list = []
+        #: Shared-memory leases lent to this client (made on its first GET_SHM).
+        self.leases: LeaseTable | None = None
+        #: The staging file of local puts (SHM_STAGE), and whether its name is still there.
+        self.staging: Staging | None = None
+        self.staging_named = False
 
 
 Result = tuple[dict, list, int]  # response fields, payload blocks (released after send), bytes
@@ -239,8 +252,9 @@ class DataServer:
     """Serves one :class:`~tairstore.Store` over the binary protocol (see the module doc)."""
 
     def __init__(self, store: Any, *, limits: Limits | None = None, auth: Any = None,
-                 metrics: Any = None) -> None:
+                 metrics: Any = None, shm: Any = None, lease_s: float | None = None) -> None:
         self.store = store
+        self.shm = ShmService(store, shm, auth, **({"lease_s": lease_s} if lease_s else {}))
         self.limits = limits or Limits()
         self.auth = auth
         self.metrics = metrics
@@ -258,7 +272,8 @@ class DataServer:
             Op.PUT: self._put, Op.GET: self._get, Op.EXISTS: self._exists, Op.MATCH: self._match,
             Op.DELETE: self._delete, Op.START_WRITE: self._start_write, Op.WRITE: self._write,
             Op.FINISH_WRITE: self._finish_write, Op.ABORT_WRITE: self._abort_write,
-            Op.STATS: self._stats,
+            Op.STATS: self._stats, Op.SHM_HELLO: self._shm_hello, Op.GET_SHM: self._get_shm,
+            Op.RELEASE: self._release, Op.SHM_STAGE: self._shm_stage, Op.PUT_SHM: self._put_shm,
         }
 
     # ------------------------------------------------------------------------ lifecycle
@@ -297,6 +312,11 @@ class DataServer:
             for rec in conn.inplace.values():
                 self._drop_inplace(rec)
             conn.inplace.clear()
+            if conn.leases is not None:
+                conn.leases.close()  # a client that died holding leases frees their slots here
+            if conn.staging is not None:
+                conn.staging.unlink()
+                conn.staging = None
             if conn.sessions:
                 with self._shielded(ABORT_GRACE_S):
                     await trio.to_thread.run_sync(self._abort_all, conn, limiter=self.limiter)
@@ -399,7 +419,10 @@ class DataServer:
             rec = conn.inplace.pop(req.id, None)
             if rec is not None:  # refused before the store took the payload (e.g. auth)
                 self._drop_inplace(rec)
-        self._queue(conn, req.id, response, blocks, (req.op, t0, nbytes, ok))
+        # SHM_HELLO is the probe every loopback client sends when it starts (see
+        # tairstore.net.shmclient.shm_reachable): a handshake, not traffic to count.
+        obs = None if req.op is Op.SHM_HELLO else (req.op, t0, nbytes, ok)
+        self._queue(conn, req.id, response, blocks, obs)
 
     def _queue(self, conn: _Conn, rid: int, response: Response, blocks: list, obs: tuple | None) -> None:
         try:
@@ -535,6 +558,9 @@ class DataServer:
     def _call(self, conn: _Conn, req: Request) -> Result:
         """Run ``req`` here (inline); raises what the store raises."""
         op = req.op
+        if conn.staging_named and op is not Op.SHM_STAGE:
+            conn.staging.unlink()  # the client mapped it before sending this: nobody else may
+            conn.staging_named = False
         if op is Op.PING:
             return {}, [], 0
         if op is Op.AUTH:
@@ -720,9 +746,41 @@ class DataServer:
     def _stats(self, conn: _Conn, req: Request) -> Result:
         return {"stats": self.store.stats()}, [], 0
 
+    def _shm_hello(self, conn: _Conn, req: Request) -> Result:
+        return self.shm.hello(conn.token), [], 0
+
+    def _leases(self, conn: _Conn) -> LeaseTable:
+        if conn.leases is None:
+            conn.leases = LeaseTable(self.shm.lease_s)
+        return conn.leases
+
+    def _get_shm(self, conn: _Conn, req: Request) -> Result:
+        fields = self.shm.get(self._leases(conn), conn.token, req.fields)
+        return fields, [], sum(n for n in fields["sizes"] if n > 0)
+
+    def _shm_stage(self, conn: _Conn, req: Request) -> Result:
+        if conn.staging is not None:
+            conn.staging.unlink()
+        conn.staging = self.shm.stage(req.fields["size"], self.limits.max_frame_bytes)
+        conn.staging_named = True
+        return {"path": conn.staging.path, "size": conn.staging.size}, [], 0
+
+    def _put_shm(self, conn: _Conn, req: Request) -> Result:
+        if conn.staging is None:
+            raise InvalidArgumentError("no staging file on this connection: send SHM_STAGE first")
+        if conn.staging_named:  # served in a thread, so _call did not see it
+            conn.staging_named = False
+            conn.staging.unlink()
+        req.blocks = conn.staging.blocks(req.fields["offs"], req.fields["sizes"])
+        return self._put(conn, req)  # as a PUT whose payload is already here
+
+    def _release(self, conn: _Conn, req: Request) -> Result:
+        return self.shm.release(self._leases(conn), req.fields), [], 0
+
 
 async def serve_data(store: Any, *, host: str = "127.0.0.1", port: int = 0,
                      limits: Limits | None = None, auth: Any = None, metrics: Any = None,
+                     shm: Any = None, lease_s: float | None = None,
                      task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``store`` over the binary data-path protocol until cancelled.
 
@@ -734,12 +792,15 @@ async def serve_data(store: Any, *, host: str = "127.0.0.1", port: int = 0,
         auth: an ``Authenticator`` (``enabled``, ``check(token, namespace, admin=)``), or None
             for an open server.
         metrics: an object with ``observe_request(op, seconds, nbytes, ok)``, or None.
+        shm: the arena's SharedBacking when it is in shared memory (see
+            :mod:`tairstore.daemon.shm`), or None.
+        lease_s: how long a shared-memory lease lasts unless given back (None: the default).
         task_status: receives the bound port once the server accepts connections.
 
     On cancellation the listeners close at once and requests already read get up to
     ``limits.shutdown_grace_s`` seconds to finish; then it returns (by raising Cancelled).
     """
-    server = DataServer(store, limits=limits, auth=auth, metrics=metrics)
+    server = DataServer(store, limits=limits, auth=auth, metrics=metrics, shm=shm, lease_s=lease_s)
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as handlers:

@@ -158,12 +158,29 @@ class Client:
     """A blocking, thread-safe client of ``tairstore serve``.
 
     Args:
-        url: ``tcp://host:port`` of the daemon's data port.
+        url: ``tcp://host:port`` of the daemon's data port; ``shm+tcp://host:port`` on the
+            daemon's host reads blocks in place from its shared arena
+            (:class:`tairstore.net.shmclient.ShmClient`).
         token: bearer token, sent once per connection (AUTH) when given.
         timeout: seconds one socket operation may block; None waits forever.
+        shm: None (default) reads in place when the daemon is on a loopback address and its
+            shared arena can be opened here, else over the socket; True requires it (as
+            ``shm+tcp://``); False always uses the socket.
     """
 
-    def __init__(self, url: str, token: str | None = None, timeout: float | None = DEFAULT_TIMEOUT_S) -> None:
+    def __new__(cls, url: str, token: str | None = None, timeout: float | None = DEFAULT_TIMEOUT_S,
+                shm: bool | None = None) -> "Client":
+        # Reads from the daemon's shared arena (tairstore.net.shmclient) for shm+tcp://, or
+        # for a loopback tcp:// daemon whose arena this process may map (shm=None: ask it).
+        if cls is Client and isinstance(url, str) and shm is not False:
+            from tairstore.net.shmclient import ShmClient, shm_reachable
+
+            if url.startswith("shm+") or shm or shm_reachable(url, token, timeout):
+                return super().__new__(ShmClient)
+        return super().__new__(cls)
+
+    def __init__(self, url: str, token: str | None = None, timeout: float | None = DEFAULT_TIMEOUT_S,
+                 shm: bool | None = None) -> None:
         self._host, self._port = parse_url(url)
         self._token = token
         self._timeout = timeout
