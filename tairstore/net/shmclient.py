@@ -43,6 +43,7 @@ from tairstore.net import calls
 from tairstore.net.calls import DEFAULT_NAMESPACE, Call, _sized
 from tairstore.net.client import DEFAULT_TIMEOUT_S, Client, NetworkError, _raise_for, _SyncConn, parse_url
 from tairstore.net.schema import Op
+from tairstore.net.protocol import Response
 from tairstore.validate import check_data, check_key, check_keys, check_namespace, check_out
 
 __all__ = ["ShmClient", "RETURN_BATCH", "SHM_SCHEME", "shm_reachable"]
@@ -57,6 +58,22 @@ STAGE_BYTES = 16 << 20
 MAX_STAGE_BYTES = 64 << 20
 #: GET_SHM sizes that carry no slot (see tairstore.daemon.shm).
 _MISS, _NOT_IN_DRAM = -1, -2
+
+
+class _Refused(Exception):
+    """Carries the daemon's refusal of a token out of the probe's catch-all."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+def _refusal(resp: Response) -> _Refused:
+    try:
+        _raise_for(resp)
+    except StoreError as exc:
+        return _Refused(exc)
+    return _Refused(StoreError("the daemon refused the token"))
 
 
 def shm_reachable(url: str, token: str | None, timeout: float | None) -> bool:
@@ -76,11 +93,17 @@ def shm_reachable(url: str, token: str | None, timeout: float | None) -> bool:
         return False
     try:
         with conn.lock:
-            if token is not None and conn.call(calls.auth(token)).error is not None:
-                return False
+            if token is not None:
+                auth = conn.call(calls.auth(token))
+                if auth.error is not None:
+                    # The plain client would be refused the same way: refuse once, here,
+                    # rather than try a second connection with the same bad token.
+                    raise _refusal(auth)
             resp = conn.call(Call(Op.SHM_HELLO, {}, lambda r: r))
         path = resp.fields.get("path", "") if resp.error is None else ""
         return bool(path) and os.access(path, os.R_OK)
+    except _Refused as refused:
+        raise refused.error from None
     except (StoreError, OSError):
         return False  # e.g. a daemon that predates SHM_HELLO: the socket it is
     finally:
