@@ -90,6 +90,10 @@ class StoreConfig:
     background: bool = True
     create: bool = True
     fs: FileSystem = field(default=REAL_FS, repr=False)
+    #: Map the DRAM arena from this :class:`tairstore.tiers.dram.SharedBacking` (a file in
+    #: ``/dev/shm`` or hugetlbfs that local clients map read-only); None: private memory. Set
+    #: by the daemon's ``[shm]`` section, not a config-file key of ``[store]``.
+    dram_backing: Any = field(default=None, repr=False)
 
     def validate(self) -> "StoreConfig":
         """Check every option; raise :class:`InvalidArgumentError` naming the bad one.

@@ -66,7 +66,7 @@ DEFAULT_SHUTDOWN_GRACE_S = 10.0
 MIN_TOKEN_CHARS = 16  # shorter secrets are guessable over a network
 
 # Store options a daemon file may set; the rest (fs, create) make no sense for a daemon.
-_STORE_KEYS = tuple(f.name for f in fields(StoreConfig) if f.name not in ("fs", "create"))
+_STORE_KEYS = tuple(f.name for f in fields(StoreConfig) if f.name not in ("fs", "create", "dram_backing"))
 _STORE_SIZES = {"dram_bytes", "ssd_bytes", "segment_bytes", "wal_file_bytes", "max_block_bytes"}
 
 _UNITS = {

@@ -25,7 +25,6 @@ import logging
 import os
 import shutil
 import signal
-import contextvars
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
@@ -40,7 +39,7 @@ from tairstore.daemon.api import HttpApi
 from tairstore.daemon.httpserver import HttpServer
 from tairstore.daemon.metrics import Metrics
 from tairstore.daemon.state import STATE_FILE, DaemonState
-from tairstore.tiers.dram import SharedBacking, shared_backing
+from tairstore.tiers.dram import SharedBacking
 
 __all__ = ["DaemonInfo", "choose_sizes", "run_daemon"]
 
@@ -191,9 +190,9 @@ async def run_daemon(config: DaemonConfig, *, handle_signals: bool = True,
     if config.shm is not None and options.get("dram_bytes"):
         backing = SharedBacking(config.shm.dir, config.shm.group or None)
     try:
-        with shared_backing(backing):  # the store maps its DRAM arena from it (None: private)
-            store = await trio.to_thread.run_sync(
-                partial(contextvars.copy_context().run, tairstore.open, data_dir, **options))
+        # The store maps its DRAM arena from the backing (None: private memory).
+        store = await trio.to_thread.run_sync(
+            partial(tairstore.open, data_dir, dram_backing=backing, **options))
     except BaseException:
         if backing is not None:
             backing.unlink()

@@ -111,7 +111,7 @@ class Store:
     def _open(self) -> None:
         cfg = self.config
         if cfg.dram_bytes:
-            self._dram = DramArena(cfg.dram_bytes)
+            self._dram = DramArena(cfg.dram_bytes, backing=cfg.dram_backing)
             if cfg.prefault_dram:
                 self._dram.prefault()
         self._index = Index(self._dir.sub("index"))

@@ -37,9 +37,8 @@ Shared memory: by default the arena is anonymous memory, private to the process 
 use). A daemon that lends blocks to clients on the same host backs it with a file instead
 (:class:`SharedBacking`: a file under ``/dev/shm`` or a hugetlbfs directory, created
 owner-only ``0600``, or ``0640`` with a configured group), mapped ``MAP_SHARED``; clients map
-the same file read-only and read slots in place. The store builds its arena itself, so the
-daemon opens it inside :func:`shared_backing`, which every DramArena made in that context
-(thread or trio task) uses.
+the same file read-only and read slots in place. The daemon passes it to the store as
+``StoreConfig.dram_backing``.
 
 Locking: one ``threading.Lock`` guards everything. An exporter's ``__del__`` may run in any
 thread at any allocation point, including inside this module while the lock is held (the cyclic
@@ -53,7 +52,6 @@ from __future__ import annotations
 import bisect
 import collections
 import contextlib
-import contextvars
 import ctypes
 import itertools
 import logging
@@ -63,13 +61,13 @@ import os
 import sys
 import tempfile
 import threading
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
 from tairstore.errors import CapacityError, InvalidArgumentError
 
-__all__ = ["DEFAULT_GRANULARITY", "DramArena", "SharedBacking", "Slot", "shared_backing"]
+__all__ = ["DEFAULT_GRANULARITY", "DramArena", "SharedBacking", "Slot"]
 
 # One OS page: slots start page-aligned (usable for O_DIRECT I/O to the SSD tier) and the
 # rounding waste stays small next to the 64 KiB minimum typical block.
@@ -176,20 +174,6 @@ def _gid(group: str | int) -> int:
         raise InvalidArgumentError(f"no such group {group!r} for the shared arena") from None
 
 
-_BACKING: contextvars.ContextVar[SharedBacking | None] = contextvars.ContextVar(
-    "tairstore_dram_backing", default=None)
-
-
-@contextlib.contextmanager
-def shared_backing(backing: SharedBacking | None) -> Iterator[SharedBacking | None]:
-    """Every DramArena created in this context is mapped from ``backing`` (None: anonymous)."""
-    token = _BACKING.set(backing)
-    try:
-        yield backing
-    finally:
-        _BACKING.reset(token)
-
-
 class _Entry:
     """Bookkeeping for one live slot (mutable, unlike the Slot handed to callers)."""
 
@@ -229,8 +213,8 @@ class DramArena:
     Args:
         capacity_bytes: the arena size; rounded down to a multiple of ``granularity``.
         granularity: allocation unit and alignment in bytes; a power of two.
-        backing: a :class:`SharedBacking` to map the arena from; by default the one set by
-            :func:`shared_backing`, else anonymous private memory.
+        backing: a :class:`SharedBacking` to map the arena from (the store passes
+            ``StoreConfig.dram_backing``); None: anonymous private memory.
 
     Raises:
         InvalidArgumentError: granularity not a positive power of two, or capacity below it.
@@ -251,7 +235,7 @@ class DramArena:
         self._capacity = capacity
         # np.zeros maps pages lazily, so a large arena costs memory only once written. One
         # extra granule lets the usable part start on a granularity boundary.
-        self.backing = backing if backing is not None else _BACKING.get()
+        self.backing = backing
         if self.backing is None:
             raw = np.zeros(capacity + granularity, dtype=np.uint8)
         else:  # a fresh file reads as zeros too, and is paged in as lazily
