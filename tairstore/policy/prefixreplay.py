@@ -28,7 +28,6 @@ from dataclasses import dataclass, fields
 
 from tairstore.errors import InvalidArgumentError
 from tairstore.policy import make_policy
-from tairstore.policy.base import EvictionPolicy
 from tairstore.policy.traces import Trace
 
 __all__ = ["ReplayStats", "replay_prefix", "ALL_GROUPS"]
@@ -128,34 +127,50 @@ def replay_prefix(
         ReplayStats(policy, capacity_blocks, ssd_blocks, name) for name in trace.group_names
     ]
 
+    # Hot loop: membership through the policies' live key views (C dict lookups), methods
+    # bound once. Every block has size 1, so a full tier frees one block per insert.
+    in_dram = dram.resident()
+    in_ssd = ssd.resident() if ssd is not None else frozenset()
+    dram_access, dram_insert, dram_pop = dram.on_access, dram.on_insert, dram.pop_victim
+
     def put_ssd(key: object, st: ReplayStats) -> None:
         assert ssd is not None
-        if len(ssd) >= ssd_blocks:
-            st.ssd_evictions += len(ssd.victims(1))
+        if len(in_ssd) >= ssd_blocks and ssd.pop_victim() is not None:
+            st.ssd_evictions += 1
         ssd.on_insert(key, 1)
         st.ssd_writes += 1
 
     def put_dram(key: object, parent: object, st: ReplayStats) -> None:
-        if len(dram) >= capacity_blocks:
-            victims = dram.victims(1)
-            st.dram_evictions += len(victims)
-            if ssd is not None:
-                for v in victims:
-                    if v not in ssd:
-                        put_ssd(v, st)
-        dram.on_insert(key, 1, parent)
+        if len(in_dram) >= capacity_blocks:
+            v = dram_pop()
+            if v is not None:
+                st.dram_evictions += 1
+                if ssd is not None and v not in in_ssd:
+                    put_ssd(v, st)
+        dram_insert(key, 1, parent)
         st.dram_writes += 1
 
     for chain, toks, g in zip(trace.chains, trace.tokens, trace.groups):
         st = rows[g]
         st.block_accesses += len(chain)
         st.token_accesses += sum(toks)
-        _lookup(chain, toks, dram, ssd, st)
+        # 1. Lookup: the longest cached prefix, on the cache as the request found it.
+        for key, n in zip(chain, toks):
+            if key in in_dram:
+                st.dram_hits += 1
+                st.dram_token_hits += n
+            elif key in in_ssd:
+                st.ssd_hits += 1
+                st.ssd_token_hits += n
+            else:
+                break
+        # 2. Access or insert every block, in order.
         parent = None
         for key in chain:
-            if key in dram:
-                dram.on_access(key)
-            elif ssd is not None and key in ssd:
+            if key in in_dram:
+                dram_access(key)
+            elif key in in_ssd:
+                assert ssd is not None
                 ssd.on_access(key)
                 if promote:
                     put_dram(key, parent, st)
@@ -163,22 +178,3 @@ def replay_prefix(
                 put_dram(key, parent, st)
             parent = key
     return with_total(rows)
-
-
-def _lookup(
-    chain: list[int],
-    toks: list[int],
-    dram: EvictionPolicy,
-    ssd: EvictionPolicy | None,
-    st: ReplayStats,
-) -> None:
-    """Count the longest cached prefix of ``chain`` as DRAM / SSD hits (no state changes)."""
-    for key, n in zip(chain, toks):
-        if key in dram:
-            st.dram_hits += 1
-            st.dram_token_hits += n
-        elif ssd is not None and key in ssd:
-            st.ssd_hits += 1
-            st.ssd_token_hits += n
-        else:
-            return

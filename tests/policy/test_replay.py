@@ -10,7 +10,7 @@ from tairstore.errors import InvalidArgumentError
 from tairstore.policy import POLICIES, LeafLRU, make_policy
 from tairstore.policy.replay import load_mooncake_trace, replay
 
-TRACE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "traces" / (
+TRACE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "traces" / (
     "mooncake_conversation_trace.jsonl"
 )
 #: Enough requests for shared prefixes and evictions to matter, few enough for a quick test.
