@@ -3,12 +3,14 @@
 LRU over DRAM alone is computed for every capacity in one pass (:mod:`.stackdist`); every other
 configuration is one replay through the store's policy objects (:mod:`.prefixreplay`), and the
 replays run in parallel processes (fork: the workers inherit the loaded trace, nothing is
-pickled but the results).
+pickled but the results). A capacity that holds every distinct block of the trace evicts
+nothing under any policy, so it is read off the LRU sweep, not replayed.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import multiprocessing
 import os
 import re
@@ -114,39 +116,47 @@ def run_grid(trace: Trace, grid: Grid, workers: int | None = None) -> list[Repla
     global _TRACE
     grid.check()
     caps = sorted(set(grid.capacities))
-    jobs: list[tuple[str, int, int]] = []
-    sweep = "lru" in grid.policies and 0 in grid.ssd_capacities
-    for p in grid.policies:
-        for s in sorted(set(grid.ssd_capacities)):
-            if p == "lru" and s == 0:
-                continue
-            jobs.extend((p, c, s) for c in caps)
+    ssds = sorted(set(grid.ssd_capacities))
+    # A DRAM tier that holds every distinct block never evicts, so every policy keeps every
+    # block and replays alike (and no SSD is ever written): those configurations are read
+    # off the LRU sweep instead of replayed.
+    distinct = len({k for chain in trace.chains for k in chain})
+    unbounded = [c for c in caps if c >= distinct]
+    sweep_caps = sorted(set(unbounded) | (set(caps) if "lru" in grid.policies and 0 in ssds
+                                          else set()))
+    jobs = [(p, c, s) for p in grid.policies for s in ssds for c in caps
+            if c < distinct and not (p == "lru" and s == 0)]
     workers = workers or os.cpu_count() or 1
     _TRACE = trace
     try:
         results: dict[tuple[str, int, int], list[ReplayStats]] = {}
-        if workers == 1 or len(jobs) + sweep <= 1:
-            if sweep:
-                for c, rows in zip(caps, _sweep(caps)):
-                    results[("lru", c, 0)] = rows
+        swept: list[list[ReplayStats]] = []
+        if workers == 1 or len(jobs) + bool(sweep_caps) <= 1:
+            swept = _sweep(sweep_caps)
             for j in jobs:
                 results[j] = _job(*j, grid.promote)
         else:
             ctx = multiprocessing.get_context("fork")
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
                 # The sweep is the longest single task: start it first.
-                sweep_f = pool.submit(_sweep, caps) if sweep else None
+                sweep_f = pool.submit(_sweep, sweep_caps)
                 futs = {j: pool.submit(_job, *j, grid.promote) for j in jobs}
-                if sweep_f is not None:
-                    for c, rows in zip(caps, sweep_f.result()):
-                        results[("lru", c, 0)] = rows
+                swept = sweep_f.result()
                 for j, f in futs.items():
                     results[j] = f.result()
     finally:
         _TRACE = None
+    by_cap = dict(zip(sweep_caps, swept))
+    for p in grid.policies:
+        for s in ssds:
+            for c in caps:
+                if (p, c, s) not in results:
+                    results[(p, c, s)] = [
+                        dataclasses.replace(r, policy=p, ssd_blocks=s) for r in by_cap[c]
+                    ]
     out: list[ReplayStats] = []
     for p in grid.policies:
-        for s in sorted(set(grid.ssd_capacities)):
+        for s in ssds:
             for c in caps:
                 out.extend(results[(p, c, s)])
     return out

@@ -242,3 +242,14 @@ def test_cli_optimize_writes_the_csv_and_rejects_bad_input(
     assert main(["optimize", "--trace", str(p), "--policies", "lru,fifo"]) == 2
     assert main(["optimize", "--trace", str(p), "--capacities", "lots"]) == 2
     assert "InvalidArgumentError" in capsys.readouterr().err
+
+
+def test_a_capacity_holding_every_block_is_read_off_the_sweep_exactly() -> None:
+    trace = make_trace(HAND * 5)
+    grid = Grid(["leaf_lru", "s3fifo"], [2, 5, 100], ssd_capacities=[0, 3])
+    rows = run_grid(trace, grid, workers=1)
+    for p in grid.policies:
+        for s in grid.ssd_capacities:
+            for c in grid.capacities:
+                got = [r for r in rows if (r.policy, r.ssd_blocks, r.capacity_blocks) == (p, s, c)]
+                assert got == replay_prefix(trace, p, c, s)
