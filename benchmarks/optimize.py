@@ -2,8 +2,8 @@
 
 Measures, on one trace and five capacities:
 
-- the baseline: a plain Python LRU (an OrderedDict, the replay semantics and nothing else), one
-  replay per capacity;
+- the baseline: a plain Python LRU (an OrderedDict, one loop a request, lookups interleaved with
+  inserts: the same work as the replay, without its bookkeeping), one replay per capacity;
 - the one-pass LRU stack-distance sweep (every capacity at once);
 - each policy through the store's policy objects, one replay per capacity;
 - the whole grid as ``tairstore optimize`` runs it (parallel processes).
@@ -32,21 +32,20 @@ POLICIES = ["lru", "leaf_lru", "s3fifo"]
 
 
 def plain_lru(trace: Trace, capacity: int) -> int:
-    """The baseline: prefix hits of an OrderedDict LRU under the replay semantics."""
+    """The baseline: an OrderedDict LRU, one loop a request, nothing else (prefix hits)."""
     cache: OrderedDict[int, None] = OrderedDict()
     hits = 0
     for chain in trace.chains:
-        for key in chain:
-            if key not in cache:
-                break
-            hits += 1
+        prefix = True
         for key in chain:
             if key in cache:
                 cache.move_to_end(key)
-            else:
-                if len(cache) >= capacity:
-                    cache.popitem(last=False)
-                cache[key] = None
+                hits += prefix
+                continue
+            prefix = False
+            if len(cache) >= capacity:
+                cache.popitem(last=False)
+            cache[key] = None
     return hits
 
 

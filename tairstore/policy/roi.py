@@ -172,13 +172,7 @@ def plot(rows: Sequence[ReplayStats], rois: Sequence[Roi] | None, out_dir: str |
         label = policy + (f" +ssd {ssd}" if ssd else "")
         ax.plot([r.capacity_blocks for r in rs], [r.token_hit_rate for r in rs], "o-", label=label)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("DRAM capacity (blocks)")
-    ax.set_ylabel("token hit rate")
-    ax.legend()
-    ax.grid(True, alpha=0.3)
-    paths.append(d / "hit_rate.png")
-    fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    paths.append(_finish(plt, fig, ax, "DRAM capacity (blocks)", d / "hit_rate.png"))
     if rois:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.scatter([x.cost_per_hour for x in rois], [x.stats.token_hit_rate for x in rois], s=12)
@@ -187,11 +181,16 @@ def plot(rows: Sequence[ReplayStats], rois: Sequence[Roi] | None, out_dir: str |
                 label="Pareto frontier")
         pick = recommend(rois)
         ax.annotate(pick.label, (pick.cost_per_hour, pick.stats.token_hit_rate))
-        ax.set_xlabel("cache cost per hour")
-        ax.set_ylabel("token hit rate")
-        ax.legend()
-        ax.grid(True, alpha=0.3)
-        paths.append(d / "pareto.png")
-        fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
-        plt.close(fig)
+        paths.append(_finish(plt, fig, ax, "cache cost per hour", d / "pareto.png"))
     return paths
+
+
+def _finish(plt, fig, ax, xlabel: str, path: Path) -> Path:  # type: ignore[no-untyped-def]
+    """Label, save and close one figure (every plot has token hit rate on y)."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("token hit rate")
+    ax.legend()
+    ax.grid(True, alpha=0.3)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path

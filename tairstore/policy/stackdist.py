@@ -18,10 +18,14 @@ The replay semantics of :mod:`tairstore.policy.prefixreplay` then become:
   (after the request's earlier blocks moved up) is >= ``C``;
 - evictions are inserts less what stays resident at the end: ``inserts - min(C, distinct)``.
 
-Depths come from a Fenwick tree over access times holding a 1 at each block's latest access:
-the depth of a block last used at time ``p`` is the number of 1s after ``p``. Each access costs
-O(log n). A depth at or beyond the largest capacity asked for is a miss for all of them, so the
-lookup stops there.
+Depths are computed offline, for all accesses at once, with numpy. With ``next[j]`` the next
+access of the block accessed at ``j``, the blocks used since an access ``p`` and before time
+``q`` are the accesses ``j`` in ``(p, q)`` with ``next[j] >= q`` (each block's latest one), so
+a depth is ``(q - p - 1) - #{j > p : next[j] < q}``: one sorted search plus a 2-D dominance
+count ``#{j <= p : next[j] < q}``, which a merge-sort tree answers with one vectorised
+``searchsorted`` per level (:class:`_DominanceCounter`). O(n log n) in all, no Python loop per
+access. The running maximum within each request is one ``maximum.accumulate`` over values
+offset per request.
 
 This agrees exactly with replaying :class:`~tairstore.policy.LRU` through
 :func:`~tairstore.policy.prefixreplay.replay_prefix` (the tests check it on the Mooncake traces).
@@ -45,56 +49,75 @@ def lru_depths(trace: Trace, cutoff: int) -> tuple[np.ndarray, np.ndarray]:
     Both are clamped to ``cutoff`` (a depth >= ``cutoff`` is a miss at every capacity <=
     ``cutoff``); a block never seen before has depth ``cutoff``.
     """
-    n = trace.accesses
-    tree = [0] * (n + 1)
-    last: dict[int, int] = {}
-    prefix_depth = [cutoff] * n
-    access_depth = [cutoff] * n
-    distinct = 0  # the number of 1s in the tree
-    t = 0  # 1-based time of the latest access
-    for chain in trace.chains:
-        # Lookup, on the stack as the request found it.
-        run = 0
-        i = t
-        for key in chain:
-            p = last.get(key)
-            if p is None:
-                break
-            s = 0
-            while p:
-                s += tree[p]
-                p &= p - 1
-            d = distinct - s
-            if d > run:
-                run = d
-                if run >= cutoff:
-                    break
-            prefix_depth[i] = run
-            i += 1
-        # Access / insert: each block moves to the top.
-        for key in chain:
-            p = last.get(key)
-            if p is None:
-                distinct += 1
-            else:
-                s = 0
-                j = p
-                while j:
-                    s += tree[j]
-                    j &= j - 1
-                d = distinct - s
-                if d < cutoff:
-                    access_depth[t] = d
-                while p <= n:
-                    tree[p] -= 1
-                    p += p & -p
-            t += 1
-            last[key] = t
-            j = t
-            while j <= n:
-                tree[j] += 1
-                j += j & -j
-    return np.asarray(prefix_depth, dtype=np.int64), np.asarray(access_depth, dtype=np.int64)
+    sizes = np.fromiter(map(len, trace.chains), np.int64, len(trace.chains))
+    n = int(sizes.sum())
+    keys = np.fromiter((k for chain in trace.chains for k in chain), np.int64, n)
+    t = np.arange(n, dtype=np.int64)
+    # prev[t] / nxt[t]: the previous / next access of the same block (-1 / n when none).
+    order = np.argsort(keys, kind="stable")
+    same = keys[order[1:]] == keys[order[:-1]]
+    prev = np.full(n, -1, np.int64)
+    nxt = np.full(n, n, np.int64)
+    prev[order[1:][same]] = order[:-1][same]
+    nxt[order[:-1][same]] = order[1:][same]
+    start = np.repeat(np.cumsum(sizes) - sizes, sizes)  # first access of each access's request
+    counter = _DominanceCounter(nxt)
+    sorted_next = np.sort(nxt)
+
+    def distinct_between(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+        # Blocks whose latest access before q is in (p, q): accesses j in (p, q) with
+        # nxt[j] >= q, i.e. (q - p - 1) minus those with nxt[j] < q (which implies j < q).
+        later = np.searchsorted(sorted_next, q) - counter.count(p, q)
+        return q - p - 1 - later
+
+    seen = prev >= 0
+    access_depth = np.full(n, cutoff, np.int64)
+    access_depth[seen] = np.minimum(distinct_between(prev[seen], t[seen]), cutoff)
+    # At request start. A block repeated within its request (prev >= start) was judged at its
+    # first occurrence, which comes earlier in the chain: 0 leaves the running maximum alone.
+    before = seen & (prev < start)
+    start_depth = np.where(seen, 0, cutoff)
+    start_depth[before] = np.minimum(distinct_between(prev[before], start[before]), cutoff)
+    # Running maximum within each request: offset each request above the previous ones so one
+    # global maximum.accumulate never carries a value across a request boundary.
+    req = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes) * (cutoff + 1)
+    prefix_depth = np.maximum.accumulate(start_depth + req) - req
+    return prefix_depth, access_depth
+
+
+class _DominanceCounter:
+    """Counts ``#{j <= p : y[j] < q}`` for many (p, q) at once (an offline merge-sort tree).
+
+    Level k holds ``y`` sorted within aligned blocks of 2**k positions, as one array keyed by
+    ``block * (ymax + 1) + y``. The prefix ``[0, p]`` is the union of one block per set bit of
+    ``p + 1`` (the Fenwick decomposition), and each block's count is one ``searchsorted``.
+    """
+
+    def __init__(self, y: np.ndarray) -> None:
+        self.n = len(y)
+        self.span = int(y.max()) + 1 if self.n else 1
+        self.levels: list[np.ndarray] = []
+        xs = np.arange(self.n, dtype=np.int64)
+        ys = y.astype(np.int64)
+        for k in range(max(1, self.n.bit_length())):
+            key = (xs >> k) * self.span + ys
+            # The previous level's order leaves two sorted runs per block: a stable sort
+            # (timsort) merges them in linear time.
+            o = np.argsort(key, kind="stable")
+            xs, ys = xs[o], ys[o]
+            self.levels.append(key[o])
+
+    def count(self, p: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """``#{j <= p[i] : y[j] < q[i]}`` for each i (``p`` may be -1)."""
+        length = p + 1
+        out = np.zeros(len(p), np.int64)
+        for k, level in enumerate(self.levels):
+            m = ((length >> k) & 1).astype(bool)
+            if not m.any():
+                continue
+            block = (length[m] >> k) - 1
+            out[m] += np.searchsorted(level, block * self.span + q[m]) - (block << k)
+        return out
 
 
 def lru_sweep(trace: Trace, capacities: Sequence[int]) -> list[list[ReplayStats]]:

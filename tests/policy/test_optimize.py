@@ -4,6 +4,7 @@ policies and the tier model, the CSV, the CLI, and typed errors on bad input."""
 from __future__ import annotations
 
 import csv
+import random
 import json
 from collections import OrderedDict
 from pathlib import Path
@@ -253,3 +254,17 @@ def test_a_capacity_holding_every_block_is_read_off_the_sweep_exactly() -> None:
             for c in grid.capacities:
                 got = [r for r in rows if (r.policy, r.ssd_blocks, r.capacity_blocks) == (p, s, c)]
                 assert got == replay_prefix(trace, p, c, s)
+
+
+def test_lru_sweep_matches_the_reference_on_random_traces_with_repeats() -> None:
+    # Small key spaces, blocks repeated inside a request, empty requests: the corner cases of
+    # the depth arithmetic (a repeat is judged at its first occurrence).
+    rng = random.Random(7)
+    for _ in range(30):
+        chains = [[rng.randrange(12) for _ in range(rng.randrange(0, 7))] for _ in range(40)]
+        trace = make_trace(chains, [rng.randrange(1, 4000) for _ in chains])
+        caps = [1, 2, 3, 5, 8, 13]
+        for cap, rows in zip(caps, lru_sweep(trace, caps)):
+            r = rows[0]
+            assert (r.block_hits, r.token_hits, r.dram_writes) == reference_lru(trace, cap)
+            assert rows == replay_prefix(trace, "lru", cap)
