@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import multiprocessing
 import os
 import re
@@ -120,7 +121,7 @@ def run_grid(trace: Trace, grid: Grid, workers: int | None = None) -> list[Repla
     # A DRAM tier that holds every distinct block never evicts, so every policy keeps every
     # block and replays alike (and no SSD is ever written): those configurations are read
     # off the LRU sweep instead of replayed.
-    distinct = len({k for chain in trace.chains for k in chain})
+    distinct = len(set(itertools.chain.from_iterable(trace.chains)))
     unbounded = [c for c in caps if c >= distinct]
     sweep_caps = sorted(set(unbounded) | (set(caps) if "lru" in grid.policies and 0 in ssds
                                           else set()))

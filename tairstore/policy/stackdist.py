@@ -33,6 +33,7 @@ This agrees exactly with replaying :class:`~tairstore.policy.LRU` through
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -51,7 +52,7 @@ def lru_depths(trace: Trace, cutoff: int) -> tuple[np.ndarray, np.ndarray]:
     """
     sizes = np.fromiter(map(len, trace.chains), np.int64, len(trace.chains))
     n = int(sizes.sum())
-    keys = np.fromiter((k for chain in trace.chains for k in chain), np.int64, n)
+    keys = np.fromiter(itertools.chain.from_iterable(trace.chains), np.int64, n)
     t = np.arange(n, dtype=np.int64)
     # prev[t] / nxt[t]: the previous / next access of the same block (-1 / n when none).
     order = np.argsort(keys, kind="stable")
@@ -137,10 +138,10 @@ def lru_sweep(trace: Trace, capacities: Sequence[int]) -> list[list[ReplayStats]
     n_groups = len(trace.group_names)
     sizes = [len(c) for c in trace.chains]
     group = np.repeat(np.asarray(trace.groups, dtype=np.int64), sizes)
-    tokens = np.fromiter((x for toks in trace.tokens for x in toks), np.int64, len(group))
+    tokens = np.fromiter(itertools.chain.from_iterable(trace.tokens), np.int64, len(group))
     accesses = np.bincount(group, minlength=n_groups)
     token_accesses = np.bincount(group, weights=tokens, minlength=n_groups)
-    distinct = len({k for chain in trace.chains for k in chain})
+    distinct = len(set(itertools.chain.from_iterable(trace.chains)))
     out = []
     for cap in capacities:
         hit = prefix_depth < cap
