@@ -28,6 +28,7 @@ from dataclasses import dataclass, fields
 
 from tairstore.errors import InvalidArgumentError
 from tairstore.policy import make_policy
+from tairstore.policy.base import PolicyBase
 from tairstore.policy.traces import Trace
 
 __all__ = ["ReplayStats", "replay_prefix", "ALL_GROUPS"]
@@ -123,6 +124,8 @@ def replay_prefix(
     check_capacity(capacity_blocks, ssd_blocks)
     dram = make_policy(policy, capacity_bytes=capacity_blocks)
     ssd = make_policy(policy, capacity_bytes=ssd_blocks) if ssd_blocks else None
+    # Every registered policy derives from PolicyBase, whose live key view the loop uses.
+    assert isinstance(dram, PolicyBase) and (ssd is None or isinstance(ssd, PolicyBase))
     rows = [
         ReplayStats(policy, capacity_blocks, ssd_blocks, name) for name in trace.group_names
     ]
