@@ -158,7 +158,9 @@ def plot(rows: Sequence[ReplayStats], rois: Sequence[Roi] | None, out_dir: str |
         matplotlib.use("Agg")  # files only: no display on a server
         import matplotlib.pyplot as plt
     except ImportError:
-        raise InvalidArgumentError("--plot needs matplotlib: pip install 'tairstore[plot]'") from None
+        raise InvalidArgumentError(
+            "--plot needs matplotlib: pip install 'tairstore[plot]'"
+        ) from None
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
     paths = []
