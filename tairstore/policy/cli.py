@@ -36,6 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     o.add_argument("--price", help="dram=..,ssd=..,gpu_hour=.. (per GiB-hour, per GPU-hour)")
     o.add_argument("--prefill-tokens-per-s", type=float, default=None,
                    help="prefill throughput per GPU for --price")
+    o.add_argument("--hisim", metavar="MODEL:GPU[:TP]",
+                   help="with --price: savings and TTFT from HiSim's step model (e.g. qwen3-8b:h100)")
     o.add_argument("--plot", metavar="DIR", help="write hit_rate.png (and pareto.png) to DIR")
     o.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
     o.set_defaults(func=cmd_optimize)
@@ -54,6 +56,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     )
     grid.check()
     prices = roi.parse_prices(args.price) if args.price else None
+    prefill_time = roi.hisim_prefill(args.hisim) if args.hisim and prices else None
     trace = load_trace(args.trace, args.format, args.block_tokens)
     rows = optimize.run_grid(trace, grid, args.workers)
     print(f"{len(trace)} requests, {trace.accesses} block accesses, "
@@ -67,7 +70,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         kw = {}
         if args.prefill_tokens_per_s:
             kw["prefill_tokens_per_s"] = args.prefill_tokens_per_s
-        rois = roi.evaluate(rows, prices, bb, trace.duration_s, **kw)
+        rois = roi.evaluate(rows, prices, bb, trace.duration_s, prefill_time=prefill_time,
+                            requests=len(trace), **kw)
         print(roi.format_roi(rois))
     if args.plot:
         for p in roi.plot(rows, rois, args.plot):

@@ -8,6 +8,11 @@ The model, per hour of the trace's traffic:
   HiSim step model of the deployment gives it, here it is an input);
 - **net** = saved - cost.
 
+With HiSim (``--hisim MODEL:GPU[:TP]``, :func:`hisim_prefill`) the saving is instead the step
+model's prefill time of the trace's mean request with no cache minus with the configuration's
+token hit rate cached (a prefix of that share), per request; that time with the cache is the
+configuration's TTFT (prefill only, no queueing), printed beside it.
+
 Prefill cost grows faster than linearly with context, so a linear per-token figure
 understates the savings of long shared prefixes; it is the conservative choice. The Pareto
 frontier keeps the configurations no other one beats on both cost and token hit rate; the
@@ -17,14 +22,20 @@ recommendation is the configuration with the highest net value (ties: the cheape
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from tairstore.errors import InvalidArgumentError
 from tairstore.policy.prefixreplay import ALL_GROUPS, ReplayStats
 
-__all__ = ["Prices", "Roi", "parse_prices", "evaluate", "pareto", "recommend", "plot"]
+__all__ = [
+    "Prices", "Roi", "parse_prices", "evaluate", "pareto", "recommend", "plot", "hisim_prefill",
+]
+
+#: ``ttft_ms(new_tokens, prefix_tokens)``: the time to prefill ``new_tokens`` behind a cached
+#: prefix of ``prefix_tokens``.
+PrefillTime = Callable[[int, int], float]
 
 _GIB = 1 << 30
 #: Prefill throughput assumed when none is given: tokens per second per GPU, the order of an
@@ -77,6 +88,7 @@ class Roi:
     cost_per_hour: float
     saved_gpu_hours_per_hour: float
     saved_per_hour: float
+    ttft_ms: float | None = None
 
     @property
     def net_per_hour(self) -> float:
@@ -96,8 +108,15 @@ def evaluate(
     block_bytes: int,
     duration_s: float | None,
     prefill_tokens_per_s: float = DEFAULT_PREFILL_TOKENS_PER_S,
+    prefill_time: PrefillTime | None = None,
+    requests: int = 0,
 ) -> list[Roi]:
-    """The :class:`Roi` of every all-groups row."""
+    """The :class:`Roi` of every all-groups row.
+
+    Args:
+        prefill_time: a step model (e.g. :func:`hisim_prefill`); when given, with ``requests``
+            (the trace's request count), it replaces ``prefill_tokens_per_s``.
+    """
     if block_bytes <= 0 or prefill_tokens_per_s <= 0:
         raise InvalidArgumentError("block_bytes and prefill_tokens_per_s must be positive")
     hours = duration_s / 3600 if duration_s else _DEFAULT_HOURS
@@ -106,9 +125,41 @@ def evaluate(
         if r.group != ALL_GROUPS:
             continue
         cost = (r.capacity_blocks * prices.dram + r.ssd_blocks * prices.ssd) * block_bytes / _GIB
-        gpu_h = r.token_hits / prefill_tokens_per_s / 3600 / hours
-        out.append(Roi(r, cost, gpu_h, gpu_h * prices.gpu_hour))
+        ttft = None
+        if prefill_time is not None and requests:
+            mean = max(1, round(r.token_accesses / requests))
+            cached = min(mean - 1, round(mean * r.token_hit_rate))
+            ttft = prefill_time(mean - cached, cached)
+            gpu_s = max(0.0, prefill_time(mean, 0) - ttft) / 1000 * requests
+        else:
+            gpu_s = r.token_hits / prefill_tokens_per_s
+        gpu_h = gpu_s / 3600 / hours
+        out.append(Roi(r, cost, gpu_h, gpu_h * prices.gpu_hour, ttft))
     return out
+
+
+def hisim_prefill(spec: str) -> PrefillTime:
+    """``MODEL:GPU[:TP]`` (e.g. ``qwen3-8b:h100``) -> a prefill time from HiSim's step model.
+
+    Raises:
+        InvalidArgumentError: a malformed spec, or a model or GPU HiSim does not know.
+    """
+    parts = spec.split(":")
+    if len(parts) not in (2, 3):
+        raise InvalidArgumentError(f"--hisim {spec!r}: use MODEL:GPU[:TP], e.g. qwen3-8b:h100")
+    try:
+        # Imported here: HiSim is optional for the optimizer and slow to load its tables.
+        from tairstore.hisim import PrefillChunk, Step, step_model
+
+        model = step_model(parts[0], parts[1], int(parts[2]) if len(parts) == 3 else 1)
+    except (ImportError, KeyError, ValueError) as exc:
+        raise InvalidArgumentError(f"--hisim {spec!r}: {exc}") from None
+
+    def prefill_ms(new_tokens: int, prefix_tokens: int) -> float:
+        step = Step(prefill=(PrefillChunk(max(1, new_tokens), prefix_tokens),))
+        return float(model.predict(step).step_ms)
+
+    return prefill_ms
 
 
 def pareto(rois: Sequence[Roi]) -> list[Roi]:
@@ -133,12 +184,15 @@ def format_roi(rois: Sequence[Roi]) -> str:
     """The frontier as a table, the recommended configuration marked with ``*``."""
     front = pareto(rois)
     pick = recommend(rois)
-    lines = [f"  {'config':>22} {'token_hit':>9} {'cost/h':>10} {'saved/h':>10} {'net/h':>10}"]
+    with_ttft = any(x.ttft_ms is not None for x in front)
+    lines = [f"  {'config':>22} {'token_hit':>9} {'cost/h':>10} {'saved/h':>10} {'net/h':>10}"
+             + (f" {'ttft_ms':>9}" if with_ttft else "")]
     for x in front:
         mark = "*" if x is pick else " "
         lines.append(
             f"{mark} {x.label:>22} {x.stats.token_hit_rate:9.4f} {x.cost_per_hour:10.4f} "
             f"{x.saved_per_hour:10.4f} {x.net_per_hour:10.4f}"
+            + (f" {x.ttft_ms:9.1f}" if x.ttft_ms is not None else "")
         )
     lines.append(f"recommended: {pick.label} (net {pick.net_per_hour:.4f} per hour)")
     return "\n".join(lines)

@@ -4,6 +4,7 @@ policies and the tier model, the CSV, the CLI, and typed errors on bad input."""
 from __future__ import annotations
 
 import csv
+import os
 import random
 import json
 from collections import OrderedDict
@@ -15,7 +16,7 @@ from tairstore.cli import main
 from tairstore.errors import InvalidArgumentError
 from tairstore.policy.optimize import Grid, parse_capacity, parse_policies, run_grid, write_csv
 from tairstore.policy.prefixreplay import replay_prefix
-from tairstore.policy.roi import evaluate, parse_prices, pareto, plot, recommend
+from tairstore.policy.roi import evaluate, hisim_prefill, parse_prices, pareto, plot, recommend
 from tairstore.policy.stackdist import lru_sweep
 from tairstore.policy.traces import Trace, TraceFormatError, load_trace
 
@@ -268,3 +269,31 @@ def test_lru_sweep_matches_the_reference_on_random_traces_with_repeats() -> None
             r = rows[0]
             assert (r.block_hits, r.token_hits, r.dram_writes) == reference_lru(trace, cap)
             assert rows == replay_prefix(trace, "lru", cap)
+
+
+def test_a_step_model_turns_hit_rates_into_saved_prefill_and_ttft() -> None:
+    # Prefill time grows with the new tokens and (less) with the cached prefix.
+    def prefill_ms(new: int, prefix: int) -> float:
+        return new * 0.1 + prefix * 0.01
+
+    trace = make_trace(HAND * 10, [1000] * 40)
+    rows = run_grid(trace, Grid(["lru"], [1, 8]), workers=1)
+    prices = parse_prices("dram=0,ssd=0,gpu_hour=3600")  # 1 per GPU-second: saved = seconds
+    small, big = evaluate(rows, prices, 1, duration_s=3600, prefill_time=prefill_ms,
+                          requests=len(trace))
+    mean = round(big.stats.token_accesses / len(trace))
+    cached = round(mean * big.stats.token_hit_rate)
+    assert big.ttft_ms == pytest.approx(prefill_ms(mean - cached, cached))
+    assert big.saved_per_hour == pytest.approx((prefill_ms(mean, 0) - big.ttft_ms) / 1000 * 40)
+    assert small.ttft_ms > big.ttft_ms and recommend([small, big]) is big
+    with pytest.raises(InvalidArgumentError):
+        hisim_prefill("qwen3-8b")
+
+
+@pytest.mark.skipif(not os.environ.get("TAIRSTORE_HISIM_TESTS"),
+                    reason="loads HiSim's tables (seconds); set TAIRSTORE_HISIM_TESTS=1")
+def test_hisim_prefill_time_falls_with_a_cached_prefix() -> None:
+    f = hisim_prefill("qwen3-8b:h100")
+    assert f(4000, 8000) < f(12000, 0)
+    with pytest.raises(InvalidArgumentError):
+        hisim_prefill("no-such-model:h100")
