@@ -217,7 +217,7 @@ def test_roi_frontier_and_recommendation(tmp_path: Path) -> None:
     assert best.net_per_hour == max(x.net_per_hour for x in rois)
     # A hit token saves 1/prefill_tokens_per_s GPU-seconds at the GPU price.
     x = rois[0]
-    assert x.saved_per_hour == pytest.approx(x.stats.token_hits / 10_000 / 3600 * 3)
+    assert x.saved_per_hour == pytest.approx(x.stats.token_hits / 30_000 / 3600 * 3)
     for bad in ("dram=1,ssd=1", "dram=1,ssd=1,gpu_hour=x", "dram=-1,ssd=1,gpu_hour=1", "cpu=1"):
         with pytest.raises(InvalidArgumentError):
             parse_prices(bad)
