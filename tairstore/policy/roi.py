@@ -215,7 +215,7 @@ def plot(rows: Sequence[ReplayStats], rois: Sequence[Roi] | None, out_dir: str |
         import matplotlib.pyplot as plt
     except ImportError:
         raise InvalidArgumentError(
-            "--plot needs matplotlib: pip install 'tairstore[plot]'"
+            "--plot needs matplotlib (a tairstore dependency): pip install matplotlib"
         ) from None
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
