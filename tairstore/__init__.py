@@ -12,9 +12,9 @@ See ``README.md`` for the daemon, and ``docs/ARCHITECTURE.md`` for how it works.
 
 from __future__ import annotations
 
-from . import errors, keys
-from .config import StoreConfig
-from .errors import (
+from tairstore import errors, keys
+from tairstore.config import StoreConfig
+from tairstore.errors import (
     CapacityError,
     ClosedError,
     CorruptionError,
@@ -29,12 +29,22 @@ from .errors import (
     StoreError,
     StoreLockedError,
 )
-from .match import MatchResult
-from .session import WriteSession
-from .store import Store, open_store
-from .net.client import AsyncClient, Client
+from tairstore.engine.match import MatchResult
+from tairstore.engine.session import WriteSession
+from tairstore.engine.store import Store, open_store
+from tairstore.net.client import Client
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """``tairstore.AsyncClient`` is imported on first use, so ``import tairstore`` does not
+    import trio (embedded users and the blocking client never need it)."""
+    if name == "AsyncClient":
+        from tairstore.net.aclient import AsyncClient
+
+        return AsyncClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: ``tairstore.open(path, **options)`` — open (creating if needed) an embedded store.
 open = open_store  # noqa: A001 - the public name the API promises

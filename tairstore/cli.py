@@ -13,6 +13,8 @@ import sys
 import tempfile
 import time
 
+from tairstore.config import DURABILITY_MODES
+
 __all__ = ["main", "build_parser"]
 
 
@@ -59,7 +61,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_fsck(args: argparse.Namespace) -> int:
     """Check a data directory; optionally repair it or rebuild its index from the segments."""
-    from tairstore.fsck import fsck
+    from tairstore.engine.fsck import fsck
 
     report = fsck(args.dir, repair=args.repair, rebuild=args.rebuild)
     if args.json:
@@ -95,8 +97,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the cache daemon until SIGTERM or Ctrl-C (see docs/DAEMON.md)."""
     import trio
 
-    from tairstore.daemon import run_daemon
-    from tairstore.daemon_config import load_config
+    from tairstore.daemon.main import run_daemon
+    from tairstore.daemon.config import load_config
     from tairstore.errors import StoreError
 
     cfg = load_config(args.config)
@@ -110,7 +112,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.ssd is not None:
         cfg.store["ssd_bytes"] = args.ssd
     # The startup and shutdown lines are the daemon's main output: show them without -v.
-    logging.getLogger("tairstore.daemon").setLevel(logging.INFO)
+    logging.getLogger("tairstore.daemon.main").setLevel(logging.INFO)
     try:
         trio.run(run_daemon, cfg)
     except KeyboardInterrupt:
@@ -153,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--block-bytes", type=_size, default=_size("256K"))
     d.add_argument("--dram", type=_size, default=_size("64M"))
     d.add_argument("--ssd", type=_size, default=_size("256M"))
-    d.add_argument("--durability", choices=("sync", "batch", "none"), default="sync")
+    d.add_argument("--durability", choices=DURABILITY_MODES, default="sync")
     d.set_defaults(func=cmd_demo)
 
     f = sub.add_parser("fsck", help="check a data directory against its segments")

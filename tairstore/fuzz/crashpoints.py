@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tairstore.datadir import MARKER
+from tairstore.engine.datadir import MARKER
 from tairstore.fuzz.check import abandon, check_store, quiet_simulated_crashes
 from tairstore.fuzz.faultfs import ALL_KINDS, CRASH_POINT_KINDS, FaultFS
 from tairstore.fuzz.model import Expected, Tally
@@ -78,7 +78,7 @@ def run_crash(base: str, run: CrashRun, tally: Tally) -> tuple[list[str], int]:
         the failure messages (empty when every invariant held) and the counted operations
         seen (the number of crash points, for the dry run).
     """
-    from tairstore.fsck import fsck
+    from tairstore.engine.fsck import fsck
 
     path = os.path.join(base, f"run-{run.seed}-{run.crash_after}")
     shutil.rmtree(path, ignore_errors=True)

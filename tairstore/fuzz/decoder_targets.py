@@ -271,7 +271,7 @@ def _config_corpus() -> list[bytes]:
 
 @contextlib.contextmanager
 def _config_target() -> Iterator[Callable[[bytes], None]]:
-    from tairstore.daemon_config import load_config
+    from tairstore.daemon.config import load_config
 
     scratch = tempfile.mkdtemp(prefix="tairstore-fuzz-config-")
     path = os.path.join(scratch, "tairstore.toml")
@@ -412,12 +412,12 @@ class _TrioLoop:
 @contextlib.contextmanager
 def _http_target() -> Iterator[Callable[[bytes], None]]:
     import tairstore
-    from tairstore.net.auth import Authenticator
-    from tairstore.net.control import ControlPlane
-    from tairstore.net.http import HttpApi, parse_json
-    from tairstore.net.httpserver import Request
-    from tairstore.net.metrics import Metrics
-    from tairstore.net.state import DaemonState
+    from tairstore.daemon.auth import Authenticator
+    from tairstore.daemon.control import ControlPlane
+    from tairstore.daemon.api import HttpApi, parse_json
+    from tairstore.daemon.httpserver import Request
+    from tairstore.daemon.metrics import Metrics
+    from tairstore.daemon.state import DaemonState
 
     scratch = tempfile.mkdtemp(prefix="tairstore-fuzz-http-")
     store = tairstore.open(os.path.join(scratch, "data"), dram_bytes=4 << 20, ssd_bytes=16 << 20,

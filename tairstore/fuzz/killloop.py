@@ -197,7 +197,7 @@ class KillLoop:
     def _reopen_and_check(self, rng: random.Random, model: Expected, mode: str, tally: Tally,
                           where: str) -> list[str]:
         import tairstore
-        from tairstore.fsck import fsck
+        from tairstore.engine.fsck import fsck
 
         failures: list[str] = []
         if not os.path.exists(self.path):

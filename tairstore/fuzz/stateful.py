@@ -48,7 +48,7 @@ import shutil
 import tempfile
 from typing import Any, Protocol, Sequence
 
-from tairstore.datadir import MARKER
+from tairstore.engine.datadir import MARKER
 from tairstore.errors import CapacityError, FatalIOError
 from tairstore.fuzz.check import abandon, check_quota, check_store, observe, quiet_simulated_crashes
 from tairstore.fuzz.faultfs import ALL_KINDS, FaultFS, SimulatedCrash
@@ -347,7 +347,7 @@ class FaultModel:
         self.tally.runs["stateful: crash + reopen"] += 1
 
     def _reopen_and_check(self, fsck_first: bool = False) -> None:
-        from tairstore.fsck import fsck
+        from tairstore.engine.fsck import fsck
 
         self.fatal = False
         try:

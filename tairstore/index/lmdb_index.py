@@ -22,8 +22,8 @@ from typing import Union
 
 import lmdb
 
-from ..errors import ClosedError, CorruptionError, FatalIOError
-from .records import BLOCK_VALUE, U64, BlockRecord, decode_block, decode_key, encode_block, encode_key
+from tairstore.errors import ClosedError, CorruptionError, FatalIOError
+from tairstore.index.records import BLOCK_VALUE, U64, BlockRecord, decode_block, decode_key, encode_block, encode_key
 
 __all__ = ["Index", "PutOp", "DelOp"]
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from ..errors import CorruptionError
+from tairstore.errors import CorruptionError
 
 __all__ = ["BlockRecord", "encode_key", "decode_key", "encode_block", "decode_block", "U64"]
 

@@ -15,7 +15,7 @@ import pytest
 
 import tairstore
 from tairstore.errors import FatalIOError, InvalidArgumentError, StoreLockedError
-from tairstore.fsck import fsck
+from tairstore.engine.fsck import fsck
 from tairstore.fuzz.check import abandon
 from tairstore.fuzz.faultfs import FaultFS
 
@@ -136,7 +136,7 @@ def test_load_config_of_a_non_utf8_file_raises_unicode_decode_error(tmp_path):
     escapes as a raw UnicodeDecodeError. TOML files are UTF-8 by definition: such a file is
     "not valid TOML".
     """
-    from tairstore.daemon_config import load_config
+    from tairstore.daemon.config import load_config
 
     path = tmp_path / "tairstore.toml"
     path.write_bytes(b"\xff")

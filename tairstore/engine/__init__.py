@@ -1,0 +1,1 @@
+"""The storage engine: the Store and the parts it is composed of."""

@@ -1,0 +1,664 @@
+"""The embedded store: the public facade over the engine's parts.
+
+Theory of operation
+-------------------
+The :class:`Store` checks every argument (:mod:`tairstore.validate`) and hands clean values to
+the parts it holds; each part has its own state and a small interface:
+
+- :class:`~tairstore.engine.catalog.Catalog` — committed blocks, namespaces (usage, quotas,
+  policies), keys in flight: what every read, ``exists`` and ``match`` answers from;
+- :class:`~tairstore.engine.ssd_space.SsdSpace` — the SSD tier's space bookkeeping;
+- :class:`~tairstore.engine.placement.Placement` — admission (quotas, reservations) and eviction;
+- :class:`~tairstore.engine.writes.Writes` — write sessions, puts, deletes, block removal;
+- :class:`~tairstore.engine.reads.Reads` — get, get_into, match, promotion;
+- :class:`~tairstore.engine.compaction.Compactor` — asynchronous deletion in the segment log;
+- :class:`~tairstore.engine.maintenance.Maintenance` — the background thread;
+- :class:`~tairstore.engine.lifecycle.Lifecycle` and :class:`~tairstore.engine.lifecycle.Journal`
+  — open/closed/failed, and the WAL-then-index order.
+
+State lives in three places, each with one job: the catalog (in memory) answers reads; the
+WAL records every commit and delete before it is acknowledged (W2); LMDB trails the WAL through
+the index writer thread, so reopening needs no scan (:mod:`tairstore.engine.recovery`).
+
+Locking: one store lock guards the catalog, the sessions, the SSD space and the reservations.
+It is held for metadata only; payload copies, crc computation, disk I/O and fsyncs run outside
+it, so readers never wait for a writer's fsync. Lock order: a session's lock, then the store
+lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import Counter
+from typing import Any
+
+from tairstore.config import DEFAULT_NAMESPACE, StoreConfig
+from tairstore.engine.capacity import TIERS, WatermarkTracker, check_limits, parse_watermarks
+from tairstore.engine.catalog import Block, Catalog
+from tairstore.engine.compaction import Compactor
+from tairstore.engine.datadir import DataDir
+from tairstore.engine.lifecycle import Journal, Lifecycle
+from tairstore.engine.maintenance import Maintenance
+from tairstore.engine.match import MatchResult
+from tairstore.engine.placement import Placement
+from tairstore.engine.reads import Reads
+from tairstore.engine.session import WriteSession
+from tairstore.engine.ssd_space import SsdSpace, segment_size
+from tairstore.engine.writes import Writes
+from tairstore.errors import CapacityError, FatalIOError, InvalidArgumentError, NotFoundError, SessionError
+from tairstore.index.lmdb_index import Index
+from tairstore.tiers.dram import DramArena
+from tairstore.tiers.ssd import SegmentLog
+from tairstore.validate import (check_block_size, check_data, check_key, check_keys, check_lease, check_namespace,
+                                check_out, check_timestamp)
+from tairstore.wal import WalWriter
+
+__all__ = ["Store", "open_store", "DEFAULT_NAMESPACE", "PLACEMENTS"]
+
+log = logging.getLogger(__name__)
+
+PLACEMENTS = ("auto", "dram", "ssd")
+
+#: The counters ``stats()["counters"]`` reports (0 when never incremented).
+COUNTERS = ("hits", "misses", "hits_dram", "hits_ssd", "checksum_errors", "read_errors",
+            "puts", "deletes", "trimmed", "expired", "bytes_written", "evictions_dram",
+            "evictions_ssd", "watermark_evictions", "promotions", "leases_expired",
+            "recovered_blocks", "recovery_dropped")
+
+
+def _check_session_type(session: Any) -> None:
+    if not isinstance(session, WriteSession):
+        raise SessionError(f"expected a WriteSession from start_write, got {type(session).__name__}")
+
+
+class Store:
+    """A tiered KV-cache block store. Use :func:`tairstore.open` to make one.
+
+    Every method is safe to call from many threads at once. Every method takes an optional
+    ``namespace`` (default ``"default"``); the same key in two namespaces is two blocks.
+    """
+
+    def __init__(self, path: str | os.PathLike, config: StoreConfig) -> None:
+        self.config = config.validate()
+        self.path = os.fspath(path)
+        self._fs = config.fs
+        self._lock = threading.RLock()
+        self._life = Lifecycle(self.path)
+        self._counters: Counter[str] = Counter()
+        self._durable = config.ssd_bytes > 0
+        self._catalog = Catalog(config.policy, {"dram": config.dram_bytes or None,
+                                                "ssd": config.ssd_bytes or None})
+        self._journal = Journal(config.durability)
+        self._dram: DramArena | None = None
+        self._ssd: SegmentLog | None = None
+        self._space: SsdSpace | None = None
+        self._index: Index | None = None
+        self._writes: Writes | None = None
+        self.compactor: Compactor | None = None
+        self._maintenance: Maintenance | None = None
+        self._dir = DataDir(self.path, self._fs, create=config.create)
+        try:
+            self._open()
+        except BaseException:
+            self._teardown()
+            raise
+        if config.background:
+            self._maintenance.start()
+
+    # ------------------------------------------------------------------------------- opening
+    def _open(self) -> None:
+        cfg = self.config
+        if cfg.dram_bytes:
+            self._dram = DramArena(cfg.dram_bytes)
+            if cfg.prefault_dram:
+                self._dram.prefault()
+        self._index = Index(self._dir.sub("index"))
+        self._journal.index = self._index
+        for name, settings in self._index.namespaces().items():
+            try:
+                limits = check_limits(settings.get("total_bytes"), settings.get("tier_bytes"),
+                                      settings.get("ttl_s"))
+            except InvalidArgumentError as exc:
+                # Saved by an older version that accepted it (a nan TTL): the namespace opens
+                # unlimited rather than the whole store refusing; set_quota saves a valid one.
+                log.error("namespace %r: ignoring its saved quota/TTL (%s); set it again with "
+                          "set_quota", name, exc)
+                limits = (None, {}, None)
+            self._catalog.set_limits(name, *limits)
+        if self._durable:
+            self._ssd = SegmentLog(
+                self._fs, self._dir.sub("segments"), capacity_bytes=cfg.ssd_bytes,
+                segment_bytes=segment_size(cfg.ssd_bytes, cfg.segment_bytes),
+                compression=cfg.compression, zstd_level=cfg.zstd_level,
+            )
+            self._ssd.open()
+            self._space = SsdSpace(self._ssd, cfg.ssd_bytes)
+        self._build_parts()
+        if not self._durable:
+            # A volatile cache: nothing on disk describes blocks, so nothing to recover.
+            return
+        from tairstore.engine.recovery import recover
+
+        found = recover(self._index, self._ssd, self._fs, self._dir.sub("wal"), self.path)
+        with self._lock:
+            self._catalog.adopt(found.blocks)
+            self._space.adopt((k, b.ssd) for k, b in found.blocks.items())
+            self._writes.generation = max(self._writes.generation, found.max_generation)
+            self._counters["recovered_blocks"] = len(found.blocks)
+            self._counters["recovery_dropped"] = found.dropped
+        wal = WalWriter(
+            self._fs, self._dir.sub("wal"), durability=cfg.durability,
+            batch_interval_s=cfg.batch_interval_ms / 1000.0, file_bytes=cfg.wal_file_bytes,
+            next_lsn=found.next_lsn, pre_sync=self._ssd.sync,
+        )
+        self._journal.wal = wal
+        self._life.sources = [wal, self._index]
+        # Everything before next_lsn is in LMDB now: older log files are no longer needed.
+        wal.truncate_before(found.next_lsn)
+        self._index.start_writer(before_commit=self._before_index_commit,
+                                 on_checkpoint=self._maintenance.on_checkpoint)
+
+    def _build_parts(self) -> None:
+        cfg = self.config
+        lock, life, catalog, counters = self._lock, self._life, self._catalog, self._counters
+        writes = Writes(cfg, lock, life, catalog, self._dram, self._space, self._journal, counters,
+                        compactor=lambda: self.compactor)
+        placement = Placement(cfg, catalog, self._dram, self._space, counters, remove=writes.remove)
+        writes.placement = placement
+        self._writes, self._placement = writes, placement
+        self._reads = Reads(cfg, lock, life, catalog, self._dram, self._ssd, placement, counters,
+                            remove=writes.remove)
+        if self._space is not None:
+            self.compactor = Compactor(cfg, lock, life, catalog, self._space, self._journal,
+                                       drop_corrupt=self._reads.drop_corrupt)
+        self._maintenance = Maintenance(
+            interval_s=cfg.maintenance_interval_s, lock=lock, life=life, catalog=catalog,
+            placement=placement, watermarks=WatermarkTracker(parse_watermarks(cfg.watermarks)),
+            journal=self._journal, counters=counters, reap=writes.reap_expired,
+            remove=writes.remove, compactor=lambda: self.compactor)
+
+    def _before_index_commit(self, lsn: int) -> None:
+        """Runs in the index writer before each LMDB commit (which LMDB itself fsyncs).
+
+        LMDB must never durably name bytes a crash can take back. In ``sync``/``batch`` mode
+        ``wal.sync`` fsyncs the segments (its ``pre_sync``) and the WAL. In ``none`` mode it
+        fsyncs nothing, so the segments are fsynced here: in the background, never on a
+        request's path, which is all ``none`` promises not to do.
+        """
+        self._journal.wal.sync(lsn)
+        if self.config.durability == "none":
+            self._ssd.sync()
+
+    # ------------------------------------------------------------------------------ checks
+    # Argument checks (shared with the network clients: tairstore.validate).
+    _ns = staticmethod(check_namespace)
+    _key = staticmethod(check_key)
+    _keys = staticmethod(check_keys)
+
+    def _check_size(self, size: Any) -> int:
+        return check_block_size(size, self.config.max_block_bytes)
+
+    def _check_tier(self, tier: str) -> str:
+        if tier not in PLACEMENTS:
+            raise InvalidArgumentError(f"tier must be one of {PLACEMENTS}, got {tier!r}")
+        if tier == "ssd" and self._ssd is None:
+            raise InvalidArgumentError("tier='ssd' asked of a store without an SSD tier (ssd_bytes=0)")
+        if tier == "dram" and self._dram is None:
+            raise InvalidArgumentError("tier='dram' asked of a store without a DRAM tier (dram_bytes=0)")
+        return tier
+
+    # ------------------------------------------------------------------------ namespaces
+    def set_quota(self, namespace: str, total_bytes: int | None = None,
+                  tier_bytes: dict[str, int] | None = None, *, ttl_s: float | None = None) -> dict:
+        """Set a namespace's byte quotas (total and per tier) and optional TTL; persisted.
+
+        ``None`` means unlimited (no TTL). Lowering a quota below current usage does not evict
+        at once: new writes of the namespace evict its own blocks to fit.
+
+        Returns:
+            the namespace's quota report, as :meth:`quota`.
+        """
+        ns = self._ns(namespace)
+        total, tiers, ttl = check_limits(total_bytes, tier_bytes, ttl_s)
+        with self._lock:
+            self._life.check_writable()
+            settings = self._catalog.set_limits(ns, total, tiers, ttl).settings()
+        self._index.set_namespace(ns, settings)
+        return self.quota(ns)
+
+    def quota(self, namespace: str) -> dict:
+        """``{"total_bytes": limit|None, "used_bytes": n, "tiers": {"dram": {"limit", "used"}, "ssd": …}}``.
+
+        Raises:
+            NotFoundError: the namespace has no quota and no blocks.
+        """
+        ns = self._ns(namespace)
+        with self._lock:
+            self._life.check_open()
+            st = self._catalog.namespaces.get(ns)
+            if st is None:
+                raise NotFoundError(f"namespace {ns!r} has no blocks and no quota")
+            return st.quota_report()
+
+    def namespaces(self) -> list[str]:
+        """Namespaces that hold blocks or have settings."""
+        with self._lock:
+            self._life.check_open()
+            return sorted(self._catalog.namespaces)
+
+    # --------------------------------------------------------------------------- write path
+    def start_write(self, keys: list[bytes], sizes: list[int], lease_s: float = 30.0, *,
+                    namespace: str = DEFAULT_NAMESPACE, tier: str = "auto",
+                    parent: bytes | None = None, chain: bool = True) -> WriteSession:
+        """Begin a two-phase write.
+
+        Keys already stored or being written by another session are dropped from the session;
+        for the rest, quotas are checked and space is reserved (evicting as needed), and
+        PREPARE is logged. A stored ``parent`` (and each key for the next, with ``chain``) is
+        not evicted while the session is open.
+
+        Args:
+            keys: block keys (bytes, 1..64 each), no duplicates.
+            sizes: the exact byte size of each block.
+            lease_s: seconds the reservation is held; after that the store aborts the session.
+            tier: ``"auto"`` (DRAM copy when it fits, SSD always when present), ``"dram"``
+                (a DRAM copy is required) or ``"ssd"`` (no DRAM copy).
+            parent: the key preceding ``keys[0]`` in its chain, if stored.
+            chain: the keys are consecutive blocks of one sequence, each the prefix of the
+                next (what ``leaf_lru`` eviction uses).
+
+        Returns:
+            the :class:`WriteSession`; ``keys_to_write`` lists the keys to send.
+
+        Raises:
+            InvalidArgumentError: bad keys, sizes, lease, tier or namespace.
+            CapacityError: a block cannot fit (``dimension`` names the full quota or tier).
+            FatalIOError: the store stopped accepting writes after an I/O failure.
+        """
+        ns = self._ns(namespace)
+        keys = self._keys(keys)
+        sizes = list(sizes)
+        if len(keys) != len(sizes):
+            raise InvalidArgumentError(f"{len(keys)} keys but {len(sizes)} sizes")
+        if len(set(keys)) != len(keys):
+            raise InvalidArgumentError("duplicate keys in one write session")
+        sizes = [self._check_size(s) for s in sizes]
+        lease_s = check_lease(lease_s)
+        tier = self._check_tier(tier)
+        parent = None if parent is None else self._key(parent)
+        parents = ([parent] + keys[:-1]) if chain else [None] * len(keys)
+        return self._writes.start_write(ns, keys, sizes, float(lease_s), tier, parents)
+
+    def write(self, session: WriteSession, key: bytes, data: Any) -> None:
+        """Copy one block's payload into its reservation.
+
+        Raises:
+            SessionError: the key is not in ``session.keys_to_write``, was already written, or
+                ``data`` has the wrong size.
+            LeaseExpiredError: the lease ran out.
+            DiskFullError: the disk is full (the session stays open; abort or retry).
+        """
+        _check_session_type(session)
+        self._writes.write(session, self._key(key), check_data(data))
+
+    def write_view(self, session: WriteSession, key: bytes) -> memoryview | None:
+        """A writable view of ``key``'s DRAM reservation, to receive its payload in place.
+
+        The zero-copy alternative to :meth:`write` for a caller that produces the payload
+        itself (the daemon receives socket bytes straight into it). Fill it, release it, then
+        call :meth:`write_done`. Returns None when the block has no DRAM reservation (an SSD
+        placement, or no DRAM tier): use :meth:`write` then.
+
+        Raises:
+            SessionError, LeaseExpiredError: as for :meth:`write`.
+        """
+        _check_session_type(session)
+        return self._writes.write_view(session, self._key(key))
+
+    def write_done(self, session: WriteSession, key: bytes) -> None:
+        """Declare the payload of ``key`` complete in its :meth:`write_view`.
+
+        Checksums it and writes it through to the SSD tier, as :meth:`write` would. The view
+        must have been released: bytes changed after this call would differ from the checksum.
+        """
+        _check_session_type(session)
+        self._writes.write_done(session, self._key(key))
+
+    def finish_write(self, session: WriteSession, ok_keys: list[bytes]) -> int:
+        """Commit ``ok_keys`` of the session and release the rest.
+
+        Returns only once the commit is as durable as the durability mode promises (see
+        :mod:`tairstore.config`). Keys in ``ok_keys`` must have been written.
+
+        Returns:
+            the number of keys committed.
+        """
+        _check_session_type(session)
+        return self._writes.finish_write(session, self._keys(ok_keys))
+
+    def abort_write(self, session: WriteSession) -> None:
+        """Abandon a session: release every reservation. A finished session is left alone."""
+        _check_session_type(session)
+        self._writes.abort_write(session)
+
+    def put(self, key: bytes, data: Any, *, namespace: str = DEFAULT_NAMESPACE, tier: str = "auto",
+            parent: bytes | None = None) -> bool:
+        """Store one block; False if the key already exists (or is being written).
+
+        Equivalent to ``start_write`` + ``write`` + ``finish_write`` of one key, without the
+        session object or a PREPARE record.
+        """
+        ns = self._ns(namespace)
+        key = self._key(key)
+        mv = check_data(data)
+        self._check_size(len(mv))
+        tier = self._check_tier(tier)
+        return self._writes.put(ns, key, mv, tier, None if parent is None else self._key(parent))
+
+    def put_many(self, keys: list[bytes], blocks: list[Any], *, namespace: str = DEFAULT_NAMESPACE,
+                 tier: str = "auto", parent: bytes | None = None, chain: bool = False) -> list[bool]:
+        """Store many blocks at once; per key, True if this call stored it.
+
+        One admission under the store lock, one ``pwritev`` per run of adjacent SSD records,
+        one COMMIT record (and in ``sync`` mode one fsync) for the whole batch: the cheap way to
+        write many small blocks. Keys already stored or being written are skipped (False).
+
+        Args:
+            chain: the keys are consecutive blocks of one sequence (``parent`` precedes the
+                first), as for :meth:`start_write`.
+
+        Raises:
+            InvalidArgumentError: bad or duplicate keys, blocks not matching keys, bad tier.
+            CapacityError: a block cannot fit (nothing of the batch is stored then).
+        """
+        ns = self._ns(namespace)
+        keys = self._keys(keys)
+        mvs = [check_data(b) for b in blocks]
+        if len(keys) != len(mvs):
+            raise InvalidArgumentError(f"{len(keys)} keys but {len(mvs)} blocks")
+        if len(set(keys)) != len(keys):
+            raise InvalidArgumentError("duplicate keys in one put_many")
+        for mv in mvs:
+            self._check_size(len(mv))
+        tier = self._check_tier(tier)
+        parent = None if parent is None else self._key(parent)
+        parents = ([parent] + keys[:-1]) if chain else [None] * len(keys)
+        if not keys:
+            return []
+        return self._writes.put_many(ns, keys, mvs, tier, parents)
+
+    def delete(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE) -> int:
+        """Delete blocks; returns how many existed. SSD space is reclaimed by compaction."""
+        return self._writes.delete(self._ns(namespace), self._keys(keys))
+
+    def trim(self, namespace: str, mode: str = "all", ts: float | None = None) -> int:
+        """Delete a namespace's blocks: ``"all"``, or ``"older_than"`` the Unix time ``ts``.
+
+        Returns the number of blocks deleted.
+        """
+        ns = self._ns(namespace)
+        if mode not in ("all", "older_than"):
+            raise InvalidArgumentError(f"trim mode must be 'all' or 'older_than', got {mode!r}")
+        if mode == "older_than" and ts is None:
+            raise InvalidArgumentError("trim(mode='older_than') needs ts, a Unix time in seconds")
+        ts = None if mode == "all" else check_timestamp("ts", ts)
+        return self._writes.trim(ns, None if ts is None else int(ts * 1e9))
+
+    # ---------------------------------------------------------------------------- read path
+    def get(self, key: bytes, *, namespace: str = DEFAULT_NAMESPACE) -> memoryview | None:
+        """The block's bytes, or None on a miss.
+
+        From DRAM this is a zero-copy read-only view that pins its slot: the bytes never change
+        while the view (or anything made from it) is alive (R2). From SSD the block is read and
+        verified (R1: a checksum mismatch is a miss, counted, and the block is dropped); on its
+        first or second SSD hit (``promote_on``) it is copied into DRAM.
+        """
+        return self._reads.get((self._ns(namespace), self._key(key)))
+
+    def get_many(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE,
+                 memory_only: bool = False) -> list[memoryview | None] | None:
+        """:meth:`get` of many keys: per key its bytes or None, with one lock round for lookups.
+
+        With ``memory_only`` the answer comes from DRAM alone, or is None as a whole (nothing
+        touched) when a stored key has no DRAM copy: ask again without it.
+        """
+        if not isinstance(memory_only, bool):
+            raise InvalidArgumentError(f"memory_only must be True or False, got {memory_only!r}")
+        return self._reads.get_many(self._ns(namespace), self._keys(keys), memory_only)
+
+    def get_into_many(self, keys: list[bytes], outs: list[Any], *,
+                      namespace: str = DEFAULT_NAMESPACE) -> list[int]:
+        """:meth:`get_into` of many keys: per key the bytes copied into its buffer, 0 on a miss.
+
+        Raises:
+            InvalidArgumentError: a buffer is not writable or smaller than its stored block.
+        """
+        keys = self._keys(keys)
+        dsts = [check_out(o) for o in outs]
+        if len(keys) != len(dsts):
+            raise InvalidArgumentError(f"{len(keys)} keys but {len(dsts)} buffers")
+        return self._reads.get_into_many(self._ns(namespace), keys, dsts)
+
+    def get_pinned(self, key: bytes, *, namespace: str = DEFAULT_NAMESPACE) -> tuple[memoryview, Any] | None:
+        """``(view, slot)`` of a block with a DRAM copy, or None (a miss, or not in DRAM).
+
+        ``view`` is a zero-copy read-only view that pins ``slot`` (its ``offset``, ``size``
+        and ``generation`` in the DRAM arena) until the view and everything made from it are
+        released (R2). A daemon uses it to lend a block's place in a shared arena to a local
+        client instead of copying the bytes.
+        """
+        return self._reads.get_pinned((self._ns(namespace), self._key(key)))
+
+    def get_into(self, key: bytes, out: Any, *, namespace: str = DEFAULT_NAMESPACE) -> int:
+        """Copy the block into the writable buffer ``out``; the bytes copied, 0 on a miss.
+
+        Raises:
+            InvalidArgumentError: ``out`` is not writable or is smaller than the block.
+        """
+        k = (self._ns(namespace), self._key(key))
+        return self._reads.get_into(k, check_out(out))
+
+    def tier_of(self, key: bytes, *, namespace: str = DEFAULT_NAMESPACE) -> str | None:
+        """The fastest tier holding ``key`` now (``"dram"``, ``"ssd"``) or None; no side effects.
+
+        A hint for callers that route reads (the daemon serves DRAM hits on its event loop):
+        the answer can change right after it is given.
+        """
+        return self._reads.tier_of((self._ns(namespace), self._key(key)))
+
+    def exists(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE) -> list[bool]:
+        """Per key, whether it is stored (committed and not deleted)."""
+        return self._reads.exists(self._ns(namespace), self._keys(keys))
+
+    def match(self, keys: list[bytes], mode: str = "prefix", window: int | None = None, *,
+              namespace: str = DEFAULT_NAMESPACE) -> MatchResult:
+        """Match a chain of keys: ``prefix``, ``exact`` or ``sliding_window`` (see :mod:`tairstore.engine.match`)."""
+        return self._reads.match(self._ns(namespace), self._keys(keys), mode, window)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` (or :meth:`abandon`) has run."""
+        return self._life.closed
+
+    @property
+    def volatile(self) -> bool:
+        """True for a store without SSD tier: nothing it holds survives ``close()``."""
+        return not self._durable
+
+    # ---------------------------------------------------------------------- maintenance
+    def compact(self, wait: bool = True, *, full: bool = False) -> dict:
+        """Run a compaction pass now (``wait``) or ask the background thread to.
+
+        A pass rewrites the live records of every segment whose live ratio is at most
+        ``compaction_live_ratio`` (``full``: of every segment holding any dead bytes, after
+        closing the head segment) and deletes the old files.
+
+        Returns:
+            the compactor's counters.
+        """
+        self._life.check_open()
+        if self.compactor is None:
+            return {}
+        if not wait:
+            self._maintenance.wake.set()
+            return self.compactor.stats()
+        return self.compactor.run(full=full)
+
+    def maintain(self, *, ttl_now: bool = True) -> None:
+        """Run one maintenance pass now: expired leases, TTLs, watermarks, a compaction step.
+
+        The background thread runs the same pass every ``maintenance_interval_s``; call this
+        with ``background=False`` (tools, tests) to drive maintenance explicitly.
+        """
+        self._maintenance.run_pass(ttl_now=ttl_now)
+
+    def reap_expired(self) -> int:
+        """Abort every session whose lease ran out; returns how many (maintenance calls this)."""
+        return self._writes.reap_expired()
+
+    # ---------------------------------------------------------------------- observability
+    def stats(self) -> dict:
+        """Usage per tier and namespace, watermark states, counters and configuration facts.
+
+        Costs O(namespaces), not O(blocks): counts are kept as blocks come and go.
+        """
+        with self._lock:
+            self._life.check_open()
+            catalog = self._catalog
+            marks = self._maintenance.watermarks
+            tiers: dict[str, dict] = {}
+            ns_totals = {t: sum(st.used[t] for st in catalog.namespaces.values()) for t in TIERS}
+            if self._dram is not None:
+                frac, _ = self._placement.usage("dram")
+                tiers["dram"] = {
+                    "blocks": catalog.tier_blocks["dram"],
+                    "bytes": ns_totals["dram"], "capacity": self._dram.capacity_bytes,
+                    "used_bytes": self._dram.used_bytes, "pinned_bytes": self._dram.pinned_bytes,
+                    "usage": frac, "watermark": marks.state["dram"],
+                }
+            if self._space is not None:
+                tiers["ssd"] = {"blocks": catalog.tier_blocks["ssd"], "bytes": ns_totals["ssd"],
+                                **self._space.stats(), "watermark": marks.state["ssd"]}
+            namespaces = {
+                name: {"blocks": st.blocks, "bytes": st.used_total,
+                       "tiers": {t: st.used[t] for t in TIERS}, "quota": st.quota_report()}
+                for name, st in catalog.namespaces.items()}
+            return {
+                "blocks": len(catalog.blocks),
+                "tiers": tiers,
+                "namespaces": namespaces,
+                "counters": {name: self._counters.get(name, 0) for name in COUNTERS},
+                "compaction": self.compactor.stats() if self.compactor is not None else {},
+                "watermark_crossings": dict(marks.crossings),
+                "sessions_open": len(self._writes.sessions),
+                "durability": self.config.durability if self._durable else "volatile",
+                "volatile": not self._durable,
+                "writable": self._life.fatal is None,
+            }
+
+    def check(self) -> list[str]:
+        """Check the in-memory bookkeeping against itself (catalog counts, SSD space).
+
+        Returns the problems found; empty when consistent. Meaningful when no write is in
+        flight. For tests and the fuzz checker; it changes nothing.
+        """
+        with self._lock:
+            problems = self._catalog.check()
+            if self._space is not None and not self._writes.sessions:
+                places = {k: b.ssd for k, b in self._catalog.blocks.items() if b.ssd is not None}
+                problems += self._space.check(places)
+            return problems
+
+    # ----------------------------------------------------------------------- lifecycle
+    def sync(self) -> None:
+        """Make everything acknowledged so far durable now (whatever the durability mode)."""
+        self._life.check_open()
+        if self._journal.enabled:
+            self._journal.wal.sync(self._journal.wal.last_lsn)
+
+    def close(self) -> None:
+        """Abort open sessions, make the log and index durable, release the directory. Idempotent."""
+        with self._lock:
+            if self._life.closed:
+                return
+            try:
+                self._writes.abort_all()
+            finally:
+                self._life.closed = True
+        try:
+            if self._dram is not None:
+                self._dram.stop_prefault()
+            self._maintenance.shutdown()
+            if self.compactor is not None:
+                self.compactor.wait_idle()
+        finally:
+            # Whatever failed above, the files are closed and the directory released, so the
+            # store can be opened again (recovery takes it from there).
+            self._teardown()
+
+    def abandon(self) -> None:
+        """Stop using the store without writing anything more (a crashed file system: the
+        fuzz harness's stand-in for a killed process). Closes files, releases the directory."""
+        self._life.closed = True
+        if self._maintenance is not None:
+            self._maintenance.stop.set()
+        self._teardown()
+
+    def _teardown(self) -> None:
+        first: BaseException | None = None
+        for part in (self._index, self._journal.wal, self._ssd):
+            if part is None:
+                continue
+            try:
+                part.close()
+            except BaseException as exc:  # noqa: BLE001 - close the rest, then report
+                first = first or exc
+        if (first is None and self._life.fatal is None and self._journal.enabled
+                and self._life.closed):
+            self._drop_applied_wal()
+        self._dir.close()
+        if first is not None and self._life.fatal is None and not isinstance(first, FatalIOError):
+            raise first
+
+    def _drop_applied_wal(self) -> None:
+        """After a clean close every logged change is in LMDB: the WAL files can all go.
+
+        The next open then replays nothing (and decodes nothing). A crash during the unlinks
+        leaves files whose records are all at or below the checkpoint, which replay skips.
+        """
+        from tairstore.wal import list_files
+
+        wal_dir = self._dir.sub("wal")
+        try:
+            files = list_files(self._fs, wal_dir)
+            for _, path in files:
+                self._fs.unlink(path)
+            if files:
+                self._fs.fsync_dir(wal_dir)
+        except OSError as exc:
+            log.warning("could not remove applied WAL files: %s", exc)
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._life.closed else "open"
+        return f"<tairstore.Store {self.path!r} {state}>"
+
+
+def open_store(path: str | os.PathLike, **options: Any) -> Store:
+    """Open (creating if needed) the store in directory ``path``.
+
+    Options are the fields of :class:`tairstore.config.StoreConfig`, e.g.
+    ``dram_bytes``, ``ssd_bytes``, ``durability``, ``compression``, ``policy``, ``watermarks``.
+    """
+    return Store(path, StoreConfig.from_kwargs(**options))
+
+
+# The catalog's block type, under the name recovery and fsck have used.
+_Block = Block
