@@ -206,7 +206,7 @@ def plot(rows: Sequence[ReplayStats], rois: Sequence[Roi] | None, out_dir: str |
     ``pareto.png`` (token hit rate vs cost); returns the paths.
 
     Raises:
-        InvalidArgumentError: matplotlib is not installed (``pip install tairstore[plot]``).
+        InvalidArgumentError: matplotlib is not installed.
     """
     try:
         import matplotlib
