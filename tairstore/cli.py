@@ -1,7 +1,7 @@
 """The ``tairstore`` command line.
 
 Subcommands: ``serve`` (the cache daemon), ``demo`` (a tour of the embedded store), ``fsck``
-(check or rebuild a data directory) and ``sim`` (HiSim).
+(check or rebuild a data directory), ``sim`` (HiSim) and ``optimize`` (trace replay).
 """
 
 from __future__ import annotations
@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tairstore.fuzz.cli import add_parser as add_fuzz
 
     add_fuzz(sub)
+    from tairstore.policy.cli import add_parser as add_optimize
+
+    add_optimize(sub)
     return p
 
 
