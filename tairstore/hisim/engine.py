@@ -76,6 +76,7 @@ class ReqState:
     matched: bool = False
     cached_tokens: int = 0
     hits: tuple[int, int, int] = (0, 0, 0)
+    last_tok_ms: float = -1.0  # when its latest output token came out
     admit_seq: int = 0
     run: int = 0  # bumped at each retraction; stale heap entries carry an older value
 
@@ -222,8 +223,13 @@ class _Run:
         self.R = 0  # sum over decoders of (clipped output - prev_out - 1 + g0): reserve R - n*G
         self.prefill_kv = 0  # KV allocated to admitted requests still prefilling
         self.ratio = INIT_NEW_TOKEN_RATIO
-        self.stall = 0.0  # prefill time decoders have waited through since their last token
-        self.stalled = 0  # measured decoders that waited through all of it
+        # ITL bookkeeping. A *settled* decoder's latest token came out at the end of the last
+        # decode step (``last_end``); a *fresh* one joined (first token, or the token after a
+        # retraction's recompute) since then, at its own ``last_tok_ms``. The next step that
+        # decodes gives each its gap, prefill steps waited through included.
+        self.last_end = 0.0
+        self.settled = 0  # measured settled decoders
+        self.fresh: dict[int, ReqState] = {}
         self.measured_decoders = 0
         self.admitted = 0
         self.res = SimResult([], kv_pool_tokens=sim.pool, concurrency=self.closed)
@@ -247,12 +253,17 @@ class _Run:
         """A request finished its prefill: its first (or next) token is out."""
         if st.first_ms < 0:
             st.first_ms = self.now
+        elif st.measured:  # the token after a retraction's recompute: one (long) gap
+            self.res.itl_ms.append(self.now - st.last_tok_ms)
+            self.res.itl_weight.append(1)
+        st.last_tok_ms = self.now
         self.prefill_kv -= st.target
         if st.prev_out + 1 >= st.req.output_len:
             self.finish(st)
             return
         st.g0 = self.G
         self.decoders[st.req.rid] = st
+        self.fresh[st.req.rid] = st
         self.measured_decoders += st.measured
         self.S += st.target + 1 - st.g0
         self.R += min(st.req.output_len, CLIP_MAX_NEW_TOKENS) - st.prev_out - 1 + st.g0
@@ -262,6 +273,9 @@ class _Run:
     def leave(self, st: ReqState) -> None:
         del self.decoders[st.req.rid]
         self.measured_decoders -= st.measured
+        if self.fresh.pop(st.req.rid, None) is None:
+            self.settled -= st.measured
+            st.last_tok_ms = self.last_end
         self.S -= st.target + 1 - st.g0
         self.R -= min(st.req.output_len, CLIP_MAX_NEW_TOKENS) - st.prev_out - 1 + st.g0
 
@@ -284,17 +298,28 @@ class _Run:
             self.leave(st)
             self.finish(st)
 
-    def add_itl(self, first_ms: float, rest_ms: float, k: int) -> None:
-        """ITL samples of ``k`` steps: the first one's gap includes any prefill stall, for the
-        decoders that waited through it."""
-        m, res = self.measured_decoders, self.res
-        stalled = min(self.stalled, m) if self.stall else 0
-        for value, weight in ((first_ms + self.stall, stalled), (first_ms, m - stalled),
-                              (rest_ms, m * (k - 1))):
-            if weight > 0:
-                res.itl_ms.append(value)
-                res.itl_weight.append(weight)
-        self.stall = 0.0
+    def add_itl(self, first_end_ms: float, rest_ms: float, k: int) -> None:
+        """Every decoder emits a token at each of ``k`` steps, the first ending at
+        ``first_end_ms`` and the others ``rest_ms`` apart: the first step's gap runs from each
+        decoder's previous token (prefill steps it waited through included), the others are
+        ``rest_ms``. Only measured requests' gaps are recorded."""
+        res = self.res
+        gaps: dict[float, int] = {}
+        if self.settled:
+            gaps[first_end_ms - self.last_end] = self.settled
+        for st in self.fresh.values():
+            if st.measured:
+                gap = first_end_ms - st.last_tok_ms
+                gaps[gap] = gaps.get(gap, 0) + 1
+        for value, weight in gaps.items():
+            res.itl_ms.append(value)
+            res.itl_weight.append(weight)
+        if k > 1 and self.measured_decoders:
+            res.itl_ms.append(rest_ms)
+            res.itl_weight.append(self.measured_decoders * (k - 1))
+        self.fresh.clear()
+        self.settled = self.measured_decoders
+        self.last_end = first_end_ms + (k - 1) * rest_ms
 
     # -- scheduling ----------------------------------------------------------------------------
 
@@ -377,13 +402,9 @@ class _Run:
         self.now += t
         self.res.steps += 1
         if mixed:
-            self.add_itl(t, 0.0, 1)
+            self.add_itl(self.now, 0.0, 1)
             self.G += 1
             self.pop_finished()
-        else:
-            if not self.stall:
-                self.stalled = self.measured_decoders
-            self.stall += t
         for st, n in chunks:
             st.done += n
             if st.done >= st.target:
@@ -405,7 +426,7 @@ class _Run:
             k = min(k, max(1, math.ceil((self.arrivals[0].arrival_ms - self.now) / t0)))
         k = max(k, 1)
         t1 = self.sim.step_wall_ms((), n, kv0 + k - 1) if k > 1 else t0
-        self.add_itl(t0, (t0 + t1) / 2, k)
+        self.add_itl(self.now + t0, (t0 + t1) / 2, k)
         self.now += t0 + (k - 1) * (t0 + t1) / 2
         self.res.steps += k
         self.G += k
