@@ -54,6 +54,8 @@ GRID_PER_OCTAVE = 32
 # With requests waiting for room, SGLang's reservation shrinks every decode step; re-check
 # admission at least this often.
 BLOCKED_RECHECK_STEPS = 16
+# Low-discrepancy spreading of the ingress delays (see ingress_delay_ms).
+INV_GOLDEN = (math.sqrt(5) - 1) / 2
 SUPPORTED_ATTENTION = "full softmax attention (dense GQA/MHA or MLA)"
 
 
@@ -188,6 +190,12 @@ class Simulator:
         return _Run(self, workload, progress).go()
 
 
+def ingress_delay_ms(mean_ms: float, rid: int) -> float:
+    """Delay between a client sending request ``rid`` and the engine scheduling it: uniform on
+    ``[0, 2 x mean_ms]``, spread by the golden-ratio sequence so that runs are reproducible."""
+    return 2.0 * mean_ms * ((rid * INV_GOLDEN) % 1.0) if mean_ms else 0.0
+
+
 def _grid(x: float) -> int:
     return int(round(math.log2(max(x, 1.0)) * GRID_PER_OCTAVE))
 
@@ -202,16 +210,19 @@ class _Run:
     def __init__(self, sim: Simulator, workload: Sequence[Request] | ClosedLoop,
                  progress: Callable[[int, int], None] | None) -> None:
         self.sim, self.server, self.progress = sim, sim.server, progress
+        self.sent = 0  # requests sent so far: orders equal arrival times
         if isinstance(workload, ClosedLoop):
             self.closed = workload.concurrency
             self.pending = deque(workload.requests)
-            self.arrivals: deque[Request] = deque()
+            self.arrivals: list[tuple[float, int, Request]] = []
             for _ in range(min(self.closed, len(self.pending))):
-                self.arrivals.append(self.pending.popleft())
+                self.send(self.pending.popleft())
         else:
             self.closed = None
             self.pending = deque()
-            self.arrivals = deque(sorted(workload, key=lambda r: r.arrival_ms))
+            self.arrivals = []
+            for r in workload:
+                self.send(r)
         self.total = len(self.arrivals) + len(self.pending)
         self.now = 0.0
         self.waiting: deque[ReqState] = deque()
@@ -244,9 +255,15 @@ class _Run:
             return 0.0
         return self.ratio * max(0, self.R - len(self.decoders) * self.G)
 
+    def send(self, r: Request) -> None:
+        """A client sends ``r``; the engine sees it after the ingress delay."""
+        ready = r.arrival_ms + ingress_delay_ms(self.server.ingress_ms, r.rid)
+        self.sent += 1
+        heapq.heappush(self.arrivals, (ready, self.sent, r))
+
     def arrive(self) -> None:
-        while self.arrivals and self.arrivals[0].arrival_ms <= self.now:
-            r = self.arrivals.popleft()
+        while self.arrivals and self.arrivals[0][0] <= self.now:
+            r = heapq.heappop(self.arrivals)[2]
             self.waiting.append(ReqState(r, r.input_len))
 
     def join(self, st: ReqState) -> None:
@@ -285,7 +302,7 @@ class _Run:
         if self.closed is not None and self.pending:
             nxt = self.pending.popleft()
             nxt.arrival_ms = self.now
-            self.arrivals.append(nxt)
+            self.send(nxt)
         if self.progress is not None:
             self.progress(len(self.res.requests), self.total)
 
@@ -423,7 +440,7 @@ class _Run:
         kv0 = (self.kv_used() - self.prefill_kv) / n
         t0 = self.sim.step_wall_ms((), n, kv0)
         if self.arrivals and not self.waiting:
-            k = min(k, max(1, math.ceil((self.arrivals[0].arrival_ms - self.now) / t0)))
+            k = min(k, max(1, math.ceil((self.arrivals[0][0] - self.now) / t0)))
         k = max(k, 1)
         t1 = self.sim.step_wall_ms((), n, kv0 + k - 1) if k > 1 else t0
         self.add_itl(self.now + t0, (t0 + t1) / 2, k)
@@ -438,7 +455,7 @@ class _Run:
     def idle(self) -> None:
         times = [st.ready_ms for st in self.prefilling if st.ready_ms > self.now]
         if self.arrivals:
-            times.append(self.arrivals[0].arrival_ms)
+            times.append(self.arrivals[0][0])
         if not times:
             st = self.waiting[0]
             raise CapacityModelError(
