@@ -27,6 +27,12 @@ overlap scheduler, their sum without. Step times are memoised on a 2% grid of th
 When the KV pool cannot hold one more token per decoding request, requests are retracted
 (SGLang: fewest output tokens; vLLM: latest admitted) and requeued at the front, to be
 recomputed (prompt plus the tokens already generated).
+
+A request reaches the engine ``ServerConfig.ingress_ms`` (mean, uniformly spread) after it is
+sent; TTFT counts from the send. ITL samples are the gaps between a measured request's tokens: a
+decoder's gap runs from its previous token to the end of the next step it decodes in, so the
+prefill steps it waited through and a retraction's recompute fall into it, and a request's gaps
+add up to ``E2E - TTFT``.
 """
 
 from __future__ import annotations
