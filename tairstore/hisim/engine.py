@@ -27,6 +27,12 @@ overlap scheduler, their sum without. Step times are memoised on a 2% grid of th
 When the KV pool cannot hold one more token per decoding request, requests are retracted
 (SGLang: fewest output tokens; vLLM: latest admitted) and requeued at the front, to be
 recomputed (prompt plus the tokens already generated).
+
+A request reaches the engine ``ServerConfig.ingress_ms`` (mean, uniformly spread) after it is
+sent; TTFT counts from the send. ITL samples are the gaps between a measured request's tokens: a
+decoder's gap runs from its previous token to the end of the next step it decodes in, so the
+prefill steps it waited through and a retraction's recompute fall into it, and a request's gaps
+add up to ``E2E - TTFT``.
 """
 
 from __future__ import annotations
@@ -54,6 +60,8 @@ GRID_PER_OCTAVE = 32
 # With requests waiting for room, SGLang's reservation shrinks every decode step; re-check
 # admission at least this often.
 BLOCKED_RECHECK_STEPS = 16
+# Low-discrepancy spreading of the ingress delays (see ingress_delay_ms).
+INV_GOLDEN = (math.sqrt(5) - 1) / 2
 SUPPORTED_ATTENTION = "full softmax attention (dense GQA/MHA or MLA)"
 
 
@@ -76,6 +84,7 @@ class ReqState:
     matched: bool = False
     cached_tokens: int = 0
     hits: tuple[int, int, int] = (0, 0, 0)
+    last_tok_ms: float = -1.0  # when its latest output token came out
     admit_seq: int = 0
     run: int = 0  # bumped at each retraction; stale heap entries carry an older value
 
@@ -187,6 +196,12 @@ class Simulator:
         return _Run(self, workload, progress).go()
 
 
+def ingress_delay_ms(mean_ms: float, rid: int) -> float:
+    """Delay between a client sending request ``rid`` and the engine scheduling it: uniform on
+    ``[0, 2 x mean_ms]``, spread by the golden-ratio sequence so that runs are reproducible."""
+    return 2.0 * mean_ms * ((rid * INV_GOLDEN) % 1.0) if mean_ms else 0.0
+
+
 def _grid(x: float) -> int:
     return int(round(math.log2(max(x, 1.0)) * GRID_PER_OCTAVE))
 
@@ -201,16 +216,19 @@ class _Run:
     def __init__(self, sim: Simulator, workload: Sequence[Request] | ClosedLoop,
                  progress: Callable[[int, int], None] | None) -> None:
         self.sim, self.server, self.progress = sim, sim.server, progress
+        self.sent = 0  # requests sent so far: orders equal arrival times
         if isinstance(workload, ClosedLoop):
             self.closed = workload.concurrency
             self.pending = deque(workload.requests)
-            self.arrivals: deque[Request] = deque()
+            self.arrivals: list[tuple[float, int, Request]] = []
             for _ in range(min(self.closed, len(self.pending))):
-                self.arrivals.append(self.pending.popleft())
+                self.send(self.pending.popleft())
         else:
             self.closed = None
             self.pending = deque()
-            self.arrivals = deque(sorted(workload, key=lambda r: r.arrival_ms))
+            self.arrivals = []
+            for r in workload:
+                self.send(r)
         self.total = len(self.arrivals) + len(self.pending)
         self.now = 0.0
         self.waiting: deque[ReqState] = deque()
@@ -222,8 +240,13 @@ class _Run:
         self.R = 0  # sum over decoders of (clipped output - prev_out - 1 + g0): reserve R - n*G
         self.prefill_kv = 0  # KV allocated to admitted requests still prefilling
         self.ratio = INIT_NEW_TOKEN_RATIO
-        self.stall = 0.0  # prefill time decoders have waited through since their last token
-        self.stalled = 0  # measured decoders that waited through all of it
+        # ITL bookkeeping. A *settled* decoder's latest token came out at the end of the last
+        # decode step (``last_end``); a *fresh* one joined (first token, or the token after a
+        # retraction's recompute) since then, at its own ``last_tok_ms``. The next step that
+        # decodes gives each its gap, prefill steps waited through included.
+        self.last_end = 0.0
+        self.settled = 0  # measured settled decoders
+        self.fresh: dict[int, ReqState] = {}
         self.measured_decoders = 0
         self.admitted = 0
         self.res = SimResult([], kv_pool_tokens=sim.pool, concurrency=self.closed)
@@ -238,21 +261,32 @@ class _Run:
             return 0.0
         return self.ratio * max(0, self.R - len(self.decoders) * self.G)
 
+    def send(self, r: Request) -> None:
+        """A client sends ``r``; the engine sees it after the ingress delay."""
+        ready = r.arrival_ms + ingress_delay_ms(self.server.ingress_ms, r.rid)
+        self.sent += 1
+        heapq.heappush(self.arrivals, (ready, self.sent, r))
+
     def arrive(self) -> None:
-        while self.arrivals and self.arrivals[0].arrival_ms <= self.now:
-            r = self.arrivals.popleft()
+        while self.arrivals and self.arrivals[0][0] <= self.now:
+            r = heapq.heappop(self.arrivals)[2]
             self.waiting.append(ReqState(r, r.input_len))
 
     def join(self, st: ReqState) -> None:
         """A request finished its prefill: its first (or next) token is out."""
         if st.first_ms < 0:
             st.first_ms = self.now
+        elif st.measured:  # the token after a retraction's recompute: one (long) gap
+            self.res.itl_ms.append(self.now - st.last_tok_ms)
+            self.res.itl_weight.append(1)
+        st.last_tok_ms = self.now
         self.prefill_kv -= st.target
         if st.prev_out + 1 >= st.req.output_len:
             self.finish(st)
             return
         st.g0 = self.G
         self.decoders[st.req.rid] = st
+        self.fresh[st.req.rid] = st
         self.measured_decoders += st.measured
         self.S += st.target + 1 - st.g0
         self.R += min(st.req.output_len, CLIP_MAX_NEW_TOKENS) - st.prev_out - 1 + st.g0
@@ -262,6 +296,9 @@ class _Run:
     def leave(self, st: ReqState) -> None:
         del self.decoders[st.req.rid]
         self.measured_decoders -= st.measured
+        if self.fresh.pop(st.req.rid, None) is None:
+            self.settled -= st.measured
+            st.last_tok_ms = self.last_end
         self.S -= st.target + 1 - st.g0
         self.R -= min(st.req.output_len, CLIP_MAX_NEW_TOKENS) - st.prev_out - 1 + st.g0
 
@@ -271,7 +308,7 @@ class _Run:
         if self.closed is not None and self.pending:
             nxt = self.pending.popleft()
             nxt.arrival_ms = self.now
-            self.arrivals.append(nxt)
+            self.send(nxt)
         if self.progress is not None:
             self.progress(len(self.res.requests), self.total)
 
@@ -284,17 +321,28 @@ class _Run:
             self.leave(st)
             self.finish(st)
 
-    def add_itl(self, first_ms: float, rest_ms: float, k: int) -> None:
-        """ITL samples of ``k`` steps: the first one's gap includes any prefill stall, for the
-        decoders that waited through it."""
-        m, res = self.measured_decoders, self.res
-        stalled = min(self.stalled, m) if self.stall else 0
-        for value, weight in ((first_ms + self.stall, stalled), (first_ms, m - stalled),
-                              (rest_ms, m * (k - 1))):
-            if weight > 0:
-                res.itl_ms.append(value)
-                res.itl_weight.append(weight)
-        self.stall = 0.0
+    def add_itl(self, first_end_ms: float, rest_ms: float, k: int) -> None:
+        """Every decoder emits a token at each of ``k`` steps, the first ending at
+        ``first_end_ms`` and the others ``rest_ms`` apart: the first step's gap runs from each
+        decoder's previous token (prefill steps it waited through included), the others are
+        ``rest_ms``. Only measured requests' gaps are recorded."""
+        res = self.res
+        gaps: dict[float, int] = {}
+        if self.settled:
+            gaps[first_end_ms - self.last_end] = self.settled
+        for st in self.fresh.values():
+            if st.measured:
+                gap = first_end_ms - st.last_tok_ms
+                gaps[gap] = gaps.get(gap, 0) + 1
+        for value, weight in gaps.items():
+            res.itl_ms.append(value)
+            res.itl_weight.append(weight)
+        if k > 1 and self.measured_decoders:
+            res.itl_ms.append(rest_ms)
+            res.itl_weight.append(self.measured_decoders * (k - 1))
+        self.fresh.clear()
+        self.settled = self.measured_decoders
+        self.last_end = first_end_ms + (k - 1) * rest_ms
 
     # -- scheduling ----------------------------------------------------------------------------
 
@@ -377,13 +425,9 @@ class _Run:
         self.now += t
         self.res.steps += 1
         if mixed:
-            self.add_itl(t, 0.0, 1)
+            self.add_itl(self.now, 0.0, 1)
             self.G += 1
             self.pop_finished()
-        else:
-            if not self.stall:
-                self.stalled = self.measured_decoders
-            self.stall += t
         for st, n in chunks:
             st.done += n
             if st.done >= st.target:
@@ -402,10 +446,10 @@ class _Run:
         kv0 = (self.kv_used() - self.prefill_kv) / n
         t0 = self.sim.step_wall_ms((), n, kv0)
         if self.arrivals and not self.waiting:
-            k = min(k, max(1, math.ceil((self.arrivals[0].arrival_ms - self.now) / t0)))
+            k = min(k, max(1, math.ceil((self.arrivals[0][0] - self.now) / t0)))
         k = max(k, 1)
         t1 = self.sim.step_wall_ms((), n, kv0 + k - 1) if k > 1 else t0
-        self.add_itl(t0, (t0 + t1) / 2, k)
+        self.add_itl(self.now + t0, (t0 + t1) / 2, k)
         self.now += t0 + (k - 1) * (t0 + t1) / 2
         self.res.steps += k
         self.G += k
@@ -417,7 +461,7 @@ class _Run:
     def idle(self) -> None:
         times = [st.ready_ms for st in self.prefilling if st.ready_ms > self.now]
         if self.arrivals:
-            times.append(self.arrivals[0].arrival_ms)
+            times.append(self.arrivals[0][0])
         if not times:
             st = self.waiting[0]
             raise CapacityModelError(

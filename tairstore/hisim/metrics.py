@@ -3,7 +3,9 @@
 Per measured (not warm-up) request: TTFT is first token minus arrival; E2E is completion minus
 arrival; TPOT is ``(E2E - TTFT) / (output tokens - 1)`` for requests with more than one output
 token; ITL is every gap between consecutive tokens of a request, pooled over requests (the
-simulator hands them over as weighted step durations). Throughputs divide by the benchmark
+simulator hands them over as weighted gaps, prefill steps a decode waited through included, so a
+request's ITLs add up to ``E2E - TTFT`` and their token-weighted mean is the token-weighted mean
+TPOT). Throughputs divide by the benchmark
 duration, from the first measured arrival to the last measured completion; ``concurrency`` is the
 sum of E2E latencies over the duration (bench_serving's mean number of requests in flight).
 Percentiles are numpy's linear ones, as bench_serving computes them.

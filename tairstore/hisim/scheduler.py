@@ -10,16 +10,19 @@ Two backends are modelled, with their defaults on 80-141 GB Hopper GPUs:
   steps, back to 0.7 after a retraction); a retraction takes the request with the fewest output
   tokens; CUDA graphs up to 256 requests (512 with TP >= 4); the overlap scheduler hides the CPU
   work of a step behind the previous step's GPU work.
-- ``vllm`` (V1): every step mixes all decodes with prefill chunks under one 8192-token budget; no
-  output reservation; preemption (recompute) of the latest-admitted request when KV runs out;
-  CUDA graphs up to 512 requests, for decode-only steps.
+- ``vllm`` (V1): every step mixes all decodes with prefill chunks under one token budget
+  (``max_num_batched_tokens``: the engine's default is 8192 on Hopper; the budget the measured
+  deployments ran with is fitted, see below), decodes first; no output reservation;
+  preemption (recompute) of the latest-admitted request when KV runs out; CUDA graphs up to 512
+  requests, for decode-only steps.
 
 The KV pool is what is left of ``mem_fraction`` of every GPU's memory after the weights, in tokens
 (a token's KV is split over the TP group, replicated where there are fewer KV heads than GPUs).
 The CPU time of a step is ``base + per_seq x sequences``, plus ``eager_per_layer x layers`` when
 the step does not replay a CUDA graph (a prefill, or a decode batch above the graph limit): the
-three parameters are fitted per backend on development rows of measured serving results
-(:mod:`tairstore.hisim.serving_fit`) and shipped in ``data/serving_fit.json``.
+three parameters (and vLLM's token budget and ingress delay) are fitted per backend on development
+rows of measured serving results (:mod:`tairstore.hisim.serving_fit`) and shipped in
+``data/serving_fit.json``.
 """
 
 from __future__ import annotations
@@ -78,6 +81,10 @@ class ServerConfig:
     mixed_chunk: bool = False
     mem_fraction: float = DEFAULT_MEM_FRACTION
     reserve_output: bool = True  # SGLang's new_token_ratio reservation
+    # Mean delay (ms) from a client sending a request to the engine scheduling it: HTTP,
+    # tokenisation, the hop from the API server to the engine core. It is inside TTFT, and it
+    # spreads a closed loop's simultaneous sends over several steps.
+    ingress_ms: float = 0.0
     overhead: Overhead = Overhead()
 
     def __post_init__(self) -> None:
@@ -108,6 +115,15 @@ def fitted_overheads(path: Path = FIT_FILE) -> dict[str, Overhead]:
     return {b: Overhead(**v) for b, v in raw.get("overhead", {}).items()}
 
 
+@lru_cache(maxsize=None)
+def fitted_server(backend: str, path: Path = FIT_FILE) -> dict[str, float]:
+    """The shipped fit's scheduler settings of ``backend`` (``chunked_prefill_size``,
+    ``ingress_ms``), empty where none ship."""
+    if not path.exists():
+        return {}
+    return dict(json.loads(path.read_text()).get("server", {}).get(backend, {}))
+
+
 def default_config(backend: str, tp: int = 1, **overrides: object) -> ServerConfig:
     """The backend's defaults on a Hopper GPU (see the module docstring), with overrides."""
     if backend not in BACKENDS:
@@ -120,7 +136,7 @@ def default_config(backend: str, tp: int = 1, **overrides: object) -> ServerConf
         cfg = ServerConfig("vllm", max_running_requests=1024, cuda_graph_max_bs=512,
                            overlap=False, mixed_chunk=True, reserve_output=False,
                            overhead=overhead)
-    return replace(cfg, **overrides)  # type: ignore[arg-type]
+    return replace(cfg, **{**fitted_server(backend), **overrides})  # type: ignore[arg-type]
 
 
 def weight_bytes(model: ModelConfig) -> float:

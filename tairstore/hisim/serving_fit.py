@@ -10,8 +10,8 @@ exactly ISL tokens and OSL outputs. Each row is replayed as that closed loop
 *test* row; only test rows are ever reported. The split depends on nothing but the row's id, so it
 is declared up front and cannot be tuned.
 
-**Fit.** Per backend, the three :class:`~tairstore.hisim.scheduler.Overhead` parameters are chosen
-on a small grid minimising the sum of the median absolute log errors of TPOT and TTFT over that
+**Fit.** Per backend, the three :class:`~tairstore.hisim.scheduler.Overhead` parameters (and, for
+vLLM, the token budget and the ingress delay: :data:`SERVER_GRID`) are chosen on a small grid minimising the sum of the median absolute log errors of TPOT and TTFT over that
 backend's fit rows (a coarse, shortened closed loop while searching).
 
 **Regime.** ``below`` / ``near`` / ``above`` saturation compares the concurrency with the decode
@@ -56,10 +56,19 @@ MODEL_MAP = {
     "nvidia/Llama-3.1-8B-Instruct-FP8": "llama3.1-8b",
 }
 GEMM_DTYPES = {"": "bfloat16", "fp8": "fp8", "fp8_block": "fp8_block"}
+# (SGLang's shipped point was searched on a wider grid, base up to 5 ms, per_seq up to 0.05 ms,
+# eager up to 0.15 ms; it lies inside this one.)
 GRID = {
-    "base_ms": (0.5, 1.5, 3.0, 5.0),
-    "per_seq_ms": (0.0, 0.02, 0.05),
-    "eager_per_layer_ms": (0.0, 0.05, 0.15),
+    "base_ms": (0.5, 1.5, 3.0),
+    "per_seq_ms": (0.0, 0.02),
+    "eager_per_layer_ms": (0.0, 0.05),
+}
+# Scheduler settings searched with the overhead, per backend: vLLM's token budget
+# (max_num_batched_tokens: deployments set it, the engine's default is 8192 on Hopper) and the
+# ingress delay of its API server.
+SERVER_GRID: dict[str, dict[str, tuple]] = {
+    "sglang": {},
+    "vllm": {"chunked_prefill_size": (2048, 4096, 8192), "ingress_ms": (0.0, 2.0)},
 }
 
 
@@ -127,10 +136,12 @@ def _step_model(model: str, weight_dtype: str, system: str, tp: int) -> StepLate
 
 
 def simulate_row(row: SiliconRow, overhead: Overhead | None = None, warmup_per_client: int = 2,
-                 measured_per_client: int = 10) -> tuple[float, float]:
-    """Predicted mean TTFT and TPOT (ms) of a row's closed loop."""
+                 measured_per_client: int = 10,
+                 settings: dict[str, float] | None = None) -> tuple[float, float]:
+    """Predicted mean TTFT and TPOT (ms) of a row's closed loop (the shipped fit, or the given
+    overhead and scheduler settings)."""
     sm = _step_model(row.model, row.weight_dtype, row.system, row.tp)
-    server = default_config(row.backend, row.tp)
+    server = default_config(row.backend, row.tp, **(settings or {}))
     if overhead is not None:
         server = replace(server, overhead=overhead)
     sim = Simulator(sm.model, sm.gpu, row.tp, server, step_model=sm)
@@ -164,39 +175,48 @@ def ape(pred: float, meas: float) -> float:
 
 
 def fit_overheads(rows: Iterable[SiliconRow], log=print, warmup_per_client: int = 1,
-                  measured_per_client: int = 3) -> dict[str, Overhead]:
-    """Grid-search each backend's overhead on its fit rows (never on test rows)."""
+                  measured_per_client: int = 3, backends: Sequence[str] | None = None,
+                  grid: dict[str, tuple] | None = None
+                  ) -> dict[str, tuple[Overhead, dict[str, float]]]:
+    """Grid-search each backend's overhead and scheduler settings (:data:`SERVER_GRID`) on its
+    fit rows (never on test rows)."""
     fitted = {}
     by_backend: dict[str, list[SiliconRow]] = {}
     for r in rows:
-        if r.fit:
+        if r.fit and (backends is None or r.backend in backends):
             by_backend.setdefault(r.backend, []).append(r)
     for backend, fit_rows in sorted(by_backend.items()):
-        best = (math.inf, Overhead())
-        for values in itertools.product(*GRID.values()):
-            oh = Overhead(**dict(zip(GRID, values)))
+        space = {**(grid or GRID), **SERVER_GRID.get(backend, {})}
+        best: tuple[float, Overhead, dict[str, float]] = (math.inf, Overhead(), {})
+        for values in itertools.product(*space.values()):
+            point = dict(zip(space, values))
+            oh = Overhead(**{k: point.pop(k) for k in GRID})
             errs_ttft, errs_tpot = [], []
             for r in fit_rows:
                 try:
-                    ttft, tpot = simulate_row(r, oh, warmup_per_client, measured_per_client)
+                    ttft, tpot = simulate_row(r, oh, warmup_per_client, measured_per_client,
+                                              point)
                 except InvalidArgumentError:
                     continue
                 errs_ttft.append(abs(math.log(ttft / r.ttft_ms)))
                 errs_tpot.append(abs(math.log(tpot / r.tpot_ms)))
             score = float(np.median(errs_tpot) + np.median(errs_ttft)) if errs_tpot else math.inf
             if score < best[0]:
-                best = (score, oh)
-        fitted[backend] = best[1]
-        log(f"{backend}: {len(fit_rows)} fit rows -> {best[1]} (score {best[0]:.3f})")
+                best = (score, oh, point)
+        fitted[backend] = (best[1], best[2])
+        log(f"{backend}: {len(fit_rows)} fit rows -> {best[1]} {best[2]} (score {best[0]:.3f})")
     return fitted
 
 
-def save_fit(fitted: dict[str, Overhead], path: Path = FIT_FILE) -> None:
-    """Write the fitted overheads where :func:`~tairstore.hisim.scheduler.default_config`
-    finds them."""
-    body = {"note": f"fitted by tairstore.hisim.serving_fit on rows with crc32(id) % "
-                    f"{FIT_MODULUS} == 0",
-            "overhead": {b: o.__dict__ for b, o in fitted.items()}}
+def save_fit(fitted: dict[str, tuple[Overhead, dict[str, float]]], path: Path = FIT_FILE) -> None:
+    """Merge the fitted overheads and scheduler settings into the file
+    :func:`~tairstore.hisim.scheduler.default_config` reads."""
+    body = json.loads(path.read_text()) if path.exists() else {}
+    body["note"] = (f"fitted by tairstore.hisim.serving_fit on rows with crc32(id) % "
+                    f"{FIT_MODULUS} == 0")
+    for backend, (oh, settings) in fitted.items():
+        body.setdefault("overhead", {})[backend] = oh.__dict__
+        body.setdefault("server", {})[backend] = settings
     path.write_text(json.dumps(body, indent=2) + "\n")
 
 
@@ -206,9 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description="fit the serving simulator's CPU overhead")
     ap.add_argument("csv", type=Path)
+    ap.add_argument("--backend", action="append", help="refit only this backend (repeatable)")
     args = ap.parse_args(argv)
     rows, _ = load_rows(args.csv)
-    save_fit(fit_overheads(rows))
+    save_fit(fit_overheads(rows, backends=args.backend))
     return 0
 
 

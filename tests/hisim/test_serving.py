@@ -292,3 +292,16 @@ def test_sim_step_json_echoes_inputs(capsys):
     assert out["inputs"]["prefill"] == [[512, 128]]
     assert out["inputs"]["decode"] == [[4, 1000]]
     assert out["step_ms"] > 0
+
+
+def test_ingress_delay_is_inside_ttft(sim8b):
+    from tairstore.hisim.engine import ingress_delay_ms
+
+    slow = Simulator(sim8b.model, sim8b.gpu, 1, default_config("sglang", 1, ingress_ms=5.0),
+                     step_model=sim8b.step_model)
+    res, _ = _run(slow, [Request(1, 100.0, 1024, 4)])
+    st = res.requests[0]
+    delay = ingress_delay_ms(5.0, 1)
+    assert 0 < delay <= 10.0
+    assert st.first_ms - st.req.arrival_ms == pytest.approx(
+        delay + slow.step_wall_ms([(1024, 0)], 0, 0))
