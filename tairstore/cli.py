@@ -103,7 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     # Flags beat the file: a quick "--port 0" must not need a config edit.
-    for name in ("data_dir", "host", "port", "http_port"):
+    for name in ("data_dir", "host", "port", "http_port", "access_log"):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=_port, help="data protocol port (default 7480; 0: any free port)")
     s.add_argument("--http-port", type=_port, help="HTTP API port (default 7481; 0: any free port)")
+    s.add_argument("--access-log", metavar="FILE",
+                   help="record every prefix lookup in FILE (rotating) for `tairstore optimize "
+                        "--format tairstore-events` (default: off)")
     s.add_argument("--dram", type=_size, help="DRAM tier size, e.g. 4G (default: 25%% of available memory, cap 8G)")
     s.add_argument("--ssd", type=_size, help="SSD tier size, e.g. 64G; 0 for none (default: 50%% of free disk, cap 64G)")
     s.set_defaults(func=cmd_serve)

@@ -146,6 +146,8 @@ class DaemonConfig:
         tokens: bearer tokens; none means auth is off.
         namespaces: namespaces to create (or update) at start, with their quotas.
         shutdown_grace_s: how long SIGTERM waits for in-flight requests before cancelling them.
+        access_log: a file to record every prefix lookup (MATCH) in, for ``tairstore optimize
+            --format tairstore-events`` (None: off); rotated at 64 MiB, 4 old files kept.
         source: the file this came from (None for defaults).
     """
 
@@ -158,6 +160,7 @@ class DaemonConfig:
     tokens: list[TokenSpec] = field(default_factory=list)
     namespaces: dict[str, NamespaceQuota] = field(default_factory=dict)
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
+    access_log: str | None = None
     source: str | None = None
     shm: "ShmConfig | None" = None  # [shm]: the DRAM arena in shared memory (None: private)
 
@@ -205,7 +208,8 @@ def _positive_int(where: _Where, section: str, key: str, v: Any) -> int:
 
 
 def _server(where: _Where, cfg: DaemonConfig, table: Any) -> None:
-    t = _check_keys(where, "server", table, ("host", "port", "http_port", "data_dir", "shutdown_grace_s"))
+    t = _check_keys(where, "server", table, ("host", "port", "http_port", "data_dir", "shutdown_grace_s",
+                                              "access_log"))
     if "host" in t:
         if not isinstance(t["host"], str) or not t["host"]:
             raise where.error("server", "host", "must be an address such as \"127.0.0.1\"")
@@ -217,6 +221,10 @@ def _server(where: _Where, cfg: DaemonConfig, table: Any) -> None:
         if not isinstance(t["data_dir"], str) or not t["data_dir"]:
             raise where.error("server", "data_dir", "must be a directory path")
         cfg.data_dir = t["data_dir"]
+    if "access_log" in t:
+        if not isinstance(t["access_log"], str) or not t["access_log"]:
+            raise where.error("server", "access_log", "must be a file path")
+        cfg.access_log = t["access_log"]
     if "shutdown_grace_s" in t:
         v = t["shutdown_grace_s"]
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 3600:

@@ -252,8 +252,10 @@ class DataServer:
     """Serves one :class:`~tairstore.Store` over the binary protocol (see the module doc)."""
 
     def __init__(self, store: Any, *, limits: Limits | None = None, auth: Any = None,
-                 metrics: Any = None, shm: Any = None, lease_s: float | None = None) -> None:
+                 metrics: Any = None, shm: Any = None, lease_s: float | None = None,
+                 access_log: Any = None) -> None:
         self.store = store
+        self.access_log = access_log  # an AccessLogWriter, or None
         self.shm = ShmService(store, shm, auth, **({"lease_s": lease_s} if lease_s else {}))
         self.limits = limits or Limits()
         self.auth = auth
@@ -698,8 +700,11 @@ class DataServer:
 
     def _match(self, conn: _Conn, req: Request) -> Result:
         f = req.fields
-        result = self.store.match(f["keys"], f["mode"], f.get("window"),
-                                  namespace=f.get("ns", DEFAULT_NAMESPACE))
+        ns = f.get("ns", DEFAULT_NAMESPACE)
+        result = self.store.match(f["keys"], f["mode"], f.get("window"), namespace=ns)
+        if self.access_log is not None:
+            # A prefix lookup is what `tairstore optimize` replays (docs/OPTIMIZER.md).
+            self.access_log.record(ns, "", f["keys"])
         return match_to_fields(result), [], 0
 
     def _delete(self, conn: _Conn, req: Request) -> Result:
@@ -780,7 +785,7 @@ class DataServer:
 
 async def serve_data(store: Any, *, host: str = "127.0.0.1", port: int = 0,
                      limits: Limits | None = None, auth: Any = None, metrics: Any = None,
-                     shm: Any = None, lease_s: float | None = None,
+                     shm: Any = None, lease_s: float | None = None, access_log: Any = None,
                      task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``store`` over the binary data-path protocol until cancelled.
 
@@ -800,7 +805,8 @@ async def serve_data(store: Any, *, host: str = "127.0.0.1", port: int = 0,
     On cancellation the listeners close at once and requests already read get up to
     ``limits.shutdown_grace_s`` seconds to finish; then it returns (by raising Cancelled).
     """
-    server = DataServer(store, limits=limits, auth=auth, metrics=metrics, shm=shm, lease_s=lease_s)
+    server = DataServer(store, limits=limits, auth=auth, metrics=metrics, shm=shm, lease_s=lease_s,
+                        access_log=access_log)
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as handlers:

@@ -152,7 +152,8 @@ async def _watch_signals(stop: trio.Event, hard_stop: Callable[[], None], *,
 
 
 async def _serve_data_in(scope: trio.CancelScope, store: Any, config: DaemonConfig, auth: Authenticator,
-                         metrics: Metrics, backing: Any, *, task_status: trio.TaskStatus[int | None]) -> None:
+                         metrics: Metrics, backing: Any, access_log: Any, *,
+                         task_status: trio.TaskStatus[int | None]) -> None:
     try:
         from tairstore.daemon.dataserver import serve_data
     except ImportError as exc:  # the data path ships separately in some builds
@@ -162,7 +163,8 @@ async def _serve_data_in(scope: trio.CancelScope, store: Any, config: DaemonConf
     with scope:
         await serve_data(store, host=config.host, port=config.port, limits=_data_limits(config),
                          auth=auth, metrics=metrics, shm=backing,
-                         lease_s=config.shm.lease_s if config.shm else None, task_status=task_status)
+                         lease_s=config.shm.lease_s if config.shm else None, access_log=access_log,
+                         task_status=task_status)
 
 
 async def run_daemon(config: DaemonConfig, *, handle_signals: bool = True,
@@ -197,7 +199,12 @@ async def run_daemon(config: DaemonConfig, *, handle_signals: bool = True,
         if backing is not None:
             backing.unlink()
         raise
+    access_log = None
     try:
+        if config.access_log:
+            from tairstore.policy.accesslog import AccessLogWriter
+
+            access_log = AccessLogWriter(config.access_log)
         control = ControlPlane(store, DaemonState(os.path.join(data_dir, STATE_FILE)))
         for name, q in config.namespaces.items():
             await trio.to_thread.run_sync(control.ensure_namespace, name, q.total_bytes, q.tier_bytes)
@@ -215,7 +222,8 @@ async def run_daemon(config: DaemonConfig, *, handle_signals: bool = True,
                 async with trio.open_nursery() as nursery:
                     http_port = await nursery.start(http.serve, config.host, config.http_port)
                     data_port = await nursery.start(
-                        partial(_serve_data_in, data_scope, store, config, auth, metrics, backing))
+                        partial(_serve_data_in, data_scope, store, config, auth, metrics, backing,
+                                access_log))
                     host = _url_host(config.host)
                     api.http_url = f"http://{host}:{http_port}"
                     api.data_url = f"tairstore://{host}:{data_port}" if data_port else ""
@@ -239,6 +247,8 @@ async def run_daemon(config: DaemonConfig, *, handle_signals: bool = True,
             log.error("final sync failed: %s", exc)
     finally:
         with trio.CancelScope(shield=True):
+            if access_log is not None:
+                access_log.close()
             await trio.to_thread.run_sync(store.close)
             if backing is not None:
                 backing.unlink()

@@ -29,6 +29,7 @@ starts. The log is off unless the daemon is started with ``--access-log FILE``.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -72,7 +73,8 @@ def block_id(key: bytes | int) -> int:
 
 
 class AccessLogWriter:
-    """Appends records to a rotating access log (not thread-safe: one owner, e.g. the daemon)."""
+    """Appends records to a rotating access log; safe to call from many threads (the daemon's
+    store calls run in worker threads)."""
 
     def __init__(
         self,
@@ -94,7 +96,7 @@ class AccessLogWriter:
         self.max_bytes = max_bytes
         self.backups = backups
         self._buf = bytearray()
-        self._packer = msgpack.Packer()
+        self._lock = threading.Lock()
         self._f = self._open()
 
     def _open(self):  # type: ignore[no-untyped-def]
@@ -114,20 +116,23 @@ class AccessLogWriter:
         """Log one request: its block keys in chain order (see the module docstring)."""
         if ts_ms is None:
             ts_ms = time.time_ns() // 1_000_000
-        rec = self._packer.pack(
-            [ts_ms, namespace, instance, input_tokens, [block_id(k) for k in keys]]
-        )
-        if self._f.tell() + len(self._buf) + len(rec) > self.max_bytes and (
-            self._f.tell() > len(MAGIC) or self._buf
-        ):
-            self.flush()
-            self._rotate()
-        self._buf += rec
-        if len(self._buf) >= _FLUSH_BYTES:
-            self.flush()
+        rec = msgpack.packb([ts_ms, namespace, instance, input_tokens, [block_id(k) for k in keys]])
+        with self._lock:
+            if self._f.tell() + len(self._buf) + len(rec) > self.max_bytes and (
+                self._f.tell() > len(MAGIC) or self._buf
+            ):
+                self._flush_locked()
+                self._rotate()
+            self._buf += rec
+            if len(self._buf) >= _FLUSH_BYTES:
+                self._flush_locked()
 
     def flush(self) -> None:
         """Write the buffered records to the file (whole records only)."""
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
         if self._buf:
             self._f.write(self._buf)
             self._buf.clear()
@@ -150,9 +155,10 @@ class AccessLogWriter:
 
     def close(self) -> None:
         """Flush and close; further records raise ``ValueError``."""
-        if not self._f.closed:
-            self.flush()
-            self._f.close()
+        with self._lock:
+            if not self._f.closed:
+                self._flush_locked()
+                self._f.close()
 
     def __enter__(self) -> AccessLogWriter:
         return self
