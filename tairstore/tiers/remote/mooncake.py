@@ -51,6 +51,9 @@ OBJECT_ALREADY_EXISTS = -705
 RPC_FAIL = -900
 #: Codes at or below this (metadata / etcd errors) also mean "the service is not reachable".
 _SERVICE_ERRORS = -1000
+#: How long opening the tier waits for the setup before answering misses (a live local master
+#: answers in about 0.1 s).
+_CONNECT_WAIT_S = 5.0
 
 
 def _unreachable(code: int) -> bool:
@@ -82,11 +85,20 @@ class MooncakeTier(RemoteTier):
         self._max_payload = config["buffer_bytes"] - TRAILER.size
         self._used = 0
         self._client = None
-        # A master that is down at open leaves the tier unhealthy; its probes retry the setup.
-        if not self._connect():
+        self._connector: threading.Thread | None = None
+        self._closed = False
+        # Mooncake's setup against an unreachable master blocks for a long time (about 90 s
+        # here), so it runs in the background: the tier answers misses until it is connected.
+        self._start_connect()
+        self._connector.join(_CONNECT_WAIT_S)
+        if self._client is None:
             self.health.failure()
 
     # -- connection ------------------------------------------------------------------------------
+
+    def _start_connect(self) -> None:
+        self._connector = threading.Thread(target=self._connect, name="mooncake-setup", daemon=True)
+        self._connector.start()
 
     def _connect(self) -> bool:
         cfg = self.config
@@ -101,8 +113,13 @@ class MooncakeTier(RemoteTier):
         rc = client.register_buffer(self._staging_ptr, self._staging.nbytes)
         if rc != 0:
             client.close()
-            raise InvalidArgumentError(f"mooncake register_buffer failed ({rc})")
-        self._client = client
+            _log.warning("mooncake register_buffer failed (%d)", rc)
+            return False
+        with self._lock:
+            if self._closed:           # closed while this setup ran in the background
+                client.close()
+                return False
+            self._client = client
         return True
 
     def _ready(self) -> bool:
@@ -110,9 +127,11 @@ class MooncakeTier(RemoteTier):
         if not self.health.allow():
             return False
         if self._client is None:
-            if not self._connect():
-                self.health.failure()
-                return False
+            # Not connected (yet): this probe starts another setup unless one is running.
+            if not self._connector.is_alive():
+                self._start_connect()
+            self.health.failure()
+            return False
         # health_check() is local and cheap; it turns non-zero once the client's ping to the
         # master fails, which spares a put the 4 s RPC timeout.
         if self._client.health_check() != 0:
@@ -262,7 +281,9 @@ class MooncakeTier(RemoteTier):
 
     def close(self) -> None:
         """Leave the cluster: this process's segment, and the objects in it, go away."""
+        # A setup still running in the background finishes on its own and sees _closed.
         with self._lock:
+            self._closed = True
             if self._client is not None:
                 self._client.close()
                 self._client = None

@@ -16,6 +16,8 @@ from .peer import block, keys_of
 NS = "models/llama"
 #: Bounded wait for a restarted master to be seen again (the tier probes every retry_s).
 _RECOVERY_TRIES = 200
+#: Mooncake's setup against a dead master gives up only after about 90 s.
+_SLOW_RECOVERY_TRIES = 3000
 
 
 def small(master, **extra):
@@ -136,6 +138,8 @@ def test_master_killed_then_restarted(master):
         t.close()
 
 
+@pytest.mark.skipif(not os.environ.get("TAIRSTORE_REMOTE_SLOW"),
+                    reason="about 90 s: Mooncake's setup against a dead master; set TAIRSTORE_REMOTE_SLOW=1")
 def test_open_with_master_down_then_up():
     from tairstore.tiers.remote.master import MooncakeMaster
     m = MooncakeMaster()
@@ -143,7 +147,7 @@ def test_open_with_master_down_then_up():
     try:
         assert not t.healthy and t.get_into(NS, [b"k"], [bytearray(10)]) == [None]
         m.start()
-        for _ in range(_RECOVERY_TRIES):
+        for _ in range(_SLOW_RECOVERY_TRIES):
             if t.put(NS, [b"k"], [b"x" * 10]) == [True]:
                 break
             time.sleep(0.1)
