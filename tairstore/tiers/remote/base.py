@@ -108,18 +108,27 @@ class RemoteTier(abc.ABC):
 
     @staticmethod
     def _check_put(namespace: str, keys: Sequence[bytes], blocks: Sequence[Any]) -> tuple[list[bytes], list[memoryview]]:
-        check_namespace(namespace)
-        keys = check_keys(keys)
-        views = [check_data(b) for b in blocks]
-        if len(views) != len(keys):
-            raise InvalidArgumentError(f"{len(keys)} keys but {len(views)} blocks")
-        return keys, views
+        return RemoteTier._check_batch(namespace, keys, blocks, check_data, "blocks")
 
     @staticmethod
     def _check_get(namespace: str, keys: Sequence[bytes], outs: Sequence[Any]) -> tuple[list[bytes], list[memoryview]]:
-        check_namespace(namespace)
-        keys = check_keys(keys)
-        views = [check_out(o) for o in outs]
+        return RemoteTier._check_batch(namespace, keys, outs, check_out, "output buffers")
+
+    @staticmethod
+    def _check_batch(namespace: str, keys: Sequence[bytes], buffers: Sequence[Any],
+                     check: Any, what: str) -> tuple[list[bytes], list[memoryview]]:
+        keys = RemoteTier._check_keys(namespace, keys)
+        views = [check(b) for b in buffers]
         if len(views) != len(keys):
-            raise InvalidArgumentError(f"{len(keys)} keys but {len(views)} output buffers")
+            raise InvalidArgumentError(f"{len(keys)} keys but {len(views)} {what}")
         return keys, views
+
+    def _count_puts(self, views: Sequence[memoryview], done: Sequence[bool]) -> None:
+        ok = sum(done)
+        self._count(puts=ok, put_bytes=sum(len(v) for v, d in zip(views, done) if d),
+                    put_failures=len(done) - ok)
+
+    def _count_reads(self, found: Sequence[int | None], corruptions: int) -> None:
+        hits = [n for n in found if n is not None]
+        self._count(hits=len(hits), hit_bytes=sum(hits), misses=len(found) - len(hits),
+                    corruptions=corruptions)

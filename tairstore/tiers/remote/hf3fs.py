@@ -185,9 +185,7 @@ class Hf3fsTier(RemoteTier):
             done = [False] * len(keys)
         else:
             self.health.success()
-        ok = sum(done)
-        self._count(puts=ok, put_bytes=sum(len(v) for v, d in zip(views, done) if d),
-                    put_failures=len(keys) - ok)
+        self._count_puts(views, done)
         return done
 
     def get_into(self, namespace: str, keys: Sequence[bytes], outs: Sequence[Any]) -> list[int | None]:
@@ -221,8 +219,7 @@ class Hf3fsTier(RemoteTier):
                 self.health.failure()
             else:
                 self.health.success()
-        hits = [n for n in found if n is not None]
-        self._count(hits=len(hits), hit_bytes=sum(hits), misses=len(keys) - len(hits), corruptions=corrupt)
+        self._count_reads(found, corrupt)
         return found
 
     def _drop_if_unchanged(self, suspects: list[tuple[bytes, bytes]]) -> int:

@@ -189,9 +189,7 @@ class MooncakeTier(RemoteTier):
                     done[i] = code == 0 or code == OBJECT_ALREADY_EXISTS
                     if code == 0:
                         self._used += len(views[i])
-        ok = sum(done)
-        self._count(puts=ok, put_bytes=sum(len(v) for v, d in zip(views, done) if d),
-                    put_failures=len(keys) - ok)
+        self._count_puts(views, done)
         return done
 
     def get_into(self, namespace: str, keys: Sequence[bytes], outs: Sequence[Any]) -> list[int | None]:
@@ -230,9 +228,7 @@ class MooncakeTier(RemoteTier):
                         found[i] = n
             if damaged and self._client is not None:
                 self._client.batch_remove(damaged, True)
-        hits = [n for n in found if n is not None]
-        self._count(hits=len(hits), hit_bytes=sum(hits), misses=len(keys) - len(hits),
-                    corruptions=len(damaged))
+        self._count_reads(found, len(damaged))
         if too_small:
             raise InvalidArgumentError(
                 f"output buffer too small for remote block(s) {[k.hex() for k in too_small][:4]}")

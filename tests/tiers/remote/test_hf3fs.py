@@ -11,9 +11,9 @@ from tairstore.errors import InvalidArgumentError
 from tairstore.tiers.remote import make_remote_tier
 from tairstore.tiers.remote.hf3fs import slot_class
 
+from .contract import NS, check_roundtrip_sizes_delete
 from .peer import block, keys_of
 
-NS = "models/llama"
 
 
 @pytest.fixture
@@ -29,19 +29,7 @@ def tier(config):
 
 
 def test_roundtrip_sizes_delete(tier):
-    a, b = os.urandom(1 << 20), os.urandom(300_000)
-    assert tier.put(NS, [b"a", b"b"], [a, np.frombuffer(b, dtype=np.uint8)]) == [True, True]
-    assert tier.put(NS, [b"a"], [a]) == [True], "an existing block counts as stored"
-    assert tier.sizes(NS, [b"a", b"b", b"c"]) == [1 << 20, 300_000, None]
-    assert tier.exists("other-ns", [b"a"]) == [False], "namespaces are separate"
-    outs = [bytearray(1 << 20), bytearray(400_000), bytearray(10)]
-    assert tier.get_into(NS, [b"a", b"b", b"c"], outs) == [1 << 20, 300_000, None]
-    assert outs[0] == a and outs[1][:300_000] == b
-    with pytest.raises(InvalidArgumentError, match="too small"):
-        tier.get_into(NS, [b"a"], [bytearray(100)])
-    assert tier.delete(NS, [b"a", b"zz"]) == 1
-    assert tier.exists(NS, [b"a", b"b"]) == [False, True]
-    assert tier.stats()["used_bytes"] == 300_000
+    check_roundtrip_sizes_delete(tier)
 
 
 def test_payload_is_stored_as_is_at_the_indexed_offset(tier):

@@ -11,9 +11,9 @@ from tairstore.errors import InvalidArgumentError
 from tairstore.tiers.remote import make_remote_tier
 from tairstore.tiers.remote.mooncake import TRAILER, encode_trailer
 
+from .contract import NS, check_roundtrip_sizes_delete
 from .peer import block, keys_of
 
-NS = "models/llama"
 #: Bounded wait for a restarted master to be seen again (the tier probes every retry_s).
 _RECOVERY_TRIES = 200
 #: Mooncake's setup against a dead master gives up only after about 90 s.
@@ -33,19 +33,7 @@ def tier(master):
 
 
 def test_roundtrip_sizes_delete(tier):
-    a, b = os.urandom(1 << 20), os.urandom(300_000)
-    assert tier.put(NS, [b"a", b"b"], [a, b]) == [True, True]
-    assert tier.put(NS, [b"a"], [a]) == [True], "an existing block counts as stored"
-    assert tier.sizes(NS, [b"a", b"b", b"c"]) == [1 << 20, 300_000, None]
-    assert tier.exists("other-ns", [b"a"]) == [False], "namespaces are separate"
-    outs = [bytearray(1 << 20), bytearray(400_000), bytearray(10)]
-    assert tier.get_into(NS, [b"a", b"b", b"c"], outs) == [1 << 20, 300_000, None]
-    assert outs[0] == a and outs[1][:300_000] == b
-    with pytest.raises(InvalidArgumentError, match="too small"):
-        tier.get_into(NS, [b"a"], [bytearray(100)])
-    # Within the fresh objects' lease: the tier removes with force.
-    assert tier.delete(NS, [b"a"]) == 1
-    assert tier.exists(NS, [b"a", b"b"]) == [False, True]
+    check_roundtrip_sizes_delete(tier)
 
 
 def test_batch_larger_than_the_staging_buffer(tier):
