@@ -36,6 +36,7 @@ import numpy as np
 from tairstore.errors import InvalidArgumentError
 from tairstore.format.checksum import crc32c
 from tairstore.tiers.remote.base import RemoteTier
+from tairstore.validate import check_out
 
 __all__ = ["MooncakeTier", "TRAILER", "encode_trailer", "OBJECT_NOT_FOUND", "RPC_FAIL"]
 
@@ -87,6 +88,8 @@ class MooncakeTier(RemoteTier):
         self._client = None
         self._connector: threading.Thread | None = None
         self._closed = False
+        # (start, end, array) of memory registered through register(); the array keeps it alive.
+        self._regions: list[tuple[int, int, np.ndarray]] = []
         # Mooncake's setup against an unreachable master blocks for a long time (about 90 s
         # here), so it runs in the background: the tier answers misses until it is connected.
         self._start_connect()
@@ -158,6 +161,29 @@ class MooncakeTier(RemoteTier):
             rounds.append(range(start, len(lengths)))
         return rounds
 
+    def register(self, buffer: Any) -> None:
+        """Register memory (e.g. the store's DRAM arena) with Mooncake, so blocks put from it
+        leave without a staging copy. The buffer must stay alive while the tier is open.
+
+        Raises:
+            InvalidArgumentError: not a writable C-contiguous buffer, or Mooncake refused it.
+        """
+        arr = np.frombuffer(check_out(buffer), dtype=np.uint8)
+        with self._lock:
+            if self._client is None or self._client.register_buffer(arr.ctypes.data, arr.nbytes) != 0:
+                raise InvalidArgumentError("mooncake tier is not connected, or refused to register the buffer")
+            self._regions.append((arr.ctypes.data, arr.ctypes.data + arr.nbytes, arr))
+
+    def _registered_ptr(self, view: memoryview) -> int | None:
+        """The address of ``view`` if it lies inside registered memory, else None."""
+        if not self._regions or len(view) == 0:
+            return None
+        start = np.frombuffer(view, dtype=np.uint8).ctypes.data
+        for lo, hi, _ in self._regions:
+            if lo <= start and start + len(view) <= hi:
+                return start
+        return None
+
     # -- the interface ---------------------------------------------------------------------------
 
     def put(self, namespace: str, keys: Sequence[bytes], blocks: Sequence[Any]) -> list[bool]:
@@ -169,21 +195,28 @@ class MooncakeTier(RemoteTier):
                 raise InvalidArgumentError(
                     f"block of {len(v)} bytes exceeds the mooncake tier's {self._max_payload} (buffer_bytes)")
         done = [False] * len(keys)
+        ptrs = [self._registered_ptr(v) for v in views]
         with self._lock:
-            for rnd in self._rounds([len(v) + TRAILER.size for v in views]):
+            # A registered payload goes out from where it is (zero copy); only its trailer is
+            # staged. Any other payload is copied into the staging buffer first.
+            staged = [TRAILER.size + (len(v) if p is None else 0) for v, p in zip(views, ptrs)]
+            for rnd in self._rounds(staged):
                 if not self._ready():
                     break
-                names, ptrs, sizes, off = [], [], [], 0
+                names, parts, sizes, off = [], [], [], 0
                 for i in rnd:
                     name, v = self.object_name(namespace, keys[i]), views[i]
-                    self._staging[off:off + len(v)] = np.frombuffer(v, dtype=np.uint8)
-                    self._staging[off + len(v):off + len(v) + TRAILER.size] = np.frombuffer(
-                        encode_trailer(name, v), dtype=np.uint8)
+                    if ptrs[i] is None:
+                        self._staging[off:off + len(v)] = np.frombuffer(v, dtype=np.uint8)
+                        payload_ptr, off = self._staging_ptr + off, off + len(v)
+                    else:
+                        payload_ptr = ptrs[i]
+                    self._staging[off:off + TRAILER.size] = np.frombuffer(encode_trailer(name, v), dtype=np.uint8)
                     names.append(name)
-                    ptrs.append(self._staging_ptr + off)
-                    sizes.append(len(v) + TRAILER.size)
-                    off += sizes[-1]
-                codes = self._client.batch_put_from(names, ptrs, sizes)
+                    parts.append([payload_ptr, self._staging_ptr + off])
+                    sizes.append([len(v), TRAILER.size])
+                    off += TRAILER.size
+                codes = self._client.batch_put_from_multi_buffers(names, parts, sizes)
                 self._settle(codes)
                 for i, code in zip(rnd, codes):
                     done[i] = code == 0 or code == OBJECT_ALREADY_EXISTS

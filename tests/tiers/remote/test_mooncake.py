@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
 import pytest
 
 from tairstore.errors import InvalidArgumentError
@@ -44,6 +45,18 @@ def test_batch_larger_than_the_staging_buffer(tier):
     assert tier.get_into(NS, keys, outs) == [4 << 20] * 6 and outs == [bytearray(b) for b in blocks]
     with pytest.raises(InvalidArgumentError, match="buffer_bytes"):
         tier.put(NS, [b"big"], [bytes(16 << 20)])
+
+
+def test_put_from_registered_memory(tier):
+    arena = np.random.default_rng(1).integers(0, 256, 4 << 20, dtype=np.uint8)
+    tier.register(arena)
+    keys = [b"r%d" % i for i in range(4)]
+    assert tier.put(NS, keys, [arena[i << 20:(i + 1) << 20] for i in range(4)]) == [True] * 4
+    outs = [np.empty(1 << 20, dtype=np.uint8) for _ in range(4)]
+    assert tier.get_into(NS, keys, outs) == [1 << 20] * 4
+    assert all(np.array_equal(o, arena[i << 20:(i + 1) << 20]) for i, o in enumerate(outs))
+    with pytest.raises(InvalidArgumentError):
+        tier.register(b"read-only")
 
 
 def test_object_is_payload_then_trailer(master, tier):
