@@ -1,0 +1,197 @@
+"""Remote tiers: put and read-back throughput beside the raw tier underneath, in one run.
+
+For each block size (256 KiB, 1 MiB, 4 MiB by default) the same blocks go
+
+- **hf3fs raw**: ``os.pwritev`` into one preallocated file in a directory, ``os.preadv`` back
+  into caller buffers (what the 3FS tier does on a mount without USRBIO, minus its index);
+- **hf3fs tier**: :class:`~tairstore.tiers.remote.hf3fs.Hf3fsTier` ``put`` / ``get_into`` on a
+  sibling directory (slot allocation and the LMDB index per batch, crc32c both ways);
+- **mooncake raw**: ``MooncakeDistributedStore.batch_put_from`` / ``batch_get_into`` from and to
+  a registered buffer, on a ``mooncake_master`` started on 127.0.0.1 with TCP (Mooncake's best
+  case: no copy on our side, no checksum);
+- **mooncake tier**: :class:`~tairstore.tiers.remote.mooncake.MooncakeTier` ``put`` from
+  registered memory (as the store's DRAM arena would be: no staging copy, the trailer staged)
+  and ``get_into`` plain buffers (through the staging buffer: one copy), crc32c both ways.
+
+It prints GB/s per cell and the tier/raw ratio (target >= 0.8). Nothing is fsynced on either
+side: both tiers are caches. Every repetition uses fresh keys and deletes them after; the best
+of ``--reps`` is kept, as the machine is shared.
+
+Run: ``python benchmarks/remote.py`` (about a minute), ``--sizes 1048576 --total-mib 32 --reps 2``,
+``--dir /mnt/3fs/bench`` to measure a real 3FS mount, ``--json`` for machine-readable rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from tairstore.tiers.remote import make_remote_tier
+from tairstore.tiers.remote.master import MooncakeMaster
+
+NS = "bench"
+BATCH = 16
+
+
+def _best(reps: int, run: Callable[[int], tuple[float, float]]) -> tuple[float, float]:
+    """Best put and read seconds over ``reps`` runs (``run(rep)`` returns both), after one
+    unmeasured warm-up run (first touches of fresh buffers and segments are page faults)."""
+    run(reps)
+    puts, gets = zip(*(run(r) for r in range(reps)))
+    return min(puts), min(gets)
+
+
+def _batches(n: int) -> list[range]:
+    return [range(i, min(i + BATCH, n)) for i in range(0, n, BATCH)]
+
+
+def raw_directory(path: str, blocks: list[np.ndarray], outs: list[np.ndarray], reps: int) -> tuple[float, float]:
+    """pwritev / preadv of the blocks at consecutive offsets of one preallocated file."""
+    size = len(blocks[0])
+    fd = os.open(os.path.join(path, "raw.dat"), os.O_RDWR | os.O_CREAT, 0o644)
+    os.ftruncate(fd, size * len(blocks))
+
+    def run(rep: int) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        for i, b in enumerate(blocks):
+            os.pwritev(fd, [b], i * size)
+        t1 = time.perf_counter()
+        for i, o in enumerate(outs):
+            os.preadv(fd, [o], i * size)
+        return t1 - t0, time.perf_counter() - t1
+
+    try:
+        return _best(reps, run)
+    finally:
+        os.close(fd)
+
+
+def tier_run(tier, blocks: list[np.ndarray], outs: list[np.ndarray], reps: int, tag: str) -> tuple[float, float]:
+    """The tier's batched put and get_into, fresh keys per repetition, verified once."""
+    def run(rep: int) -> tuple[float, float]:
+        keys = [f"{tag}-{rep}-{i}".encode() for i in range(len(blocks))]
+        t0 = time.perf_counter()
+        for r in _batches(len(blocks)):
+            if not all(tier.put(NS, keys[r.start:r.stop], blocks[r.start:r.stop])):
+                raise RuntimeError(f"{tag}: put refused")
+        t1 = time.perf_counter()
+        for r in _batches(len(blocks)):
+            got = tier.get_into(NS, keys[r.start:r.stop], outs[r.start:r.stop])
+            if None in got:
+                raise RuntimeError(f"{tag}: read-back missed")
+        t2 = time.perf_counter()
+        if rep == reps and not all(np.array_equal(b, o) for b, o in zip(blocks, outs)):
+            raise RuntimeError(f"{tag}: read-back differs")
+        tier.delete(NS, keys)
+        return t1 - t0, t2 - t1
+
+    return _best(reps, run)
+
+
+def raw_mooncake(master: MooncakeMaster, blocks: list[np.ndarray], reps: int, segment: int) -> tuple[float, float]:
+    """Mooncake's own batch_put_from / batch_get_into on registered memory."""
+    from mooncake.store import MooncakeDistributedStore
+    size, n = len(blocks[0]), len(blocks)
+    src = np.concatenate(blocks)
+    dst = np.empty_like(src)
+    client = MooncakeDistributedStore()
+    if client.setup("127.0.0.1", master.metadata_server, segment, 16 << 20, "tcp", "", master.master) != 0:
+        raise RuntimeError("mooncake setup failed")
+    try:
+        for buf in (src, dst):
+            client.register_buffer(buf.ctypes.data, buf.nbytes)
+
+        def run(rep: int) -> tuple[float, float]:
+            names = [f"raw-{rep}-{i}" for i in range(n)]
+            t0 = time.perf_counter()
+            for r in _batches(n):
+                codes = client.batch_put_from(names[r.start:r.stop], [src.ctypes.data + i * size for i in r], [size] * len(r))
+                if any(c != 0 for c in codes):
+                    raise RuntimeError(f"raw mooncake put: {codes}")
+            t1 = time.perf_counter()
+            for r in _batches(n):
+                codes = client.batch_get_into(names[r.start:r.stop], [dst.ctypes.data + i * size for i in r], [size] * len(r))
+                if any(c != size for c in codes):
+                    raise RuntimeError(f"raw mooncake get: {codes}")
+            t2 = time.perf_counter()
+            client.batch_remove(names, True)
+            return t1 - t0, t2 - t1
+
+        return _best(reps, run)
+    finally:
+        client.close()
+
+
+def mooncake_cells(blocks: list[np.ndarray], outs: list[np.ndarray], reps: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Raw and tier timings, each the only client of its own fresh master.
+
+    With two clients on one master, the master may place a client's objects in the *other*
+    client's segment (a TCP transfer instead of a local copy); alone, each side puts into and
+    reads from its own segment, so both measure the same path.
+    """
+    segment = 2 * sum(len(b) for b in blocks) + (64 << 20)
+    with MooncakeMaster() as master:
+        raw = raw_mooncake(master, blocks, reps, segment)
+    with MooncakeMaster() as master:
+        tier = make_remote_tier(master.config(segment_bytes=segment, buffer_bytes=BATCH * len(blocks[0]) + (1 << 20)))
+        # As the store would with its DRAM arena: blocks put from registered memory leave
+        # without a staging copy.
+        arena = np.concatenate(blocks)
+        tier.register(arena)
+        size = len(blocks[0])
+        views = [arena[i * size:(i + 1) * size] for i in range(len(blocks))]
+        try:
+            return raw, tier_run(tier, views, outs, reps, "mc")
+        finally:
+            tier.close()
+
+
+def main() -> None:
+    """Parse arguments, run every cell, print the table."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default=f"{256 << 10},{1 << 20},{4 << 20}")
+    ap.add_argument("--total-mib", type=int, default=64, help="bytes moved per cell and repetition")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--dir", default=None, help="directory for the hf3fs cells (default: a temp dir)")
+    ap.add_argument("--skip-mooncake", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    total = args.total_mib << 20
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.dir) as base:
+        raw_dir = os.path.join(base, "raw")
+        os.makedirs(raw_dir)
+        hf = make_remote_tier({"kind": "hf3fs", "path": os.path.join(base, "tier")})
+        try:
+            for size in (int(s) for s in args.sizes.split(",")):
+                n = max(BATCH, total // size)
+                rng = np.random.default_rng(size)
+                blocks = [rng.integers(0, 256, size, dtype=np.uint8) for _ in range(n)]
+                outs = [np.empty(size, dtype=np.uint8) for _ in range(n)]
+                cells = [("hf3fs", raw_directory(raw_dir, blocks, outs, args.reps), tier_run(hf, blocks, outs, args.reps, "hf"))]
+                if not args.skip_mooncake:
+                    cells.append(("mooncake", *mooncake_cells(blocks, outs, args.reps)))
+                for kind, (rp, rg), (tp, tg) in cells:
+                    moved = n * size / 1e9
+                    rows.append({"tier": kind, "block_bytes": size, "blocks": n,
+                                 "raw_put_gbs": moved / rp, "tier_put_gbs": moved / tp, "put_ratio": rp / tp,
+                                 "raw_get_gbs": moved / rg, "tier_get_gbs": moved / tg, "get_ratio": rg / tg})
+        finally:
+            hf.close()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    print(f"{'tier':9} {'block':>8} {'raw put':>9} {'tier put':>9} {'ratio':>6} {'raw get':>9} {'tier get':>9} {'ratio':>6}   (GB/s)")
+    for r in rows:
+        print(f"{r['tier']:9} {r['block_bytes'] >> 10:>6}Ki {r['raw_put_gbs']:9.2f} {r['tier_put_gbs']:9.2f} "
+              f"{r['put_ratio']:6.2f} {r['raw_get_gbs']:9.2f} {r['tier_get_gbs']:9.2f} {r['get_ratio']:6.2f}")
+
+
+if __name__ == "__main__":
+    main()

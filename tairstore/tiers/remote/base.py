@@ -1,0 +1,134 @@
+"""The interface every remote tier offers the store, and what all of them share.
+
+A remote tier is a **shared cache**: several stores (processes, daemons, machines) configured
+with the same remote and namespace see each other's blocks; none of them may treat it as the
+durable copy. Its contract:
+
+- every call is batched and answers per key; no call raises because the remote is down or a
+  block is damaged — an unreachable remote makes every key a miss (or a put that did not
+  happen) and marks the tier unhealthy (:mod:`~tairstore.tiers.remote.health`);
+- a block read back is verified with its crc32c before a byte of it is returned: a mismatch is
+  a miss, counted in ``corruptions``, and the damaged block is removed (invariant R1);
+- blocks are immutable by key: putting a key that already exists keeps the existing block;
+- argument errors (bad key, namespace, buffer, a block too large for the tier) raise
+  :class:`~tairstore.errors.InvalidArgumentError`.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from tairstore.errors import InvalidArgumentError
+from tairstore.tiers.remote.health import HealthTracker
+from tairstore.validate import check_data, check_keys, check_namespace, check_out
+
+__all__ = ["RemoteTier"]
+
+_COUNTERS = ("puts", "put_bytes", "put_failures", "hits", "hit_bytes", "misses", "corruptions",
+             "deletes")
+
+
+class RemoteTier(abc.ABC):
+    """Batched put / get_into / sizes / exists / delete on a shared remote store."""
+
+    #: ``"mooncake"`` or ``"hf3fs"``.
+    kind: str = ""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.health = HealthTracker(retry_s=config["retry_s"], failure_threshold=config["failure_threshold"])
+        self._prefix = config["prefix"]
+        self._counter_lock = threading.Lock()
+        self._counters = dict.fromkeys(_COUNTERS, 0)
+
+    # -- the interface -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def put(self, namespace: str, keys: Sequence[bytes], blocks: Sequence[Any]) -> list[bool]:
+        """Store each block under ``(namespace, key)``; True where the remote holds it now
+        (also when it already did), False where it could not (unreachable, full)."""
+
+    @abc.abstractmethod
+    def get_into(self, namespace: str, keys: Sequence[bytes], outs: Sequence[Any]) -> list[int | None]:
+        """Copy each verified block into its buffer; its length, or None for a miss.
+
+        Raises:
+            InvalidArgumentError: a buffer is smaller than the block found for its key.
+        """
+
+    @abc.abstractmethod
+    def sizes(self, namespace: str, keys: Sequence[bytes]) -> list[int | None]:
+        """Each block's payload length, None where the remote has no such block."""
+
+    @abc.abstractmethod
+    def delete(self, namespace: str, keys: Sequence[bytes]) -> int:
+        """Remove the blocks; the number removed."""
+
+    @abc.abstractmethod
+    def usage(self) -> dict[str, int]:
+        """``{"used_bytes": ..., "capacity_bytes": ...}`` as far as this process can tell."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the connection and files; the remote's blocks stay for the other users."""
+
+    # -- shared ----------------------------------------------------------------------------------
+
+    def exists(self, namespace: str, keys: Sequence[bytes]) -> list[bool]:
+        """Whether the remote holds each block."""
+        return [s is not None for s in self.sizes(namespace, keys)]
+
+    @property
+    def healthy(self) -> bool:
+        """False while the tier is skipped after failures (see :class:`HealthTracker`)."""
+        return self.health.healthy
+
+    def stats(self) -> dict[str, Any]:
+        """The tier for ``stats()["tiers"]["remote"]``: kind, health, usage and counters."""
+        with self._counter_lock:
+            counters = dict(self._counters)
+        return {"kind": self.kind, **self.health.as_dict(), **self.usage(), **counters}
+
+    def _count(self, **deltas: int) -> None:
+        with self._counter_lock:
+            for name, delta in deltas.items():
+                self._counters[name] += delta
+
+    def object_name(self, namespace: str, key: bytes) -> str:
+        """The remote's name for a block: prefix, namespace, hex key (readable by operators)."""
+        return f"{self._prefix}{namespace}/{key.hex()}"
+
+    @staticmethod
+    def _check_keys(namespace: str, keys: Sequence[bytes]) -> list[bytes]:
+        check_namespace(namespace)
+        return check_keys(keys)
+
+    @staticmethod
+    def _check_put(namespace: str, keys: Sequence[bytes], blocks: Sequence[Any]) -> tuple[list[bytes], list[memoryview]]:
+        return RemoteTier._check_batch(namespace, keys, blocks, check_data, "blocks")
+
+    @staticmethod
+    def _check_get(namespace: str, keys: Sequence[bytes], outs: Sequence[Any]) -> tuple[list[bytes], list[memoryview]]:
+        return RemoteTier._check_batch(namespace, keys, outs, check_out, "output buffers")
+
+    @staticmethod
+    def _check_batch(namespace: str, keys: Sequence[bytes], buffers: Sequence[Any],
+                     check: Any, what: str) -> tuple[list[bytes], list[memoryview]]:
+        keys = RemoteTier._check_keys(namespace, keys)
+        views = [check(b) for b in buffers]
+        if len(views) != len(keys):
+            raise InvalidArgumentError(f"{len(keys)} keys but {len(views)} {what}")
+        return keys, views
+
+    def _count_puts(self, views: Sequence[memoryview], done: Sequence[bool]) -> None:
+        ok = sum(done)
+        self._count(puts=ok, put_bytes=sum(len(v) for v, d in zip(views, done) if d),
+                    put_failures=len(done) - ok)
+
+    def _count_reads(self, found: Sequence[int | None], corruptions: int) -> None:
+        hits = [n for n in found if n is not None]
+        self._count(hits=len(hits), hit_bytes=sum(hits), misses=len(found) - len(hits),
+                    corruptions=corruptions)

@@ -1,0 +1,318 @@
+"""The Mooncake Store remote tier: one Mooncake object per block, shared through its master.
+
+Theory of operation
+-------------------
+Each block is one object named ``<prefix><namespace>/<hex key>``. The object is the payload as
+it is, followed by a 20-byte trailer (:data:`TRAILER`): magic ``TSR1``, the payload's crc32c,
+its length and the crc32c of the object name. An operator who fetches an object sees the block's
+bytes first; a reader checks the trailer before it hands out a byte, so a damaged object, a
+truncated one, or one stored under another name is a miss and a counted corruption, never wrong
+bytes (R1), and the damaged object is removed for every user.
+
+Transfers are Mooncake's zero-copy batch calls, ``batch_put_from`` and ``batch_get_into``, on a
+staging buffer registered once with ``register_buffer``: a put copies each payload into it (and
+checksums it), a get lands there and is verified before the one copy into the caller's buffer.
+The staging buffer bounds one batch; longer batches go in several rounds.
+
+Mooncake keeps an object in the memory segment of the client process that put it (this
+process lends ``segment_bytes`` to the pool at setup): when that process exits, its objects are
+gone; a restarted master forgets every object. The tier is a shared cache, never the durable
+copy. Calls against a dead master fail (``RPC_FAIL``) — a put only after about 4 s — so every
+batch first asks the :class:`~tairstore.tiers.remote.health.HealthTracker` and the client's
+cheap ``health_check()``; an unhealthy tier answers misses at once and is probed every
+``retry_s`` until the master answers again (the client re-mounts its segment by itself).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from tairstore.errors import InvalidArgumentError
+from tairstore.format.checksum import crc32c
+from tairstore.tiers.remote.base import RemoteTier
+from tairstore.validate import check_out
+
+__all__ = ["MooncakeTier", "TRAILER", "encode_trailer", "OBJECT_NOT_FOUND", "RPC_FAIL"]
+
+_log = logging.getLogger(__name__)
+
+#: ``magic | payload crc32c u32 | payload length u64 | object-name crc32c u32``, little-endian.
+TRAILER = struct.Struct("<4sIQI")
+_MAGIC = b"TSR1"
+
+# Mooncake's ErrorCode values the tier tells apart (mooncake-store/include/types.h).
+OBJECT_NOT_FOUND = -704
+OBJECT_ALREADY_EXISTS = -705
+RPC_FAIL = -900
+#: Codes at or below this (metadata / etcd errors) also mean "the service is not reachable".
+_SERVICE_ERRORS = -1000
+#: How long opening the tier waits for the setup before answering misses (a live local master
+#: answers in about 0.1 s).
+_CONNECT_WAIT_S = 5.0
+
+
+def _unreachable(code: int) -> bool:
+    return code == RPC_FAIL or code <= _SERVICE_ERRORS
+
+
+def encode_trailer(name: str, payload: memoryview) -> bytes:
+    """The trailer stored after ``payload`` in the object called ``name``."""
+    return TRAILER.pack(_MAGIC, crc32c(payload), len(payload), crc32c(name.encode()))
+
+
+class MooncakeTier(RemoteTier):
+    """Blocks in a Mooncake Store cluster (see the module docstring)."""
+
+    kind = "mooncake"
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        try:
+            from mooncake.store import MooncakeDistributedStore
+        except ImportError as exc:
+            raise InvalidArgumentError(
+                f"remote kind 'mooncake' needs the Mooncake wheel (pip install 'tairstore[mooncake]'): {exc}"
+            ) from None
+        self._factory = MooncakeDistributedStore
+        self._lock = threading.Lock()          # one batch at a time owns the staging buffer
+        self._staging = np.empty(config["buffer_bytes"], dtype=np.uint8)
+        self._staging_ptr = self._staging.ctypes.data
+        self._max_payload = config["buffer_bytes"] - TRAILER.size
+        self._used = 0
+        self._client = None
+        self._connector: threading.Thread | None = None
+        self._closed = False
+        # (start, end, array) of memory registered through register(); the array keeps it alive.
+        self._regions: list[tuple[int, int, np.ndarray]] = []
+        # Mooncake's setup against an unreachable master blocks for a long time (about 90 s
+        # here), so it runs in the background: the tier answers misses until it is connected.
+        self._start_connect()
+        self._connector.join(_CONNECT_WAIT_S)
+        if self._client is None:
+            self.health.failure()
+
+    # -- connection ------------------------------------------------------------------------------
+
+    def _start_connect(self) -> None:
+        self._connector = threading.Thread(target=self._connect, name="mooncake-setup", daemon=True)
+        self._connector.start()
+
+    def _connect(self) -> bool:
+        cfg = self.config
+        client = self._factory()
+        rc = client.setup(cfg["local_hostname"], cfg["metadata_server"], cfg["segment_bytes"],
+                          # Mooncake's own transfer buffer: unused by the *_from/_into calls.
+                          16 << 20, cfg["protocol"], cfg["rdma_devices"], cfg["master"])
+        if rc != 0:
+            _log.warning("mooncake setup against %s failed (%d)", cfg["master"], rc)
+            client.close()
+            return False
+        rc = client.register_buffer(self._staging_ptr, self._staging.nbytes)
+        if rc != 0:
+            client.close()
+            _log.warning("mooncake register_buffer failed (%d)", rc)
+            return False
+        with self._lock:
+            if self._closed:           # closed while this setup ran in the background
+                client.close()
+                return False
+            self._client = client
+        return True
+
+    def _ready(self) -> bool:
+        """Gate one batch: health tracker first, then (re)connect or the client's own check."""
+        if not self.health.allow():
+            return False
+        if self._client is None:
+            # Not connected (yet): this probe starts another setup unless one is running.
+            if not self._connector.is_alive():
+                self._start_connect()
+            self.health.failure()
+            return False
+        # health_check() is local and cheap; it turns non-zero once the client's ping to the
+        # master fails, which spares a put the 4 s RPC timeout.
+        if self._client.health_check() != 0:
+            self.health.failure()
+            return False
+        return True
+
+    def _settle(self, codes: Sequence[int]) -> None:
+        """Feed the health tracker from one batch's result codes."""
+        if any(_unreachable(c) for c in codes):
+            self.health.failure()
+        else:
+            self.health.success()
+
+    def _rounds(self, lengths: Sequence[int]) -> list[range]:
+        """Split a batch into rounds whose staged bytes fit the staging buffer."""
+        rounds, start, used = [], 0, 0
+        for i, n in enumerate(lengths):
+            if used + n > self._staging.nbytes and i > start:
+                rounds.append(range(start, i))
+                start, used = i, 0
+            used += n
+        if start < len(lengths):
+            rounds.append(range(start, len(lengths)))
+        return rounds
+
+    def register(self, buffer: Any) -> None:
+        """Register memory (e.g. the store's DRAM arena) with Mooncake, so blocks put from it
+        leave without a staging copy. The buffer must stay alive while the tier is open.
+
+        Raises:
+            InvalidArgumentError: not a writable C-contiguous buffer, or Mooncake refused it.
+        """
+        arr = np.frombuffer(check_out(buffer), dtype=np.uint8)
+        with self._lock:
+            if self._client is None or self._client.register_buffer(arr.ctypes.data, arr.nbytes) != 0:
+                raise InvalidArgumentError("mooncake tier is not connected, or refused to register the buffer")
+            self._regions.append((arr.ctypes.data, arr.ctypes.data + arr.nbytes, arr))
+
+    def _registered_ptr(self, view: memoryview) -> int | None:
+        """The address of ``view`` if it lies inside registered memory, else None."""
+        if not self._regions or len(view) == 0:
+            return None
+        start = np.frombuffer(view, dtype=np.uint8).ctypes.data
+        for lo, hi, _ in self._regions:
+            if lo <= start and start + len(view) <= hi:
+                return start
+        return None
+
+    # -- the interface ---------------------------------------------------------------------------
+
+    def put(self, namespace: str, keys: Sequence[bytes], blocks: Sequence[Any]) -> list[bool]:
+        """See :meth:`RemoteTier.put`; a block larger than ``buffer_bytes`` minus the trailer
+        raises InvalidArgumentError."""
+        keys, views = self._check_put(namespace, keys, blocks)
+        for v in views:
+            if len(v) > self._max_payload:
+                raise InvalidArgumentError(
+                    f"block of {len(v)} bytes exceeds the mooncake tier's {self._max_payload} (buffer_bytes)")
+        done = [False] * len(keys)
+        ptrs = [self._registered_ptr(v) for v in views]
+        with self._lock:
+            # A registered payload goes out from where it is (zero copy); only its trailer is
+            # staged. Any other payload is copied into the staging buffer first.
+            staged = [TRAILER.size + (len(v) if p is None else 0) for v, p in zip(views, ptrs)]
+            for rnd in self._rounds(staged):
+                if not self._ready():
+                    break
+                names, parts, sizes, off = [], [], [], 0
+                for i in rnd:
+                    name, v = self.object_name(namespace, keys[i]), views[i]
+                    if ptrs[i] is None:
+                        self._staging[off:off + len(v)] = np.frombuffer(v, dtype=np.uint8)
+                        payload_ptr, off = self._staging_ptr + off, off + len(v)
+                    else:
+                        payload_ptr = ptrs[i]
+                    self._staging[off:off + TRAILER.size] = np.frombuffer(encode_trailer(name, v), dtype=np.uint8)
+                    names.append(name)
+                    parts.append([payload_ptr, self._staging_ptr + off])
+                    sizes.append([len(v), TRAILER.size])
+                    off += TRAILER.size
+                codes = self._client.batch_put_from_multi_buffers(names, parts, sizes)
+                self._settle(codes)
+                for i, code in zip(rnd, codes):
+                    done[i] = code == 0 or code == OBJECT_ALREADY_EXISTS
+                    if code == 0:
+                        self._used += len(views[i])
+        self._count_puts(views, done)
+        return done
+
+    def get_into(self, namespace: str, keys: Sequence[bytes], outs: Sequence[Any]) -> list[int | None]:
+        """See :meth:`RemoteTier.get_into`."""
+        keys, views = self._check_get(namespace, keys, outs)
+        found: list[int | None] = [None] * len(keys)
+        too_small: list[bytes] = []
+        damaged: list[str] = []
+        cap = self._staging.nbytes
+        with self._lock:
+            for rnd in self._rounds([min(len(v) + TRAILER.size, cap) for v in views]):
+                if not self._ready():
+                    break
+                names, ptrs, sizes, off = [], [], [], 0
+                for i in rnd:
+                    names.append(self.object_name(namespace, keys[i]))
+                    ptrs.append(self._staging_ptr + off)
+                    sizes.append(min(len(views[i]) + TRAILER.size, cap))
+                    off += sizes[-1]
+                codes = self._client.batch_get_into(names, ptrs, sizes)
+                self._settle(codes)
+                for i, name, ptr, code in zip(rnd, names, ptrs, codes):
+                    if code < 0:
+                        if code != OBJECT_NOT_FOUND and not _unreachable(code):
+                            # e.g. the object is larger than the buffer offered for it.
+                            too_small.append(keys[i])
+                        continue
+                    n = self._verify(name, ptr - self._staging_ptr, code)
+                    if n is None:
+                        damaged.append(name)
+                    elif n > len(views[i]):
+                        too_small.append(keys[i])
+                    else:
+                        start = ptr - self._staging_ptr
+                        views[i][:n] = self._staging[start:start + n].data
+                        found[i] = n
+            if damaged and self._client is not None:
+                self._client.batch_remove(damaged, True)
+        self._count_reads(found, len(damaged))
+        if too_small:
+            raise InvalidArgumentError(
+                f"output buffer too small for remote block(s) {[k.hex() for k in too_small][:4]}")
+        return found
+
+    def _verify(self, name: str, start: int, total: int) -> int | None:
+        """The payload length of the object staged at ``start``, or None if it is damaged."""
+        if total < TRAILER.size:
+            _log.warning("remote object %s: %d bytes, shorter than its trailer", name, total)
+            return None
+        n = total - TRAILER.size
+        magic, crc, length, name_crc = TRAILER.unpack_from(self._staging, start + n)
+        payload = self._staging[start:start + n]
+        if magic != _MAGIC or length != n or name_crc != crc32c(name.encode()) or crc != crc32c(payload):
+            _log.warning("remote object %s failed its checksum; dropped", name)
+            return None
+        return n
+
+    def sizes(self, namespace: str, keys: Sequence[bytes]) -> list[int | None]:
+        """See :meth:`RemoteTier.sizes`."""
+        keys = self._check_keys(namespace, keys)
+        out: list[int | None] = [None] * len(keys)
+        with self._lock:
+            if not self._ready():
+                return out
+            codes = [self._client.get_size(self.object_name(namespace, k)) for k in keys]
+        self._settle(codes)
+        return [c - TRAILER.size if c >= TRAILER.size else None for c in codes]
+
+    def delete(self, namespace: str, keys: Sequence[bytes]) -> int:
+        """See :meth:`RemoteTier.delete`; removes despite Mooncake's put lease (force)."""
+        keys = self._check_keys(namespace, keys)
+        with self._lock:
+            if not self._ready():
+                return 0
+            codes = self._client.batch_remove([self.object_name(namespace, k) for k in keys], True)
+        self._settle(codes)
+        removed = sum(1 for c in codes if c == 0)
+        self._count(deletes=removed)
+        return removed
+
+    def usage(self) -> dict[str, int]:
+        """``used_bytes``: payload this process put (the master's pool-wide figure is on its
+        metrics port); ``capacity_bytes``: the segment this process lends to the pool."""
+        return {"used_bytes": self._used, "capacity_bytes": self.config["segment_bytes"]}
+
+    def close(self) -> None:
+        """Leave the cluster: this process's segment, and the objects in it, go away."""
+        # A setup still running in the background finishes on its own and sees _closed.
+        with self._lock:
+            self._closed = True
+            if self._client is not None:
+                self._client.close()
+                self._client = None
