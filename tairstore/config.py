@@ -88,6 +88,9 @@ class StoreConfig:
     #: Run the maintenance thread. ``False`` (fsck, tools) leaves the store exactly as opened:
     #: no reaping, watermark eviction, TTL expiry or compaction unless called explicitly.
     background: bool = True
+    #: A remote tier shared with other stores (``{"kind": "mooncake", "master": ..., ...}`` or
+    #: ``{"kind": "hf3fs", "path": ...}``, docs/REMOTE.md); None: no remote tier.
+    remote: dict | None = None
     create: bool = True
     fs: FileSystem = field(default=REAL_FS, repr=False)
     #: Map the DRAM arena from this :class:`tairstore.tiers.dram.SharedBacking` (a file in
@@ -101,6 +104,10 @@ class StoreConfig:
         Types are checked before values, so a string or a bool where a number belongs is
         refused by name rather than failing later in a comparison or in numpy.
         """
+        if self.remote is not None:
+            from tairstore.tiers.remote.config import validate_remote_config
+
+            self.remote = validate_remote_config(self.remote)
         self.dram_bytes = check_int("dram_bytes", self.dram_bytes, 0)
         self.ssd_bytes = check_int("ssd_bytes", self.ssd_bytes, 0)
         memory = physical_memory()

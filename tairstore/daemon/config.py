@@ -66,7 +66,7 @@ DEFAULT_SHUTDOWN_GRACE_S = 10.0
 MIN_TOKEN_CHARS = 16  # shorter secrets are guessable over a network
 
 # Store options a daemon file may set; the rest (fs, create) make no sense for a daemon.
-_STORE_KEYS = tuple(f.name for f in fields(StoreConfig) if f.name not in ("fs", "create", "dram_backing"))
+_STORE_KEYS = tuple(f.name for f in fields(StoreConfig) if f.name not in ("fs", "create", "dram_backing", "remote"))
 _STORE_SIZES = {"dram_bytes", "ssd_bytes", "segment_bytes", "wal_file_bytes", "max_block_bytes"}
 
 _UNITS = {
@@ -376,7 +376,20 @@ def _shm(where: _Where, cfg: DaemonConfig, table: Any) -> None:
     cfg.shm = out if t.get("enabled", True) else None
 
 
+def _remote(where: _Where, cfg: DaemonConfig, table: Any) -> None:
+    """``[remote]``: the store's remote tier, the same keys as ``tairstore.open(remote=...)``."""
+    from tairstore.tiers.remote.config import validate_remote_config
+
+    if not isinstance(table, dict):
+        raise where.error("remote", None, "must be a table")
+    try:
+        cfg.store["remote"] = validate_remote_config(table)
+    except InvalidArgumentError as exc:
+        raise where.error("remote", None, str(exc)) from None
+
+
 _SECTIONS = {
+    "remote": _remote,
     "server": _server,
     "store": _store,
     "limits": _limits,

@@ -1,7 +1,8 @@
 """Maintenance: the background thread's work.
 
-One pass reaps expired write sessions, expires TTLs, keeps every tier between its watermarks
-and takes one background compaction step (:mod:`tairstore.engine.compaction`). The thread runs
+One pass reaps expired write sessions, expires TTLs, keeps every tier between its watermarks,
+demotes evicted blocks to the remote tier (when there is one) and takes one background
+compaction step (:mod:`tairstore.engine.compaction`). The thread runs
 a pass every ``maintenance_interval_s``; :meth:`Maintenance.run_pass` runs one now, which is
 what tests and tools with ``background=False`` call instead of waiting for the thread.
 
@@ -54,6 +55,8 @@ class Maintenance:
         self._reap = reap
         self._remove = remove
         self._compactor = compactor
+        #: Demotes blocks the SSD tier evicted to the remote tier (None without one).
+        self.demote: Callable[[], int] | None = None
         self._last_truncate = 0.0
         self._last_ttl_sweep = 0.0
         self.wake = threading.Event()
@@ -93,6 +96,8 @@ class Maintenance:
             self._last_ttl_sweep = now
             self.sweep_ttl()
         self.enforce_watermarks()
+        if self.demote is not None:
+            self.demote()
         compactor = self._compactor()
         if compactor is not None and self._life.fatal is None:
             compactor.background_step()

@@ -54,6 +54,8 @@ class Placement:
         self.space = space
         self.counters = counters
         self.remove = remove
+        #: Called with ``(key, block)`` before a block is evicted whole (demotion to remote).
+        self.on_evict: Callable[..., None] | None = None
 
     # -- admission (store lock held) -------------------------------------------------------
     def ssd_room_needed(self, ns: str, todo: list[tuple[bytes, int]]) -> int:
@@ -236,6 +238,8 @@ class Placement:
             self.drop_dram(k, b)
             return b.size
         self.counters["evictions_" + tier] += 1
+        if self.on_evict is not None:
+            self.on_evict(k, b)
         self.remove([k], tombstones=False)
         return b.size
 

@@ -55,21 +55,27 @@ class Reads:
         self._placement = placement
         self._counters = counters
         self._remove = remove
+        #: The remote tier's part (:class:`~tairstore.engine.remote.RemotePart`), or None.
+        self.remote: Any = None
+        #: Copies a remote hit into the local tiers: ``promote(ns, key, view)``.
+        self.promote: Callable[..., Any] | None = None
 
     # ---------------------------------------------------------------------------- read path
     def get(self, k: Key) -> memoryview | None:
         """The block's bytes, or None on a miss (see :meth:`tairstore.engine.store.Store.get`)."""
         with self._lock:
             self._life.check_open()
-            b = self._lookup(k)
-            if b is None:
+            b = self._lookup(k, count_miss=self.remote is None)
+            if b is None and self.remote is None:
                 return None
-            if b.dram is not None:
+            if b is not None and b.dram is not None:
                 # R2: the view pins its slot; eviction skips pinned slots.
                 view = self._dram.pinned_view(b.dram)
                 if not self.config.verify_dram_reads:
                     self._count_hit("dram")
                     return view
+        if b is None:
+            return self._get_from_remote(k)
         if b.dram is not None:
             if crc32c(view) == b.crc:
                 with self._lock:
@@ -79,6 +85,22 @@ class Reads:
             self.drop_corrupt(k, b, "DRAM copy")
             return None
         return self._get_from_ssd(k, b)
+
+    def _get_from_remote(self, k: Key) -> memoryview | None:
+        """A local miss asked of the remote tier (verified there); a hit is copied into the
+        local tiers unless ``promote_on="never"``."""
+        view = self.remote.read(k[0], k[1])
+        with self._lock:
+            if view is None:
+                self._counters["misses"] += 1
+                return None
+            self._count_hit("remote")
+        if self.promote is not None and self.config.promote_on != "never":
+            try:
+                self.promote(k[0], k[1], view)
+            except StoreError as exc:  # full, or failed: the caller still gets its bytes
+                log.debug("promotion of a remote hit skipped: %s", exc)
+        return view
 
     def get_many(self, ns: str, keys: list[bytes], memory_only: bool) -> list[memoryview | None] | None:
         """:meth:`get` of many keys with one store-lock round for the lookups.
@@ -99,12 +121,14 @@ class Reads:
                 blocks = self._catalog.blocks
                 for key in keys:
                     b = blocks.get((ns, key))
-                    if b is not None and b.dram is None:
-                        return None
+                    if (b is not None and b.dram is None) or (b is None and self.remote is not None):
+                        return None  # on SSD, or perhaps on the remote tier: not from memory
+            remote_misses: list[int] = []
             for i, key in enumerate(keys):
                 k = (ns, key)
-                b = self._lookup(k)
+                b = self._lookup(k, count_miss=self.remote is None)
                 if b is None:
+                    remote_misses.append(i)
                     continue
                 if b.dram is None:
                     from_ssd.append((i, k, b))
@@ -124,6 +148,9 @@ class Reads:
                 self.drop_corrupt(k, b, "DRAM copy")
         for i, k, b in from_ssd:
             out[i] = self._get_from_ssd(k, b)
+        if self.remote is not None:
+            for i in remote_misses:
+                out[i] = self._get_from_remote((ns, keys[i]))
         return out
 
     def get_into_many(self, ns: str, keys: list[bytes], dsts: list[memoryview]) -> list[int]:
@@ -204,8 +231,9 @@ class Reads:
             self._count_hit("dram")
         return view, slot
 
-    def _lookup(self, k: Key) -> Block | None:
-        """The block, touching its policies; None (counted) on a miss or expiry (store lock held)."""
+    def _lookup(self, k: Key, *, count_miss: bool = True) -> Block | None:
+        """The block, touching its policies; None (counted unless ``count_miss`` is False: the
+        caller asks the remote tier next) on a miss or expiry (store lock held)."""
         b = self._catalog.blocks.get(k)
         if b is not None:
             st = self._catalog.namespaces[k[0]]
@@ -216,7 +244,8 @@ class Reads:
             else:
                 self._catalog.touch(k, b)
                 return b
-        self._counters["misses"] += 1
+        if count_miss:
+            self._counters["misses"] += 1
         return None
 
     def _count_hit(self, tier: str) -> None:
@@ -317,14 +346,22 @@ class Reads:
             b = self._catalog.blocks.get(k)
             if b is not None and len(dst) < b.size:
                 raise InvalidArgumentError(f"out holds {len(dst)} bytes; the block has {b.size}")
-            b = self._lookup(k)
-            if b is None:
+            b = self._lookup(k, count_miss=self.remote is None)
+            if b is None and self.remote is None:
                 return 0
-            slot = b.dram
+            slot = b.dram if b is not None else None
             if slot is not None:
                 # Pinned by copy_out itself; taking the pin under the store lock means no
                 # eviction can release the slot first.
                 self._dram.copy_out(slot, dst)
+        if b is None:
+            view = self._get_from_remote(k)
+            if view is None:
+                return 0
+            if len(dst) < len(view):
+                raise InvalidArgumentError(f"out holds {len(dst)} bytes; the block has {len(view)}")
+            dst[: len(view)] = view
+            return len(view)
         if slot is not None:
             if self.config.verify_dram_reads and crc32c(dst[: b.size]) != b.crc:
                 self.drop_corrupt(k, b, "DRAM copy")
@@ -348,7 +385,12 @@ class Reads:
         with self._lock:
             self._life.check_open()
             blocks = self._catalog.blocks
-            return [(ns, k) in blocks for k in keys]
+            hits = [(ns, k) in blocks for k in keys]
+        if self.remote is not None and not all(hits):
+            missing = [i for i, h in enumerate(hits) if not h]
+            for i, there in zip(missing, self.remote.exists(ns, [keys[i] for i in missing])):
+                hits[i] = there
+        return hits
 
     def match(self, ns: str, keys: list[bytes], mode: str, window: int | None) -> MatchResult:
         """Match a chain of keys (see :mod:`tairstore.engine.match`)."""
@@ -365,4 +407,9 @@ class Reads:
                 else:
                     hits.append(True)
                     tiers.append("dram" if b.dram is not None else "ssd")
+        if self.remote is not None and not all(hits):
+            missing = [i for i, h in enumerate(hits) if not h]
+            for i, there in zip(missing, self.remote.exists(ns, [keys[i] for i in missing])):
+                if there:
+                    hits[i], tiers[i] = True, "remote"
         return match_mask(hits, tiers, mode, window)

@@ -44,6 +44,7 @@ from tairstore.engine.maintenance import Maintenance
 from tairstore.engine.match import MatchResult
 from tairstore.engine.placement import Placement
 from tairstore.engine.reads import Reads
+from tairstore.engine.remote import RemotePart
 from tairstore.engine.session import WriteSession
 from tairstore.engine.ssd_space import SsdSpace, segment_size
 from tairstore.engine.writes import Writes
@@ -59,13 +60,14 @@ __all__ = ["Store", "open_store", "DEFAULT_NAMESPACE", "PLACEMENTS"]
 
 log = logging.getLogger(__name__)
 
-PLACEMENTS = ("auto", "dram", "ssd")
+PLACEMENTS = ("auto", "dram", "ssd", "remote")
 
 #: The counters ``stats()["counters"]`` reports (0 when never incremented).
 COUNTERS = ("hits", "misses", "hits_dram", "hits_ssd", "checksum_errors", "read_errors",
             "puts", "deletes", "trimmed", "expired", "bytes_written", "evictions_dram",
             "evictions_ssd", "watermark_evictions", "promotions", "leases_expired",
-            "recovered_blocks", "recovery_dropped")
+            "recovered_blocks", "recovery_dropped", "hits_remote", "demotions", "demotion_failures",
+            "demotions_missed", "demotions_dropped")
 
 
 def _check_session_type(session: Any) -> None:
@@ -98,6 +100,7 @@ class Store:
         self._writes: Writes | None = None
         self.compactor: Compactor | None = None
         self._maintenance: Maintenance | None = None
+        self._remote: RemotePart | None = None
         self._dir = DataDir(self.path, self._fs, create=config.create)
         try:
             self._open()
@@ -136,6 +139,8 @@ class Store:
             self._ssd.open()
             self._space = SsdSpace(self._ssd, cfg.ssd_bytes)
         self._build_parts()
+        if cfg.remote is not None:
+            self._open_remote(cfg.remote)
         if not self._durable:
             # A volatile cache: nothing on disk describes blocks, so nothing to recover.
             return
@@ -179,6 +184,18 @@ class Store:
             journal=self._journal, counters=counters, reap=writes.reap_expired,
             remove=writes.remove, compactor=lambda: self.compactor)
 
+    def _open_remote(self, config: dict) -> None:
+        """Open the remote tier and hook it into the parts: reads fall through to it, evicted
+        SSD blocks are demoted to it, hits come back into the local tiers."""
+        from tairstore.tiers.remote import make_remote_tier
+
+        tier = make_remote_tier(config)
+        remote = self._remote = RemotePart(tier, self._ssd, self._counters)
+        self._reads.remote = remote
+        self._reads.promote = lambda ns, key, view: self._writes.put(ns, key, view, "auto", None)
+        self._placement.on_evict = remote.note_evicted
+        self._maintenance.demote = remote.demote
+
     def _before_index_commit(self, lsn: int) -> None:
         """Runs in the index writer before each LMDB commit (which LMDB itself fsyncs).
 
@@ -207,6 +224,8 @@ class Store:
             raise InvalidArgumentError("tier='ssd' asked of a store without an SSD tier (ssd_bytes=0)")
         if tier == "dram" and self._dram is None:
             raise InvalidArgumentError("tier='dram' asked of a store without a DRAM tier (dram_bytes=0)")
+        if tier == "remote" and self._remote is None:
+            raise InvalidArgumentError("tier='remote' asked of a store without a remote tier (remote=None)")
         return tier
 
     # ------------------------------------------------------------------------ namespaces
@@ -355,6 +374,10 @@ class Store:
         mv = check_data(data)
         self._check_size(len(mv))
         tier = self._check_tier(tier)
+        if tier == "remote":
+            # Straight to the remote tier; no local copy (False: unreachable or full).
+            self._life.check_writable()
+            return self._remote.put(ns, key, mv)
         return self._writes.put(ns, key, mv, tier, None if parent is None else self._key(parent))
 
     def put_many(self, keys: list[bytes], blocks: list[Any], *, namespace: str = DEFAULT_NAMESPACE,
@@ -390,8 +413,15 @@ class Store:
         return self._writes.put_many(ns, keys, mvs, tier, parents)
 
     def delete(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE) -> int:
-        """Delete blocks; returns how many existed. SSD space is reclaimed by compaction."""
-        return self._writes.delete(self._ns(namespace), self._keys(keys))
+        """Delete blocks; returns how many existed here. SSD space is reclaimed by compaction.
+
+        With a remote tier the keys are deleted there too (for every store sharing it).
+        """
+        ns, keys = self._ns(namespace), self._keys(keys)
+        n = self._writes.delete(ns, keys)
+        if self._remote is not None:
+            self._remote.delete(ns, keys)
+        return n
 
     def trim(self, namespace: str, mode: str = "all", ts: float | None = None) -> int:
         """Delete a namespace's blocks: ``"all"``, or ``"older_than"`` the Unix time ``ts``.
@@ -524,6 +554,8 @@ class Store:
 
         Costs O(namespaces), not O(blocks): counts are kept as blocks come and go.
         """
+        # Outside the store lock: it may ask the remote tier.
+        remote = self._remote.stats() if self._remote is not None else None
         with self._lock:
             self._life.check_open()
             catalog = self._catalog
@@ -541,6 +573,8 @@ class Store:
             if self._space is not None:
                 tiers["ssd"] = {"blocks": catalog.tier_blocks["ssd"], "bytes": ns_totals["ssd"],
                                 **self._space.stats(), "watermark": marks.state["ssd"]}
+            if remote is not None:
+                tiers["remote"] = remote
             namespaces = {
                 name: {"blocks": st.blocks, "bytes": st.used_total,
                        "tiers": {t: st.used[t] for t in TIERS}, "quota": st.quota_report()}
@@ -593,6 +627,8 @@ class Store:
             self._maintenance.shutdown()
             if self.compactor is not None:
                 self.compactor.wait_idle()
+            if self._remote is not None:
+                self._remote.close()
         finally:
             # Whatever failed above, the files are closed and the directory released, so the
             # store can be opened again (recovery takes it from there).

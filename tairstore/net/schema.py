@@ -273,7 +273,7 @@ def error_from_fields(fields: dict) -> StoreError:
 
 # ----------------------------------------------------------------------------------- match
 #: One byte per key in a MATCH answer: the fastest tier holding it.
-TIER_CODES = {None: 0, "dram": 1, "ssd": 2}
+TIER_CODES = {None: 0, "dram": 1, "ssd": 2, "remote": 3}
 _TIER_NAMES = {v: k for k, v in TIER_CODES.items()}
 
 

@@ -71,6 +71,35 @@ def _index_key(namespace: str, key: bytes) -> bytes:
     return bytes([len(ns)]) + ns + key
 
 
+# LMDB allows one environment per file per process: stores of one process that share a
+# directory share its environment (counted), as stores of different processes share its file.
+_ENVS: dict[str, list] = {}
+_ENVS_LOCK = threading.Lock()
+
+
+def _open_index(path: str, map_size: int) -> "lmdb.Environment":
+    key = os.path.realpath(path)
+    with _ENVS_LOCK:
+        entry = _ENVS.get(key)
+        if entry is None:
+            # sync off: a cache; the crc32c in each record catches what a crash loses.
+            env = lmdb.open(path, map_size=map_size, max_dbs=4, sync=False, metasync=False)
+            entry = _ENVS[key] = [env, 0]
+        entry[1] += 1
+        return entry[0]
+
+
+def _close_index(env: "lmdb.Environment") -> None:
+    with _ENVS_LOCK:
+        for key, entry in list(_ENVS.items()):
+            if entry[0] is env:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del _ENVS[key]
+                    env.close()
+                return
+
+
 class Hf3fsTier(RemoteTier):
     """Blocks in slots of shared files under ``path`` (see the module docstring)."""
 
@@ -85,9 +114,7 @@ class Hf3fsTier(RemoteTier):
             os.makedirs(os.path.join(self._dir, "index"), exist_ok=True)
         except OSError as exc:
             raise InvalidArgumentError(f"hf3fs path {self._dir!r} is not usable: {exc}") from None
-        # sync off: a cache; the crc32c in each record catches what a crash loses.
-        self._env = lmdb.open(os.path.join(self._dir, "index"), map_size=config["index_map_bytes"],
-                              max_dbs=4, sync=False, metasync=False)
+        self._env = _open_index(os.path.join(self._dir, "index"), config["index_map_bytes"])
         self._blocks = self._env.open_db(b"blocks")
         self._free = self._env.open_db(b"free")
         self._files = self._env.open_db(b"files")
@@ -286,4 +313,4 @@ class Hf3fsTier(RemoteTier):
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
-        self._env.close()
+        _close_index(self._env)

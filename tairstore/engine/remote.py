@@ -1,0 +1,165 @@
+"""The remote tier as the store uses it: puts straight to it, reads that fall through,
+demotion of blocks the SSD tier evicts, and its place in ``stats()``.
+
+Theory of operation
+-------------------
+The remote tier (Mooncake Store, 3FS: :mod:`tairstore.tiers.remote`) is a shared cache, never
+the durable copy: its blocks are not in the local catalog or index. So:
+
+- **Reads fall through.** A key the catalog does not hold is asked of the remote tier (when it
+  is healthy), which verifies the block's crc32c itself: a damaged block is a miss and a counted
+  corruption there (R1). A hit is copied into the local tiers unless ``promote_on="never"``.
+- **match / exists** count a remote block as a hit, with tier ``"remote"``; one batched
+  ``exists`` per call, for the keys the catalog lacks.
+- **Demotion.** A block that the SSD tier evicts (whole, by its policy) is queued here under the
+  store lock (its place, size and checksum); :meth:`demote` then reads those records outside the
+  lock and puts them to the remote tier. The record is dead once evicted, so compaction may have
+  removed it first: that block is simply not demoted (counted). The queue is bounded.
+- **An unreachable tier** is skipped at once (its health tracker says so): local reads and
+  writes never wait on it, and remote-only blocks are misses, never exceptions.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections import Counter
+from typing import Any
+
+from tairstore.errors import InvalidArgumentError, StoreError
+
+__all__ = ["RemotePart", "MAX_DEMOTION_QUEUE"]
+
+log = logging.getLogger("tairstore.engine.store")
+
+#: Evicted blocks waiting to be demoted; past this the oldest are dropped (and counted).
+MAX_DEMOTION_QUEUE = 4096
+#: Blocks per remote put when demoting.
+DEMOTION_BATCH = 16
+
+
+class RemotePart:
+    """The store's side of a remote tier.
+
+    Args:
+        tier: the open :class:`~tairstore.tiers.remote.base.RemoteTier`.
+        ssd: the segment log demoted records are read from (None without an SSD tier).
+        counters: the store's counters (``hits_remote``, ``demotions``, ...).
+    """
+
+    def __init__(self, tier: Any, ssd: Any, counters: Counter) -> None:
+        self.tier = tier
+        self._ssd = ssd
+        self._counters = counters
+        self._queue: collections.deque = collections.deque()
+
+    # -- reads ----------------------------------------------------------------------------
+    def _usable(self) -> bool:
+        return bool(self.tier.healthy)
+
+    def exists(self, ns: str, keys: list[bytes]) -> list[bool]:
+        """Per key, whether the remote tier holds it (all False while it is unhealthy)."""
+        if not keys or not self._usable():
+            return [False] * len(keys)
+        try:
+            return list(self.tier.exists(ns, keys))
+        except (StoreError, OSError) as exc:
+            log.warning("remote exists failed (a miss): %s", exc)
+            return [False] * len(keys)
+
+    def read(self, ns: str, key: bytes) -> memoryview | None:
+        """The block's verified bytes, or None (a miss, an unhealthy tier, a failure)."""
+        if not self._usable():
+            return None
+        try:
+            size = self.tier.sizes(ns, [key])[0]
+            if size is None:
+                return None
+            buf = bytearray(size)
+            got = self.tier.get_into(ns, [key], [buf])[0]
+        except (StoreError, OSError) as exc:
+            log.warning("remote read failed (a miss): %s", exc)
+            return None
+        if got is None:
+            return None
+        return memoryview(buf)[:got].toreadonly()
+
+    # -- writes ---------------------------------------------------------------------------
+    def put(self, ns: str, key: bytes, mv: memoryview) -> bool:
+        """Store one block on the remote tier only; False if it could not (unhealthy, full)."""
+        if not self._usable():
+            return False
+        try:
+            return bool(self.tier.put(ns, [key], [mv])[0])
+        except InvalidArgumentError:
+            raise
+        except (StoreError, OSError) as exc:
+            log.warning("remote put failed: %s", exc)
+            return False
+
+    def delete(self, ns: str, keys: list[bytes]) -> int:
+        """Delete from the remote tier too; returns how many it held (0 while unhealthy)."""
+        if not keys or not self._usable():
+            return 0
+        try:
+            return int(self.tier.delete(ns, keys))
+        except (StoreError, OSError) as exc:
+            log.warning("remote delete failed: %s", exc)
+            return 0
+
+    # -- demotion -------------------------------------------------------------------------
+    def note_evicted(self, k: tuple[str, bytes], b: Any) -> None:
+        """Queue an evicted block's SSD record for demotion (store lock held)."""
+        if b.ssd is None or self._ssd is None:
+            return
+        if len(self._queue) >= MAX_DEMOTION_QUEUE:
+            self._queue.popleft()
+            self._counters["demotions_dropped"] += 1
+        self._queue.append((k[0], k[1], b.size, b.crc, b.ssd))
+
+    def demote(self, limit: int = MAX_DEMOTION_QUEUE) -> int:
+        """Put queued evicted blocks to the remote tier (no store lock); returns how many."""
+        done = 0
+        while self._queue and done < limit and self._usable():
+            batch = []
+            while self._queue and len(batch) < DEMOTION_BATCH:
+                batch.append(self._queue.popleft())
+            by_ns: dict[str, tuple[list[bytes], list[bytearray]]] = {}
+            for ns, key, size, crc, (seg, off, length) in batch:
+                buf = bytearray(size)
+                try:
+                    self._ssd.read_into(seg, off, length, buf, namespace=ns, key=key, expected_crc=crc)
+                except (StoreError, OSError):
+                    self._counters["demotions_missed"] += 1  # compacted away, or unreadable
+                    continue
+                keys, bufs = by_ns.setdefault(ns, ([], []))
+                keys.append(key)
+                bufs.append(buf)
+            for ns, (keys, bufs) in by_ns.items():
+                try:
+                    stored = self.tier.put(ns, keys, bufs)
+                except (StoreError, OSError) as exc:
+                    log.warning("demotion to the remote tier failed: %s", exc)
+                    stored = [False] * len(keys)
+                n = sum(bool(s) for s in stored)
+                done += n
+                self._counters["demotions"] += n
+                self._counters["demotion_failures"] += len(keys) - n
+        return done
+
+    @property
+    def pending(self) -> int:
+        """Evicted blocks waiting to be demoted."""
+        return len(self._queue)
+
+    def stats(self) -> dict[str, Any]:
+        """``stats()["tiers"]["remote"]``: the tier's own counters, ``healthy`` among them."""
+        out = dict(self.tier.stats())
+        out["healthy"] = bool(out.get("healthy", self.tier.healthy))
+        out["demotion_queue"] = len(self._queue)
+        return out
+
+    def close(self) -> None:
+        """Close the tier (queued demotions are dropped: the remote tier is a cache)."""
+        self._queue.clear()
+        self.tier.close()
