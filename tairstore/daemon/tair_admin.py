@@ -31,8 +31,7 @@ def open_tair_storage(cfg: "TairConfig", data_dir: str) -> TairStorage:
     root = os.path.abspath(cfg.root_path or os.path.join(data_dir, "tair-files"))
     storage = TairStorage(os.path.join(data_dir, TABLE_FILE), root)
     for s in cfg.storages:
-        storage.add_storage({"global_unique_name": s["name"], "type": s.get("type", ""),
-                             "storage_spec": s.get("storage_spec") or {}})
+        storage.add_storage(s)
     for g in cfg.instance_groups:
         exists = g["name"] in storage.groups
         storage.put_group(g["name"], list(g.get("storages") or []), int(g.get("quota_bytes", 0)),
