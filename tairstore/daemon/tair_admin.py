@@ -89,11 +89,15 @@ class TairAdmin:
         return json_response({"header": _header("OK", "OK", rid), **(out if isinstance(out, dict) else {})})
 
     def _put_group(self, b: dict, *, create: bool) -> dict:
+        from tairstore.daemon.tair_compat import _int, _names
+
         g = b.get("instance_group") or b
+        if not isinstance(g, dict):
+            raise InvalidArgumentError("instance_group must be an object")
         version = b.get("current_version", g.get("version"))
-        rec = self.storage.put_group(_name(g, "name"), list(g.get("storage_candidates") or []),
-                                     int(g.get("quota_bytes", (g.get("quota") or {}).get("capacity", 0)) or 0),
-                                     version=int(version) if version not in (None, "") and not create else None,
+        rec = self.storage.put_group(_name(g, "name"), _names(g, "storage_candidates"),
+                                     _int(g.get("quota_bytes", 0) or 0, "quota_bytes", 0),
+                                     version=_int(version, "current_version") if version not in (None, "") and not create else None,
                                      create=create)
         return {"instance_group": _group_out(rec)}
 

@@ -128,6 +128,42 @@ def _str(req: dict, field: str) -> str:
     return v
 
 
+def _names(req: dict, field: str) -> list[str]:
+    """A repeated string field (empty list when absent)."""
+    v = req.get(field) or []
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise InvalidArgumentError(f"{field} must be a list of strings")
+    return v
+
+
+def _spec_infos(raw: Any) -> list[dict]:
+    """``location_spec_infos``: unique names, sizes > 0."""
+    if not isinstance(raw, list) or not all(isinstance(s, dict) for s in raw):
+        raise InvalidArgumentError("location_spec_infos must be a list of {name, size}")
+    specs = [{"name": _str(s, "name"), "size": _int(s.get("size", 0), "location_spec_infos.size", 1)} for s in raw]
+    names = [s["name"] for s in specs]
+    if "" in names or len(set(names)) != len(names):
+        raise InvalidArgumentError("location_spec_infos: every spec needs a unique, non-empty name")
+    return specs
+
+
+def _spec_groups(raw: Any, specs: list[dict]) -> list[dict]:
+    """``location_spec_groups``: each names specs the instance has."""
+    if not raw:
+        return []
+    if not isinstance(raw, list) or not all(isinstance(g, dict) for g in raw):
+        raise InvalidArgumentError("location_spec_groups must be a list of {name, spec_names}")
+    known = {s["name"] for s in specs}
+    out = []
+    for g in raw:
+        names = _names(g, "spec_names")
+        unknown = sorted(set(names) - known)
+        if unknown:
+            raise InvalidArgumentError(f"location_spec_groups {g.get('name')!r}: unknown spec(s) {', '.join(unknown)}")
+        out.append({"name": _str(g, "name"), "spec_names": names})
+    return out
+
+
 def _mask(obj: Any, n: int, field: str) -> list[bool]:
     """A BlockMask as one bool per key: True = masked ([0, offset), or bool_masks values)."""
     if not obj:
@@ -135,7 +171,8 @@ def _mask(obj: Any, n: int, field: str) -> list[bool]:
     if not isinstance(obj, dict):
         raise InvalidArgumentError(f"{field} must be an object with offset or bool_masks")
     if "bool_masks" in obj:
-        vals = (obj["bool_masks"] or {}).get("values") or []
+        bm = obj["bool_masks"] or {}
+        vals = (bm.get("values") or []) if isinstance(bm, dict) else None
         if not isinstance(vals, list) or not all(isinstance(b, bool) for b in vals):
             raise InvalidArgumentError(f"{field}.bool_masks.values must be a list of booleans")
         if len(vals) != n:
@@ -281,12 +318,11 @@ class TairCompat:
         if missing:
             raise InvalidArgumentError("missing or invalid fields: " + ", ".join(missing))
         self.api.check(req, check_namespace(group))
-        specs = [{"name": s.get("name"), "size": _int(s.get("size", 0), "location_spec_infos.size")}
-                 for s in body["location_spec_infos"] if isinstance(s, dict)]
+        specs = _spec_infos(body["location_spec_infos"])
         qt = body.get("default_query_type", body.get("query_type"))
         rec = {"instance_id": body["instance_id"], "instance_group": group,
                "block_size": bs, "location_spec_infos": specs,
-               "location_spec_groups": body.get("location_spec_groups") or [],
+               "location_spec_groups": _spec_groups(body.get("location_spec_groups"), specs),
                "model_deployment": body["model_deployment"],
                "query_type": _enum(qt, QUERY_TYPES, "default_query_type")}
         await self.api.run(self.storage.register, rec)
@@ -314,7 +350,7 @@ class TairCompat:
             qt = inst.get("query_type") if inst.get("query_type") not in (None, "QT_UNSPECIFIED") else "QT_PREFIX_MATCH"
         if qt == "QT_PREFIX_MATCH_WITH_MAMBA":
             raise UnsupportedError("QT_PREFIX_MATCH_WITH_MAMBA is not supported; use QT_PREFIX_MATCH")
-        names = body.get("location_spec_names") or None
+        names = _names(body, "location_spec_names") or None
         found = await self.api.run(self.storage.lookup, inst["instance_id"], keys)
         if names:
             # A block serves a query only if it holds every spec asked for (hybrid models).
@@ -378,7 +414,7 @@ class TairCompat:
         inst = await self._instance(req, body)
         keys = self._keys(body, inst)
         all_specs = [s["name"] for s in inst["location_spec_infos"]]
-        groups = body.get("location_spec_group_names") or []
+        groups = _names(body, "location_spec_group_names")
         if groups:
             by_name = {g["name"]: list(g.get("spec_names") or []) for g in inst.get("location_spec_groups") or []}
             if len(groups) != len(keys):
@@ -414,6 +450,8 @@ class TairCompat:
             raise InvalidArgumentError("missing or invalid fields: success_blocks")
         n = await self.api.run(self.storage.session_len, inst["instance_id"], sid)
         sb = body["success_blocks"] or {}
+        if not isinstance(sb, dict):
+            raise InvalidArgumentError("success_blocks must be an object with offset or bool_masks")
         if "bool_masks" in sb:
             ok = _mask(sb, n, "success_blocks")
         else:
