@@ -33,9 +33,10 @@ def open_tair_storage(cfg: "TairConfig", data_dir: str) -> TairStorage:
     for s in cfg.storages:
         storage.add_storage(s)
     for g in cfg.instance_groups:
-        exists = g["name"] in storage.groups
-        storage.put_group(g["name"], list(g.get("storages") or []), int(g.get("quota_bytes", 0)),
-                          create=not exists)
+        old = storage.groups.get(g["name"])
+        want = (list(g.get("storages") or []), int(g.get("quota_bytes", 0)))
+        if old is None or (old["storage_candidates"], old["quota_bytes"]) != want:
+            storage.put_group(g["name"], *want, create=old is None)
     return storage
 
 
