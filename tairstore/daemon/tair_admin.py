@@ -71,14 +71,14 @@ class TairAdmin:
     async def __call__(self, req: Request) -> Response:
         """Answer one AdminService call in the manager's dialect."""
         from tairstore.daemon.api import json_response, parse_json
-        from tairstore.daemon.tair_compat import _header, _snake, status_code
+        from tairstore.daemon.tair_compat import _header, _snake, request_id_of, status_code
 
         method = req.path.rsplit("/", 1)[-1] if req.path.startswith("/api/") else ""
         try:
             body = _snake(parse_json(req.body)) if req.body else {}
         except InvalidArgumentError:
             return json_response({}, 400)
-        rid = str(body.get("trace_id") or "")
+        rid = request_id_of(body)
         fn = self.methods.get(method)
         if req.method != "POST" or fn is None:
             return json_response({"header": _header("UNSUPPORTED", f"no AdminService method {req.path}", rid)})

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import quote
@@ -182,6 +183,12 @@ def _mask(obj: Any, n: int, field: str) -> list[bool]:
     return [i < off for i in range(n)]
 
 
+def request_id_of(body: dict) -> str:
+    """``header.request_id`` as the manager forms it: ``<trace_id>_<microseconds since the epoch>``."""
+    trace = body.get("trace_id")
+    return f"{trace if isinstance(trace, str) else ''}_{time.time_ns() // 1000}"
+
+
 def status_code(exc: BaseException) -> str:
     """The manager's ErrorCode for a failure."""
     if isinstance(exc, (GroupMissing, InstanceMissing)):
@@ -250,7 +257,7 @@ class TairCompat:
             body = _snake(parse_json(req.body))
         except InvalidArgumentError:
             return json_response({}, 400)  # the manager answers an unparsable body 400 with {}
-        request_id = str(body.get("trace_id") or uuid.uuid4().hex)
+        request_id = request_id_of(body)
         defaults = RESPONSE_DEFAULTS.get(method, {})
         fn = self.methods.get(method)
         try:

@@ -29,10 +29,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from tairstore.errors import CapacityError, InvalidArgumentError, NotFoundError
+from tairstore.errors import CapacityError, InvalidArgumentError, NotFoundError, StoreError
 from tairstore.daemon.control import ConflictError
 
-__all__ = ["TairStorage", "StorageSpec", "GroupMissing", "InstanceMissing", "STORAGE_TYPES",
+__all__ = ["TairStorage", "StorageSpec", "GroupMissing", "InstanceMissing", "SessionMissing", "STORAGE_TYPES",
            "DEFAULT_GROUP", "DEFAULT_STORAGE", "TABLE_FILE"]
 
 TABLE_FILE = "tair-meta.json"
@@ -49,6 +49,11 @@ class GroupMissing(NotFoundError):
 
 class InstanceMissing(NotFoundError):
     """An instance that never registered (``INSTANCE_NOT_EXIST``)."""
+
+
+class SessionMissing(StoreError):
+    """An unknown (expired, finished or never started) write session; the manager answers
+    ``INTERNAL_ERROR`` (its ``EC_ERROR``), so this is no ``InvalidArgumentError``."""
 
 
 @dataclass
@@ -297,7 +302,7 @@ class TairStorage:
         with self.lock:
             sess = self.sessions.get(sid)
             if sess is None or sess["instance_id"] != iid:
-                raise InvalidArgumentError(f"write session {sid} does not exist for instance {iid}")
+                raise SessionMissing(f"finish write cache failed: write_session_id not found: {sid}")
             return len(sess["keys"])
 
     def start_write(self, iid: str, keys: list[str], spec_names: list[list[str]], lease_s: float) -> dict:
@@ -337,7 +342,7 @@ class TairStorage:
         with self.lock:
             sess = self.sessions.get(sid)
             if sess is None or sess["instance_id"] != iid:
-                raise InvalidArgumentError(f"write session {sid} does not exist for instance {iid}")
+                raise SessionMissing(f"finish write cache failed: write_session_id not found: {sid}")
             if len(ok) != len(sess["keys"]):
                 raise InvalidArgumentError(f"success_blocks has {len(ok)} values for {len(sess['keys'])} blocks")
             table = self.blocks.setdefault(iid, {})

@@ -181,6 +181,10 @@ def test_trtllm_token_ids_and_errors_in_the_managers_dialect(daemon):
     assert resp["header"]["status"]["code"] == "INSTANCE_NOT_EXIST" and "nope" in resp["header"]["status"]["message"]
     assert resp["storage_configs"] == "" and resp["extra_info"] == ""
     assert _post(base, "getCacheLocation", b"{not json") == (400, {})
+    status, resp = _post(base, "finishWriteCache", {"trace_id": "tr", "instance_id": "trt", "write_session_id": "nope",
+                                                    "success_blocks": {"offset": 0}})
+    assert resp["header"]["status"]["code"] == "INTERNAL_ERROR"  # the manager's EC_ERROR
+    assert resp["header"]["request_id"].startswith("tr_") and resp["header"]["request_id"][3:].isdigit()
     ci = ok(base, "getClusterInfo", {"instance_id": "unregistered"})
     assert ci["self_node_id"] == ci["leader_node_id"] == ci["leader_endpoint"]["node_id"]
     # finish claiming success for a block whose file vanished is refused
