@@ -406,15 +406,23 @@ class TairCompat:
         return "Cache locations retrieved successfully", {"locations": locs}
 
     async def get_cache_meta(self, req: Request, body: dict):
+        """Every requested key's block, serving or being written; ``metas[i]`` is the manager's
+        JSON string ``{"id", "status"}`` (``CLS_SERVING``, ``CLS_WRITING``, ``CLS_NOT_FOUND``)."""
         inst = await self._instance(req, body)
         keys = self._keys(body, inst)
         masked = _mask(body.get("block_mask"), len(keys), "block_mask")
         keys = [k for k, mk in zip(keys, masked) if not mk]
-        found = await self.api.run(self.storage.lookup, inst["instance_id"], keys)
-        locs = [self._location(inst, b) for b in found]
-        metas = [json.dumps({"key": str(int.from_bytes(bytes.fromhex(k), "big", signed=True)) if len(k) == 16 else k,
-                             "exists": b is not None,
-                             "write_timestamp": int(b["mtime"]) if b else 0}) for k, b in zip(keys, found)]
+        found = await self.api.run(self.storage.peek, inst["instance_id"], keys)
+        all_specs = [s["name"] for s in inst["location_spec_infos"]]
+        locs, metas = [], []
+        for k, b in zip(keys, found):
+            if b is None:
+                locs.append({"type": STORAGE_TYPE, "spec_size": 0, "location_specs": []})
+                metas.append(json.dumps({"status": "CLS_NOT_FOUND"}))
+                continue
+            serving = bool(b["specs"])
+            locs.append(self._location(inst, b if serving else dict(b, specs=all_specs)))
+            metas.append(json.dumps({"id": k, "status": "CLS_SERVING" if serving else "CLS_WRITING"}))
         return "Cache metadata retrieved successfully", {"locations": locs, "metas": metas}
 
     async def start_write_cache(self, req: Request, body: dict):
@@ -440,7 +448,7 @@ class TairCompat:
         for k in keys:
             mask.append(not (k in todo and k not in seen))
             seen.add(k)
-        blocks = await self.api.run(self.storage.lookup_raw, inst["instance_id"], list(todo))
+        blocks = await self.api.run(self.storage.peek, inst["instance_id"], list(todo))
         locs = [self._location(inst, dict(b, specs=todo[k]), todo[k]) for k, b in zip(todo, blocks)]
         n = mask.index(False) if False in mask else len(mask)
         clean = all(mask[:n]) and not any(mask[n:])
@@ -478,16 +486,12 @@ class TairCompat:
     async def trim_cache(self, req: Request, body: dict):
         inst = await self._instance(req, body)
         strategy = _enum(body.get("strategy"), TRIM_STRATEGIES, "strategy")
-        if strategy in ("TS_REMOVE_ALL_CACHE", "TS_REMOVE_ALL_META"):
-            self.api.check(req, inst["instance_group"], admin=True)
-            await self.api.run(self.storage.trim, inst["instance_id"], None)
-        elif strategy == "TS_TIMESTAMP":
-            ts = _int(body.get("end_timestamp", 0), "end_timestamp") or _int(body.get("begin_timestamp", 0), "begin_timestamp")
-            if ts <= 0:
-                raise InvalidArgumentError("TS_TIMESTAMP needs end_timestamp (or begin_timestamp), seconds since the epoch")
-            await self.api.run(self.storage.trim, inst["instance_id"], float(ts))
-        else:
+        if strategy == "TS_UNSPECIFIED":
             raise InvalidArgumentError("missing or invalid fields: strategy")
+        if strategy != "TS_REMOVE_ALL_CACHE":  # as the manager: only remove-all is implemented
+            raise UnsupportedError(f"trim strategy {strategy} is not implemented; use TS_REMOVE_ALL_CACHE")
+        self.api.check(req, inst["instance_group"], admin=True)
+        await self.api.run(self.storage.trim, inst["instance_id"])
         return "Cache trimmed successfully", {}
 
     async def get_cluster_info(self, req: Request, body: dict):

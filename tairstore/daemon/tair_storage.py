@@ -291,11 +291,11 @@ class TairStorage:
                     out.append(None)
             return out
 
-    def lookup_raw(self, iid: str, keys: list[str]) -> list[dict]:
-        """The block records of ``keys`` (serving or being written), for their locations."""
+    def peek(self, iid: str, keys: list[str]) -> list[dict | None]:
+        """The block records of ``keys``, serving or being written (None: absent); no LRU touch."""
         with self.lock:
             table = self.blocks.get(iid, {})
-            return [dict(table[k]) for k in keys]
+            return [dict(table[k]) if k in table else None for k in keys]
 
     def session_len(self, iid: str, sid: str) -> int:
         """How many locations write session ``sid`` handed out."""
@@ -380,12 +380,10 @@ class TairStorage:
             self._save()
             return n
 
-    def trim(self, iid: str, before: float | None) -> int:
-        """trimCache: every block of the instance, or those written before ``before``."""
+    def trim(self, iid: str) -> int:
+        """trimCache ``TS_REMOVE_ALL_CACHE``: every block of the instance, bytes too."""
         with self.lock:
-            table = self.blocks.get(iid, {})
-            keys = [k for k, b in table.items() if before is None or b["mtime"] < before]
-            return self.remove(iid, keys)
+            return self.remove(iid, list(self.blocks.get(iid, {})))
 
     def _drop(self, iid: str, keys: list[str]) -> int:
         table = self.blocks.get(iid, {})

@@ -207,3 +207,22 @@ def test_quota_evicts_least_recent_and_deletes_bytes(daemon):
     assert not os.path.exists(paths[0]) and os.path.exists(paths[2])
     n = ok(base, "getCacheLocationLen", {"instance_id": "q", "query_type": "QT_BATCH_GET", "block_keys": ["1", "2", "3"]})
     assert n["cache_location_len"] == "2"
+
+
+def test_cache_meta_and_trim_as_the_manager(daemon):
+    base = daemon.http_url
+    register(base, "meta", "default")
+    start = ok(base, "startWriteCache", {"instance_id": "meta", "block_keys": ["1", "2"]})
+    ok(base, "finishWriteCache", {"instance_id": "meta", "write_session_id": start["write_session_id"],
+                                  "success_blocks": {"bool_masks": {"values": [True, False]}}})
+    pending = ok(base, "startWriteCache", {"instance_id": "meta", "block_keys": ["3"]})
+    metas = ok(base, "getCacheMeta", {"instance_id": "meta", "block_keys": ["1", "2", "3"]})["metas"]
+    assert [json.loads(m)["status"] for m in metas] == ["CLS_SERVING", "CLS_NOT_FOUND", "CLS_WRITING"]
+    for strategy in ("TS_REMOVE_ALL_META", "TS_TIMESTAMP"):
+        _, resp = _post(base, "trimCache", {"instance_id": "meta", "strategy": strategy, "end_timestamp": 1})
+        assert resp["header"]["status"]["code"] == "UNSUPPORTED"
+    path = local_path(pending["locations"][0]["location_specs"][0]["uri"])[0]
+    ok(base, "trimCache", {"instance_id": "meta", "strategy": "TS_REMOVE_ALL_CACHE"})
+    assert not os.path.exists(path)
+    n = ok(base, "getCacheLocationLen", {"instance_id": "meta", "query_type": "QT_BATCH_GET", "block_keys": ["1"]})
+    assert n["cache_location_len"] == "0"
