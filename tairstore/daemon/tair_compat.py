@@ -55,7 +55,9 @@ INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 QUERY_TYPES = ("QT_UNSPECIFIED", "QT_BATCH_GET", "QT_PREFIX_MATCH", "QT_REVERSE_ROLL_SW_MATCH",
                "QT_PREFIX_MATCH_WITH_MAMBA")
 TRIM_STRATEGIES = ("TS_UNSPECIFIED", "TS_REMOVE_ALL_CACHE", "TS_REMOVE_ALL_META", "TS_TIMESTAMP")
-STORAGE_TYPE = "ST_UNSPECIFIED"  # the manager's StorageType enum has no member for tairstore
+STORAGE_TYPE = "ST_UNSPECIFIED"  # a location with no storage (a miss)
+STORAGE_ENUM = ("ST_UNSPECIFIED", "ST_3FS", "ST_MOONCAKE", "ST_TAIRMEMPOOL", "ST_NFS", "ST_VCNS_3FS",
+                "ST_DUMMY", "ST_VINEYARD")
 DEFAULT_WRITE_TIMEOUT_S = 30
 
 #: The manager's ErrorCode for each failure kind (first match wins).
@@ -208,7 +210,7 @@ RESPONSE_DEFAULTS: dict[str, dict] = {
     "getInstanceInfo": {"instance_group": "", "instance_info": {}},
     "getCacheLocation": {"locations": []},
     "getCacheLocationLen": {"cache_location_len": "0"},
-    "getCacheLocationsByBackend": {"locations": []},
+    "getCacheLocationsByBackend": {"key_locations": []},
     "getCacheMeta": {"locations": [], "metas": []},
     "startWriteCache": {"write_session_id": "", "block_mask": {}, "locations": []},
     "getClusterInfo": {"self_node_id": "", "leader_node_id": "", "leader_endpoint": {}},
@@ -398,12 +400,22 @@ class TairCompat:
         return "Cache location length retrieved successfully", {"cache_location_len": str(n)}
 
     async def get_cache_locations_by_backend(self, req: Request, body: dict):
+        """One ``CacheLocationVector`` per key: the block's location when its storage type is one
+        of ``backend_selectors[].backend_type`` (an empty vector for a miss), QT_BATCH_GET only."""
+        if _enum(body.get("query_type"), QUERY_TYPES, "query_type") != "QT_BATCH_GET":
+            raise InvalidArgumentError("GetCacheLocationsByBackend only supports QT_BATCH_GET")
+        sel = body.get("backend_selectors") or []
+        if not isinstance(sel, list) or not all(isinstance(x, dict) for x in sel):
+            raise InvalidArgumentError("backend_selectors must be a list of {backend_type, strategy}")
+        if not sel:
+            raise InvalidArgumentError("backend_selectors must not be empty")
+        wanted = {_enum(x.get("backend_type"), STORAGE_ENUM, "backend_selectors.backend_type") for x in sel}
         inst, blocks, _, names, _ = await self._match(req, body)
-        want = body.get("storage_type") or body.get("backend")
-        locs = [self._location(inst, b, names) for b in blocks]
-        if want:
-            locs = [loc for loc in locs if loc["type"] == want]
-        return "Cache locations retrieved successfully", {"locations": locs}
+        out = []
+        for b in blocks:
+            loc = self._location(inst, b, names) if b else None
+            out.append({"locations": [loc] if loc and loc["type"] in wanted else []})
+        return "Cache locations retrieved successfully", {"key_locations": out}
 
     async def get_cache_meta(self, req: Request, body: dict):
         """Every requested key's block, serving or being written; ``metas[i]`` is the manager's

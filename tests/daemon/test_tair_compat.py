@@ -151,6 +151,13 @@ def test_keys_are_per_instance_and_batch_get_misses(daemon):
     mine = ok(base, "getCacheLocation", {"instance_id": "sgl-a", "query_type": "QT_BATCH_GET",
                                          "block_keys": ["5"], "block_mask": {"offset": 1}})
     assert mine["locations"][0]["type"] == "ST_NFS" and mine["locations"][0]["spec_size"] == 2
+    by = {"instance_id": "sgl-a", "query_type": "QT_BATCH_GET", "block_keys": ["5", "6"]}
+    nfs = ok(base, "getCacheLocationsByBackend", {**by, "backend_selectors": [{"backend_type": "ST_NFS"}]})
+    assert nfs["key_locations"] == [{"locations": mine["locations"]}, {"locations": []}]
+    other3fs = ok(base, "getCacheLocationsByBackend", {**by, "backend_selectors": [{"backend_type": "ST_3FS"}]})
+    assert other3fs["key_locations"] == [{"locations": []}, {"locations": []}]
+    _, resp = _post(base, "getCacheLocationsByBackend", {**by, "backend_selectors": []})
+    assert resp["header"]["status"]["code"] == "INVALID_ARGUMENT" and resp["key_locations"] == []
 
 
 def test_sglang_hybrid_full_linear_partial_groups(daemon):
