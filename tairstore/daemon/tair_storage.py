@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 import uuid
@@ -41,6 +42,9 @@ DEFAULT_STORAGE = "local_file"
 #: storage config ``type`` → the manager's ``StorageType`` enum name and the URI scheme.
 STORAGE_TYPES = {"file": ("ST_NFS", "file"), "hf3fs": ("ST_3FS", "3fs"),
                  "mooncake": ("ST_MOONCAKE", "mooncake")}
+
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
 
 class GroupMissing(NotFoundError):
@@ -84,15 +88,18 @@ class StorageSpec:
                 "storage_spec": dict(self.spec)}
 
     def uri(self, rel: str, offset: int, size: int) -> str:
-        """A location spec's URI in Tair's form for ``rel`` (path below the storage's root)."""
+        """A location spec's URI in Tair's form for ``rel`` (path below the storage's root).
+
+        The host is the storage's ``global_unique_name``: Tair's SDK picks the backend it writes
+        with by that name. A ``file`` path is absolute; a ``3fs`` path is below the mountpoint."""
         scheme = STORAGE_TYPES[self.type][1]
         if self.type == "file":
-            base = f"file://{os.path.join(self.spec['root_path'], rel)}"
+            path = os.path.join(os.path.abspath(self.spec["root_path"]), rel)
         elif self.type == "hf3fs":
-            base = f"3fs://{os.path.join(self.spec.get('root_dir', '').lstrip('/'), rel)}"
+            path = "/" + os.path.join(self.spec.get("root_dir", "").strip("/"), rel).lstrip("/")
         else:
-            base = f"{scheme}://{self.name}/{rel}"
-        return f"{base}?offset={offset}&size={size}"
+            path = "/" + rel
+        return f"{scheme}://{self.name}{path}?offset={offset}&size={size}"
 
 
 def parse_storage(obj: Any) -> StorageSpec:
@@ -103,8 +110,9 @@ def parse_storage(obj: Any) -> StorageSpec:
     typ = obj.get("type", "")
     spec = obj.get("storage_spec") or {k: v for k, v in obj.items()
                                        if k not in ("global_unique_name", "name", "type", "is_available")}
-    if not isinstance(name, str) or not name:
-        raise InvalidArgumentError("storage: missing global_unique_name")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InvalidArgumentError(f"storage: global_unique_name must be letters, digits, '_', '-' or '.' "
+                                   f"(it is the host of its location URIs), got {name!r}")
     if typ not in STORAGE_TYPES:
         raise InvalidArgumentError(f"storage {name}: type must be one of {', '.join(STORAGE_TYPES)}, got {typ!r}")
     if typ == "file" and not spec.get("root_path"):

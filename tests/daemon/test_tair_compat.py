@@ -49,7 +49,8 @@ def local_path(uri: str, mount: str | None = None) -> tuple[str, int, int]:
     scheme, _, rest = uri.partition("://")  # "3fs" is no RFC 3986 scheme: split by hand
     u = urlsplit("x://" + rest)
     q = parse_qs(u.query)
-    path = u.path if scheme == "file" else os.path.join(mount, (u.netloc + u.path).lstrip("/"))
+    # The host names the storage (Tair's SDK picks its backend by it); 3FS paths are below the mount.
+    path = u.path if scheme == "file" else os.path.join(mount, u.path.lstrip("/"))
     return path, int(q["offset"][0]), int(q["size"][0])
 
 
@@ -116,7 +117,7 @@ def test_vllm_3fs_write_read_and_storage_configs(daemon):
     for i, loc in enumerate(start["locations"]):
         assert loc["type"] == "ST_3FS"
         for spec in loc["location_specs"]:
-            assert spec["uri"].startswith("3fs://kvcache/")
+            assert spec["uri"].startswith("3fs://hf3fs_main/kvcache/g3fs/vllm-0/")
             payload[spec["uri"]] = bytes([i * 7 + len(spec["name"])]) * SPEC
             sdk_write(spec["uri"], payload[spec["uri"]], daemon.mount)
     ok(base, "finishWriteCache", {"instance_id": "vllm-0", "write_session_id": start["write_session_id"],
@@ -140,7 +141,7 @@ def test_keys_are_per_instance_and_batch_get_misses(daemon):
     register(base, "sgl-b", "default")
     start = ok(base, "startWriteCache", {"instance_id": "sgl-a", "block_keys": ["5"]})
     for spec in start["locations"][0]["location_specs"]:
-        assert spec["uri"].startswith("file://")
+        assert spec["uri"].startswith("file://local_file/")
         sdk_write(spec["uri"], b"x" * SPEC)
     ok(base, "finishWriteCache", {"instance_id": "sgl-a", "write_session_id": start["write_session_id"],
                                   "success_blocks": {"offset": 1}})
