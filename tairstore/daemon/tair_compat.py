@@ -214,6 +214,7 @@ RESPONSE_DEFAULTS: dict[str, dict] = {
     "getCacheMeta": {"locations": [], "metas": []},
     "startWriteCache": {"write_session_id": "", "block_mask": {}, "locations": []},
     "getClusterInfo": {"self_node_id": "", "leader_node_id": "", "leader_endpoint": {}},
+    "reportEvent": {"item_results": [], "extra_info": ""},
 }
 
 
@@ -517,8 +518,16 @@ class TairCompat:
         return "OK", {"self_node_id": self.node_id, "leader_node_id": self.node_id, "leader_endpoint": ep}
 
     async def report_event(self, req: Request, body: dict):
-        """Events are accepted and logged; tairstore keeps no event stream."""
-        return "OK", {}
+        """Checked as the manager checks it; with events, ``INSTANCE_NOT_EXIST``: tairstore has
+        no event-reporting storage backend (the manager's Vineyard events)."""
+        iid, host = _str(body, "instance_id"), _str(body, "host_ip_port")
+        if not iid or not host:
+            raise InvalidArgumentError("empty instance_id or host_ip_port")
+        if not body.get("events"):
+            return "OK", {}
+        if _enum(body.get("storage_type"), STORAGE_ENUM, "storage_type") == "ST_UNSPECIFIED":
+            raise InvalidArgumentError("storage_type is required")
+        raise InstanceMissing(f"EventReportingBackend not found for instance: {iid}")
 
 
 def _with_header(resp: Response, code: str, message: str, request_id: str) -> Response:

@@ -193,6 +193,9 @@ def test_trtllm_token_ids_and_errors_in_the_managers_dialect(daemon):
                                                     "success_blocks": {"offset": 0}})
     assert resp["header"]["status"]["code"] == "INTERNAL_ERROR"  # the manager's EC_ERROR
     assert resp["header"]["request_id"].startswith("tr_") and resp["header"]["request_id"][3:].isdigit()
+    assert ok(base, "reportEvent", {"instance_id": "trt", "host_ip_port": "10.0.0.1:80"})["item_results"] == []
+    _, resp = _post(base, "reportEvent", {"instance_id": "trt", "host_ip_port": ""})
+    assert resp["header"]["status"]["code"] == "INVALID_ARGUMENT"
     ci = ok(base, "getClusterInfo", {"instance_id": "unregistered"})
     assert ci["self_node_id"] == ci["leader_node_id"] == ci["leader_endpoint"]["node_id"]
     # finish claiming success for a block whose file vanished is refused
