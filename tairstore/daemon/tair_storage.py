@@ -233,7 +233,7 @@ class TairStorage:
     def storage_configs(self, group: str) -> list[dict]:
         """``storage_configs`` for an instance of ``group``: its storages, ``is_available`` each."""
         with self.lock:
-            return [self.storages[s].config() for s in self.groups[group]["storage_candidates"]
+            return [self.storages[s].config() for s in self.group(group)["storage_candidates"]
                     if s in self.storages]
 
     # ------------------------------------------------------------------ instances
