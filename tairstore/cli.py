@@ -1,7 +1,7 @@
 """The ``tairstore`` command line.
 
 Subcommands: ``serve`` (the cache daemon), ``demo`` (a tour of the embedded store), ``fsck``
-(check or rebuild a data directory) and ``sim`` (HiSim).
+(check or rebuild a data directory), ``sim`` (HiSim) and ``optimize`` (trace replay).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import logging
 import sys
 import tempfile
 import time
+
+from tairstore.config import DURABILITY_MODES
 
 __all__ = ["main", "build_parser"]
 
@@ -101,7 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     # Flags beat the file: a quick "--port 0" must not need a config edit.
-    for name in ("data_dir", "host", "port", "http_port"):
+    for name in ("data_dir", "host", "port", "http_port", "access_log"):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
@@ -143,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=_port, help="data protocol port (default 7480; 0: any free port)")
     s.add_argument("--http-port", type=_port, help="HTTP API port (default 7481; 0: any free port)")
+    s.add_argument("--access-log", metavar="FILE",
+                   help="record every prefix lookup in FILE (rotating) for `tairstore optimize "
+                        "--format tairstore-events` (default: off)")
     s.add_argument("--dram", type=_size, help="DRAM tier size, e.g. 4G (default: 25%% of available memory, cap 8G)")
     s.add_argument("--ssd", type=_size, help="SSD tier size, e.g. 64G; 0 for none (default: 50%% of free disk, cap 64G)")
     s.set_defaults(func=cmd_serve)
@@ -153,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--block-bytes", type=_size, default=_size("256K"))
     d.add_argument("--dram", type=_size, default=_size("64M"))
     d.add_argument("--ssd", type=_size, default=_size("256M"))
-    d.add_argument("--durability", choices=("sync", "batch", "none"), default="sync")
+    d.add_argument("--durability", choices=DURABILITY_MODES, default="sync")
     d.set_defaults(func=cmd_demo)
 
     f = sub.add_parser("fsck", help="check a data directory against its segments")
@@ -172,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tairstore.fuzz.cli import add_parser as add_fuzz
 
     add_fuzz(sub)
+    from tairstore.policy.cli import add_parser as add_optimize
+
+    add_optimize(sub)
     return p
 
 

@@ -40,8 +40,9 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from tairstore.config import COMPRESSIONS, DURABILITY_MODES, MAX_NAMESPACE_BYTES, StoreConfig
+from tairstore.config import COMPRESSIONS, DURABILITY_MODES, TIERS, StoreConfig
 from tairstore.errors import InvalidArgumentError
+from tairstore.validate import check_namespace
 from tairstore.daemon.auth import ALL_NAMESPACES, ROLES, TokenSpec
 
 __all__ = [
@@ -64,10 +65,9 @@ DEFAULT_DATA_DIR = "./tairstore-data"
 DEFAULT_HTTP_MAX_BODY_BYTES = 8 << 20  # a JSON request with ~500k token ids fits
 DEFAULT_SHUTDOWN_GRACE_S = 10.0
 MIN_TOKEN_CHARS = 16  # shorter secrets are guessable over a network
-TIERS = ("dram", "ssd")
 
 # Store options a daemon file may set; the rest (fs, create) make no sense for a daemon.
-_STORE_KEYS = tuple(f.name for f in fields(StoreConfig) if f.name not in ("fs", "create"))
+_STORE_KEYS = tuple(f.name for f in fields(StoreConfig) if f.name not in ("fs", "create", "dram_backing"))
 _STORE_SIZES = {"dram_bytes", "ssd_bytes", "segment_bytes", "wal_file_bytes", "max_block_bytes"}
 
 _UNITS = {
@@ -147,6 +147,8 @@ class DaemonConfig:
         tokens: bearer tokens; none means auth is off.
         namespaces: namespaces to create (or update) at start, with their quotas.
         shutdown_grace_s: how long SIGTERM waits for in-flight requests before cancelling them.
+        access_log: a file to record every prefix lookup (MATCH) in, for ``tairstore optimize
+            --format tairstore-events`` (None: off); rotated at 64 MiB, 4 old files kept.
         source: the file this came from (None for defaults).
     """
 
@@ -159,8 +161,10 @@ class DaemonConfig:
     tokens: list[TokenSpec] = field(default_factory=list)
     namespaces: dict[str, NamespaceQuota] = field(default_factory=dict)
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
+    access_log: str | None = None
     source: str | None = None
     tair: "TairConfig" = field(default_factory=lambda: TairConfig())
+    shm: "ShmConfig | None" = None  # [shm]: the DRAM arena in shared memory (None: private)
 
 
 class _Where:
@@ -206,7 +210,8 @@ def _positive_int(where: _Where, section: str, key: str, v: Any) -> int:
 
 
 def _server(where: _Where, cfg: DaemonConfig, table: Any) -> None:
-    t = _check_keys(where, "server", table, ("host", "port", "http_port", "data_dir", "shutdown_grace_s"))
+    t = _check_keys(where, "server", table, ("host", "port", "http_port", "data_dir", "shutdown_grace_s",
+                                              "access_log"))
     if "host" in t:
         if not isinstance(t["host"], str) or not t["host"]:
             raise where.error("server", "host", "must be an address such as \"127.0.0.1\"")
@@ -218,6 +223,10 @@ def _server(where: _Where, cfg: DaemonConfig, table: Any) -> None:
         if not isinstance(t["data_dir"], str) or not t["data_dir"]:
             raise where.error("server", "data_dir", "must be a directory path")
         cfg.data_dir = t["data_dir"]
+    if "access_log" in t:
+        if not isinstance(t["access_log"], str) or not t["access_log"]:
+            raise where.error("server", "access_log", "must be a file path")
+        cfg.access_log = t["access_log"]
     if "shutdown_grace_s" in t:
         v = t["shutdown_grace_s"]
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 3600:
@@ -314,8 +323,10 @@ def _namespaces(where: _Where, cfg: DaemonConfig, table: Any) -> None:
     out: dict[str, NamespaceQuota] = {}
     for name, t in table.items():
         sec = f"namespaces.{name}"
-        if not 1 <= len(name.encode()) <= MAX_NAMESPACE_BYTES:
-            raise where.error(sec, None, f"a namespace name is 1..{MAX_NAMESPACE_BYTES} bytes")
+        try:
+            check_namespace(name)
+        except InvalidArgumentError as exc:
+            raise where.error(sec, None, str(exc)) from None
         t = _check_keys(where, sec, t, ("total_bytes", "tier_bytes"))
         q = NamespaceQuota()
         if "total_bytes" in t:
@@ -330,6 +341,41 @@ def _namespaces(where: _Where, cfg: DaemonConfig, table: Any) -> None:
                 q.tier_bytes[tier] = _size(where, sec, f"tier_bytes.{tier}", v)
         out[name] = q
     cfg.namespaces = out
+
+
+@dataclass
+class ShmConfig:
+    """``[shm]``: put the DRAM arena in a file clients on this host map read-only.
+
+    Attributes:
+        dir: where the arena file is created (``/dev/shm``, or a hugetlbfs mount).
+        group: a group allowed to map it (mode 0640); empty: owner only (0600).
+        lease_s: how long a client's read lease lasts unless given back.
+    """
+
+    dir: str = "/dev/shm"
+    group: str = ""
+    lease_s: float = 60.0
+
+
+def _shm(where: _Where, cfg: DaemonConfig, table: Any) -> None:
+    t = _check_keys(where, "shm", table, ("enabled", "dir", "group", "lease_s"))
+    if not isinstance(t.get("enabled", True), bool):
+        raise where.error("shm", "enabled", "must be true or false")
+    out = ShmConfig()
+    for key in ("dir", "group"):
+        if key in t:
+            if not isinstance(t[key], str):
+                raise where.error("shm", key, "must be a string")
+            setattr(out, key, t[key])
+    if "lease_s" in t:
+        v = t["lease_s"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+            raise where.error("shm", "lease_s", "must be a positive number of seconds")
+        out.lease_s = float(v)
+    if not out.dir or not os.path.isdir(out.dir):
+        raise where.error("shm", "dir", f"{out.dir!r} is not a directory")
+    cfg.shm = out if t.get("enabled", True) else None
 
 
 @dataclass
@@ -374,6 +420,7 @@ _SECTIONS = {
     "tokens": _tokens,
     "namespaces": _namespaces,
     "tair": _tair,
+    "shm": _shm,
 }
 
 

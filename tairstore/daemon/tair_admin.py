@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Callable
 
-from tairstore.errors import InvalidArgumentError, StoreError
+from tairstore.errors import InvalidArgumentError, PermissionDeniedError, StoreError
 from tairstore.daemon.auth import ALL_NAMESPACES
 from tairstore.daemon.httpserver import Request, Response
 from tairstore.daemon.tair_storage import TABLE_FILE, TairStorage
@@ -70,8 +70,8 @@ class TairAdmin:
 
     async def __call__(self, req: Request) -> Response:
         """Answer one AdminService call in the manager's dialect."""
-        from tairstore.daemon.api import json_response, parse_json
-        from tairstore.daemon.tair_compat import _header, _snake, request_id_of, status_code
+        from tairstore.daemon.api import error_response, json_response, parse_json
+        from tairstore.daemon.tair_compat import _header, _snake, _with_header, request_id_of, status_code
 
         method = req.path.rsplit("/", 1)[-1] if req.path.startswith("/api/") else ""
         try:
@@ -84,6 +84,10 @@ class TairAdmin:
             return json_response({"header": _header("UNSUPPORTED", f"no AdminService method {req.path}", rid)})
         try:
             self.api.check(req, ALL_NAMESPACES, admin=True)
+        except PermissionDeniedError as exc:  # 401/403, as the rest of tairstore answers
+            self.api.events.auth("http", exc)
+            return _with_header(error_response(exc), "INVALID_ARGUMENT", str(exc), rid)
+        try:
             out = await self.api.run(fn, body)
         except StoreError as exc:
             return json_response({"header": _header(status_code(exc), str(exc), rid)})

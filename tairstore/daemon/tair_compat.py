@@ -31,6 +31,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import quote
 
+from tairstore.config import MAX_LEASE_S
 from tairstore.errors import (
     CapacityError,
     ClosedError,
@@ -256,6 +257,14 @@ class TairCompat:
         """Answer one MetaService call."""
         from tairstore.daemon.api import error_response, json_response, parse_json
 
+        request_id = request_id_of({})  # the body is not read before the token is checked
+        try:
+            # Before anything is looked up: without a known token nothing is answered, not even
+            # whether the instance named exists.
+            self.api.authenticate(req)
+        except PermissionDeniedError as exc:
+            self.api.events.auth("http", exc)
+            return _with_header(error_response(exc), "INVALID_ARGUMENT", str(exc), request_id)
         try:
             body = _snake(parse_json(req.body))
         except InvalidArgumentError:
@@ -271,6 +280,7 @@ class TairCompat:
                 raise ClosedError("the Tair KVCache tables are not open")
             out = await fn(req, body)
         except PermissionDeniedError as exc:
+            self.api.events.auth("http", exc)
             return _with_header(error_response(exc), "INVALID_ARGUMENT", str(exc), request_id)
         except StoreError as exc:
             return json_response({"header": _header(status_code(exc), str(exc), request_id), **defaults})
@@ -335,7 +345,15 @@ class TairCompat:
                "location_spec_groups": _spec_groups(body.get("location_spec_groups"), specs),
                "model_deployment": body["model_deployment"],
                "query_type": _enum(qt, QUERY_TYPES, "default_query_type")}
-        await self.api.run(self.storage.register, rec)
+        new = await self.api.run(self.storage.register, rec)
+        try:
+            # Also a tairstore instance (namespace = group), so tairstore's own endpoints and
+            # clients know it; this also refuses blocks larger than the store takes.
+            await self.api.run(self.control.register_instance, dict(rec))
+        except StoreError:
+            if new:
+                await self.api.run(self.storage.remove_instance, rec["instance_id"])
+            raise
         configs = await self.api.run(self.storage.storage_configs, group)
         return "Instance registered successfully", {"storage_configs": json.dumps(configs), "extra_info": ""}
 
@@ -453,7 +471,8 @@ class TairCompat:
             per_key = [by_name[g] for g in groups]
         else:
             per_key = [all_specs] * len(keys)
-        lease = _int(body.get("write_timeout_seconds", 0), "write_timeout_seconds", 0, 3600) or DEFAULT_WRITE_TIMEOUT_S
+        lease = _int(body.get("write_timeout_seconds", 0), "write_timeout_seconds", 0, int(MAX_LEASE_S)) \
+            or DEFAULT_WRITE_TIMEOUT_S
         rec = await self.api.run(self.storage.start_write, inst["instance_id"], keys, per_key, float(lease))
         todo = rec["todo"]
         seen: set[str] = set()

@@ -237,8 +237,9 @@ class TairStorage:
                     if s in self.storages]
 
     # ------------------------------------------------------------------ instances
-    def register(self, rec: dict) -> None:
-        """registerInstance: the group must exist; the same id again must carry the same fields."""
+    def register(self, rec: dict) -> bool:
+        """registerInstance: the group must exist; the same id again must carry the same fields.
+        Returns whether the instance is new."""
         with self.lock:
             self.group(rec["instance_group"])
             old = self.instances.get(rec["instance_id"])
@@ -248,10 +249,11 @@ class TairStorage:
                 if diff:
                     raise ConflictError(f"instance {rec['instance_id']} is registered with another "
                                         f"{', '.join(diff)}")
-                return
+                return False
             self.instances[rec["instance_id"]] = rec
             self.blocks.setdefault(rec["instance_id"], {})
             self._save()
+            return True
 
     def instance(self, iid: str) -> dict:
         """An instance's record; :class:`InstanceMissing` if absent."""

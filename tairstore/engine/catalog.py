@@ -125,12 +125,23 @@ class Catalog:
     def adopt(self, blocks: dict[Key, Block]) -> None:
         """Take recovered blocks (each with an SSD copy, no DRAM copy): usage and policies."""
         self.blocks.update(blocks)
-        for k, b in blocks.items():
-            st = self.namespaces.get(k[0]) or self.ns(k[0])
-            st.blocks += 1
-            st.used_total += b.size
-            st.used["ssd"] += b.size
-            st.policies["ssd"].on_insert(k[1], b.size, None)
+        # One pass; per-namespace sums are added at the end (a reopen of a million blocks
+        # spends its time here and in the policies' inserts).
+        counts: dict[str, list[int]] = {}
+        last_ns, inserts, tally = None, None, None
+        for (ns, key), b in blocks.items():
+            if ns != last_ns:
+                st = self.namespaces.get(ns) or self.ns(ns)
+                inserts, last_ns = st.policies["ssd"].on_insert, ns
+                tally = counts.setdefault(ns, [0, 0])
+            tally[0] += 1
+            tally[1] += b.size
+            inserts(key, b.size, None)
+        for ns, (n, nbytes) in counts.items():
+            st = self.namespaces[ns]
+            st.blocks += n
+            st.used_total += nbytes
+            st.used["ssd"] += nbytes
         self.tier_blocks["ssd"] += len(blocks)
         for name, heap in self._ttl_heaps.items():
             heap.extend((b.created_ns, k[1]) for k, b in blocks.items() if k[0] == name)

@@ -46,7 +46,7 @@ _USE_ERRORS = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class PendingBlock:
     """One reserved key of a session."""
 

@@ -51,15 +51,15 @@ from tairstore.errors import CapacityError, FatalIOError, InvalidArgumentError, 
 from tairstore.index.lmdb_index import Index
 from tairstore.tiers.dram import DramArena
 from tairstore.tiers.ssd import SegmentLog
-from tairstore.validate import check_data, check_key, check_keys, check_namespace, check_out
+from tairstore.validate import (check_block_size, check_data, check_key, check_keys, check_lease, check_namespace,
+                                check_out, check_timestamp)
 from tairstore.wal import WalWriter
 
-__all__ = ["Store", "open_store", "DEFAULT_NAMESPACE", "PLACEMENTS", "MAX_LEASE_S"]
+__all__ = ["Store", "open_store", "DEFAULT_NAMESPACE", "PLACEMENTS"]
 
 log = logging.getLogger(__name__)
 
 PLACEMENTS = ("auto", "dram", "ssd")
-MAX_LEASE_S = 3600.0  # a session holds reserved space; an hour is more than any engine needs
 
 #: The counters ``stats()["counters"]`` reports (0 when never incremented).
 COUNTERS = ("hits", "misses", "hits_dram", "hits_ssd", "checksum_errors", "read_errors",
@@ -111,14 +111,22 @@ class Store:
     def _open(self) -> None:
         cfg = self.config
         if cfg.dram_bytes:
-            self._dram = DramArena(cfg.dram_bytes)
+            self._dram = DramArena(cfg.dram_bytes, backing=cfg.dram_backing)
             if cfg.prefault_dram:
                 self._dram.prefault()
         self._index = Index(self._dir.sub("index"))
         self._journal.index = self._index
         for name, settings in self._index.namespaces().items():
-            self._catalog.set_limits(name, *check_limits(
-                settings.get("total_bytes"), settings.get("tier_bytes"), settings.get("ttl_s")))
+            try:
+                limits = check_limits(settings.get("total_bytes"), settings.get("tier_bytes"),
+                                      settings.get("ttl_s"))
+            except InvalidArgumentError as exc:
+                # Saved by an older version that accepted it (a nan TTL): the namespace opens
+                # unlimited rather than the whole store refusing; set_quota saves a valid one.
+                log.error("namespace %r: ignoring its saved quota/TTL (%s); set it again with "
+                          "set_quota", name, exc)
+                limits = (None, {}, None)
+            self._catalog.set_limits(name, *limits)
         if self._durable:
             self._ssd = SegmentLog(
                 self._fs, self._dir.sub("segments"), capacity_bytes=cfg.ssd_bytes,
@@ -190,16 +198,7 @@ class Store:
     _keys = staticmethod(check_keys)
 
     def _check_size(self, size: Any) -> int:
-        if not isinstance(size, int) or isinstance(size, bool):
-            raise InvalidArgumentError(f"block sizes are ints, got {type(size).__name__}")
-        if size < 1:
-            raise InvalidArgumentError("empty blocks are not stored; a block has >= 1 byte")
-        if size > self.config.max_block_bytes:
-            raise CapacityError(
-                f"block of {size} bytes exceeds max_block_bytes={self.config.max_block_bytes}",
-                dimension="block_size",
-            )
-        return size
+        return check_block_size(size, self.config.max_block_bytes)
 
     def _check_tier(self, tier: str) -> str:
         if tier not in PLACEMENTS:
@@ -286,8 +285,7 @@ class Store:
         if len(set(keys)) != len(keys):
             raise InvalidArgumentError("duplicate keys in one write session")
         sizes = [self._check_size(s) for s in sizes]
-        if not isinstance(lease_s, (int, float)) or not 0 < lease_s <= MAX_LEASE_S:
-            raise InvalidArgumentError(f"lease_s must be in (0, {MAX_LEASE_S}]")
+        lease_s = check_lease(lease_s)
         tier = self._check_tier(tier)
         parent = None if parent is None else self._key(parent)
         parents = ([parent] + keys[:-1]) if chain else [None] * len(keys)
@@ -403,9 +401,10 @@ class Store:
         ns = self._ns(namespace)
         if mode not in ("all", "older_than"):
             raise InvalidArgumentError(f"trim mode must be 'all' or 'older_than', got {mode!r}")
-        if mode == "older_than" and not isinstance(ts, (int, float)):
+        if mode == "older_than" and ts is None:
             raise InvalidArgumentError("trim(mode='older_than') needs ts, a Unix time in seconds")
-        return self._writes.trim(ns, None if mode == "all" else int(ts * 1e9))
+        ts = None if mode == "all" else check_timestamp("ts", ts)
+        return self._writes.trim(ns, None if ts is None else int(ts * 1e9))
 
     # ---------------------------------------------------------------------------- read path
     def get(self, key: bytes, *, namespace: str = DEFAULT_NAMESPACE) -> memoryview | None:

@@ -112,3 +112,24 @@ def test_readme_command_serves_the_default_ports(tmp_path):
     # The acknowledged put survived the shutdown (durability=sync by default).
     with tairstore.open(tmp_path / "tairstore-data", dram_bytes=1 << 20, ssd_bytes=64 << 20) as s:
         assert bytes(s.get(b"readme-key")) == block.tobytes()
+
+
+def test_access_log_records_prefix_lookups_that_optimize_replays(tmp_path):
+    import numpy as np
+
+    import tairstore
+    from tairstore.daemon.process import DaemonProcess
+    from tairstore.policy.traces import load_trace
+
+    log = tmp_path / "access.log"
+    with DaemonProcess(tmp_path / "d", store={"dram_bytes": 8 << 20, "ssd_bytes": 0},
+                       extra={"server": {"host": "127.0.0.1", "access_log": str(log)}}) as d:
+        keys = [bytes([i]) * 16 for i in range(4)]
+        with tairstore.Client(d.data_url, shm=False) as c:
+            c.put_many(keys[:2], [np.zeros(4096, np.uint8)] * 2)
+            assert c.match(keys).prefix_len == 2
+            assert c.match(keys[:3], namespace="other").prefix_len == 0
+    trace = load_trace(str(log), fmt="tairstore-events")
+    assert [len(chain) for chain in trace.chains] == [4, 3]
+    assert sorted(trace.group_names) == ["default", "other"]
+    assert trace.chains[0][:3] != trace.chains[1]  # one key space per namespace

@@ -109,3 +109,17 @@ def test_get_pinned_lends_the_slot_until_the_view_is_released(tmp_path):
         view.release()
         assert s.get_pinned(key(1)) is None
         assert s.get_pinned(key(99)) is None
+
+
+def test_a_tier_hovering_at_the_warn_watermark_logs_one_crossing(caplog):
+    from tairstore.engine.capacity import WatermarkTracker, parse_watermarks
+
+    t = WatermarkTracker(parse_watermarks({"warn": 0.85, "high": 0.9, "low": 0.75}))
+    with caplog.at_level("WARNING"):
+        for frac in (0.86, 0.84, 0.86, 0.84, 0.95, 0.8, 0.86):
+            t.update("dram", frac)
+        assert t.crossings["dram"] == 1 and t.state["dram"] == "warn"
+        t.update("dram", 0.5)  # below low: armed again
+        t.update("dram", 0.9)
+    assert t.crossings["dram"] == 2 and t.state["dram"] == "high"
+    assert sum("warn watermark" in r.message for r in caplog.records) == 2

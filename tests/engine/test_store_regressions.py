@@ -39,15 +39,21 @@ def _fill_ssd_to_the_brim(s, first: int) -> int:
         i += 1
 
 
+def _full_leaf_lru_store(tmp_path):
+    """An SSD-only leaf_lru store holding key(0) (the oldest leaf) and full to the brim."""
+    s = tairstore.open(tmp_path / "s", dram_bytes=0, ssd_bytes=4 * MiB, segment_bytes=128 * KiB,
+                       policy={"ssd": "leaf_lru", "dram": "leaf_lru"}, durability="none",
+                       background=False)
+    assert s.put(key(0), payload(0))
+    _fill_ssd_to_the_brim(s, 1)
+    return s
+
+
 def test_leaf_lru_evicted_the_prefix_a_write_session_was_extending(tmp_path):
     # The head of a chain is the oldest leaf; a session extending it must not see it evicted
     # by its own admission (blocks being written did not count as children).
-    with tairstore.open(tmp_path / "s", dram_bytes=0, ssd_bytes=4 * MiB, segment_bytes=128 * KiB,
-                        policy={"ssd": "leaf_lru", "dram": "leaf_lru"}, durability="none",
-                        background=False) as s:
+    with _full_leaf_lru_store(tmp_path) as s:
         head, nxt = key(0), key(10_000)
-        assert s.put(head, payload(0))
-        _fill_ssd_to_the_brim(s, 1)
         sess = s.start_write([head, nxt], [BLOCK, BLOCK], chain=True)
         assert sess.keys_to_write == [nxt]
         assert s.exists([head]) == [True], "admission evicted the prefix being extended"
@@ -65,12 +71,8 @@ def test_leaf_lru_evicted_the_prefix_a_write_session_was_extending(tmp_path):
 
 
 def test_leaf_lru_evicted_the_prefix_a_put_with_parent_was_extending(tmp_path):
-    with tairstore.open(tmp_path / "s", dram_bytes=0, ssd_bytes=4 * MiB, segment_bytes=128 * KiB,
-                        policy={"ssd": "leaf_lru", "dram": "leaf_lru"}, durability="none",
-                        background=False) as s:
+    with _full_leaf_lru_store(tmp_path) as s:
         head, nxt = key(0), key(10_000)
-        assert s.put(head, payload(0))
-        _fill_ssd_to_the_brim(s, 1)
         assert s.put(nxt, payload(10_000), parent=head)
         assert s.exists([head, nxt]) == [True, True]
 
@@ -146,3 +148,15 @@ def test_session_transitions_outside_the_table_are_refused():
     assert sess.transition("finish") == "finished"
     with pytest.raises(SessionError):
         sess.transition("expire")
+
+
+def test_a_nan_ttl_saved_by_an_older_version_does_not_stop_the_store_opening(tmp_path, caplog):
+    with tairstore.open(tmp_path / "s", dram_bytes=MiB, ssd_bytes=8 * MiB, background=False) as s:
+        s.put(key(1), payload(1), namespace="t")
+        s.set_quota("t", ttl_s=60)
+        s._index.set_namespace("t", {"total_bytes": None, "tier_bytes": {}, "ttl_s": float("nan")})
+    with tairstore.open(tmp_path / "s", dram_bytes=MiB, ssd_bytes=8 * MiB, background=False) as s:
+        assert s.quota("t")["ttl_s"] is None
+        assert bytes(s.get(key(1), namespace="t")) == payload(1).tobytes()
+        s.maintain()  # the TTL sweep runs without raising
+    assert any("ignoring its saved quota" in r.message for r in caplog.records)

@@ -521,31 +521,3 @@ def test_write_twice_is_refused(tmp_path):
 
 
 # -- throughput (printed, not asserted) ---------------------------------------------------------
-
-def test_throughput_print(tmp_path):
-    mib, n = 1 << 20, 48
-    data = os.urandom(mib)
-    raw_path = str(tmp_path / "raw.bin")
-    fd = os.open(raw_path, os.O_RDWR | os.O_CREAT)
-    t0 = time.perf_counter()
-    for i in range(n):
-        os.pwrite(fd, data, i * mib)
-    raw_w = time.perf_counter() - t0
-    out = bytearray(mib)
-    t0 = time.perf_counter()
-    for i in range(n):
-        os.preadv(fd, [out], i * mib)
-    raw_r = time.perf_counter() - t0
-    os.close(fd)
-    log = _log(tmp_path / "log", segment_bytes=64 << 20, capacity_bytes=1 << 30)
-    t0 = time.perf_counter()
-    locs = [_put(log, b"k%d" % i, data) for i in range(n)]
-    put_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for i, loc in enumerate(locs):
-        log.read_into(loc.segment, loc.offset, loc.length, out, namespace=NS, key=b"k%d" % i)
-    get_s = time.perf_counter() - t0
-    gbs = lambda s: n * mib / s / 1e9  # noqa: E731
-    print(f"\nssd put {gbs(put_s):.2f} GB/s vs raw pwrite {gbs(raw_w):.2f} GB/s "
-          f"({raw_w / put_s:.2f}x); read_into {gbs(get_s):.2f} GB/s vs raw pread "
-          f"{gbs(raw_r):.2f} GB/s ({raw_r / get_s:.2f}x)")
