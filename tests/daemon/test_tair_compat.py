@@ -5,10 +5,12 @@ from the locations ``getCacheLocation`` returns."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import urllib.request
+from typing import Iterator
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -70,17 +72,23 @@ def sdk_read(uri: str, mount: str | None = None) -> bytes:
         return f.read(size)
 
 
+@contextlib.contextmanager
+def tair_daemon(data_dir) -> Iterator[tuple[DaemonProcess, str]]:
+    """A small daemon with the Tair admin port on; (daemon, admin URL)."""
+    with socket.socket() as sock:  # a free port for the admin listener
+        sock.bind(("127.0.0.1", 0))
+        admin_port = sock.getsockname()[1]
+    with DaemonProcess(data_dir, store={"dram_bytes": 8 << 20, "ssd_bytes": 0, "durability": "none"},
+                       extra={"tair": {"admin_http_port": admin_port}}) as d:
+        yield d, f"http://127.0.0.1:{admin_port}"
+
+
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
     base = tmp_path_factory.mktemp("tair")
     mount = base / "3fs-mount"
     mount.mkdir()
-    with socket.socket() as sock:  # a free port for the admin listener
-        sock.bind(("127.0.0.1", 0))
-        admin_port = sock.getsockname()[1]
-    with DaemonProcess(base / "data", store={"dram_bytes": 8 << 20, "ssd_bytes": 0, "durability": "none"},
-                       extra={"tair": {"admin_http_port": admin_port}}) as d:
-        admin = f"http://127.0.0.1:{admin_port}"
+    with tair_daemon(base / "data") as (d, admin):
         ok(admin, "addStorage", {"storage": {"global_unique_name": "hf3fs_main", "type": "hf3fs", "storage_spec": {
             "mountpoint": str(mount), "root_dir": "kvcache", "cluster_name": "c1"}}})
         ok(admin, "addStorage", {"storage": {"global_unique_name": "mc", "type": "mooncake",

@@ -7,7 +7,6 @@ nothing is fetched."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -46,36 +45,27 @@ def _tair_function(relpath: str, name: str):
 @pytest.mark.parametrize("relpath", ["kv_cache_manager/py_connector/vllm/v1_connector.py",
                                      "kv_cache_manager/py_connector/sglang/connector.py"])
 def test_tair_connectors_parse_our_storage_configs(tmp_path, relpath):
-    import json
+    import importlib.util
     import types
-    import urllib.request
 
-    from tairstore.daemon.process import DaemonProcess
+    # The daemon and client helpers of the sibling test module (tests/ is no package).
+    spec = importlib.util.spec_from_file_location("tair_compat_helpers", Path(__file__).with_name("test_tair_compat.py"))
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    ok, tair_daemon = helpers.ok, helpers.tair_daemon
 
     parse = _tair_function(relpath, "parse_hf3fs_configs")
     stub = types.SimpleNamespace(read_iov_block_size=0, iov_size=0, write_iov_block_size=0, _iov_size=0,
                                  _extra_config=types.SimpleNamespace(read_iov_block_size=0, write_iov_block_size=0))
-    def post(base: str, method: str, body: dict) -> dict:
-        req = urllib.request.Request(f"{base}/api/{method}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            out = json.loads(r.read())
-        assert out["header"]["status"]["code"] == "OK", out
-        return out
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        admin_port = sock.getsockname()[1]
-    with DaemonProcess(tmp_path / "d", store={"dram_bytes": 8 << 20, "ssd_bytes": 0, "durability": "none"},
-                       extra={"tair": {"admin_http_port": admin_port}}) as d:
-        admin = f"http://127.0.0.1:{admin_port}"
-        post(admin, "addStorage", {"storage": {"global_unique_name": "h3", "type": "hf3fs", "storage_spec": {
+    with tair_daemon(tmp_path / "d") as (d, admin):
+        ok(admin, "addStorage", {"storage": {"global_unique_name": "h3", "type": "hf3fs", "storage_spec": {
             "mountpoint": str(tmp_path), "root_dir": "kv"}}})
-        post(admin, "createInstanceGroup", {"instance_group": {"name": "g", "storage_candidates": ["h3", "local_file"]}})
+        ok(admin, "createInstanceGroup", {"instance_group": {"name": "g", "storage_candidates": ["h3", "local_file"]}})
         body = {"instance_group": "g", "instance_id": "i", "block_size": 16,
                 "location_spec_infos": [{"name": "tp0", "size": 64}],
                 "model_deployment": {"model_name": "m", "dtype": "BF16", "tp_size": 1}}
-        resp = post(d.http_url, "registerInstance", body)
+        resp = ok(d.http_url, "registerInstance", body)
     # Tair's own parser reads the 3FS storage out of tairstore's answer and skips the file one.
     got = parse(stub, resp["storage_configs"])
     assert [(c["type"], c["mountpoint"], c["root_dir"]) for c in got] == [("hf3fs", str(tmp_path), "kv")]
