@@ -53,6 +53,7 @@ __all__ = [
     "DaemonConfig",
     "LimitsConfig",
     "NamespaceQuota",
+    "TairConfig",
     "load_config",
     "parse_size",
 ]
@@ -162,6 +163,7 @@ class DaemonConfig:
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
     access_log: str | None = None
     source: str | None = None
+    tair: "TairConfig" = field(default_factory=lambda: TairConfig())
     shm: "ShmConfig | None" = None  # [shm]: the DRAM arena in shared memory (None: private)
 
 
@@ -388,6 +390,41 @@ def _remote(where: _Where, cfg: DaemonConfig, table: Any) -> None:
         raise where.error("remote", None, str(exc)) from None
 
 
+@dataclass
+class TairConfig:
+    """The ``[tair]`` section: Tair KVCache's manager, as tairstore answers it (docs/TAIR.md).
+
+    Attributes:
+        admin_http_port: the AdminService HTTP port (None: off; 0: any free port).
+        root_path: the default ``file`` storage's directory (None: ``<data_dir>/tair-files``).
+        storages: storages created at start (``name``, ``type``, ``storage_spec`` fields).
+        instance_groups: groups created at start (``name``, ``storages``, ``quota_bytes``).
+    """
+
+    admin_http_port: int | None = None
+    root_path: str | None = None
+    storages: list[dict] = field(default_factory=list)
+    instance_groups: list[dict] = field(default_factory=list)
+
+
+def _tair(where: _Where, cfg: DaemonConfig, table: Any) -> None:
+    t = _check_keys(where, "tair", table, ("admin_http_port", "root_path", "storages", "instance_groups"))
+    if "admin_http_port" in t:
+        cfg.tair.admin_http_port = _port(where, "tair", "admin_http_port", t["admin_http_port"])
+    if "root_path" in t:
+        if not isinstance(t["root_path"], str) or not t["root_path"]:
+            raise where.error("tair", "root_path", "must be a directory path")
+        cfg.tair.root_path = t["root_path"]
+    for key in ("storages", "instance_groups"):
+        items = t.get(key, [])
+        if not isinstance(items, list) or not all(isinstance(x, dict) and x.get("name") for x in items):
+            raise where.error("tair", key, "must be an array of tables, each with a name")
+        setattr(cfg.tair, key, items)
+    for g in cfg.tair.instance_groups:
+        if "quota_bytes" in g:
+            g["quota_bytes"] = _size(where, "tair", "instance_groups.quota_bytes", g["quota_bytes"])
+
+
 _SECTIONS = {
     "remote": _remote,
     "server": _server,
@@ -395,6 +432,7 @@ _SECTIONS = {
     "limits": _limits,
     "tokens": _tokens,
     "namespaces": _namespaces,
+    "tair": _tair,
     "shm": _shm,
 }
 

@@ -167,6 +167,23 @@ async def _serve_data_in(scope: trio.CancelScope, store: Any, config: DaemonConf
                          task_status=task_status)
 
 
+def _attach_tair(config: DaemonConfig, api: HttpApi, data_dir: str) -> HttpServer | None:
+    """Open Tair KVCache's tables for ``/api/*``; the admin server if ``[tair]`` asks for one."""
+    from tairstore.daemon.tair_admin import TairAdmin, open_tair_storage
+
+    storage = open_tair_storage(config.tair, data_dir)
+    api.compat.attach(storage, meta_rpc_port=config.port)
+    if config.tair.admin_http_port is None:
+        return None
+    app = TairAdmin(api, storage)
+    return HttpServer(app, max_body_bytes=app.max_body_bytes)
+
+
+async def _serve_tair_admin(admin: HttpServer, config: DaemonConfig, *,
+                            task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    await admin.serve(config.host, config.tair.admin_http_port or 0, task_status=task_status)
+
+
 async def run_daemon(config: DaemonConfig, *, handle_signals: bool = True,
                      task_status: trio.TaskStatus[DaemonInfo] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the daemon until SIGTERM/SIGINT (or ``DaemonInfo.shutdown()``), then stop cleanly.
@@ -212,6 +229,7 @@ async def run_daemon(config: DaemonConfig, *, handle_signals: bool = True,
         api = HttpApi(control, auth, metrics, http_max_body_bytes=config.limits.http_max_body_bytes,
                       worker_threads=config.limits.worker_threads or 4)
         http = HttpServer(api, max_body_bytes=api.max_body_bytes, events=api.events)
+        admin = await trio.to_thread.run_sync(_attach_tair, config, api, data_dir)
         stop = trio.Event()
         data_scope = trio.CancelScope()
         serving = trio.CancelScope()  # cancelled by a second signal: stop without waiting
@@ -224,6 +242,8 @@ async def run_daemon(config: DaemonConfig, *, handle_signals: bool = True,
                     data_port = await nursery.start(
                         partial(_serve_data_in, data_scope, store, config, auth, metrics, backing,
                                 access_log))
+                    if admin is not None:
+                        await nursery.start(_serve_tair_admin, admin, config)
                     host = _url_host(config.host)
                     api.http_url = f"http://{host}:{http_port}"
                     api.data_url = f"tairstore://{host}:{data_port}" if data_port else ""
@@ -238,6 +258,8 @@ async def run_daemon(config: DaemonConfig, *, handle_signals: bool = True,
                     # Stop accepting on both ports now; requests in progress get the grace period,
                     # then whatever is left is cancelled.
                     http.shutdown()
+                    if admin is not None:
+                        admin.shutdown()
                     data_scope.cancel()
                     nursery.cancel_scope.deadline = trio.current_time() + config.shutdown_grace_s + 1.0
             outer.cancel_scope.cancel()  # the signal watcher

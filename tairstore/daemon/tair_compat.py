@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import quote
@@ -44,6 +45,7 @@ from tairstore.errors import (
 )
 from tairstore.daemon.control import ConflictError, UnsupportedError, check_namespace
 from tairstore.daemon.httpserver import Request, Response
+from tairstore.daemon.tair_storage import STORAGE_TYPES, GroupMissing, InstanceMissing, TairStorage
 
 if TYPE_CHECKING:
     from tairstore.daemon.api import HttpApi
@@ -54,7 +56,9 @@ INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 QUERY_TYPES = ("QT_UNSPECIFIED", "QT_BATCH_GET", "QT_PREFIX_MATCH", "QT_REVERSE_ROLL_SW_MATCH",
                "QT_PREFIX_MATCH_WITH_MAMBA")
 TRIM_STRATEGIES = ("TS_UNSPECIFIED", "TS_REMOVE_ALL_CACHE", "TS_REMOVE_ALL_META", "TS_TIMESTAMP")
-STORAGE_TYPE = "ST_UNSPECIFIED"  # the manager's StorageType enum has no member for tairstore
+STORAGE_TYPE = "ST_UNSPECIFIED"  # a location with no storage (a miss)
+STORAGE_ENUM = ("ST_UNSPECIFIED", "ST_3FS", "ST_MOONCAKE", "ST_TAIRMEMPOOL", "ST_NFS", "ST_VCNS_3FS",
+                "ST_DUMMY", "ST_VINEYARD")
 DEFAULT_WRITE_TIMEOUT_S = 30
 
 #: The manager's ErrorCode for each failure kind (first match wins).
@@ -69,10 +73,6 @@ STATUS_CODES: list[tuple[type[BaseException], str]] = [
     (CorruptionError, "IO_ERROR"),
     (StoreError, "INTERNAL_ERROR"),
 ]
-
-
-class _InstanceMissing(NotFoundError):
-    pass
 
 
 def key_of_int64(v: int) -> bytes:
@@ -132,6 +132,42 @@ def _str(req: dict, field: str) -> str:
     return v
 
 
+def _names(req: dict, field: str) -> list[str]:
+    """A repeated string field (empty list when absent)."""
+    v = req.get(field) or []
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise InvalidArgumentError(f"{field} must be a list of strings")
+    return v
+
+
+def _spec_infos(raw: Any) -> list[dict]:
+    """``location_spec_infos``: unique names, sizes > 0."""
+    if not isinstance(raw, list) or not all(isinstance(s, dict) for s in raw):
+        raise InvalidArgumentError("location_spec_infos must be a list of {name, size}")
+    specs = [{"name": _str(s, "name"), "size": _int(s.get("size", 0), "location_spec_infos.size", 1)} for s in raw]
+    names = [s["name"] for s in specs]
+    if "" in names or len(set(names)) != len(names):
+        raise InvalidArgumentError("location_spec_infos: every spec needs a unique, non-empty name")
+    return specs
+
+
+def _spec_groups(raw: Any, specs: list[dict]) -> list[dict]:
+    """``location_spec_groups``: each names specs the instance has."""
+    if not raw:
+        return []
+    if not isinstance(raw, list) or not all(isinstance(g, dict) for g in raw):
+        raise InvalidArgumentError("location_spec_groups must be a list of {name, spec_names}")
+    known = {s["name"] for s in specs}
+    out = []
+    for g in raw:
+        names = _names(g, "spec_names")
+        unknown = sorted(set(names) - known)
+        if unknown:
+            raise InvalidArgumentError(f"location_spec_groups {g.get('name')!r}: unknown spec(s) {', '.join(unknown)}")
+        out.append({"name": _str(g, "name"), "spec_names": names})
+    return out
+
+
 def _mask(obj: Any, n: int, field: str) -> list[bool]:
     """A BlockMask as one bool per key: True = masked ([0, offset), or bool_masks values)."""
     if not obj:
@@ -139,7 +175,8 @@ def _mask(obj: Any, n: int, field: str) -> list[bool]:
     if not isinstance(obj, dict):
         raise InvalidArgumentError(f"{field} must be an object with offset or bool_masks")
     if "bool_masks" in obj:
-        vals = (obj["bool_masks"] or {}).get("values") or []
+        bm = obj["bool_masks"] or {}
+        vals = (bm.get("values") or []) if isinstance(bm, dict) else None
         if not isinstance(vals, list) or not all(isinstance(b, bool) for b in vals):
             raise InvalidArgumentError(f"{field}.bool_masks.values must be a list of booleans")
         if len(vals) != n:
@@ -149,37 +186,78 @@ def _mask(obj: Any, n: int, field: str) -> list[bool]:
     return [i < off for i in range(n)]
 
 
+def request_id_of(body: dict) -> str:
+    """``header.request_id`` as the manager forms it: ``<trace_id>_<microseconds since the epoch>``."""
+    trace = body.get("trace_id")
+    return f"{trace if isinstance(trace, str) else ''}_{time.time_ns() // 1000}"
+
+
+def status_code(exc: BaseException) -> str:
+    """The manager's ErrorCode for a failure."""
+    if isinstance(exc, (GroupMissing, InstanceMissing)):
+        return "INSTANCE_NOT_EXIST"
+    if isinstance(exc, NotFoundError):
+        return "INVALID_ARGUMENT"
+    return next((c for cls, c in STATUS_CODES if isinstance(exc, cls)), "INTERNAL_ERROR")
+
+
 def _header(code: str, message: str, request_id: str) -> dict:
     return {"status": {"code": code, "message": message}, "request_id": request_id, "tracer_result": ""}
 
 
-def _empty_location() -> dict:
-    return {"type": STORAGE_TYPE, "spec_size": 0, "location_specs": []}
+#: Every field of each answer with its default: the manager prints them all, errors included.
+RESPONSE_DEFAULTS: dict[str, dict] = {
+    "registerInstance": {"storage_configs": "", "extra_info": ""},
+    "getInstanceInfo": {"instance_group": "", "instance_info": {}},
+    "getCacheLocation": {"locations": []},
+    "getCacheLocationLen": {"cache_location_len": "0"},
+    "getCacheLocationsByBackend": {"key_locations": []},
+    "getCacheMeta": {"locations": [], "metas": []},
+    "startWriteCache": {"write_session_id": "", "block_mask": {}, "locations": []},
+    "getClusterInfo": {"self_node_id": "", "leader_node_id": "", "leader_endpoint": {}},
+    "reportEvent": {"item_results": [], "extra_info": ""},
+}
 
 
 class TairCompat:
-    """Dispatches ``POST /api/<method>`` to the MetaService methods tairstore answers."""
+    """Dispatches ``POST /api/<method>`` to the MetaService methods tairstore answers.
+
+    The instances and blocks live in a :class:`~tairstore.daemon.tair_storage.TairStorage`
+    attached by the daemon (:meth:`attach`): the engine's SDK writes the bytes to the storage the
+    locations name, as with Tair KVCache's manager.
+    """
 
     def __init__(self, api: "HttpApi") -> None:
         self.api = api
         self.control = api.control
+        self.storage: TairStorage | None = None
+        self.node_id = uuid.uuid4().hex[:16]
+        self.meta_rpc_port = 0
         self.methods: dict[str, Callable] = {
             "registerInstance": self.register_instance,
             "getInstanceInfo": self.get_instance_info,
             "getCacheLocation": self.get_cache_location,
             "getCacheLocationLen": self.get_cache_location_len,
+            "getCacheLocationsByBackend": self.get_cache_locations_by_backend,
             "getCacheMeta": self.get_cache_meta,
             "startWriteCache": self.start_write_cache,
             "finishWriteCache": self.finish_write_cache,
             "removeCache": self.remove_cache,
             "trimCache": self.trim_cache,
+            "getClusterInfo": self.get_cluster_info,
+            "reportEvent": self.report_event,
         }
+
+    def attach(self, storage: TairStorage, *, meta_rpc_port: int = 0) -> None:
+        """Serve the MetaService from ``storage`` (the daemon calls this at start)."""
+        self.storage = storage
+        self.meta_rpc_port = meta_rpc_port
 
     async def handle(self, req: Request, method: str) -> Response:
         """Answer one MetaService call."""
         from tairstore.daemon.api import error_response, json_response, parse_json
 
-        request_id = uuid.uuid4().hex
+        request_id = request_id_of({})  # the body is not read before the token is checked
         try:
             # Before anything is looked up: without a known token nothing is answered, not even
             # whether the instance named exists.
@@ -189,65 +267,59 @@ class TairCompat:
             return _with_header(error_response(exc), "INVALID_ARGUMENT", str(exc), request_id)
         try:
             body = _snake(parse_json(req.body))
-        except InvalidArgumentError as exc:
-            resp = error_response(exc, 400)
-            return _with_header(resp, "INVALID_ARGUMENT", str(exc), request_id)
-        request_id = body.get("trace_id") or request_id
+        except InvalidArgumentError:
+            return json_response({}, 400)  # the manager answers an unparsable body 400 with {}
+        request_id = request_id_of(body)
+        defaults = RESPONSE_DEFAULTS.get(method, {})
         fn = self.methods.get(method)
         try:
             if fn is None:
                 raise UnsupportedError(f"tairstore does not implement MetaService.{method}; "
                                        f"supported: {', '.join(self.methods)}")
+            if self.storage is None:
+                raise ClosedError("the Tair KVCache tables are not open")
             out = await fn(req, body)
         except PermissionDeniedError as exc:
             self.api.events.auth("http", exc)
             return _with_header(error_response(exc), "INVALID_ARGUMENT", str(exc), request_id)
-        except _InstanceMissing as exc:
-            return json_response({"header": _header("INSTANCE_NOT_EXIST", str(exc), request_id)})
         except StoreError as exc:
-            code = next((c for cls, c in STATUS_CODES if isinstance(exc, cls)), "INTERNAL_ERROR")
-            if isinstance(exc, NotFoundError):
-                code = "INVALID_ARGUMENT"  # an unknown write session id
-            return json_response({"header": _header(code, str(exc), request_id)})
+            return json_response({"header": _header(status_code(exc), str(exc), request_id), **defaults})
         message, fields = out
-        return json_response({"header": _header("OK", message, request_id), **fields})
+        return json_response({"header": _header("OK", message, request_id), **defaults, **fields})
 
     # ------------------------------------------------------------------------- helpers
     async def _instance(self, req: Request, body: dict) -> dict:
         iid = _str(body, "instance_id")
         if not iid:
             raise InvalidArgumentError("missing or invalid fields: instance_id")
-        try:
-            inst = await self.api.run(self.control.instance, iid)
-        except NotFoundError as exc:
-            raise _InstanceMissing(str(exc)) from None
+        inst = await self.api.run(self.storage.instance, iid)
         self.api.check(req, inst["instance_group"])
         return inst
 
-    def _keys(self, body: dict, inst: dict, keys_field: str = "block_keys") -> list[bytes]:
+    def _keys(self, body: dict, inst: dict, keys_field: str = "block_keys") -> list[str]:
         block_keys = _int64s(body, keys_field)
         if block_keys:
-            return [key_of_int64(k) for k in block_keys]
+            return [key_of_int64(k).hex() for k in block_keys]
         tokens = _int64s(body, "token_ids")
         if not tokens:
             raise InvalidArgumentError("missing or invalid fields: block_keys and token_ids")
-        return self.control.keys_for_tokens(tokens, inst["block_size"])
+        return [k.hex() for k in self.control.keys_for_tokens(tokens, inst["block_size"])]
 
-    def _location(self, inst: dict, ns: str, key: bytes, tier: str | None,
-                  names: list[str] | None = None) -> dict:
-        specs = []
-        off = 0
-        base = f"{self.api.data_url}/{quote(ns, safe='')}/{key.hex()}"
+    def _location(self, inst: dict, block: dict | None, names: list[str] | None = None) -> dict:
+        """A CacheLocation: the block's specs (present ones, filtered by ``names``); a miss
+        gets one ``{name, uri: ""}`` per wanted spec, as the manager answers a batch-get miss."""
+        specs, off = [], 0
+        have = set(block["specs"]) if block else set()
         for s in inst.get("location_spec_infos") or []:
             if not names or s["name"] in names:
-                specs.append({"name": s["name"],
-                              "uri": f"{base}?tier={tier}&spec={quote(s['name'], safe='')}"
-                                     f"&offset={off}&size={s['size']}"})
+                if block is None:
+                    specs.append({"name": s["name"], "uri": ""})
+                elif s["name"] in have:
+                    specs.append({"name": s["name"], "uri": self.storage.uri(block, off, s["size"])})
             off += s["size"]
-        return {"type": STORAGE_TYPE, "spec_size": len(specs), "location_specs": specs}
-
-    async def _hits(self, ns: str, keys: list[bytes]):
-        return await self.api.run(self.control.locate, ns, keys, "exact")
+        typ = STORAGE_TYPES[self.storage.storages[block["storage"]].type][0] \
+            if block and block["storage"] in self.storage.storages else STORAGE_TYPE
+        return {"type": typ, "spec_size": len(specs), "location_specs": specs}
 
     # ------------------------------------------------------------------------- methods
     async def register_instance(self, req: Request, body: dict):
@@ -259,20 +331,31 @@ class TairCompat:
             missing.append("model_deployment")
         if not body.get("location_spec_infos"):
             missing.append("location_spec_infos")
+        group = _str(body, "instance_group")
+        if group:
+            # The group is checked first, as the manager does: its error names the group.
+            await self.api.run(self.storage.group, group)
         if missing:
             raise InvalidArgumentError("missing or invalid fields: " + ", ".join(missing))
-        self.api.check(req, check_namespace(body["instance_group"]))
-        specs = [{"name": s.get("name"), "size": _int(s.get("size", 0), "location_spec_infos.size")}
-                 for s in body["location_spec_infos"] if isinstance(s, dict)]
-        rec = {"instance_id": body["instance_id"], "instance_group": body["instance_group"],
+        self.api.check(req, check_namespace(group))
+        specs = _spec_infos(body["location_spec_infos"])
+        qt = body.get("default_query_type", body.get("query_type"))
+        rec = {"instance_id": body["instance_id"], "instance_group": group,
                "block_size": bs, "location_spec_infos": specs,
-               "location_spec_groups": body.get("location_spec_groups") or [],
+               "location_spec_groups": _spec_groups(body.get("location_spec_groups"), specs),
                "model_deployment": body["model_deployment"],
-               "query_type": _enum(body.get("query_type"), QUERY_TYPES, "query_type")}
-        await self.api.run(self.control.register_instance, rec)
-        storage = [{"global_unique_name": "tairstore", "data_url": self.api.data_url,
-                    "http_url": self.api.http_url}]
-        return "Instance registered successfully", {"storage_configs": json.dumps(storage), "extra_info": ""}
+               "query_type": _enum(qt, QUERY_TYPES, "default_query_type")}
+        new = await self.api.run(self.storage.register, rec)
+        try:
+            # Also a tairstore instance (namespace = group), so tairstore's own endpoints and
+            # clients know it; this also refuses blocks larger than the store takes.
+            await self.api.run(self.control.register_instance, dict(rec))
+        except StoreError:
+            if new:
+                await self.api.run(self.storage.remove_instance, rec["instance_id"])
+            raise
+        configs = await self.api.run(self.storage.storage_configs, group)
+        return "Instance registered successfully", {"storage_configs": json.dumps(configs), "extra_info": ""}
 
     async def get_instance_info(self, req: Request, body: dict):
         inst = await self._instance(req, body)
@@ -282,102 +365,128 @@ class TairCompat:
                                         for s in inst["location_spec_infos"]],
                 "model_deployment": inst["model_deployment"],
                 "location_spec_groups": inst.get("location_spec_groups") or [],
-                "query_type": inst.get("query_type") or "QT_UNSPECIFIED"}
+                "query_type": inst.get("query_type") or "QT_UNSPECIFIED",
+                "default_query_type": inst.get("query_type") or "QT_UNSPECIFIED"}
         return "OK", {"instance_group": inst["instance_group"], "instance_info": info}
 
     async def _match(self, req: Request, body: dict):
-        """(instance, namespace, keys, query type, per-key located-or-None list)."""
+        """(instance, per-key block-or-None list to answer, matched count)."""
         inst = await self._instance(req, body)
-        ns = inst["instance_group"]
         keys = self._keys(body, inst)
         qt = _enum(body.get("query_type"), QUERY_TYPES, "query_type")
         if qt == "QT_UNSPECIFIED":
             qt = inst.get("query_type") if inst.get("query_type") not in (None, "QT_UNSPECIFIED") else "QT_PREFIX_MATCH"
         if qt == "QT_PREFIX_MATCH_WITH_MAMBA":
             raise UnsupportedError("QT_PREFIX_MATCH_WITH_MAMBA is not supported; use QT_PREFIX_MATCH")
-        m = await self._hits(ns, keys)
-        tiers = m.tiers
+        names = _names(body, "location_spec_names") or None
+        found = await self.api.run(self.storage.lookup, inst["instance_id"], keys)
+        if names:
+            # A block serves a query only if it holds every spec asked for (hybrid models).
+            found = [b if b and set(names) <= set(b["specs"]) else None for b in found]
+        if qt == "QT_BATCH_GET":  # the manager ignores block_mask here
+            return inst, found, sum(b is not None for b in found), names, True
         if qt == "QT_REVERSE_ROLL_SW_MATCH":
             sw = _int(body.get("sw_size", 0), "sw_size", -(1 << 31), (1 << 31) - 1)
             if not 1 <= sw <= len(keys):
                 raise InvalidArgumentError(f"QT_REVERSE_ROLL_SW_MATCH needs 1 <= sw_size <= {len(keys)}, got {sw}")
             run, start = 0, None
             for i in range(len(keys) - 1, -1, -1):
-                run = run + 1 if tiers[i] else 0
+                run = run + 1 if found[i] else 0
                 if run == sw:
                     start = i
                     break
-            picked = [tiers[i] if start is not None and start <= i < start + sw else None
+            picked = [found[i] if start is not None and start <= i < start + sw else None
                       for i in range(len(keys))]
-            return inst, ns, keys, qt, picked, (sw if start is not None else 0)
+            return inst, picked, (sw if start is not None else 0), names, False
         masked = _mask(body.get("block_mask"), len(keys), "block_mask")
-        if qt == "QT_BATCH_GET":
-            picked = [t for t, mk in zip(tiers, masked) if not mk]
-            return inst, ns, [k for k, mk in zip(keys, masked) if not mk], qt, picked, \
-                sum(t is not None for t in picked)
         # Prefix: masked keys are the caller's already (they continue the run, no location).
-        picked, out_keys = [], []
-        for k, t, mk in zip(keys, tiers, masked):
+        picked = []
+        for b, mk in zip(found, masked):
             if mk:
                 continue
-            if t is None:
+            if b is None:
                 break
-            picked.append(t)
-            out_keys.append(k)
-        return inst, ns, out_keys, qt, picked, len(picked)
+            picked.append(b)
+        return inst, picked, len(picked), names, False
 
     async def get_cache_location(self, req: Request, body: dict):
-        inst, ns, keys, qt, tiers, _ = await self._match(req, body)
-        names = body.get("location_spec_names") or None
-        locs = [self._location(inst, ns, k, t, names) if t else _empty_location() for k, t in zip(keys, tiers)]
-        return "Cache locations retrieved successfully", {"locations": locs}
+        inst, blocks, _, names, _ = await self._match(req, body)
+        return "Cache locations retrieved successfully", {
+            "locations": [self._location(inst, b, names) for b in blocks]}
 
     async def get_cache_location_len(self, req: Request, body: dict):
-        *_, n = await self._match(req, body)
+        *_, n, _, _ = await self._match(req, body)
         return "Cache location length retrieved successfully", {"cache_location_len": str(n)}
 
+    async def get_cache_locations_by_backend(self, req: Request, body: dict):
+        """One ``CacheLocationVector`` per key: the block's location when its storage type is one
+        of ``backend_selectors[].backend_type`` (an empty vector for a miss), QT_BATCH_GET only."""
+        if _enum(body.get("query_type"), QUERY_TYPES, "query_type") != "QT_BATCH_GET":
+            raise InvalidArgumentError("GetCacheLocationsByBackend only supports QT_BATCH_GET")
+        sel = body.get("backend_selectors") or []
+        if not isinstance(sel, list) or not all(isinstance(x, dict) for x in sel):
+            raise InvalidArgumentError("backend_selectors must be a list of {backend_type, strategy}")
+        if not sel:
+            raise InvalidArgumentError("backend_selectors must not be empty")
+        wanted = {_enum(x.get("backend_type"), STORAGE_ENUM, "backend_selectors.backend_type") for x in sel}
+        inst, blocks, _, names, _ = await self._match(req, body)
+        out = []
+        for b in blocks:
+            loc = self._location(inst, b, names) if b else None
+            out.append({"locations": [loc] if loc and loc["type"] in wanted else []})
+        return "Cache locations retrieved successfully", {"key_locations": out}
+
     async def get_cache_meta(self, req: Request, body: dict):
+        """Every requested key's block, serving or being written; ``metas[i]`` is the manager's
+        JSON string ``{"id", "status"}`` (``CLS_SERVING``, ``CLS_WRITING``, ``CLS_NOT_FOUND``)."""
         inst = await self._instance(req, body)
-        ns = inst["instance_group"]
         keys = self._keys(body, inst)
         masked = _mask(body.get("block_mask"), len(keys), "block_mask")
         keys = [k for k, mk in zip(keys, masked) if not mk]
-        m = await self._hits(ns, keys)
-        locs = [self._location(inst, ns, k, t) if t else _empty_location() for k, t in zip(keys, m.tiers)]
-        metas = [json.dumps({"key": k.hex(), "exists": t is not None, "tier": t}) for k, t in zip(keys, m.tiers)]
+        found = await self.api.run(self.storage.peek, inst["instance_id"], keys)
+        all_specs = [s["name"] for s in inst["location_spec_infos"]]
+        locs, metas = [], []
+        for k, b in zip(keys, found):
+            if b is None:
+                locs.append({"type": STORAGE_TYPE, "spec_size": 0, "location_specs": []})
+                metas.append(json.dumps({"status": "CLS_NOT_FOUND"}))
+                continue
+            serving = bool(b["specs"])
+            locs.append(self._location(inst, b if serving else dict(b, specs=all_specs)))
+            metas.append(json.dumps({"id": k, "status": "CLS_SERVING" if serving else "CLS_WRITING"}))
         return "Cache metadata retrieved successfully", {"locations": locs, "metas": metas}
 
     async def start_write_cache(self, req: Request, body: dict):
         inst = await self._instance(req, body)
-        ns = inst["instance_group"]
         keys = self._keys(body, inst)
-        size = self.control.block_bytes(inst)
-        if size < 1:
-            raise InvalidArgumentError("the instance registered no location_spec_infos, so its block size is unknown")
-        groups = body.get("location_spec_group_names") or []
+        all_specs = [s["name"] for s in inst["location_spec_infos"]]
+        groups = _names(body, "location_spec_group_names")
         if groups:
-            all_specs = {s["name"] for s in inst["location_spec_infos"]}
-            by_name = {g["name"]: set(g.get("spec_names") or []) for g in inst.get("location_spec_groups") or []}
-            if len(groups) != len(keys) or any(by_name.get(g) != all_specs for g in groups):
-                raise UnsupportedError("tairstore stores whole blocks: every block must carry every location spec")
+            by_name = {g["name"]: list(g.get("spec_names") or []) for g in inst.get("location_spec_groups") or []}
+            if len(groups) != len(keys):
+                raise InvalidArgumentError(f"location_spec_group_names has {len(groups)} names for {len(keys)} blocks")
+            unknown = sorted({g for g in groups if g not in by_name})
+            if unknown:
+                raise InvalidArgumentError(f"unknown location spec group(s): {', '.join(unknown)}")
+            per_key = [by_name[g] for g in groups]
+        else:
+            per_key = [all_specs] * len(keys)
         lease = _int(body.get("write_timeout_seconds", 0), "write_timeout_seconds", 0, int(MAX_LEASE_S)) \
             or DEFAULT_WRITE_TIMEOUT_S
-        # A key repeated in one request is written once: later copies are masked like stored ones.
-        first = {}
-        for i, k in enumerate(keys):
-            first.setdefault(k, i)
-        unique = list(first)
-        specs = [(s["name"], s["size"]) for s in inst["location_spec_infos"]]
-        rec = await self.api.run(self.control.start_write, ns, unique, [size] * len(unique),
-                                 lease_s=float(lease), specs=specs)
-        todo = set(rec.keys_to_write)
-        mask = [not (k in todo and first[k] == i) for i, k in enumerate(keys)]
-        locs = []
-        for k in rec.keys_to_write:
-            loc_specs = [{"name": n, "uri": self.api.upload_url(rec.id, k, n)} for n, _ in specs]
-            locs.append({"type": STORAGE_TYPE, "spec_size": len(loc_specs), "location_specs": loc_specs})
+        rec = await self.api.run(self.storage.start_write, inst["instance_id"], keys, per_key, float(lease))
+        todo = rec["todo"]
+        seen: set[str] = set()
+        mask = []
+        for k in keys:
+            mask.append(not (k in todo and k not in seen))
+            seen.add(k)
+        blocks = await self.api.run(self.storage.peek, inst["instance_id"], list(todo))
+        locs = [self._location(inst, dict(b, specs=todo[k]), todo[k]) for k, b in zip(todo, blocks)]
+        n = mask.index(False) if False in mask else len(mask)
+        clean = all(mask[:n]) and not any(mask[n:])
+        block_mask = {"offset": n} if clean else {"bool_masks": {"values": mask}}
         return "Write cache session started successfully", {
-            "write_session_id": rec.id, "block_mask": {"bool_masks": {"values": mask}}, "locations": locs}
+            "write_session_id": rec["id"], "block_mask": block_mask, "locations": locs}
 
     async def finish_write_cache(self, req: Request, body: dict):
         inst = await self._instance(req, body)
@@ -386,47 +495,58 @@ class TairCompat:
             raise InvalidArgumentError("missing or invalid fields: write_session_id")
         if "success_blocks" not in body:
             raise InvalidArgumentError("missing or invalid fields: success_blocks")
-        rec = await self.api.run(self.control.session, sid)
-        if rec.namespace != inst["instance_group"]:
-            raise InvalidArgumentError(f"write session {sid} belongs to another instance group")
-        todo = rec.keys_to_write
+        n = await self.api.run(self.storage.session_len, inst["instance_id"], sid)
         sb = body["success_blocks"] or {}
-        if "bool_masks" in sb and len((sb["bool_masks"] or {}).get("values") or []) == len(rec.keys) != len(todo):
-            # A mask over every key of startWriteCache rather than over its locations.
-            ok_all = _mask(sb, len(rec.keys), "success_blocks")
-            ok_set = {k for k, ok in zip(rec.keys, ok_all) if ok}
-            ok = [k for k in todo if k in ok_set]
-        elif "bool_masks" in sb:
-            ok = [k for k, good in zip(todo, _mask(sb, len(todo), "success_blocks")) if good]
+        if not isinstance(sb, dict):
+            raise InvalidArgumentError("success_blocks must be an object with offset or bool_masks")
+        if "bool_masks" in sb:
+            ok = _mask(sb, n, "success_blocks")
         else:
             # {"offset": n}: the first n locations were written (a chain written in order).
-            n = _int(sb.get("offset", len(todo)), "success_blocks.offset", 0, len(todo))
-            ok = todo[:n]
-        await self.api.run(self.control.finish_write, sid, ok)
+            k = _int(sb.get("offset", n), "success_blocks.offset", 0, n)
+            ok = [i < k for i in range(n)]
+        await self.api.run(self.storage.finish_write, inst["instance_id"], sid, ok)
         return "Write cache session finished successfully", {}
 
     async def remove_cache(self, req: Request, body: dict):
         inst = await self._instance(req, body)
         keys = self._keys(body, inst)
         masked = _mask(body.get("block_mask"), len(keys), "block_mask")
-        await self.api.run(self.control.remove, inst["instance_group"], [k for k, mk in zip(keys, masked) if not mk])
+        await self.api.run(self.storage.remove, inst["instance_id"], [k for k, mk in zip(keys, masked) if not mk])
         return "Cache removed successfully", {}
 
     async def trim_cache(self, req: Request, body: dict):
         inst = await self._instance(req, body)
-        ns = inst["instance_group"]
         strategy = _enum(body.get("strategy"), TRIM_STRATEGIES, "strategy")
-        if strategy in ("TS_REMOVE_ALL_CACHE", "TS_REMOVE_ALL_META"):
-            self.api.check(req, ns, admin=True)
-            await self.api.run(self.control.trim, ns, "all")
-        elif strategy == "TS_TIMESTAMP":
-            ts = _int(body.get("end_timestamp", 0), "end_timestamp") or _int(body.get("begin_timestamp", 0), "begin_timestamp")
-            if ts <= 0:
-                raise InvalidArgumentError("TS_TIMESTAMP needs end_timestamp (or begin_timestamp), seconds since the epoch")
-            await self.api.run(self.control.trim, ns, "older_than", ts)
-        else:
+        if strategy == "TS_UNSPECIFIED":
             raise InvalidArgumentError("missing or invalid fields: strategy")
+        if strategy != "TS_REMOVE_ALL_CACHE":  # as the manager: only remove-all is implemented
+            raise UnsupportedError(f"trim strategy {strategy} is not implemented; use TS_REMOVE_ALL_CACHE")
+        self.api.check(req, inst["instance_group"], admin=True)
+        await self.api.run(self.storage.trim, inst["instance_id"])
         return "Cache trimmed successfully", {}
+
+    async def get_cluster_info(self, req: Request, body: dict):
+        """A single node is its own leader (no instance check, as the manager answers)."""
+        from urllib.parse import urlsplit
+
+        u = urlsplit(self.api.http_url)
+        ep = {"node_id": self.node_id, "host": u.hostname or "127.0.0.1",
+              "meta_rpc_port": self.meta_rpc_port or (u.port or 0), "meta_http_port": u.port or 0,
+              "custom_info": ""}
+        return "OK", {"self_node_id": self.node_id, "leader_node_id": self.node_id, "leader_endpoint": ep}
+
+    async def report_event(self, req: Request, body: dict):
+        """Checked as the manager checks it; with events, ``INSTANCE_NOT_EXIST``: tairstore has
+        no event-reporting storage backend (the manager's Vineyard events)."""
+        iid, host = _str(body, "instance_id"), _str(body, "host_ip_port")
+        if not iid or not host:
+            raise InvalidArgumentError("empty instance_id or host_ip_port")
+        if not body.get("events"):
+            return "OK", {}
+        if _enum(body.get("storage_type"), STORAGE_ENUM, "storage_type") == "ST_UNSPECIFIED":
+            raise InvalidArgumentError("storage_type is required")
+        raise InstanceMissing(f"EventReportingBackend not found for instance: {iid}")
 
 
 def _with_header(resp: Response, code: str, message: str, request_id: str) -> Response:

@@ -13,7 +13,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from tairstore.daemon.main import run_daemon
-from tairstore.daemon.config import DaemonConfig, LimitsConfig, NamespaceQuota
+from tairstore.daemon.config import DaemonConfig, LimitsConfig, NamespaceQuota, TairConfig
 from tairstore.keys import chain_hashes
 from tairstore.daemon.auth import TokenSpec
 from tairstore.daemon.httpserver import MAX_HEAD_BYTES
@@ -301,6 +301,8 @@ def test_auth_refusals(tmp_path):
 
 
 EDGE_TOKENS = [TokenSpec(ADMIN, "*", "admin"), TokenSpec(USER_A, ["a"], "user")]
+#: Tair instance groups must exist before registration, as in Tair KVCache's manager.
+TAIR_GROUP_A = TairConfig(instance_groups=[{"name": "a", "storages": ["local_file"]}])
 INSTANCE = {"instance_id": "inst-1", "instance_group": "a", "block_size": 16,
             "model_deployment": {"model_name": "m"},
             "location_spec_infos": [{"name": "tp0", "size": 4096}]}
@@ -331,7 +333,7 @@ def test_an_unauthenticated_caller_cannot_tell_which_instances_exist(tmp_path):
             # The existing and the missing instance get the very same answers.
             assert answers[(token, "inst-1")] == answers[(token, "no-such-instance")]
 
-    with_daemon(tmp_path, check, tokens=EDGE_TOKENS)
+    with_daemon(tmp_path, check, tokens=EDGE_TOKENS, tair=TAIR_GROUP_A)
 
 
 @pytest.mark.parametrize("size", [(1 << 63) - 1, 65 * (1 << 20)])
@@ -347,7 +349,7 @@ def test_register_instance_refuses_a_block_the_store_cannot_take(tmp_path, size)
         st, body = c.call("GET", "/instances")
         assert body["instances"] == []  # nothing half-registered
 
-    with_daemon(tmp_path, check)
+    with_daemon(tmp_path, check, tair=TAIR_GROUP_A)
 
 
 def _raw_http(port: int, head_pad: int) -> bytes:
