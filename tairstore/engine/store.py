@@ -52,7 +52,8 @@ from typing import Any
 from tairstore.engine.capacity import TIERS, Namespace, WatermarkTracker, check_limits, parse_watermarks
 from tairstore.engine.compaction import Compactor
 from tairstore.config import DEFAULT_NAMESPACE, StoreConfig
-from tairstore.engine.datadir import DataDir
+from tairstore.engine.consistency import check_open
+from tairstore.engine.datadir import FORMAT_VERSION, DataDir, check_path
 from tairstore.errors import (
     CapacityError,
     ClosedError,
@@ -151,7 +152,7 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
 
     def __init__(self, path: str | os.PathLike, config: StoreConfig) -> None:
         self.config = config.validate()
-        self.path = os.fspath(path)
+        self.path = check_path(path)
         self._fs = config.fs
         self._lock = threading.RLock()
         self._blocks: dict[tuple[str, bytes], _Block] = {}
@@ -199,7 +200,12 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
             self._dram = DramArena(cfg.dram_bytes)
             if cfg.prefault_dram:
                 self._dram.prefault()
+        # M1: refuse a store whose index, WAL and segments do not agree, before any file is
+        # changed (LMDB opened for writing, a head segment, a WAL file) or any thread starts.
+        found = check_open(self._dir, self._fs)
         self._index = Index(self._dir.sub("index"))
+        if found.fresh:
+            self._index.set_identity(self._dir.store_id, FORMAT_VERSION)
         for name, settings in self._index.namespaces().items():
             ns = self._ns_state(name)
             ns.total_bytes, ns.tier_bytes, ns.ttl_s = check_limits(
@@ -223,7 +229,7 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
         self._ssd.open()
         from tairstore.engine.recovery import recover
 
-        next_lsn = recover(self)
+        next_lsn = recover(self, found)
         self._wal = WalWriter(
             self._fs, self._dir.sub("wal"), durability=cfg.durability,
             batch_interval_s=cfg.batch_interval_ms / 1000.0, file_bytes=cfg.wal_file_bytes,
@@ -923,18 +929,14 @@ class Store(PlacementMixin, ReadPathMixin, MaintenanceMixin):
     def _drop_applied_wal(self) -> None:
         """After a clean close every logged change is in LMDB: the WAL files can all go.
 
-        The next open then replays nothing (and decodes nothing). A crash during the unlinks
-        leaves files whose records are all at or below the checkpoint, which replay skips.
+        The next open then replays nothing (and decodes nothing); one empty file stays as the
+        log's end marker (:func:`tairstore.wal.drop_applied`). A crash during the unlinks leaves
+        files whose records are all at or below the checkpoint, which replay skips.
         """
-        from tairstore.wal import list_files
+        from tairstore.wal import drop_applied
 
-        wal_dir = self._dir.sub("wal")
         try:
-            files = list_files(self._fs, wal_dir)
-            for _, path in files:
-                self._fs.unlink(path)
-            if files:
-                self._fs.fsync_dir(wal_dir)
+            drop_applied(self._fs, self._dir.sub("wal"), self._index.applied_lsn + 1)
         except OSError as exc:
             log.warning("could not remove applied WAL files: %s", exc)
 
