@@ -90,7 +90,8 @@ def check_value(namespace: str, key: bytes, value: tuple, *, max_block_bytes: in
     passes: the size is allocated by reads, and the location is read from a file. A plausible
     value may still name the wrong bytes; the segment record's own header and payload crc
     catch that on read. ``segment_sizes`` maps each existing segment to its file size; a
-    segment not in it is not judged here (recovery decides what a missing segment means).
+    segment not in it (or empty) is not judged here (recovery decides what a missing segment
+    means).
     """
     size, _crc, generation, _created, seg, off, length = value
     if not 1 <= size <= max_block_bytes:
@@ -105,6 +106,7 @@ def check_value(namespace: str, key: bytes, value: tuple, *, max_block_bytes: in
     if not hlen < length <= hlen + size:
         return f"record length {length} is not consistent with a {size}-byte block"
     seg_size = segment_sizes.get(seg)
-    if seg_size is not None and off + length > seg_size:
+    # An empty segment file is as good as missing (open removes it): recovery decides.
+    if seg_size and off + length > seg_size:
         return f"location {seg}:{off}+{length} runs past the segment's {seg_size} bytes"
     return None
