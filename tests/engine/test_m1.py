@@ -305,3 +305,23 @@ def test_error_tree():
     assert issubclass(MetadataMismatchError, CorruptionError)
     assert issubclass(DataDirPermissionError, DataDirError)
     assert issubclass(DataDirError, StoreError)
+
+
+def test_repair_moves_a_segment_with_unplaced_committed_records_to_lost(tmp_path):
+    """An index that forgot a segment's blocks (but is otherwise consistent): --repair must not
+    delete the segment that holds their only copies; it moves it to lost/."""
+    path = tmp_path / "s"
+    opts = dict(OPTS, ssd_bytes=8 << 20, segment_bytes=64 << 10)
+    with tairstore.open(path, **opts) as s:
+        for i in range(N):
+            assert s.put(key(i), payload(i))
+    index = Index(str(path / "index"))
+    first = min(rec.segment for _, _, rec in index.items())
+    forgotten = [(ns, k, None) for ns, k, rec in index.items() if rec.segment == first]
+    index.apply(forgotten)
+    index.close()
+    seg_name = f"{first:012d}.seg"
+    report = fsck(str(path), repair=True)
+    assert not (path / "segments" / seg_name).exists()
+    assert any(seg_name in p for p in report["moved_to_lost"]), report
+    assert (path / "lost" / seg_name).exists()
