@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from tairstore.engine.datadir import DataDir, os_error
 from tairstore.errors import CorruptionError, MetadataMismatchError
 from tairstore.fileio import FileSystem
-from tairstore.format.segment import FLAG_COMMITTED, MAX_PAYLOAD_LEN
+from tairstore.format.segment import FLAG_COMMITTED, MAX_PAYLOAD_LEN, header_length
 from tairstore.index.header import DATA_FILE, read_header
 from tairstore.index.lmdb_index import Index
 from tairstore.index.records import check_value
@@ -161,12 +161,26 @@ def _read_index(found: Inspection, index_dir: str, expected_id: str) -> tuple[st
 def _load_entries(found: Inspection, index: Index) -> None:
     reasons = []
     sizes = found.segments
+    entries = found.entries
+    ns_header: dict[str, int] = {}
     for ns, key, value in index.raw_items():
+        # This loop is most of a reopen: the common, plausible value passes a cheap inline
+        # test; anything else gets check_value's verdict (which also names the reason).
+        size, _, gen, _, seg, off, length = value
+        hlen = ns_header.get(ns)
+        if hlen is None:
+            hlen = ns_header[ns] = header_length(len(ns.encode()), 0)
+        hlen += len(key)
+        seg_size = sizes.get(seg)
+        if (0 < size <= MAX_PAYLOAD_LEN and gen and hlen < length <= hlen + size
+                and (not seg_size or off + length <= seg_size)):
+            entries.append((ns, key, value))
+            continue
         # The format's limit, not this open's max_block_bytes: a store reopened with a smaller
         # limit still holds its larger blocks (recovery skips them, it does not refuse).
         why = check_value(ns, key, value, max_block_bytes=MAX_PAYLOAD_LEN, segment_sizes=sizes)
         if why is None:
-            found.entries.append((ns, key, value))
+            entries.append((ns, key, value))
             continue
         found.bad_entries += 1
         if len(reasons) < _MAX_LISTED:
