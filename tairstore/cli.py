@@ -60,16 +60,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
-    """Check a data directory; optionally repair it or rebuild its index from the segments."""
-    from tairstore.engine.fsck import fsck
+    """Check a data directory; optionally repair it or rebuild its index from the segments.
 
-    report = fsck(args.dir, repair=args.repair, rebuild=args.rebuild)
+    Exit status: 0 the store is consistent, 1 damage was found (and, with a flag, remains),
+    2 fsck itself could not run (not a store, locked, permission denied, an unexpected error).
+    """
+    from tairstore.engine.fsck import EXIT_DAMAGE, EXIT_FAILED, EXIT_OK, fsck
+    from tairstore.errors import CorruptionError
+
+    try:
+        report = fsck(args.dir, repair=args.repair, rebuild=args.rebuild)
+    except CorruptionError as exc:
+        print(f"tairstore fsck: damage found: {exc}", file=sys.stderr)
+        return EXIT_DAMAGE
+    except Exception as exc:  # noqa: BLE001 - any failure of fsck itself is exit 2, never 1
+        print(f"tairstore fsck: could not check {args.dir}: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return EXIT_FAILED
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         for name, value in report.items():
             print(f"{name:>24}: {value}")
-    return 0 if report["ok"] else 1
+    return EXIT_OK if report["ok"] else EXIT_DAMAGE
 
 
 def _port(text: str) -> int:
@@ -161,10 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--durability", choices=DURABILITY_MODES, default="sync")
     d.set_defaults(func=cmd_demo)
 
-    f = sub.add_parser("fsck", help="check a data directory against its segments")
+    f = sub.add_parser("fsck", help="check a data directory (read-only); exit 0 consistent, "
+                       "1 damage found, 2 fsck failed")
     f.add_argument("dir")
-    f.add_argument("--repair", action="store_true", help="drop damaged blocks and empty segments")
-    f.add_argument("--rebuild", action="store_true", help="rebuild the index from the segments alone")
+    f.add_argument("--repair", action="store_true", help="drop damaged blocks; reclaim empty segments (unplaced ones move to lost/)")
+    f.add_argument("--rebuild", action="store_true", help="rebuild the index from the segments alone (old index, damaged WAL: lost/)")
     f.add_argument("--json", action="store_true", help="print the report as JSON")
     f.set_defaults(func=cmd_fsck)
 

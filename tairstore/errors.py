@@ -5,7 +5,14 @@ and what to do next (the idea of py-lmdb's and trio's small exception sets):
 
 - the caller passed something wrong: :class:`InvalidArgumentError`, :class:`SessionError`;
 - the store is full: :class:`CapacityError` (and :class:`DiskFullError` for a full disk);
-- the bytes on disk are damaged: :class:`CorruptionError`;
+- the bytes on disk are damaged: :class:`CorruptionError`; the store's metadata (index, WAL)
+  cannot account for its data and ``open`` refuses: :class:`MetadataMismatchError` (its message
+  names the fix, ``tairstore fsck DIR --rebuild``);
+- the disk failed to return bytes that may well be intact: :class:`StoreIOError`
+  (:class:`ReadIOError`, :class:`SegmentGoneError`) — deliberately *not* a corruption, so no
+  caller drops a block because a read failed;
+- the data directory cannot be used as given (a file, a dangling link, no permission):
+  :class:`DataDirError`, :class:`DataDirPermissionError`;
 - the store was closed, or is held by another process: :class:`ClosedError`,
   :class:`StoreLockedError`;
 - the directory is not a store, or of a newer format: :class:`FormatError`;
@@ -25,6 +32,12 @@ __all__ = [
     "CapacityError",
     "DiskFullError",
     "CorruptionError",
+    "MetadataMismatchError",
+    "StoreIOError",
+    "ReadIOError",
+    "SegmentGoneError",
+    "DataDirError",
+    "DataDirPermissionError",
     "ClosedError",
     "StoreLockedError",
     "FormatError",
@@ -69,6 +82,63 @@ class DiskFullError(CapacityError):
 
 class CorruptionError(StoreError):
     """Bytes on disk failed their checksum or do not parse as the format says."""
+
+
+class MetadataMismatchError(CorruptionError):
+    """The index, the WAL and the segments do not belong together or do not agree.
+
+    ``open`` refuses rather than guess (guessing would let maintenance delete the only copies of
+    blocks the index lost). Nothing was deleted or changed; ``tairstore fsck DIR --rebuild``
+    rebuilds the index from the segments.
+
+    Attributes:
+        path: the data directory.
+        problem: a short name of what was found, e.g. ``"index-missing"``, ``"index-foreign"``,
+            ``"index-stale"``, ``"index-damaged"``, ``"wal-damaged"``, ``"wal-missing"``.
+    """
+
+    def __init__(self, path: str, problem: str, detail: str) -> None:
+        super().__init__(
+            f"{path}: {detail}. The store was not opened and nothing was changed; run "
+            f"`tairstore fsck {path} --rebuild` to rebuild the index from the segments")
+        self.path = path
+        self.problem = problem
+
+
+class StoreIOError(StoreError):
+    """An I/O operation failed; unlike :class:`CorruptionError` this is no evidence of damage."""
+
+
+class ReadIOError(StoreIOError):
+    """The disk failed to return a record's bytes (``OSError`` on read, e.g. EIO).
+
+    The bytes may be intact: the store answers a miss and counts a read error, and keeps the
+    block; recovery and fsck keep it too and say so.
+    """
+
+
+class SegmentGoneError(StoreIOError):
+    """The location names a segment that was deleted (or never existed).
+
+    After compaction the index may already point elsewhere: the store should look the key up
+    again before dropping it, and drop it only if the index still holds this location.
+    """
+
+
+class DataDirError(StoreError):
+    """The data directory path cannot be used: empty, a file, under a file, a dangling link.
+
+    Attributes:
+        path: the path that was wrong (the directory, or the entry inside it).
+    """
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class DataDirPermissionError(DataDirError):
+    """The process may not read or write a part of the data directory (EACCES / EPERM)."""
 
 
 class ClosedError(StoreError):

@@ -38,7 +38,8 @@ from tairstore.config import DEFAULT_NAMESPACE, StoreConfig
 from tairstore.engine.capacity import TIERS, WatermarkTracker, check_limits, parse_watermarks
 from tairstore.engine.catalog import Block, Catalog
 from tairstore.engine.compaction import Compactor
-from tairstore.engine.datadir import DataDir
+from tairstore.engine.consistency import check_open
+from tairstore.engine.datadir import FORMAT_VERSION, DataDir, check_path
 from tairstore.engine.lifecycle import Journal, Lifecycle
 from tairstore.engine.maintenance import Maintenance
 from tairstore.engine.match import MatchResult
@@ -66,7 +67,8 @@ PLACEMENTS = ("auto", "dram", "ssd", "remote")
 COUNTERS = ("hits", "misses", "hits_dram", "hits_ssd", "checksum_errors", "read_errors",
             "puts", "deletes", "trimmed", "expired", "bytes_written", "evictions_dram",
             "evictions_ssd", "watermark_evictions", "promotions", "leases_expired",
-            "recovered_blocks", "recovery_dropped", "hits_remote", "demotions", "demotion_failures",
+            "recovered_blocks", "recovery_dropped", "recovery_read_errors", "recovery_dangling",
+            "recovery_oversize", "hits_remote", "demotions", "demotion_failures",
             "demotions_missed", "demotions_dropped")
 
 
@@ -84,7 +86,7 @@ class Store:
 
     def __init__(self, path: str | os.PathLike, config: StoreConfig) -> None:
         self.config = config.validate()
-        self.path = os.fspath(path)
+        self.path = check_path(path)
         self._fs = config.fs
         self._lock = threading.RLock()
         self._life = Lifecycle(self.path)
@@ -117,7 +119,12 @@ class Store:
             self._dram = DramArena(cfg.dram_bytes, backing=cfg.dram_backing)
             if cfg.prefault_dram:
                 self._dram.prefault()
+        # M1: refuse a store whose index, WAL and segments do not agree, before any file is
+        # changed (LMDB opened for writing, a head segment, a WAL file) or any thread starts.
+        found = check_open(self._dir, self._fs)
         self._index = Index(self._dir.sub("index"))
+        if found.fresh:
+            self._index.set_identity(self._dir.store_id, FORMAT_VERSION)
         self._journal.index = self._index
         for name, settings in self._index.namespaces().items():
             try:
@@ -146,22 +153,23 @@ class Store:
             return
         from tairstore.engine.recovery import recover
 
-        found = recover(self._index, self._ssd, self._fs, self._dir.sub("wal"), self.path)
+        rec = recover(self._index, self._ssd, self._fs, self._dir.sub("wal"), found,
+                      max_block_bytes=cfg.max_block_bytes, path=self.path)
         with self._lock:
-            self._catalog.adopt(found.blocks)
-            self._space.adopt((k, b.ssd) for k, b in found.blocks.items())
-            self._writes.generation = max(self._writes.generation, found.max_generation)
-            self._counters["recovered_blocks"] = len(found.blocks)
-            self._counters["recovery_dropped"] = found.dropped
+            self._catalog.adopt(rec.blocks)
+            self._space.adopt((k, b.ssd) for k, b in rec.blocks.items())
+            self._writes.generation = max(self._writes.generation, rec.max_generation)
+            self._counters["recovered_blocks"] = len(rec.blocks)
+            self._counters.update(rec.counters)
         wal = WalWriter(
             self._fs, self._dir.sub("wal"), durability=cfg.durability,
             batch_interval_s=cfg.batch_interval_ms / 1000.0, file_bytes=cfg.wal_file_bytes,
-            next_lsn=found.next_lsn, pre_sync=self._ssd.sync,
+            next_lsn=rec.next_lsn, pre_sync=self._ssd.sync,
         )
         self._journal.wal = wal
         self._life.sources = [wal, self._index]
         # Everything before next_lsn is in LMDB now: older log files are no longer needed.
-        wal.truncate_before(found.next_lsn)
+        wal.truncate_before(rec.next_lsn)
         self._index.start_writer(before_commit=self._before_index_commit,
                                  on_checkpoint=self._maintenance.on_checkpoint)
 
@@ -661,18 +669,14 @@ class Store:
     def _drop_applied_wal(self) -> None:
         """After a clean close every logged change is in LMDB: the WAL files can all go.
 
-        The next open then replays nothing (and decodes nothing). A crash during the unlinks
-        leaves files whose records are all at or below the checkpoint, which replay skips.
+        The next open then replays nothing (and decodes nothing); one empty file stays as the
+        log's end marker (:func:`tairstore.wal.drop_applied`). A crash during the unlinks leaves
+        files whose records are all at or below the checkpoint, which replay skips.
         """
-        from tairstore.wal import list_files
+        from tairstore.wal import drop_applied
 
-        wal_dir = self._dir.sub("wal")
         try:
-            files = list_files(self._fs, wal_dir)
-            for _, path in files:
-                self._fs.unlink(path)
-            if files:
-                self._fs.fsync_dir(wal_dir)
+            drop_applied(self._fs, self._dir.sub("wal"), self._index.applied_lsn + 1)
         except OSError as exc:
             log.warning("could not remove applied WAL files: %s", exc)
 

@@ -24,12 +24,13 @@ import contextlib
 import threading
 from collections.abc import Iterator
 
-from tairstore.errors import NotFoundError
+from tairstore.errors import MetadataMismatchError, NotFoundError
 from tairstore.fuzz.faultfs import SimulatedCrash
 from tairstore.fuzz.model import Expected, Tally, identify
 from tairstore.fuzz.workload import NAMESPACES, QUOTA_BYTES, QUOTA_NS, key_name, KEYS_PER_NS
 
-__all__ = ["check_store", "check_quota", "observe", "abandon", "quiet_simulated_crashes", "all_keys"]
+__all__ = ["check_store", "check_quota", "observe", "abandon", "quiet_simulated_crashes", "all_keys",
+           "fsck_then_open"]
 
 #: How long abandoning may take before it counts as a hang (threads stuck after a crash).
 ABANDON_TIMEOUT_S = 20.0
@@ -165,3 +166,28 @@ def quiet_simulated_crashes() -> Iterator[None]:
         yield
     finally:
         threading.excepthook = previous
+
+
+def fsck_then_open(path: str, open_store, tally: Tally, where: str) -> tuple[dict, object, list[str]]:
+    """M1's rule for reopening a damaged or crashed store: ``(fsck report, store, failures)``.
+
+    ``fsck`` (read-only) runs first. When it finds metadata problems (a WAL torn before its
+    end by a power loss, an index that does not agree), the open must refuse with
+    :class:`~tairstore.errors.MetadataMismatchError`, and ``fsck --rebuild`` must then make
+    the store consistent: the caller's :func:`check_store` decides whether every acknowledged
+    block came back. An open that accepts metadata fsck calls damaged is a failure.
+    """
+    from tairstore.engine.fsck import fsck
+
+    failures: list[str] = []
+    report = fsck(path)
+    if report["problems"]:
+        try:
+            open_store().close()
+        except MetadataMismatchError:
+            tally.refused_opens += 1
+        else:
+            tally.other_failures += 1
+            failures.append(f"OPEN ACCEPTED what fsck calls damaged: {report['problems']} ({where})")
+        report = fsck(path, rebuild=True)
+    return report, open_store(), failures

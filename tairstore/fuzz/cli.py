@@ -10,6 +10,7 @@ Subcommands built so far:
   after each kill (:mod:`tairstore.fuzz.killloop`).
 - ``stateful``: the stateful fault model, seeded driver (``--seed S`` replays a run exactly;
   ``--runs N`` runs seeds S..S+N-1) (:mod:`tairstore.fuzz.stateful`).
+- ``fileloss``: whole-file loss, M1 (``--seed S --runs N``) (:mod:`tairstore.fuzz.fileloss`).
 - ``decoders``: the decoder fuzzers (``--target NAME --seed S --count N``)
   (:mod:`tairstore.fuzz.decoders`).
 - ``all --minutes M``: every harness interleaved for M minutes, ending with the table
@@ -96,6 +97,22 @@ def _stateful(args: argparse.Namespace) -> int:
     return 0 if tally.ok and not failures else 1
 
 
+def _fileloss(args: argparse.Namespace) -> int:
+    from tairstore.fuzz.fileloss import run_file_loss
+    from tairstore.fuzz.model import Tally
+
+    logging.disable(logging.NOTSET if args.verbose else logging.CRITICAL)
+    tally = Tally()
+    base = args.dir or tempfile.mkdtemp(prefix="tairstore-fileloss-")
+    failures: list[str] = []
+    for i in range(args.runs):
+        failures += run_file_loss(base, args.seed + i, tally)
+    for f in failures:
+        print(f)
+    print(tally.table())
+    return 0 if tally.ok and not failures else 1
+
+
 def _decoders(args: argparse.Namespace) -> int:
     from tairstore.fuzz.decoder_targets import TARGETS
     from tairstore.fuzz.decoders import run_seeded
@@ -147,6 +164,12 @@ def add_parser(subparsers) -> None:
     s.add_argument("--steps", type=int, default=40, help="rules per run")
     s.add_argument("--dir", default=None, help="where to put scratch stores (default: temp dir)")
     s.set_defaults(func=_stateful)
+    f = sub.add_parser("fileloss", help="M1: an index, WAL or segment file deleted, emptied, "
+                       "truncated or swapped with another store's")
+    f.add_argument("--seed", type=int, default=0, help="the first run's seed (a failure prints it)")
+    f.add_argument("--runs", type=int, default=1, help="runs, with seeds SEED, SEED+1, ...")
+    f.add_argument("--dir", default=None, help="where to put scratch stores (default: temp dir)")
+    f.set_defaults(func=_fileloss)
     from tairstore.fuzz.decoder_targets import TARGETS
 
     d = sub.add_parser("decoders", help="fuzz the WAL, segment, protocol, HTTP and config decoders")

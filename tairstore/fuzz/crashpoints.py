@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tairstore.engine.datadir import MARKER
-from tairstore.fuzz.check import abandon, check_store, quiet_simulated_crashes
+from tairstore.fuzz.check import abandon, check_store, fsck_then_open, quiet_simulated_crashes
 from tairstore.fuzz.faultfs import ALL_KINDS, CRASH_POINT_KINDS, FaultFS
 from tairstore.fuzz.model import Expected, Tally
 from tairstore.fuzz.workload import (
@@ -78,7 +78,6 @@ def run_crash(base: str, run: CrashRun, tally: Tally) -> tuple[list[str], int]:
         the failure messages (empty when every invariant held) and the counted operations
         seen (the number of crash points, for the dry run).
     """
-    from tairstore.engine.fsck import fsck
 
     path = os.path.join(base, f"run-{run.seed}-{run.crash_after}")
     shutil.rmtree(path, ignore_errors=True)
@@ -131,8 +130,9 @@ def run_crash(base: str, run: CrashRun, tally: Tally) -> tuple[list[str], int]:
             # The crash came before the store's creation was durable: nothing was ever
             # acknowledged, and an open finishes the creation (fsck only opens existing stores).
             _open(path, run.durability).close()
-        report = fsck(path)
-        store = _open(path, run.durability)
+        report, store, refused = fsck_then_open(path, lambda: _open(path, run.durability),
+                                                tally, where)
+        failures += refused
     except Exception as exc:  # noqa: BLE001 - any failure to reopen is the finding
         tally.reopen_failures += 1
         failures.append(f"REOPEN FAILED {type(exc).__name__}: {exc} ({where})")

@@ -201,6 +201,8 @@ class Tally:
     blocks_lost: int = 0
     corrupt_served: int = 0
     reopen_failures: int = 0
+    refused_opens: int = 0
+    intact_destroyed: int = 0
     fsck_failures: int = 0
     quota_violations: int = 0
     other_failures: int = 0
@@ -214,7 +216,7 @@ class Tally:
         self.faults.update(other.faults)
         self.decoder_inputs.update(other.decoder_inputs)
         for name in ("crash_points", "acked_checked", "blocks_lost", "corrupt_served",
-                     "reopen_failures", "fsck_failures", "quota_violations", "other_failures",
+                     "reopen_failures", "refused_opens", "intact_destroyed", "fsck_failures", "quota_violations", "other_failures",
                      "decoder_failures"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.failures.extend(other.failures)
@@ -223,6 +225,7 @@ class Tally:
     def ok(self) -> bool:
         """True when no invariant was violated."""
         return not (self.blocks_lost or self.corrupt_served or self.reopen_failures
+                    or self.intact_destroyed
                     or self.fsck_failures or self.quota_violations or self.other_failures
                     or self.decoder_failures)
 
@@ -238,6 +241,8 @@ class Tally:
             ("blocks lost (must be 0)", self.blocks_lost),
             ("corrupt payloads served (must be 0)", self.corrupt_served),
             ("reopen failures (must be 0)", self.reopen_failures),
+            ("opens refused for damaged metadata, then rebuilt", self.refused_opens),
+            ("intact blocks destroyed (must be 0)", self.intact_destroyed),
             ("fsck failures (must be 0)", self.fsck_failures),
             ("quota violations after reopen (must be 0)", self.quota_violations),
             ("decoder contract violations (must be 0)", self.decoder_failures),

@@ -50,7 +50,9 @@ from typing import Any, Protocol, Sequence
 
 from tairstore.engine.datadir import MARKER
 from tairstore.errors import CapacityError, FatalIOError
-from tairstore.fuzz.check import abandon, check_quota, check_store, observe, quiet_simulated_crashes
+from tairstore.fuzz.check import (
+    abandon, check_quota, check_store, fsck_then_open, observe, quiet_simulated_crashes,
+)
 from tairstore.fuzz.faultfs import ALL_KINDS, FaultFS, SimulatedCrash
 from tairstore.fuzz.model import MAX_BLOCK, Expected, Tally, content, identify
 from tairstore.fuzz.workload import (
@@ -357,11 +359,14 @@ class FaultModel:
                     import tairstore
 
                     tairstore.open(self.root, **store_options("sync")).close()
-                report = fsck(self.root)
-                if not report["ok"]:
-                    self.tally.fsck_failures += 1
-                    raise StatefulFailure(f"FSCK after the crash: {report} ({self._where()})")
-            self.store = self._open()
+                report, self.store, refused = fsck_then_open(self.root, self._open, self.tally,
+                                                             self._where())
+                if refused or not report["ok"]:
+                    self.tally.fsck_failures += not report["ok"]
+                    raise StatefulFailure(f"FSCK after the crash: {report} {refused} "
+                                          f"({self._where()})")
+            else:
+                self.store = self._open()
         except StatefulFailure:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure to reopen is the finding

@@ -13,6 +13,7 @@ that a crash could take back out of the log.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import threading
@@ -22,10 +23,13 @@ from typing import Union
 
 import lmdb
 
-from tairstore.errors import ClosedError, CorruptionError, FatalIOError
+from tairstore.errors import (
+    ClosedError, CorruptionError, DataDirPermissionError, FatalIOError, InvalidArgumentError,
+    StoreError,
+)
 from tairstore.index.records import BLOCK_VALUE, U64, BlockRecord, decode_block, decode_key, encode_block, encode_key
 
-__all__ = ["Index", "PutOp", "DelOp"]
+__all__ = ["Index", "PutOp", "DelOp", "lmdb_error"]
 
 log = logging.getLogger(__name__)
 
@@ -33,24 +37,54 @@ INITIAL_MAP_SIZE = 64 << 20  # grows by doubling on MapFullError; 64 MiB holds ~
 MAX_BATCH = 4096  # ops per LMDB transaction: bounds the time one commit holds the writer
 META_FORMAT = b"format_version"
 META_CHECKPOINT = b"checkpoint_lsn"
+#: The store identity (16 raw bytes), the same as the data directory marker's ``store_id``.
+META_STORE_ID = b"store_id"
 
 PutOp = tuple[str, bytes, BlockRecord]  # namespace, key, record
 DelOp = tuple[str, bytes, None]
 Op = Union[PutOp, DelOp]
 
 
-class Index:
-    """LMDB environment holding the ``meta`` and ``blocks`` databases."""
+def lmdb_error(exc: BaseException, path: str) -> StoreError:
+    """The typed error for an exception LMDB raised on the index in ``path``."""
+    code = getattr(exc, "errno", None)
+    if isinstance(exc, (lmdb.ReadonlyError, PermissionError)) or code in (errno.EACCES, errno.EPERM):
+        return DataDirPermissionError(
+            f"permission denied on the index {path!r} ({exc}); give this process read and write "
+            "access to the whole data directory", path)
+    return CorruptionError(f"the index {path!r} cannot be read: {type(exc).__name__}: {exc}")
 
-    def __init__(self, path: str, *, map_size: int = INITIAL_MAP_SIZE) -> None:
+
+class Index:
+    """LMDB environment holding the ``meta``, ``blocks`` and ``namespaces`` databases.
+
+    With ``readonly`` (fsck, the open-time consistency check) the environment is opened
+    read-only and without LMDB's lock file, so not one byte of the directory changes.
+    Check the data file with :func:`tairstore.index.header.read_header` before opening.
+    """
+
+    def __init__(self, path: str, *, map_size: int = INITIAL_MAP_SIZE, readonly: bool = False) -> None:
         self.path = path
-        self._env = lmdb.open(
-            path, map_size=map_size, max_dbs=4, subdir=True, sync=True, metasync=True,
-            readahead=False, meminit=False, lock=True,
-        )
-        self._meta = self._env.open_db(b"meta")
-        self._blocks = self._env.open_db(b"blocks")
-        self._ns_db = self._env.open_db(b"namespaces")
+        self.readonly = readonly
+        try:
+            if readonly:
+                # The caller holds the data directory's flock, so no writer can run meanwhile.
+                self._env = lmdb.open(path, max_dbs=4, subdir=True, readonly=True, lock=False,
+                                      create=False, readahead=False)
+                self._meta, self._blocks, self._ns_db = (
+                    self._open_db_readonly(name) for name in (b"meta", b"blocks", b"namespaces"))
+            else:
+                self._env = lmdb.open(
+                    path, map_size=map_size, max_dbs=4, subdir=True, sync=True, metasync=True,
+                    readahead=False, meminit=False, lock=True,
+                )
+                self._meta = self._env.open_db(b"meta")
+                self._blocks = self._env.open_db(b"blocks")
+                self._ns_db = self._env.open_db(b"namespaces")
+        except lmdb.Error as exc:
+            raise lmdb_error(exc, path) from exc
+        except OSError as exc:
+            raise lmdb_error(exc, path) from exc
         self._queue: deque[tuple[int, list[Op]]] = deque()
         self._cond = threading.Condition()
         self._applied_lsn = self.checkpoint_lsn()
@@ -59,12 +93,42 @@ class Index:
         self._error: BaseException | None = None
         self._closed = False
 
+    def _open_db_readonly(self, name: bytes):
+        """A named database in a read-only environment, or None when it was never created."""
+        with self._env.begin() as txn:
+            if txn.get(name) is None:
+                return None
+        return self._env.open_db(name, create=False)
+
     # -- meta ------------------------------------------------------------------------------
+    def _get_raw_meta(self, name: bytes) -> bytes | None:
+        if self._meta is None:
+            return None
+        try:
+            with self._env.begin(db=self._meta) as txn:
+                raw = txn.get(name)
+        except lmdb.Error as exc:
+            raise lmdb_error(exc, self.path) from exc
+        return None if raw is None else bytes(raw)
+
     def get_meta(self, name: bytes) -> int | None:
         """An integer meta value, or None if unset."""
-        with self._env.begin(db=self._meta) as txn:
-            raw = txn.get(name)
-        return None if raw is None else U64.unpack(raw)[0]
+        raw = self._get_raw_meta(name)
+        if raw is None:
+            return None
+        if len(raw) != U64.size:
+            raise CorruptionError(f"index meta {name!r} is {len(raw)} bytes, expected {U64.size}")
+        return U64.unpack(raw)[0]
+
+    def store_id(self) -> str | None:
+        """The store identity this index was created for (32 hex digits), or None if unset."""
+        raw = self._get_raw_meta(META_STORE_ID)
+        return None if raw is None else raw.hex()
+
+    def set_identity(self, store_id: str, format_version: int) -> None:
+        """Write the store identity and format version into a new index (one transaction)."""
+        self._write_txn([], None, {META_FORMAT: format_version}, False,
+                        raw_meta={META_STORE_ID: bytes.fromhex(store_id)})
 
     def checkpoint_lsn(self) -> int:
         """The LSN up to which LMDB reflects the WAL (0 for a new index)."""
@@ -78,12 +142,18 @@ class Index:
     def namespaces(self) -> dict[str, dict]:
         """Persisted namespace settings (quotas, TTL), by name."""
         out = {}
-        with self._env.begin(db=self._ns_db) as txn:
-            for k, v in txn.cursor():
-                try:
-                    out[bytes(k).decode()] = json.loads(bytes(v))
-                except ValueError as exc:
-                    raise CorruptionError(f"namespace settings of {bytes(k)!r} do not parse: {exc}") from None
+        if self._ns_db is None:
+            return out
+        try:
+            with self._env.begin(db=self._ns_db) as txn:
+                for k, v in txn.cursor():
+                    try:
+                        out[bytes(k).decode()] = json.loads(bytes(v))
+                    except ValueError as exc:
+                        raise CorruptionError(
+                            f"namespace settings of {bytes(k)!r} do not parse: {exc}") from None
+        except lmdb.Error as exc:
+            raise lmdb_error(exc, self.path) from exc
         return out
 
     def set_namespace(self, name: str, settings: dict) -> None:
@@ -100,16 +170,24 @@ class Index:
     # -- reads -----------------------------------------------------------------------------
     def items(self) -> Iterator[tuple[str, bytes, BlockRecord]]:
         """Every indexed block (a read transaction; used at open and by fsck)."""
-        with self._env.begin(db=self._blocks, buffers=False) as txn:
-            for k, v in txn.cursor():
-                ns, key = decode_key(k)
-                yield ns, key, decode_block(v)
+        for ns, key, value in self.raw_items():
+            yield ns, key, BlockRecord._make(value)
 
     def raw_items(self) -> Iterator[tuple[str, bytes, tuple]]:
         """Every indexed block as ``(namespace, key, value tuple)``: the fast path for open.
 
         The tuple is ``BLOCK_VALUE.unpack`` of the value, in :class:`BlockRecord` field order.
+        Values are only unpacked here: :func:`tairstore.index.records.check_value` decides
+        whether they make sense. LMDB's own errors (a damaged B-tree page) are typed.
         """
+        if self._blocks is None:
+            return
+        try:
+            yield from self._raw_items()
+        except lmdb.Error as exc:
+            raise lmdb_error(exc, self.path) from exc
+
+    def _raw_items(self) -> Iterator[tuple[str, bytes, tuple]]:
         unpack = BLOCK_VALUE.unpack
         size = BLOCK_VALUE.size
         names: dict[bytes, str] = {}
@@ -130,6 +208,8 @@ class Index:
 
     def count(self) -> int:
         """Number of indexed blocks."""
+        if self._blocks is None:
+            return 0
         with self._env.begin(db=self._blocks) as txn:
             return txn.stat(self._blocks)["entries"]
 
@@ -141,7 +221,10 @@ class Index:
         if lsn is not None:
             self._applied_lsn = max(self._applied_lsn, lsn)
 
-    def _write_txn(self, ops: list[Op], lsn: int | None, meta: dict[bytes, int], clear: bool) -> None:
+    def _write_txn(self, ops: list[Op], lsn: int | None, meta: dict[bytes, int], clear: bool,
+                   raw_meta: dict[bytes, bytes] | None = None) -> None:
+        if self.readonly:
+            raise InvalidArgumentError(f"the index {self.path!r} was opened read-only")
         while True:
             try:
                 with self._env.begin(write=True) as txn:
@@ -155,6 +238,8 @@ class Index:
                             txn.put(k, encode_block(rec), db=self._blocks)
                     for name, value in meta.items():
                         txn.put(name, U64.pack(value), db=self._meta)
+                    for name, raw in (raw_meta or {}).items():
+                        txn.put(name, raw, db=self._meta)
                     if lsn is not None:
                         txn.put(META_CHECKPOINT, U64.pack(lsn), db=self._meta)
                 return

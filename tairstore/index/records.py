@@ -19,8 +19,10 @@ import struct
 from typing import NamedTuple
 
 from tairstore.errors import CorruptionError
+from tairstore.format.segment import header_length
 
-__all__ = ["BlockRecord", "encode_key", "decode_key", "encode_block", "decode_block", "U64"]
+__all__ = ["BlockRecord", "encode_key", "decode_key", "encode_block", "decode_block", "U64",
+           "check_value"]
 
 #: size, crc, generation, created_ns, segment, offset, record length.
 BLOCK_VALUE = struct.Struct("<QIQQQQQ")
@@ -78,3 +80,33 @@ def decode_block(raw: bytes) -> BlockRecord:
     if len(raw) != BLOCK_VALUE.size:
         raise CorruptionError(f"index value of {len(raw)} bytes, expected {BLOCK_VALUE.size}")
     return BlockRecord._make(BLOCK_VALUE.unpack(raw))
+
+
+def check_value(namespace: str, key: bytes, value: tuple, *, max_block_bytes: int,
+                segment_sizes: dict[int, int]) -> str | None:
+    """Why an index value cannot be right, or None when it is plausible.
+
+    ``value`` is a :data:`BLOCK_VALUE` tuple. Nothing read from the index is used before this
+    passes: the size is allocated by reads, and the location is read from a file. A plausible
+    value may still name the wrong bytes; the segment record's own header and payload crc
+    catch that on read. ``segment_sizes`` maps each existing segment to its file size; a
+    segment not in it (or empty) is not judged here (recovery decides what a missing segment
+    means).
+    """
+    size, _crc, generation, _created, seg, off, length = value
+    if not 1 <= size <= max_block_bytes:
+        return f"size {size} is outside 1..max_block_bytes={max_block_bytes}"
+    if generation == 0:
+        return "generation 0 is never assigned"
+    try:
+        hlen = header_length(len(namespace.encode()), len(key))
+    except (ValueError, CorruptionError) as exc:
+        return f"namespace or key cannot be stored ({exc})"
+    # Stored payloads are at most the raw size (zstd is kept only when it shrinks the block).
+    if not hlen < length <= hlen + size:
+        return f"record length {length} is not consistent with a {size}-byte block"
+    seg_size = segment_sizes.get(seg)
+    # An empty segment file is as good as missing (open removes it): recovery decides.
+    if seg_size and off + length > seg_size:
+        return f"location {seg}:{off}+{length} runs past the segment's {seg_size} bytes"
+    return None

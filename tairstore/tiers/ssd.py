@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 
 from tairstore.errors import (
     CapacityError, ClosedError, CorruptionError, DiskFullError, FatalIOError,
-    InvalidArgumentError,
+    InvalidArgumentError, ReadIOError, SegmentGoneError,
 )
 from tairstore.fileio import REAL_FS, File, FileSystem
 from tairstore.format.checksum import crc32c
@@ -79,23 +79,6 @@ Reporter = Callable[[int, str], None]
 def segment_file_name(segment_id: int) -> str:
     """The file name of segment ``segment_id``."""
     return f"{segment_id:012d}.seg"
-
-
-class SegmentGoneError(CorruptionError):
-    """The location names a segment that was deleted (or never existed).
-
-    After compaction the index may already point elsewhere: the store should look the key up
-    again before dropping it, and drop it only if the index still holds this location.
-    """
-
-
-class ReadIOError(CorruptionError):
-    """The disk failed to return a record's bytes (``OSError`` on read, e.g. EIO).
-
-    Unlike a checksum mismatch the bytes may be intact: the store answers a miss and counts a
-    read error, and need not drop the block. A subclass of :class:`CorruptionError` so callers
-    that treat every unreadable record alike keep working.
-    """
 
 
 class Location(NamedTuple):
@@ -688,8 +671,9 @@ class SegmentLog:
 
         Raises:
             CorruptionError: the bytes at the location fail a check (header crc, namespace/key,
-                length, payload crc, decoding) or cannot be read; SegmentGoneError (a subclass)
-                when the segment is gone.
+                length, payload crc, decoding).
+            ReadIOError: the disk failed to return the bytes (not a corruption: they may be
+                intact). SegmentGoneError: the segment is gone.
             InvalidArgumentError: ``out`` is read-only or shorter than the payload.
         """
         dst = memoryview(out).cast("B")

@@ -4,8 +4,10 @@
 defined in ``tairstore.format.wal`` and described in ``docs/wal-format.md``.
 """
 
-from tairstore.wal.log import DURABILITY_MODES, WalWriter
-from tairstore.wal.reader import LogReplay, list_files, read_log, scan_end, wal_file_name
+from tairstore.wal.log import DURABILITY_MODES, WalWriter, drop_applied
+from tairstore.wal.reader import (
+    LogCheck, LogReplay, check_log, list_files, read_log, scan_end, wal_file_name,
+)
 from tairstore.wal.records import (
     Abort,
     Commit,
@@ -20,6 +22,9 @@ from tairstore.wal.records import (
 __all__ = [
     "DURABILITY_MODES",
     "WalWriter",
+    "drop_applied",
+    "LogCheck",
+    "check_log",
     "LogReplay",
     "read_log",
     "scan_end",

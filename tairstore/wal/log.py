@@ -37,7 +37,7 @@ from tairstore.format.wal import encode_record
 from tairstore.wal.reader import LogReplay, list_files, read_log, scan_end, wal_path
 from tairstore.wal.records import Record, encode
 
-__all__ = ["DURABILITY_MODES", "WalWriter", "read_log", "scan_end", "LogReplay"]
+__all__ = ["DURABILITY_MODES", "WalWriter", "read_log", "scan_end", "LogReplay", "drop_applied"]
 
 #: Durability modes and what a crash does under each:
 #: - "sync": ``sync(lsn)`` returns only after the records are fsynced. Acknowledged records
@@ -449,6 +449,13 @@ class WalWriter:
         exc.__cause__ = self._error
         return exc
 
+    def _is_empty(self, path: str) -> bool:
+        f = self._fs.open(path, readonly=True)
+        try:
+            return f.size() == 0
+        finally:
+            f.close()
+
     def _retire_stale(self, next_lsn: int) -> None:
         # A file starting at or after next_lsn was made by an earlier writer beyond the point
         # where replay ended (a torn tail, or a gap before it). If it stayed, a later reader
@@ -458,13 +465,13 @@ class WalWriter:
         for first, path in list_files(self._fs, self._dir):
             if first < next_lsn:
                 continue
+            if first == next_lsn and self._is_empty(path):
+                # The end marker a clean close leaves (drop_applied): exactly the file about to
+                # be opened. Keeping it means the directory never passes through a state with
+                # no WAL file, which open would take for a lost WAL.
+                continue
             retired = True
-            f = self._fs.open(path, readonly=True)
-            try:
-                empty = f.size() == 0
-            finally:
-                f.close()
-            if empty:
+            if self._is_empty(path):
                 self._fs.unlink(path)
             else:
                 self._fs.rename(path, path + _STALE_SUFFIX)
@@ -472,3 +479,25 @@ class WalWriter:
             # Durable before the new file exists: a crash must not leave the new file beside
             # an old one that still claims LSNs after it.
             self._fs.fsync_dir(self._dir)
+
+
+def drop_applied(fs: FileSystem, directory: str, next_lsn: int) -> None:
+    """After a clean close (every record is in the index, up to ``next_lsn - 1``), replace the
+    log by one empty file named ``next_lsn``.
+
+    The next open then replays nothing, and the empty file still says where the log stands:
+    an index whose checkpoint is older than ``next_lsn - 1`` (a stale copy) is refused instead
+    of silently missing what happened since (M1). The marker is made durable before the old
+    files go, so no crash leaves a directory without a WAL file.
+
+    Raises:
+        OSError: a file operation failed (the caller logs it; the next open replays the files).
+    """
+    f = fs.open(wal_path(directory, next_lsn), create=True)
+    f.close()
+    fs.fsync_dir(directory)
+    files = [path for first, path in list_files(fs, directory) if first != next_lsn]
+    for path in files:
+        fs.unlink(path)
+    if files:
+        fs.fsync_dir(directory)

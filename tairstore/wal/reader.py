@@ -18,14 +18,15 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 from tairstore.errors import CorruptionError
 from tairstore.fileio import FileSystem
-from tairstore.format.wal import FrameDecoder
+from tairstore.format.wal import HEADER_SIZE, FrameDecoder, RecordType
 from tairstore.wal.records import Record, decode
 
-__all__ = ["LogReplay", "read_log", "scan_end", "list_files", "wal_file_name", "wal_path"]
+__all__ = ["LogReplay", "LogCheck", "read_log", "scan_end", "check_log", "list_files",
+           "wal_file_name", "wal_path"]
 
 Reporter = Callable[[int, str], None]
 
@@ -78,6 +79,9 @@ class LogReplay:
         self._from = from_lsn
         self._report = reporter or _warn
         self.last_lsn = 0
+        #: Where replay stopped early: ``(path, offset, reason)`` of a bad record inside a
+        #: file, or ``(path, -1, reason)`` of each file after a gap. See :func:`check_log`.
+        self.stops: list[tuple[str, int, str]] = []
         self._gen = self._walk()
 
     @property
@@ -124,6 +128,7 @@ class LogReplay:
                 # is from beyond lost records. Replaying it would skip them: the log ends here.
                 why = f"after the end of the log (expected LSN {expected}, file starts at {first})"
                 for _, later in files[i:]:
+                    self.stops.append((later, -1, why))
                     self._report(self._size(later), f"{os.path.basename(later)}: {why}")
                 return
             cap = files[i + 1][0] if i + 1 < len(files) else None
@@ -156,6 +161,9 @@ class LogReplay:
                     # the end of the file after a roll and nothing follows).
                     reason = f"superseded by {wal_file_name(cap)}"
                     break
+            if reason is None or not reason.startswith("superseded"):
+                if dec.dropped:
+                    self.stops.append((path, dec.offset, reason or dec.reason or ""))
             reason = reason or dec.reason
             if dec.dropped:
                 # A torn or corrupt record ends this file only: a writer restarted after this
@@ -206,3 +214,98 @@ def scan_end(fs: FileSystem, directory: str, *, from_lsn: int = 0) -> int:
     for _ in replay:
         pass
     return replay.last_lsn
+
+
+#: How many LSNs past the point where replay stopped :func:`check_log` looks for a valid
+#: record (one search of the rest of the file each): damage that swallowed more records than
+#: this inside one file is still found through any later file.
+RESYNC_WINDOW = 64
+
+
+class LogCheck(NamedTuple):
+    """What :func:`check_log` found; read-only, nothing is changed."""
+
+    files: int  # WAL files present
+    first_lsn: int  # first LSN of the first file (0 without files)
+    last_lsn: int  # the end of the valid chain, as replay sees it
+    starts_after: bool  # the files start after from_lsn: records from_lsn.. are gone
+    dropped_bytes: int  # bytes replay would not replay
+    reasons: tuple[str, ...]  # why, per place replay stopped
+    valid_after: int  # valid records with LSN >= from_lsn beyond a place replay stopped
+    commits_after: int  # COMMIT entries among them (committed blocks replay would drop)
+    max_lsn: int  # the highest LSN of any valid record seen
+
+    @property
+    def damaged(self) -> bool:
+        """A damaged record is followed by valid ones that replay would drop (M1)."""
+        return self.valid_after > 0
+
+
+def check_log(fs: FileSystem, directory: str, *, from_lsn: int = 0) -> LogCheck:
+    """Check the log as :func:`read_log` from ``from_lsn`` would replay it, without replaying.
+
+    A torn tail (nothing valid after the bad bytes) is the normal end of a log after a crash.
+    Valid records *after* the place replay stops are not: replay would silently drop them,
+    and they may be acknowledged writes. They are found by searching the rest of the file for
+    a record with one of the next :data:`RESYNC_WINDOW` LSNs, and by decoding the files after
+    a gap.
+    """
+    files = list_files(fs, directory)
+    dropped = 0
+
+    def count(n: int, why: str) -> None:
+        nonlocal dropped
+        dropped += n
+
+    replay = LogReplay(fs, directory, from_lsn, count)
+    starts_after = False
+    try:
+        for _ in replay:
+            pass
+    except CorruptionError:
+        starts_after = True
+    max_lsn = replay.last_lsn
+    valid = commits = 0
+    for path, offset, _why in replay.stops:
+        data = replay._read(path)
+        start = _resync(data, offset, replay.last_lsn + 1)
+        if start is None:
+            continue
+        for frame in FrameDecoder(data, start):
+            max_lsn = max(max_lsn, frame.lsn)
+            if frame.lsn < from_lsn:
+                continue
+            valid += 1
+            if frame.type == RecordType.COMMIT:
+                commits += _commit_entries(frame)
+    return LogCheck(len(files), files[0][0] if files else 0, replay.last_lsn, starts_after,
+                    dropped, tuple(why for _, _, why in replay.stops), valid, commits, max_lsn)
+
+
+def _resync(data: bytearray, offset: int, expected: int) -> int | None:
+    """Offset of the first valid record at or after ``offset`` (the file's start for a file
+    after a gap) carrying one of the LSNs ``expected`` .. + RESYNC_WINDOW, or None."""
+    if offset < 0:
+        return 0 if next(iter(FrameDecoder(data)), None) is not None else None
+    best = None
+    for lsn in range(expected, expected + RESYNC_WINDOW):
+        needle = lsn.to_bytes(8, "little")
+        pos = data.find(needle, offset + 1)
+        while pos >= 0:
+            start = pos - (HEADER_SIZE - 8)
+            if start > offset and (best is None or start < best):
+                frame = next(iter(FrameDecoder(data, start)), None)
+                if frame is not None and frame.lsn == lsn:
+                    best = start
+                    break
+            pos = data.find(needle, pos + 1)
+        if best is not None:
+            break
+    return best
+
+
+def _commit_entries(frame) -> int:
+    try:
+        return len(decode(frame.type, frame.body).entries)
+    except CorruptionError:
+        return 0
