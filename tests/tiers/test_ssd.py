@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -520,32 +519,20 @@ def test_write_twice_is_refused(tmp_path):
         log.write(res, NS, b"k", b"abcde", generation=1)
 
 
-# -- throughput (printed, not asserted) ---------------------------------------------------------
+# -- large blocks ----------------------------------------------------------------------------
 
-def test_throughput_print(tmp_path):
+def test_many_mib_blocks_read_back_byte_exact(tmp_path):
+    """48 distinct 1 MiB blocks written back to back come back exact, each under its own key.
+
+    Throughput against raw ``pwrite`` / ``pread`` is a figure of ``benchmarks/engine.py``
+    (its SSD tier table), not something a test can assert on a shared machine.
+    """
     mib, n = 1 << 20, 48
-    data = os.urandom(mib)
-    raw_path = str(tmp_path / "raw.bin")
-    fd = os.open(raw_path, os.O_RDWR | os.O_CREAT)
-    t0 = time.perf_counter()
-    for i in range(n):
-        os.pwrite(fd, data, i * mib)
-    raw_w = time.perf_counter() - t0
-    out = bytearray(mib)
-    t0 = time.perf_counter()
-    for i in range(n):
-        os.preadv(fd, [out], i * mib)
-    raw_r = time.perf_counter() - t0
-    os.close(fd)
+    blocks = [os.urandom(mib) for _ in range(n)]
     log = _log(tmp_path / "log", segment_bytes=64 << 20, capacity_bytes=1 << 30)
-    t0 = time.perf_counter()
-    locs = [_put(log, b"k%d" % i, data) for i in range(n)]
-    put_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    locs = [_put(log, b"k%d" % i, data) for i, data in enumerate(blocks)]
+    assert len({(loc.segment, loc.offset) for loc in locs}) == n
+    out = bytearray(mib)
     for i, loc in enumerate(locs):
         log.read_into(loc.segment, loc.offset, loc.length, out, namespace=NS, key=b"k%d" % i)
-    get_s = time.perf_counter() - t0
-    gbs = lambda s: n * mib / s / 1e9  # noqa: E731
-    print(f"\nssd put {gbs(put_s):.2f} GB/s vs raw pwrite {gbs(raw_w):.2f} GB/s "
-          f"({raw_w / put_s:.2f}x); read_into {gbs(get_s):.2f} GB/s vs raw pread "
-          f"{gbs(raw_r):.2f} GB/s ({raw_r / get_s:.2f}x)")
+        assert out == blocks[i], f"block {i} differs"
