@@ -267,15 +267,18 @@ def test_compaction_reclaims_and_accounting_is_exact(tmp_path, compression):
     assert report["rebuilt_blocks"] == 40 and report["ok"]
 
 
-def test_compaction_runs_in_the_background_under_churn(tmp_path):
+def test_maintenance_compacts_dead_space_under_churn_instead_of_evicting(tmp_path, run_maintenance):
+    # Each delete is followed by a maintenance pass, as the background thread would run one
+    # every few puts; driven here, so a starved thread cannot turn reclaiming into evicting.
     with tairstore.open(tmp_path / "s", dram_bytes=0, ssd_bytes=8 * MiB, segment_bytes=512 * KiB,
-                        maintenance_interval_s=0.01, durability="none") as s:
+                        maintenance_interval_s=60, durability="none") as s:
         live = []
         for i in range(400):  # 400 x 64 KiB = 25 MiB written through an 8 MiB tier, ~2 MiB live
             s.put(k(i), content("default", k(i), 64 * KiB))
             live.append(i)
             if len(live) > 32:
                 s.delete([k(live.pop(0))])
+                run_maintenance(s)
         st = s.stats()
         assert st["counters"]["evictions_ssd"] == 0  # deletes alone made the room
         assert st["compaction"]["segments_compacted"] > 0
