@@ -47,6 +47,18 @@ Run: ``python benchmarks/net.py`` (a few minutes), or e.g. ``--sizes 256K,4M --c
 --seconds 1``. ``--json FILE`` writes every cell. Targets checked at the end: tairstore >= 1.2x
 Redis's best for 256 KiB - 4 MiB put and get, >= 0.8x the raw socket, match p50 < 1 ms.
 
+Shared memory (``--no-shm`` leaves them out): a second daemon with ``[shm]`` serves clients
+that map its arena read-only (``shm+tcp://``, :mod:`tairstore.net.shmclient`):
+
+- ``shm``: ``get`` hands back a zero-copy view of the block under a lease (one round trip, no
+  payload on the socket; the lease returns with the next request): bytes made readable per
+  second, against Redis's best client (target >= 5x at 1 MiB). ``put`` copies the block into
+  the client's staging file and sends its offset (PUT_SHM; the daemon copies it into the
+  arena), against Redis's best (target >= 3x);
+- ``shm-into``: ``get_into`` a caller's buffer (a round trip and one copy out of the arena),
+  against ``memcpy``: ``np.copyto`` of the same bytes from a 64 MiB working set into one
+  buffer, in the same number of processes (target >= 0.5x).
+
 ``--batch N`` moves N blocks per round trip on every side instead (tairstore ``put_many`` /
 ``get_many``, one request; redis-py ``pipeline(transaction=False)`` of N commands; raw one
 transfer of N blocks): how an engine loads or saves the pages of one prefix. Per-request costs
@@ -76,6 +88,8 @@ KiB, MiB = 1 << 10, 1 << 20
 RAW_REQUEST = struct.Struct("<BQQ")  # op (0 put, 1 get), size, slot
 WORKING_SET = 64 * MiB  # bytes of keys each (op, size, concurrency) cell cycles through
 SERVER_DRAM = 768 * MiB
+SHM_DRAM = 256 * MiB  # the shared-memory daemon's arena: get cells only, WORKING_SET fits
+SHM_TARGETS = ("shm", "shm-into", "memcpy")
 
 
 def parse_size(text: str) -> int:
@@ -102,10 +116,13 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
 
 
 # ---------------------------------------------------------------------------------- servers
-def start_tairstore(tmp: str) -> tuple[DaemonProcess, int]:
-    """``tairstore serve`` with a volatile DRAM-only store, arena prefaulted."""
-    proc = DaemonProcess(os.path.join(tmp, "ts"), store={
-        "ssd_bytes": 0, "dram_bytes": SERVER_DRAM, "prefault_dram": True}).start()
+def start_tairstore(tmp: str, shm: bool = False) -> tuple[DaemonProcess, int]:
+    """``tairstore serve`` with a volatile DRAM-only store, arena prefaulted (``shm``: a
+    smaller arena in shared memory, see ``[shm]``)."""
+    dram = SHM_DRAM if shm else SERVER_DRAM
+    proc = DaemonProcess(os.path.join(tmp, "shm" if shm else "ts"), store={
+        "ssd_bytes": 0, "dram_bytes": dram, "prefault_dram": True},
+        extra={"shm": {}} if shm else None).start()
     port = int(proc.data_url.rsplit(":", 1)[1])
     # Touch the whole arena once, as a long-running daemon has: first-touch page faults are
     # a start-up cost, not a per-put one (benchmarks/engine.py reports them separately).
@@ -113,7 +130,7 @@ def start_tairstore(tmp: str) -> tuple[DaemonProcess, int]:
 
     with Client(f"tcp://127.0.0.1:{port}", timeout=60) as c:
         block = bytes(4 * MiB)
-        keys = [b"warm-%d" % i for i in range(SERVER_DRAM // (4 * MiB))]
+        keys = [b"warm-%d" % i for i in range(dram // (4 * MiB))]
         for k in keys:
             c.put(k, block)
         c.delete(keys)
@@ -247,6 +264,8 @@ def make_ops(target: str, port: int, size: int, worker: int, nkeys: int, run_id:
                 assert all(v is not None for v in c.get_many(key_batch(i)))
 
         return put, get, lambda: [c.put(k, block) for k in keys]
+    if target in SHM_TARGETS:
+        return _shm_ops(target, port, size, block, keys)
     if target == "raw":
         c = RawClient(port)
         return (lambda i: c.put(i, block, batch)), (lambda i: c.get(i, size * batch)), (lambda: None)
@@ -271,6 +290,38 @@ def make_ops(target: str, port: int, size: int, worker: int, nkeys: int, run_id:
             assert all(v is not None for v in pipe.execute())
 
     return rput, rget, lambda: [r.set(k, block) for k in keys]
+
+
+def _shm_ops(target: str, port: int, size: int, block: memoryview, keys: list[bytes]):
+    """(put, get, prepare) of the shared-memory cells (``shm-into`` and ``memcpy``: get only)."""
+    out = np.empty(size, np.uint8)
+    if target == "memcpy":
+        src = np.random.default_rng(0).integers(0, 256, WORKING_SET, dtype=np.uint8)
+        slots = WORKING_SET // size
+
+        def copy(i: int) -> None:
+            j = i % slots * size
+            np.copyto(out, src[j:j + size])
+
+        return copy, copy, lambda: None
+    from tairstore.net.client import Client
+
+    c = Client(f"shm+tcp://127.0.0.1:{port}", timeout=60)
+    n = len(keys)
+    counter = iter(range(1 << 62))
+    fresh = keys[0].rsplit(b"-", 1)[0] + b"-p"
+
+    def put(i: int) -> None:
+        c.put(fresh + b"%d" % next(counter), block)
+
+    if target == "shm":
+        def get(i: int) -> None:
+            assert c.get(keys[i % n]) is not None  # the view dies here: its lease goes back
+    else:
+        def get(i: int) -> None:
+            assert c.get_into(keys[i % n], out) == size
+
+    return put, get, lambda: [c.put(k, block) for k in keys]
 
 
 def client_main(target, port, op, size, worker, nkeys, seconds, run_id, barrier, results, batch) -> None:
@@ -413,6 +464,25 @@ def report(cells: list[dict], redis_variants: list[str]) -> list[tuple]:
                 line.append(f"raw itself {row['raw']['gbps'] / best['gbps']:.2f}x Redis")
         if line:
             print(f"{'':15}   tairstore: " + ", ".join(line))
+        checks += shm_checks(k, row, best)
+    return checks
+
+
+def shm_checks(k: tuple, row: dict, best: dict | None) -> list[tuple]:
+    """The shared-memory targets of one (op, size, clients) cell: view get >= 5x Redis's best,
+    put >= 3x, get_into >= 0.5x memcpy."""
+    checks, line = [], []
+    shm, into, memcpy = row.get("shm"), row.get("shm-into"), row.get("memcpy")
+    if shm and best:
+        ratio, want = shm["gbps"] / best["gbps"], 5.0 if k[0] == "get" else 3.0
+        line.append(f"{'view get' if k[0] == 'get' else 'put'} {ratio:.2f}x Redis best")
+        checks.append((f"shm {k[0]} {fmt_size(k[1])} x{k[2]} >= {want:g}x Redis", ratio, want))
+    if into and memcpy:
+        ratio = into["gbps"] / memcpy["gbps"]
+        line.append(f"get_into {ratio:.2f}x memcpy")
+        checks.append((f"shm get_into {fmt_size(k[1])} x{k[2]} >= 0.5x memcpy", ratio, 0.5))
+    if line:
+        print(f"{'':15}   shared memory: " + ", ".join(line))
     return checks
 
 
@@ -424,6 +494,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=1.5, help="per cell")
     ap.add_argument("--redis-variants", default="hiredis,py-pack,pure-py")
     ap.add_argument("--no-raw", action="store_true")
+    ap.add_argument("--no-shm", action="store_true", help="leave out the shared-memory get cells")
     ap.add_argument("--batch", type=int, default=1,
                     help="blocks per round trip (tairstore put_many/get_many, redis-py pipeline, raw: "
                          "one transfer); latencies are then per round trip, ops/s per block")
@@ -451,7 +522,14 @@ def main() -> int:
             raw_proc, raw_port = start_raw()
             procs.append(raw_proc)
             targets.append(("raw", raw_port))
+        shm_targets: list[tuple[str, int]] = []
+        if not args.no_shm and os.path.isdir("/dev/shm"):
+            shm_daemon, shm_port = start_tairstore(tmp, shm=True)
+            daemons.append(shm_daemon)
+            shm_targets = [(t, shm_port) for t in SHM_TARGETS]
         pids = {ts_port: ts_daemon.proc.pid}
+        if shm_targets:
+            pids[shm_port] = shm_daemon.proc.pid
         if redis is not None:
             pids[redis[1]] = redis[0].pid
         if not args.no_raw:
@@ -476,11 +554,12 @@ def main() -> int:
                         print(f"  {op} {fmt_size(size)} x{n}: skipped, {n} clients x {args.batch} "
                               f"blocks in flight exceed half the server's {SERVER_DRAM // MiB} MiB DRAM")
                         continue
-                    for name, port in targets:  # interleaved, so background noise hits all alike
+                    extra = [] if args.batch > 1 else shm_targets if op == "get" else shm_targets[:1]
+                    for name, port in targets + extra:  # interleaved: background noise hits all alike
                         if name == "raw" and size * args.batch > 8 * MiB:
                             continue  # the raw server's per-connection buffer
                         cells.append(run_cell(name, port, op, size, n, args.seconds, args.batch,
-                                              pids.get(port)))
+                                              None if name == "memcpy" else pids.get(port)))
                         c = cells[-1]
                         print(f"  {op} {fmt_size(size)} x{n} {name}: {c['gbps']:.2f} GB/s p50 {c['p50_us']:.0f} us",
                               flush=True)

@@ -32,9 +32,19 @@ from tairstore.errors import (
 from tairstore.engine.match import MatchResult
 from tairstore.engine.session import WriteSession
 from tairstore.engine.store import Store, open_store
-from tairstore.net.client import AsyncClient, Client
+from tairstore.net.client import Client
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """``tairstore.AsyncClient`` is imported on first use, so ``import tairstore`` does not
+    import trio (embedded users and the blocking client never need it)."""
+    if name == "AsyncClient":
+        from tairstore.net.aclient import AsyncClient
+
+        return AsyncClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: ``tairstore.open(path, **options)`` — open (creating if needed) an embedded store.
 open = open_store  # noqa: A001 - the public name the API promises

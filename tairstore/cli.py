@@ -1,7 +1,7 @@
 """The ``tairstore`` command line.
 
 Subcommands: ``serve`` (the cache daemon), ``demo`` (a tour of the embedded store), ``fsck``
-(check or rebuild a data directory) and ``sim`` (HiSim).
+(check or rebuild a data directory), ``sim`` (HiSim) and ``optimize`` (trace replay).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import logging
 import sys
 import tempfile
 import time
+
+from tairstore.config import DURABILITY_MODES
 
 __all__ = ["main", "build_parser"]
 
@@ -153,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--block-bytes", type=_size, default=_size("256K"))
     d.add_argument("--dram", type=_size, default=_size("64M"))
     d.add_argument("--ssd", type=_size, default=_size("256M"))
-    d.add_argument("--durability", choices=("sync", "batch", "none"), default="sync")
+    d.add_argument("--durability", choices=DURABILITY_MODES, default="sync")
     d.set_defaults(func=cmd_demo)
 
     f = sub.add_parser("fsck", help="check a data directory against its segments")
@@ -172,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tairstore.fuzz.cli import add_parser as add_fuzz
 
     add_fuzz(sub)
+    from tairstore.policy.cli import add_parser as add_optimize
+
+    add_optimize(sub)
     return p
 
 

@@ -21,20 +21,39 @@ With ``ssd_bytes=0`` there is no SSD tier and the store is a volatile cache: not
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 
 from tairstore.errors import InvalidArgumentError
 from tairstore.fileio import REAL_FS, FileSystem
+from tairstore.validate import (  # noqa: F401 - the limits are part of this module's API
+    MAX_KEY_BYTES,
+    MAX_LEASE_S,
+    MAX_NAMESPACE_BYTES,
+    check_bool,
+    check_choice,
+    check_int,
+    check_real,
+)
 
-__all__ = ["StoreConfig", "DURABILITY_MODES", "MAX_KEY_BYTES", "DEFAULT_NAMESPACE"]
+__all__ = ["StoreConfig", "DURABILITY_MODES", "TIERS", "MAX_KEY_BYTES", "MAX_NAMESPACE_BYTES", "MAX_LEASE_S",
+           "DEFAULT_NAMESPACE", "physical_memory"]
 
 DURABILITY_MODES = ("sync", "batch", "none")
 PROMOTE_ON = ("first", "second", "never")
 COMPRESSIONS = (None, "zstd")
+#: The storage tiers, fastest first (quotas, watermarks, eviction policies and stats name them).
+TIERS = ("dram", "ssd")
 #: The namespace of every operation that does not name one.
 DEFAULT_NAMESPACE = "default"
-MAX_KEY_BYTES = 64  # a sha256 chain hash is 32 bytes; 64 leaves room for a prefix or a salt
-MAX_NAMESPACE_BYTES = 255  # stored with a one-byte length in index keys and segment records
+
+
+def physical_memory() -> int | None:
+    """This machine's RAM in bytes, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 @dataclass
@@ -71,48 +90,54 @@ class StoreConfig:
     background: bool = True
     create: bool = True
     fs: FileSystem = field(default=REAL_FS, repr=False)
+    #: Map the DRAM arena from this :class:`tairstore.tiers.dram.SharedBacking` (a file in
+    #: ``/dev/shm`` or hugetlbfs that local clients map read-only); None: private memory. Set
+    #: by the daemon's ``[shm]`` section, not a config-file key of ``[store]``.
+    dram_backing: Any = field(default=None, repr=False)
 
     def validate(self) -> "StoreConfig":
-        """Check every option; raise :class:`InvalidArgumentError` naming the bad one."""
-        for name in ("dram_bytes", "ssd_bytes"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise InvalidArgumentError(f"{name} must be an int >= 0, got {v!r}")
+        """Check every option; raise :class:`InvalidArgumentError` naming the bad one.
+
+        Types are checked before values, so a string or a bool where a number belongs is
+        refused by name rather than failing later in a comparison or in numpy.
+        """
+        self.dram_bytes = check_int("dram_bytes", self.dram_bytes, 0)
+        self.ssd_bytes = check_int("ssd_bytes", self.ssd_bytes, 0)
+        memory = physical_memory()
+        if memory is not None and self.dram_bytes > memory:
+            # The arena is one allocation of dram_bytes: past RAM it fails (numpy's
+            # MemoryError) or swaps, and a DRAM tier in swap is slower than the SSD tier.
+            raise InvalidArgumentError(
+                f"dram_bytes={self.dram_bytes} is more than this machine's memory ({memory} bytes)")
         if self.dram_bytes == 0 and self.ssd_bytes == 0:
             raise InvalidArgumentError("a store needs dram_bytes or ssd_bytes > 0")
-        if self.durability not in DURABILITY_MODES:
-            raise InvalidArgumentError(
-                f"durability must be one of {DURABILITY_MODES}, got {self.durability!r}")
-        if self.compression not in COMPRESSIONS:
-            raise InvalidArgumentError(f"compression must be None or 'zstd', got {self.compression!r}")
+        check_choice("durability", self.durability, DURABILITY_MODES)
+        check_choice("compression", self.compression, COMPRESSIONS)
         for name in ("segment_bytes", "wal_file_bytes", "max_block_bytes"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 4096:
-                raise InvalidArgumentError(f"{name} must be an int >= 4096, got {v!r}")
-        if not (0 < self.batch_interval_ms <= 60_000):
-            raise InvalidArgumentError("batch_interval_ms must be in (0, 60000]")
-        if not (1 <= self.zstd_level <= 22):
-            raise InvalidArgumentError("zstd_level must be in 1..22")
-        if self.promote_on not in PROMOTE_ON:
-            raise InvalidArgumentError(f"promote_on must be one of {PROMOTE_ON}, got {self.promote_on!r}")
+            setattr(self, name, check_int(name, getattr(self, name), 4096))
+        self.batch_interval_ms = check_real("batch_interval_ms", self.batch_interval_ms, 0, 60_000)
+        self.zstd_level = check_int("zstd_level", self.zstd_level, 1, 22)
+        for name in ("verify_dram_reads", "prefault_dram", "background", "create"):
+            check_bool(name, getattr(self, name))
+        check_choice("promote_on", self.promote_on, PROMOTE_ON)
         if isinstance(self.policy, str):
             self.policy = {"dram": self.policy, "ssd": self.policy}
-        if not isinstance(self.policy, dict) or not set(self.policy) <= {"dram", "ssd"}:
+        if not isinstance(self.policy, dict) or not set(self.policy) <= set(TIERS):
             raise InvalidArgumentError(f"policy must be a name or {{'dram': name, 'ssd': name}}, got {self.policy!r}")
         from tairstore.policy import POLICIES
 
         for tier, name in self.policy.items():
-            if name not in POLICIES:
+            if not isinstance(name, str) or name not in POLICIES:
                 raise InvalidArgumentError(
                     f"unknown {tier} eviction policy {name!r}; choose one of {sorted(POLICIES)}")
         self.policy = {"dram": "lru", "ssd": "leaf_lru", **self.policy}
         from tairstore.engine.capacity import parse_watermarks
 
         parse_watermarks(self.watermarks)
-        if not 0 < self.compaction_live_ratio < 1:
-            raise InvalidArgumentError("compaction_live_ratio must be in (0, 1)")
-        if not 0 < self.maintenance_interval_s <= 60:
-            raise InvalidArgumentError("maintenance_interval_s must be in (0, 60]")
+        self.compaction_live_ratio = check_real("compaction_live_ratio", self.compaction_live_ratio, 0, 1)
+        if self.compaction_live_ratio == 1:
+            raise InvalidArgumentError("compaction_live_ratio must be in (0, 1), got 1.0")
+        self.maintenance_interval_s = check_real("maintenance_interval_s", self.maintenance_interval_s, 0, 60)
         return self
 
     @classmethod

@@ -23,6 +23,7 @@ from urllib.parse import quote
 import trio
 
 from tairstore import __version__
+from tairstore.config import DEFAULT_NAMESPACE, MAX_KEY_BYTES
 from tairstore.errors import (
     CapacityError,
     ClosedError,
@@ -37,6 +38,7 @@ from tairstore.errors import (
 )
 from tairstore.daemon.auth import ALL_NAMESPACES, Authenticator, Unauthenticated
 from tairstore.daemon.control import ConflictError, ControlPlane, UnsupportedError, check_namespace
+from tairstore.daemon.events import ConnectionEvents
 from tairstore.daemon.httpserver import Request, Response
 from tairstore.daemon.metrics import Metrics
 
@@ -44,7 +46,6 @@ __all__ = ["ERROR_STATUS", "HttpApi", "json_response", "error_response"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_NAMESPACE = "default"
 MAX_KEYS = 1 << 20  # keys in one request; a 1M-token prompt at page size 1
 
 #: Exception type -> HTTP status; the first match wins, so subclasses come first.
@@ -108,8 +109,9 @@ def hex_key(text: Any) -> bytes:
         key = bytes.fromhex(text)
     except ValueError:
         raise InvalidArgumentError(f"key {text[:20]!r} is not hex") from None
-    if not 1 <= len(key) <= 64:
-        raise InvalidArgumentError(f"keys are 1..64 bytes (2..128 hex digits), got {len(key)} bytes")
+    if not 1 <= len(key) <= MAX_KEY_BYTES:
+        raise InvalidArgumentError(
+            f"keys are 1..{MAX_KEY_BYTES} bytes (2..{2 * MAX_KEY_BYTES} hex digits), got {len(key)} bytes")
     return key
 
 
@@ -137,6 +139,7 @@ class HttpApi:
         self.control = control
         self.auth = auth
         self.metrics = metrics
+        self.events = ConnectionEvents(metrics)
         self.http_max_body_bytes = http_max_body_bytes
         self.data_url = data_url
         self.http_url = http_url
@@ -188,6 +191,10 @@ class HttpApi:
                     allowed.append(method)
                     continue
                 op = f"http_{name}"
+                if name != "tair_api":  # (it answers a refusal in its own format)
+                    # Before any lookup: an unauthenticated caller learns nothing, not even
+                    # whether the instance, session or namespace it names exists.
+                    self.authenticate(req)
                 resp = await handler(req, **m.groupdict())
                 break
             if resp is None:
@@ -199,6 +206,8 @@ class HttpApi:
                     resp = json_response({"error": {"type": "NotFoundError", "message":
                                           f"no endpoint {req.path}; see docs/DAEMON.md"}}, 404)
         except StoreError as exc:
+            if isinstance(exc, PermissionDeniedError):
+                self.events.auth("http", exc)
             resp = error_response(exc)
         except Exception as exc:  # noqa: BLE001 - answer 500, keep serving
             log.exception("HTTP %s %s failed", req.method, req.path)
@@ -211,6 +220,11 @@ class HttpApi:
     async def run(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         """Run a blocking store call in a worker thread."""
         return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=self.limiter)
+
+    def authenticate(self, req: Request) -> None:
+        """Refuse (401) a request without a known token, when tokens are configured."""
+        if self.auth.enabled and self.auth.identify(req.bearer_token()) is None:
+            self.auth.check(req.bearer_token(), ALL_NAMESPACES)  # raises Unauthenticated
 
     def check(self, req: Request, namespace: str, *, admin: bool = False) -> None:
         """Refuse the request unless its token covers ``namespace`` (and is admin if asked)."""
@@ -241,7 +255,7 @@ class HttpApi:
 
     # --------------------------------------------------------------------- observability
     async def health(self, req: Request) -> Response:
-        self._check_any(req)
+        # Any valid token (a probe has no namespace): authenticate() already ran.
         try:
             st = await self.run(self.control.store.stats)
         except ClosedError:
@@ -250,11 +264,6 @@ class HttpApi:
                               "writable": st["writable"], "version": __version__,
                               "uptime_s": round(time.monotonic() - self.started, 3),
                               "data_url": self.data_url, "http_url": self.http_url})
-
-    def _check_any(self, req: Request) -> None:
-        # /health: any valid token (a probe has no namespace), none needed when auth is off.
-        if self.auth.enabled and self.auth.identify(req.bearer_token()) is None:
-            self.auth.check(req.bearer_token(), ALL_NAMESPACES)
 
     async def stats(self, req: Request) -> Response:
         self.check(req, ALL_NAMESPACES)
@@ -271,7 +280,6 @@ class HttpApi:
 
     # ------------------------------------------------------------------------ namespaces
     async def namespaces_list(self, req: Request) -> Response:
-        self._check_any(req)
         names = self.auth.visible(req.bearer_token(), await self.run(self.control.namespaces))
         infos = [await self.run(self.control.namespace_info, n) for n in names]
         return json_response({"namespaces": infos})
@@ -295,7 +303,6 @@ class HttpApi:
 
     # ------------------------------------------------------------------------- instances
     async def instances_list(self, req: Request) -> Response:
-        self._check_any(req)
         insts = await self.run(self.control.instances)
         visible = set(self.auth.visible(req.bearer_token(), [i["instance_group"] for i in insts]))
         return json_response({"instances": [i for i in insts if i["instance_group"] in visible]})

@@ -40,8 +40,9 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from tairstore.config import COMPRESSIONS, DURABILITY_MODES, MAX_NAMESPACE_BYTES, StoreConfig
+from tairstore.config import COMPRESSIONS, DURABILITY_MODES, TIERS, StoreConfig
 from tairstore.errors import InvalidArgumentError
+from tairstore.validate import check_namespace
 from tairstore.daemon.auth import ALL_NAMESPACES, ROLES, TokenSpec
 
 __all__ = [
@@ -63,10 +64,9 @@ DEFAULT_DATA_DIR = "./tairstore-data"
 DEFAULT_HTTP_MAX_BODY_BYTES = 8 << 20  # a JSON request with ~500k token ids fits
 DEFAULT_SHUTDOWN_GRACE_S = 10.0
 MIN_TOKEN_CHARS = 16  # shorter secrets are guessable over a network
-TIERS = ("dram", "ssd")
 
 # Store options a daemon file may set; the rest (fs, create) make no sense for a daemon.
-_STORE_KEYS = tuple(f.name for f in fields(StoreConfig) if f.name not in ("fs", "create"))
+_STORE_KEYS = tuple(f.name for f in fields(StoreConfig) if f.name not in ("fs", "create", "dram_backing"))
 _STORE_SIZES = {"dram_bytes", "ssd_bytes", "segment_bytes", "wal_file_bytes", "max_block_bytes"}
 
 _UNITS = {
@@ -159,6 +159,7 @@ class DaemonConfig:
     namespaces: dict[str, NamespaceQuota] = field(default_factory=dict)
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
     source: str | None = None
+    shm: "ShmConfig | None" = None  # [shm]: the DRAM arena in shared memory (None: private)
 
 
 class _Where:
@@ -312,8 +313,10 @@ def _namespaces(where: _Where, cfg: DaemonConfig, table: Any) -> None:
     out: dict[str, NamespaceQuota] = {}
     for name, t in table.items():
         sec = f"namespaces.{name}"
-        if not 1 <= len(name.encode()) <= MAX_NAMESPACE_BYTES:
-            raise where.error(sec, None, f"a namespace name is 1..{MAX_NAMESPACE_BYTES} bytes")
+        try:
+            check_namespace(name)
+        except InvalidArgumentError as exc:
+            raise where.error(sec, None, str(exc)) from None
         t = _check_keys(where, sec, t, ("total_bytes", "tier_bytes"))
         q = NamespaceQuota()
         if "total_bytes" in t:
@@ -330,12 +333,48 @@ def _namespaces(where: _Where, cfg: DaemonConfig, table: Any) -> None:
     cfg.namespaces = out
 
 
+@dataclass
+class ShmConfig:
+    """``[shm]``: put the DRAM arena in a file clients on this host map read-only.
+
+    Attributes:
+        dir: where the arena file is created (``/dev/shm``, or a hugetlbfs mount).
+        group: a group allowed to map it (mode 0640); empty: owner only (0600).
+        lease_s: how long a client's read lease lasts unless given back.
+    """
+
+    dir: str = "/dev/shm"
+    group: str = ""
+    lease_s: float = 60.0
+
+
+def _shm(where: _Where, cfg: DaemonConfig, table: Any) -> None:
+    t = _check_keys(where, "shm", table, ("enabled", "dir", "group", "lease_s"))
+    if not isinstance(t.get("enabled", True), bool):
+        raise where.error("shm", "enabled", "must be true or false")
+    out = ShmConfig()
+    for key in ("dir", "group"):
+        if key in t:
+            if not isinstance(t[key], str):
+                raise where.error("shm", key, "must be a string")
+            setattr(out, key, t[key])
+    if "lease_s" in t:
+        v = t["lease_s"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+            raise where.error("shm", "lease_s", "must be a positive number of seconds")
+        out.lease_s = float(v)
+    if not out.dir or not os.path.isdir(out.dir):
+        raise where.error("shm", "dir", f"{out.dir!r} is not a directory")
+    cfg.shm = out if t.get("enabled", True) else None
+
+
 _SECTIONS = {
     "server": _server,
     "store": _store,
     "limits": _limits,
     "tokens": _tokens,
     "namespaces": _namespaces,
+    "shm": _shm,
 }
 
 

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tairstore.config import MAX_NAMESPACE_BYTES
+from tairstore.config import TIERS
 from tairstore.errors import (
     CapacityError,
     InvalidArgumentError,
@@ -37,6 +37,7 @@ from tairstore.keys import chain_hashes
 from tairstore.engine.match import MatchResult
 from tairstore.engine.session import OPEN, WriteSession
 from tairstore.daemon.state import DaemonState
+from tairstore import validate
 
 __all__ = [
     "ConflictError",
@@ -47,7 +48,6 @@ __all__ = [
     "parse_quota",
 ]
 
-TIERS = ("dram", "ssd")
 DEFAULT_LEASE_S = 30.0
 MAX_SESSIONS = 4096  # open HTTP write sessions; each holds reserved space, so bound them
 
@@ -91,8 +91,7 @@ def parse_quota(obj: Any) -> tuple[int | None, dict[str, int]]:
 
 def check_namespace(name: Any) -> str:
     """``name`` if it is a valid namespace name."""
-    if not isinstance(name, str) or not 1 <= len(name.encode()) <= MAX_NAMESPACE_BYTES:
-        raise InvalidArgumentError(f"a namespace name is a string of 1..{MAX_NAMESPACE_BYTES} bytes")
+    validate.check_namespace(name)
     if name == "*":
         raise InvalidArgumentError('"*" means every namespace in tokens; it cannot name one')
     return name
@@ -273,9 +272,17 @@ class ControlPlane:
             (True, record) when new; (False, record) when already registered identically.
 
         Raises:
+            InvalidArgumentError: a field is missing or wrong, or the location specs add up to
+                a block larger than the store takes (found now, not at the first write).
             ConflictError: the id is registered with different information.
         """
         rec = _check_instance(rec)
+        total = self.block_bytes(rec)
+        limit = self.store.config.max_block_bytes
+        if total > limit:
+            raise InvalidArgumentError(
+                f"the location specs add up to {total} bytes per block; this daemon's store takes "
+                f"blocks of at most max_block_bytes={limit}")
         with self._lock:
             old = self.state.get("instances", rec["instance_id"])
             if old is not None:

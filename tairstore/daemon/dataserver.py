@@ -37,7 +37,13 @@ own servers). Per connection:
 Errors never leave a connection task: a store error or a semantic protocol error is an ERROR
 frame for that request and the connection goes on; a framing error gets an ERROR frame with
 request id 0 and the connection is closed once the requests already read are answered. Other
-connections are not affected by either.
+connections are not affected by either. Protocol errors, resets and auth refusals are counted
+and logged, rate-limited (:class:`~tairstore.daemon.events.ConnectionEvents`).
+
+Shared memory (SHM_HELLO, GET_SHM, RELEASE): when the arena is a shared file, a client on the
+same host is lent blocks in place; the ops and the per-connection lease table are in
+:mod:`tairstore.daemon.shm`. They touch memory only and run inline; a connection's leases are
+released when it ends.
 
 Auth (when ``auth.enabled``): a connection binds a token with an AUTH request (an unknown
 token is refused at once); every request that touches a namespace is then checked against it
@@ -65,17 +71,20 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import trio
 
-from tairstore.errors import InvalidArgumentError, PermissionDeniedError, SessionError, StoreError
+from tairstore.config import DEFAULT_NAMESPACE
+from tairstore.errors import InvalidArgumentError, PermissionDeniedError, ProtocolError, SessionError, StoreError
+from tairstore.daemon.auth import Unauthenticated
+from tairstore.daemon.events import ConnectionEvents
 from tairstore.engine.session import OPEN, WriteSession
+from tairstore.daemon.shm import LeaseTable, ShmService, Staging
 from tairstore.net.limits import Limits
 from tairstore.net.protocol import CONNECTION_ID, IOV_BATCH, Connection, Request, Response, Role, advance_views
-from tairstore.net.schema import Op, match_to_fields
+from tairstore.net.schema import Code, Op, match_to_fields
 
 __all__ = ["serve_data", "DataServer"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_NAMESPACE = "default"
 #: A connection's session table is swept of finished/expired entries past this size (they are
 #: kept until then so that reusing one raises the store's own error, e.g. LeaseExpiredError).
 SESSION_SWEEP_AT = 1024
@@ -106,10 +115,12 @@ PLACEMENT = {
     Op.PING: "loop", Op.AUTH: "loop", Op.EXISTS: "loop", Op.MATCH: "loop",
     Op.GET: "memory", Op.PUT: "memory", Op.START_WRITE: "memory", Op.WRITE: "memory",
     Op.FINISH_WRITE: "memory", Op.ABORT_WRITE: "memory", Op.DELETE: "memory",
-    Op.STATS: "thread",
+    Op.STATS: "thread", Op.SHM_HELLO: "loop", Op.GET_SHM: "loop", Op.RELEASE: "loop",
+    Op.SHM_STAGE: "loop", Op.PUT_SHM: "memory",
 }
 #: Ops that carry ``ns`` and are checked against the connection's token.
-_NAMESPACED = frozenset({Op.PUT, Op.GET, Op.EXISTS, Op.MATCH, Op.DELETE, Op.START_WRITE})
+_NAMESPACED = frozenset({Op.PUT, Op.GET, Op.EXISTS, Op.MATCH, Op.DELETE, Op.START_WRITE, Op.GET_SHM,
+                         Op.PUT_SHM})
 
 
 class _Writer:
@@ -187,6 +198,11 @@ class _Conn:
         #: Answers of requests served inline, written together once the read is processed:
         #: (request, response buffers, views to release after the write, t0, nbytes, ok).
         self.out: list = []
+        #: Shared-memory leases lent to this client (made on its first GET_SHM).
+        self.leases: LeaseTable | None = None
+        #: The staging file of local puts (SHM_STAGE), and whether its name is still there.
+        self.staging: Staging | None = None
+        self.staging_named = False
 
 
 Result = tuple[dict, list, int]  # response fields, payload blocks (released after send), bytes
@@ -217,6 +233,12 @@ def _tune_socket(sock: Any) -> None:
             log.debug("setsockopt(%s, %s, %s) failed: %s", level, opt, value, exc)
 
 
+def _code_name(error: BaseException) -> str:
+    """A protocol error's wire code as a metric label (``frame_too_large``...)."""
+    code = getattr(error, "code", 0)
+    return Code(code).name.lower() if code in Code._value2member_map_ else "protocol"
+
+
 def _request_bytes(req: Request) -> int:
     """Payload bytes a request carried (for metrics), even if the store refused them."""
     if req.op in (Op.PUT, Op.WRITE):
@@ -230,11 +252,13 @@ class DataServer:
     """Serves one :class:`~tairstore.Store` over the binary protocol (see the module doc)."""
 
     def __init__(self, store: Any, *, limits: Limits | None = None, auth: Any = None,
-                 metrics: Any = None) -> None:
+                 metrics: Any = None, shm: Any = None, lease_s: float | None = None) -> None:
         self.store = store
+        self.shm = ShmService(store, shm, auth, **({"lease_s": lease_s} if lease_s else {}))
         self.limits = limits or Limits()
         self.auth = auth
         self.metrics = metrics
+        self.events = ConnectionEvents(metrics)
         self.limiter = trio.CapacityLimiter(self.limits.worker_threads)
         self._scopes: set[trio.CancelScope] = set()
         self._deadline = math.inf
@@ -248,7 +272,8 @@ class DataServer:
             Op.PUT: self._put, Op.GET: self._get, Op.EXISTS: self._exists, Op.MATCH: self._match,
             Op.DELETE: self._delete, Op.START_WRITE: self._start_write, Op.WRITE: self._write,
             Op.FINISH_WRITE: self._finish_write, Op.ABORT_WRITE: self._abort_write,
-            Op.STATS: self._stats,
+            Op.STATS: self._stats, Op.SHM_HELLO: self._shm_hello, Op.GET_SHM: self._get_shm,
+            Op.RELEASE: self._release, Op.SHM_STAGE: self._shm_stage, Op.PUT_SHM: self._put_shm,
         }
 
     # ------------------------------------------------------------------------ lifecycle
@@ -287,6 +312,11 @@ class DataServer:
             for rec in conn.inplace.values():
                 self._drop_inplace(rec)
             conn.inplace.clear()
+            if conn.leases is not None:
+                conn.leases.close()  # a client that died holding leases frees their slots here
+            if conn.staging is not None:
+                conn.staging.unlink()
+                conn.staging = None
             if conn.sessions:
                 with self._shielded(ABORT_GRACE_S):
                     await trio.to_thread.run_sync(self._abort_all, conn, limiter=self.limiter)
@@ -319,7 +349,8 @@ class DataServer:
                 await trio.lowlevel.wait_readable(sock)
                 reads, answered = 0, False
                 continue
-            except OSError:
+            except OSError as exc:
+                self.events.connection("data", "reset", f"reading from a client failed: {exc}")
                 return  # reset by the peer: same as a close
             if n == 0:
                 return
@@ -342,13 +373,16 @@ class DataServer:
                     else:
                         nursery.start_soon(self._serve_request, conn, event)
                 elif not event.fatal:
+                    if isinstance(event.error, ProtocolError):
+                        self.events.protocol("data", _code_name(event.error), str(event.error))
                     if not self._take_permit(conn):
                         await self._flush(conn)
                         await conn.inflight.acquire()
                     self._queue(conn, event.request_id, Response(event.request_id, error=event.error),
                                 [], None)
                 else:
-                    log.info("closing a data connection after a framing error: %s", event.error)
+                    self.events.protocol("data", _code_name(event.error),
+                                         f"closing the connection after a framing error: {event.error}")
                     await self._flush(conn)
                     await self._send_error(conn, CONNECTION_ID, event.error, permit=False)
                     return
@@ -385,7 +419,10 @@ class DataServer:
             rec = conn.inplace.pop(req.id, None)
             if rec is not None:  # refused before the store took the payload (e.g. auth)
                 self._drop_inplace(rec)
-        self._queue(conn, req.id, response, blocks, (req.op, t0, nbytes, ok))
+        # SHM_HELLO is the probe every loopback client sends when it starts (see
+        # tairstore.net.shmclient.shm_reachable): a handshake, not traffic to count.
+        obs = None if req.op is Op.SHM_HELLO else (req.op, t0, nbytes, ok)
+        self._queue(conn, req.id, response, blocks, obs)
 
     def _queue(self, conn: _Conn, rid: int, response: Response, blocks: list, obs: tuple | None) -> None:
         try:
@@ -404,14 +441,15 @@ class DataServer:
         try:
             try:
                 rest = conn.writer.try_write(buffers)
-            except OSError:
+            except OSError as exc:
+                self.events.connection("data", "reset", f"writing answers failed: {exc}")
                 rest = None  # the client left; its requests are simply not acknowledged
             if rest is not None:
                 with self._shielded():
                     try:
                         await conn.writer.write(rest)
-                    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass
+                    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                        self.events.connection("data", "reset", f"writing answers failed: {exc!r}")
         finally:
             self._finish_out(conn, out)
 
@@ -476,8 +514,9 @@ class DataServer:
             buffers = conn.codec.send(Response(response.id, error=exc))
         try:
             await conn.writer.write(buffers)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client left; its requests are simply not acknowledged
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            # The client left; its requests are simply not acknowledged.
+            self.events.connection("data", "reset", f"writing an answer failed: {exc!r}")
 
     def _on_loop(self, req: Request) -> bool:
         """Whether ``req`` runs on the event loop (see PLACEMENT)."""
@@ -502,16 +541,26 @@ class DataServer:
         return self._volatile
 
     def _check_auth(self, conn: _Conn, req: Request) -> None:
-        op = req.op
+        if req.op in _NAMESPACED:
+            self._check_token(conn, req.fields.get("ns", DEFAULT_NAMESPACE))
+        elif req.op is Op.STATS:
+            self._check_token(conn, "*")
+
+    def _check_token(self, conn: _Conn, namespace: str) -> None:
+        """Refuse (and report) unless the connection's token covers ``namespace``."""
         if self.auth is not None and self.auth.enabled:
-            if op in _NAMESPACED:
-                self.auth.check(conn.token, req.fields.get("ns", DEFAULT_NAMESPACE))
-            elif op is Op.STATS:
-                self.auth.check(conn.token, "*")
+            try:
+                self.auth.check(conn.token, namespace)
+            except PermissionDeniedError as exc:
+                self.events.auth("data", exc)
+                raise
 
     def _call(self, conn: _Conn, req: Request) -> Result:
         """Run ``req`` here (inline); raises what the store raises."""
         op = req.op
+        if conn.staging_named and op is not Op.SHM_STAGE:
+            conn.staging.unlink()  # the client mapped it before sending this: nobody else may
+            conn.staging_named = False
         if op is Op.PING:
             return {}, [], 0
         if op is Op.AUTH:
@@ -537,8 +586,7 @@ class DataServer:
         rec = _InPlace()
         conn.inplace[rid] = rec
         try:
-            if self.auth is not None and self.auth.enabled:
-                self.auth.check(conn.token, fields.get("ns", DEFAULT_NAMESPACE))
+            self._check_token(conn, fields.get("ns", DEFAULT_NAMESPACE))
             rec.session = session = self.store.start_write(
                 keys, sizes, namespace=fields.get("ns", DEFAULT_NAMESPACE))
             todo = set(session.keys_to_write)
@@ -599,7 +647,9 @@ class DataServer:
         if self.auth is not None and self.auth.enabled:
             identify = getattr(self.auth, "identify", None)
             if identify is not None and identify(token) is None:
-                raise PermissionDeniedError("unknown token")
+                error = Unauthenticated("unknown token")
+                self.events.auth("data", error)
+                raise error
         conn.token = token
 
     # ------------------------------------------------------ store calls (worker threads)
@@ -611,11 +661,8 @@ class DataServer:
         nbytes = sum(len(b) for b in blocks)
         if len(keys) == 1:
             return {"stored": [self.store.put(keys[0], blocks[0], namespace=ns)]}, [], nbytes
-        # A batch is one write session: one commit (one fsync in sync mode) for all its blocks.
-        session = self.store.start_write(keys, [len(b) for b in blocks], namespace=ns)
-        by_key = dict(zip(keys, blocks))
-        written = self._write_session(session, lambda key: self.store.write(session, key, by_key[key]))
-        return {"stored": [k in written for k in keys]}, [], nbytes
+        # A batch is one put_many: one admission, one commit (one fsync in sync mode).
+        return {"stored": self.store.put_many(keys, blocks, namespace=ns)}, [], nbytes
 
     def _write_session(self, session, fill) -> set:
         """Fill every key of a fresh session with ``fill(key)`` and commit them all; on any
@@ -631,23 +678,18 @@ class DataServer:
 
     def _get(self, conn: _Conn, req: Request) -> Result:
         ns, cap = req.fields.get("ns", DEFAULT_NAMESPACE), req.fields.get("cap")
-        sizes: list[int] = []
-        views: list[memoryview] = []
-        try:
-            for key in req.fields["keys"]:
-                view = self.store.get(key, namespace=ns)
-                if view is None:
-                    sizes.append(-1)
-                    continue
-                views.append(view)
-                sizes.append(view.nbytes)
-                if cap is not None and view.nbytes > cap:
-                    # get_into's contract, checked here so the block is not sent for nothing.
-                    raise InvalidArgumentError(f"out holds {cap} bytes; the block has {view.nbytes}")
-        except BaseException:
+        keys = req.fields["keys"]
+        # One lock round for every lookup of the batch (get_many), not one per key.
+        found = self.store.get_many(keys, namespace=ns) if len(keys) > 1 else [
+            self.store.get(keys[0], namespace=ns)]
+        views = [v for v in found if v is not None]
+        if cap is not None and any(v.nbytes > cap for v in views):
+            big = max(v.nbytes for v in views)
             for view in views:
                 view.release()
-            raise
+            # get_into's contract, checked here so the block is not sent for nothing.
+            raise InvalidArgumentError(f"out holds {cap} bytes; the block has {big}")
+        sizes = [-1 if v is None else v.nbytes for v in found]
         return {"sizes": sizes}, views, sum(v.nbytes for v in views)
 
     def _exists(self, conn: _Conn, req: Request) -> Result:
@@ -704,9 +746,41 @@ class DataServer:
     def _stats(self, conn: _Conn, req: Request) -> Result:
         return {"stats": self.store.stats()}, [], 0
 
+    def _shm_hello(self, conn: _Conn, req: Request) -> Result:
+        return self.shm.hello(conn.token), [], 0
+
+    def _leases(self, conn: _Conn) -> LeaseTable:
+        if conn.leases is None:
+            conn.leases = LeaseTable(self.shm.lease_s)
+        return conn.leases
+
+    def _get_shm(self, conn: _Conn, req: Request) -> Result:
+        fields = self.shm.get(self._leases(conn), conn.token, req.fields)
+        return fields, [], sum(n for n in fields["sizes"] if n > 0)
+
+    def _shm_stage(self, conn: _Conn, req: Request) -> Result:
+        if conn.staging is not None:
+            conn.staging.unlink()
+        conn.staging = self.shm.stage(req.fields["size"], self.limits.max_frame_bytes)
+        conn.staging_named = True
+        return {"path": conn.staging.path, "size": conn.staging.size}, [], 0
+
+    def _put_shm(self, conn: _Conn, req: Request) -> Result:
+        if conn.staging is None:
+            raise InvalidArgumentError("no staging file on this connection: send SHM_STAGE first")
+        if conn.staging_named:  # served in a thread, so _call did not see it
+            conn.staging_named = False
+            conn.staging.unlink()
+        req.blocks = conn.staging.blocks(req.fields["offs"], req.fields["sizes"])
+        return self._put(conn, req)  # as a PUT whose payload is already here
+
+    def _release(self, conn: _Conn, req: Request) -> Result:
+        return self.shm.release(self._leases(conn), req.fields), [], 0
+
 
 async def serve_data(store: Any, *, host: str = "127.0.0.1", port: int = 0,
                      limits: Limits | None = None, auth: Any = None, metrics: Any = None,
+                     shm: Any = None, lease_s: float | None = None,
                      task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``store`` over the binary data-path protocol until cancelled.
 
@@ -718,12 +792,15 @@ async def serve_data(store: Any, *, host: str = "127.0.0.1", port: int = 0,
         auth: an ``Authenticator`` (``enabled``, ``check(token, namespace, admin=)``), or None
             for an open server.
         metrics: an object with ``observe_request(op, seconds, nbytes, ok)``, or None.
+        shm: the arena's SharedBacking when it is in shared memory (see
+            :mod:`tairstore.daemon.shm`), or None.
+        lease_s: how long a shared-memory lease lasts unless given back (None: the default).
         task_status: receives the bound port once the server accepts connections.
 
     On cancellation the listeners close at once and requests already read get up to
     ``limits.shutdown_grace_s`` seconds to finish; then it returns (by raising Cancelled).
     """
-    server = DataServer(store, limits=limits, auth=auth, metrics=metrics)
+    server = DataServer(store, limits=limits, auth=auth, metrics=metrics, shm=shm, lease_s=lease_s)
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as handlers:

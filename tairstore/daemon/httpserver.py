@@ -11,10 +11,19 @@ the next cycle (keep-alive) or close.
 Limits, each a guard against one kind of misbehaving client:
 
 - ``max_body_bytes(request)`` asked per request (JSON bodies are small, block uploads are not);
-- request heads are capped by h11's ``max_incomplete_event_size``;
+- a request head (request line and headers) over ``MAX_HEAD_BYTES`` gets 431, however it
+  arrives (h11's own cap applies only to a head still incomplete after a read, so a larger
+  head that came in one read would pass it);
 - a connection idle between requests is closed after ``idle_timeout_s``, and a request whose
   head and body do not arrive within ``request_timeout_s`` gets 408;
 - at most ``max_connections`` connections; more are closed on accept.
+
+An error answer that ends the connection (400, 408, 413, 431) is followed by a *lingering
+close*: our side is shut for writing and what the client still sends is read and dropped (for
+at most LINGER_S and LINGER_BYTES), since closing a socket with unread bytes makes the kernel
+send a reset, which can destroy the answer before the client reads it. Each such error, and
+each connection reset, is reported to :class:`~tairstore.daemon.events.ConnectionEvents`
+(counted, logged rate-limited).
 
 Graceful shutdown (:meth:`HttpServer.shutdown`): stop accepting, close connections that are idle
 between requests, let requests in progress finish (their connections close after the response),
@@ -32,11 +41,16 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import h11
 import trio
 
+from tairstore.daemon.events import ConnectionEvents
+
 __all__ = ["HttpServer", "Request", "Response"]
 
 log = logging.getLogger(__name__)
 
 MAX_HEAD_BYTES = 32 * 1024  # request line + headers; far above any real client's
+#: A lingering close reads and drops at most this much, for at most this long.
+LINGER_BYTES = 1 << 20
+LINGER_S = 2.0
 RECV_BYTES = 256 * 1024
 SERVER_HEADER = b"tairstore"
 
@@ -81,8 +95,15 @@ class Response:
 App = Callable[[Request], Awaitable[Response]]
 
 
-class _HeadTooLarge(Exception):
-    pass
+def _head_over_limit(conn: h11.Connection) -> bool:
+    """Whether the request head waiting in h11's buffer is longer than MAX_HEAD_BYTES."""
+    data = conn.trailing_data[0]
+    if len(data) <= MAX_HEAD_BYTES:
+        return False
+    # The head ends at the first empty line (h11 accepts bare LF line ends too).
+    ends = [i for i in (data.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4),
+                        data.find(b"\n\n", 0, MAX_HEAD_BYTES + 2)) if i >= 0]
+    return not ends
 
 
 class HttpServer:
@@ -91,12 +112,15 @@ class HttpServer:
     Args:
         app: ``async (Request) -> Response``; it must not raise (answer 500 itself).
         max_body_bytes: ``(method, path) -> int``, the largest body accepted for a request.
+        events: where protocol errors and resets are counted and logged (a private, log-only
+            one when None).
     """
 
     def __init__(self, app: App, *, max_body_bytes: Callable[[str, str], int],
                  idle_timeout_s: float = 60.0, request_timeout_s: float = 60.0,
-                 max_connections: int = 512) -> None:
+                 max_connections: int = 512, events: ConnectionEvents | None = None) -> None:
         self.app = app
+        self.events = events or ConnectionEvents()
         self.max_body_bytes = max_body_bytes
         self.idle_timeout_s = idle_timeout_s
         self.request_timeout_s = request_timeout_s
@@ -144,8 +168,9 @@ class HttpServer:
         self._connections += 1
         try:
             await self._connection(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client went away; nothing to answer
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            # The client went away; nothing to answer.
+            self.events.connection("http", "reset", f"the connection broke: {exc!r}")
         except Exception:  # noqa: BLE001 - one connection's bug must not stop the server
             log.exception("HTTP connection failed")
         finally:
@@ -175,7 +200,9 @@ class HttpServer:
             with trio.move_on_after(self.request_timeout_s) as timer:
                 request = await self._read_request(conn, stream)
             if timer.cancelled_caught:
+                self.events.connection("http", "timeout", "a request did not arrive in time")
                 await self._send_simple(conn, stream, 408, "request timed out")
+                await self._linger(stream)
                 return
             if request is None:
                 return
@@ -192,7 +219,7 @@ class HttpServer:
     async def _read_request(self, conn: h11.Connection, stream: trio.SocketStream) -> Request | None:
         """Read one request; None after answering an error or on EOF (close the connection)."""
         try:
-            head = await self._next_event(conn, stream)
+            head = await self._next_event(conn, stream, head=True)
             if head is h11.PAUSED or isinstance(head, h11.ConnectionClosed):
                 return None
             assert isinstance(head, h11.Request), head
@@ -207,7 +234,7 @@ class HttpServer:
             limit = self.max_body_bytes(method, path)
             declared = headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > limit:
-                await self._send_simple(conn, stream, 413, f"request body over {limit} bytes")
+                await self._refuse(conn, stream, 413, f"request body over {limit} bytes")
                 return None
             if conn.they_are_waiting_for_100_continue:
                 await stream.send_all(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
@@ -217,7 +244,7 @@ class HttpServer:
                 if isinstance(ev, h11.Data):
                     body += ev.data
                     if len(body) > limit:
-                        await self._send_simple(conn, stream, 413, f"request body over {limit} bytes")
+                        await self._refuse(conn, stream, 413, f"request body over {limit} bytes")
                         return None
                 elif isinstance(ev, h11.EndOfMessage):
                     break
@@ -228,11 +255,16 @@ class HttpServer:
             # The client broke HTTP: answer with h11's hint (400, 414, 431...) when we still can.
             status = exc.error_status_hint
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                await self._send_simple(conn, stream, status, f"malformed HTTP request: {exc}")
+                await self._refuse(conn, stream, status, f"malformed HTTP request: {exc}")
+            else:
+                self.events.protocol("http", str(status), f"malformed HTTP request: {exc}")
             return None
 
-    async def _next_event(self, conn: h11.Connection, stream: trio.SocketStream):
+    async def _next_event(self, conn: h11.Connection, stream: trio.SocketStream, *, head: bool = False):
         while True:
+            if head and _head_over_limit(conn):
+                raise h11.RemoteProtocolError(f"request head over {MAX_HEAD_BYTES} bytes",
+                                              error_status_hint=431)
             ev = conn.next_event()
             if ev is h11.NEED_DATA:
                 data = await stream.receive_some(RECV_BYTES)
@@ -258,11 +290,35 @@ class HttpServer:
             return False
         return conn.our_state is h11.DONE and conn.their_state is h11.DONE and not close
 
+    async def _refuse(self, conn: h11.Connection, stream: trio.SocketStream, status: int,
+                      message: str) -> None:
+        """Answer a request that broke HTTP or a limit, report it, and close lingering."""
+        self.events.protocol("http", str(status), message)
+        await self._send_simple(conn, stream, status, message)
+        await self._linger(stream)
+
+    @staticmethod
+    async def _linger(stream: trio.SocketStream) -> None:
+        """Shut our side, then read and drop what the client still sends (bounded), so that
+        the close does not reset the connection before the client read our answer."""
+        with trio.move_on_after(LINGER_S):
+            try:
+                await stream.send_eof()
+                drained = 0
+                while drained < LINGER_BYTES:
+                    data = await stream.receive_some(RECV_BYTES)
+                    if not data:
+                        return
+                    drained += len(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return
+
     async def _send_simple(self, conn: h11.Connection, stream: trio.SocketStream, status: int,
                            message: str) -> None:
         import json
 
-        kind = {400: "ProtocolError", 408: "TimeoutError", 413: "RequestTooLargeError"}.get(status, "HttpError")
+        kind = {400: "ProtocolError", 408: "TimeoutError", 413: "RequestTooLargeError",
+                431: "RequestHeaderFieldsTooLargeError"}.get(status, "HttpError")
         body = json.dumps({"error": {"type": kind, "message": message}}).encode()
         try:
             await self._send(conn, stream, Response(status, body), close=True)

@@ -39,6 +39,7 @@ from tairstore.daemon.api import HttpApi
 from tairstore.daemon.httpserver import HttpServer
 from tairstore.daemon.metrics import Metrics
 from tairstore.daemon.state import STATE_FILE, DaemonState
+from tairstore.tiers.dram import SharedBacking
 
 __all__ = ["DaemonInfo", "choose_sizes", "run_daemon"]
 
@@ -151,7 +152,7 @@ async def _watch_signals(stop: trio.Event, hard_stop: Callable[[], None], *,
 
 
 async def _serve_data_in(scope: trio.CancelScope, store: Any, config: DaemonConfig, auth: Authenticator,
-                         metrics: Metrics, *, task_status: trio.TaskStatus[int | None]) -> None:
+                         metrics: Metrics, backing: Any, *, task_status: trio.TaskStatus[int | None]) -> None:
     try:
         from tairstore.daemon.dataserver import serve_data
     except ImportError as exc:  # the data path ships separately in some builds
@@ -160,7 +161,8 @@ async def _serve_data_in(scope: trio.CancelScope, store: Any, config: DaemonConf
         return
     with scope:
         await serve_data(store, host=config.host, port=config.port, limits=_data_limits(config),
-                         auth=auth, metrics=metrics, task_status=task_status)
+                         auth=auth, metrics=metrics, shm=backing,
+                         lease_s=config.shm.lease_s if config.shm else None, task_status=task_status)
 
 
 async def run_daemon(config: DaemonConfig, *, handle_signals: bool = True,
@@ -184,7 +186,17 @@ async def run_daemon(config: DaemonConfig, *, handle_signals: bool = True,
     if not is_loopback(config.host) and not auth.enabled:
         log.warning("binding %s with no [[tokens]] configured: anyone who can reach this host can read, "
                     "write and delete cached blocks; add tokens to the config file", config.host)
-    store = await trio.to_thread.run_sync(partial(tairstore.open, data_dir, **options))
+    backing = None
+    if config.shm is not None and options.get("dram_bytes"):
+        backing = SharedBacking(config.shm.dir, config.shm.group or None)
+    try:
+        # The store maps its DRAM arena from the backing (None: private memory).
+        store = await trio.to_thread.run_sync(
+            partial(tairstore.open, data_dir, dram_backing=backing, **options))
+    except BaseException:
+        if backing is not None:
+            backing.unlink()
+        raise
     try:
         control = ControlPlane(store, DaemonState(os.path.join(data_dir, STATE_FILE)))
         for name, q in config.namespaces.items():
@@ -192,7 +204,7 @@ async def run_daemon(config: DaemonConfig, *, handle_signals: bool = True,
         metrics = Metrics(store)
         api = HttpApi(control, auth, metrics, http_max_body_bytes=config.limits.http_max_body_bytes,
                       worker_threads=config.limits.worker_threads or 4)
-        http = HttpServer(api, max_body_bytes=api.max_body_bytes)
+        http = HttpServer(api, max_body_bytes=api.max_body_bytes, events=api.events)
         stop = trio.Event()
         data_scope = trio.CancelScope()
         serving = trio.CancelScope()  # cancelled by a second signal: stop without waiting
@@ -203,7 +215,7 @@ async def run_daemon(config: DaemonConfig, *, handle_signals: bool = True,
                 async with trio.open_nursery() as nursery:
                     http_port = await nursery.start(http.serve, config.host, config.http_port)
                     data_port = await nursery.start(
-                        partial(_serve_data_in, data_scope, store, config, auth, metrics))
+                        partial(_serve_data_in, data_scope, store, config, auth, metrics, backing))
                     host = _url_host(config.host)
                     api.http_url = f"http://{host}:{http_port}"
                     api.data_url = f"tairstore://{host}:{data_port}" if data_port else ""
@@ -228,4 +240,6 @@ async def run_daemon(config: DaemonConfig, *, handle_signals: bool = True,
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(store.close)
+            if backing is not None:
+                backing.unlink()
     log.info("tairstore serve: stopped cleanly")

@@ -208,6 +208,15 @@ class Metrics:
         self._latency = Histogram(f"{PREFIX}_request_duration_seconds",
                                   "Time to serve a request, by operation.", ["op"],
                                   buckets=LATENCY_BUCKETS, registry=self.registry)
+        # Connection-level trouble, reported by ConnectionEvents (see tairstore.daemon.events).
+        self._errors = {
+            category: Counter(f"{PREFIX}_{name}", help_, ["server", "kind"], registry=self.registry)
+            for category, name, help_ in (
+                ("protocol", "protocol_errors", "Frames or HTTP requests that broke the protocol."),
+                ("connection", "connection_errors", "Connections reset, timed out or left mid-answer."),
+                ("auth", "auth_failures", "Requests refused for a missing, unknown or narrow token."),
+            )
+        }
         self._store = None
         if store is not None:
             self.bind_store(store)
@@ -234,6 +243,16 @@ class Metrics:
         if nbytes:
             self._bytes.labels(op).inc(nbytes)
         self._latency.labels(op).observe(seconds)
+
+    def observe_error(self, category: str, server: str, kind: str) -> None:
+        """Count one connection-level error.
+
+        Args:
+            category: ``"protocol"``, ``"connection"`` or ``"auth"``.
+            server: ``"data"`` or ``"http"``.
+            kind: a short fixed name (a wire error code, an HTTP status, ``"reset"``...).
+        """
+        self._errors[category].labels(server, kind).inc()
 
     def render(self) -> bytes:
         """Every metric in the Prometheus text exposition format (version 0.0.4)."""

@@ -47,9 +47,15 @@ def _toml_value(v: Any) -> str:
 
 def to_toml(tables: dict[str, dict[str, Any]]) -> str:
     """Write ``{"store": {...}, "limits": {...}}`` (tables of scalars, one level of nesting for
-    dict values such as ``policy``) as TOML text."""
+    dict values such as ``policy``; a list of tables such as ``tokens`` as ``[[tokens]]``) as
+    TOML text."""
     lines: list[str] = []
     for name, table in tables.items():
+        if isinstance(table, list):  # an array of tables, e.g. [[tokens]]
+            for item in table:
+                lines.append(f"[[{name}]]")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in item.items()]
+            continue
         nested = {k: v for k, v in table.items() if isinstance(v, dict)}
         lines.append(f"[{name}]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if k not in nested]

@@ -30,6 +30,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import quote
 
+from tairstore.config import MAX_LEASE_S
 from tairstore.errors import (
     CapacityError,
     ClosedError,
@@ -180,6 +181,13 @@ class TairCompat:
 
         request_id = uuid.uuid4().hex
         try:
+            # Before anything is looked up: without a known token nothing is answered, not even
+            # whether the instance named exists.
+            self.api.authenticate(req)
+        except PermissionDeniedError as exc:
+            self.api.events.auth("http", exc)
+            return _with_header(error_response(exc), "INVALID_ARGUMENT", str(exc), request_id)
+        try:
             body = _snake(parse_json(req.body))
         except InvalidArgumentError as exc:
             resp = error_response(exc, 400)
@@ -192,6 +200,7 @@ class TairCompat:
                                        f"supported: {', '.join(self.methods)}")
             out = await fn(req, body)
         except PermissionDeniedError as exc:
+            self.api.events.auth("http", exc)
             return _with_header(error_response(exc), "INVALID_ARGUMENT", str(exc), request_id)
         except _InstanceMissing as exc:
             return json_response({"header": _header("INSTANCE_NOT_EXIST", str(exc), request_id)})
@@ -351,7 +360,8 @@ class TairCompat:
             by_name = {g["name"]: set(g.get("spec_names") or []) for g in inst.get("location_spec_groups") or []}
             if len(groups) != len(keys) or any(by_name.get(g) != all_specs for g in groups):
                 raise UnsupportedError("tairstore stores whole blocks: every block must carry every location spec")
-        lease = _int(body.get("write_timeout_seconds", 0), "write_timeout_seconds", 0, 3600) or DEFAULT_WRITE_TIMEOUT_S
+        lease = _int(body.get("write_timeout_seconds", 0), "write_timeout_seconds", 0, int(MAX_LEASE_S)) \
+            or DEFAULT_WRITE_TIMEOUT_S
         # A key repeated in one request is written once: later copies are masked like stored ones.
         first = {}
         for i, k in enumerate(keys):

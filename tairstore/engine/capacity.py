@@ -21,13 +21,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from tairstore.config import TIERS
 from tairstore.errors import InvalidArgumentError
+from tairstore.validate import check_int, check_real, check_ttl
 
 __all__ = ["TIERS", "Namespace", "Watermarks", "WatermarkTracker", "parse_watermarks", "fair_share_order"]
 
 log = logging.getLogger(__name__)
-
-TIERS = ("dram", "ssd")
 
 
 @dataclass
@@ -49,9 +49,12 @@ class Namespace:
 
     def over(self, tier: str | None, extra: int) -> bool:
         """Whether adding ``extra`` bytes would exceed the quota of ``tier`` (None = total)."""
-        lim = self.limit(tier)
-        used = self.used_total if tier is None else self.used[tier]
-        return lim is not None and used + extra > lim
+        # On every admission: no helper calls, and no work at all for an unlimited namespace.
+        if tier is None:
+            lim = self.total_bytes
+            return lim is not None and self.used_total + extra > lim
+        lim = self.tier_bytes.get(tier)
+        return lim is not None and self.used[tier] + extra > lim
 
     def settings(self) -> dict:
         """The persisted part: limits and TTL."""
@@ -69,22 +72,23 @@ class Namespace:
 
 
 def check_limits(total_bytes: Any, tier_bytes: Any, ttl_s: Any) -> tuple[int | None, dict[str, int], float | None]:
-    """Validate quota arguments; raise :class:`InvalidArgumentError` naming the bad one."""
-    if total_bytes is not None and (not isinstance(total_bytes, int) or isinstance(total_bytes, bool)
-                                    or total_bytes < 0):
-        raise InvalidArgumentError(f"total_bytes must be an int >= 0 or None, got {total_bytes!r}")
+    """Validate quota arguments; raise :class:`InvalidArgumentError` naming the bad one.
+
+    A TTL must be finite: it is saved with the namespace and used by every TTL sweep, where a
+    ``nan`` or ``inf`` would fail (or never expire anything) from then on.
+    """
+    if total_bytes is not None:
+        total_bytes = check_int("total_bytes", total_bytes, 0)
+    if tier_bytes is not None and not isinstance(tier_bytes, dict):
+        raise InvalidArgumentError(f"tier_bytes must be a dict of tier -> bytes, got {tier_bytes!r}")
     tiers: dict[str, int] = {}
     for tier, v in (tier_bytes or {}).items():
         if tier not in TIERS:
             raise InvalidArgumentError(f"unknown tier {tier!r} in tier_bytes; tiers are {TIERS}")
         if v is None:
             continue
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise InvalidArgumentError(f"tier_bytes[{tier!r}] must be an int >= 0, got {v!r}")
-        tiers[tier] = v
-    if ttl_s is not None and (not isinstance(ttl_s, (int, float)) or ttl_s <= 0):
-        raise InvalidArgumentError(f"ttl_s must be > 0 or None, got {ttl_s!r}")
-    return total_bytes, tiers, ttl_s
+        tiers[tier] = check_int(f"tier_bytes[{tier!r}]", v, 0)
+    return total_bytes, tiers, check_ttl(ttl_s)
 
 
 @dataclass(frozen=True)
@@ -97,9 +101,7 @@ class Watermarks:
 
     def __post_init__(self) -> None:
         for name in ("warn", "high", "low"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not 0 < v <= 1:
-                raise InvalidArgumentError(f"watermark {name} must be in (0, 1], got {v!r}")
+            check_real(f"watermark {name}", getattr(self, name), 0, 1)
         if not self.low < self.high:
             raise InvalidArgumentError(f"watermarks need low < high, got low={self.low} high={self.high}")
 
@@ -128,22 +130,30 @@ def _wm_kwargs(v: Any) -> dict:
 
 
 class WatermarkTracker:
-    """Remembers each tier's watermark state so a crossing is logged once."""
+    """Remembers each tier's watermark state so a crossing is logged once.
+
+    Hysteresis: after a crossing of ``warn`` is logged, the next one is logged only once usage
+    has gone back below ``low``. A tier hovering around ``warn`` (a full cache under steady
+    traffic) logs once, not at every maintenance pass.
+    """
 
     def __init__(self, marks: dict[str, Watermarks]) -> None:
         self.marks = marks
         self.state = {t: "ok" for t in TIERS}
         self.crossings = {t: 0 for t in TIERS}
+        self._armed = {t: True for t in TIERS}
 
     def update(self, tier: str, fraction: float) -> str:
         """Record ``tier``'s usage fraction; returns ``"ok"``, ``"warn"`` or ``"high"``."""
         wm = self.marks[tier]
         new = "high" if fraction >= wm.high else "warn" if fraction >= wm.warn else "ok"
-        old = self.state[tier]
-        if new != "ok" and old == "ok":
+        if new != "ok" and self._armed[tier]:
+            self._armed[tier] = False
             self.crossings[tier] += 1
             log.warning("%s tier at %.0f%% of capacity (warn watermark %.0f%%)",
                         tier, fraction * 100, wm.warn * 100)
+        elif fraction < wm.low:
+            self._armed[tier] = True
         self.state[tier] = new
         return new
 

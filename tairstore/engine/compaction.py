@@ -16,7 +16,7 @@ most space comes back without copying anything.
 1. Snapshot, under the store lock, the keys whose records live in the segment.
 2. Scan the segment's headers for tombstones. A tombstone is dropped when the key is live
    again with a newer generation, or when every other segment was written by this process
-   after the tombstone's generation began (``_seg_min_gen``): then no older record of the key
+   after the tombstone's generation began (``SsdSpace.oldest_other_generation``): then no older record of the key
    exists anywhere that a rebuild from segments could resurrect. Otherwise it is copied
    forward. Segments from before a restart have an unknown minimum generation, so
    tombstones are kept while any of them exists.
@@ -43,16 +43,17 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import Any, Callable
 
+from tairstore.config import StoreConfig
+from tairstore.engine.catalog import Catalog
+from tairstore.engine.lifecycle import Journal, Lifecycle
+from tairstore.engine.ssd_space import SsdSpace
 from tairstore.errors import ClosedError, CorruptionError, StoreError
 from tairstore.format.segment import FLAG_TOMBSTONE
 from tairstore.index.records import BlockRecord
 from tairstore.tiers.ssd import ReadIOError, SegmentGoneError
 from tairstore.wal import Commit, CommitEntry
-
-if TYPE_CHECKING:
-    from tairstore.engine.store import Store
 
 __all__ = ["Compactor"]
 
@@ -70,10 +71,23 @@ _PRESSURE = 0.97
 
 
 class Compactor:
-    """Compacts the segment log of one store; one pass at a time."""
+    """Compacts the segment log of one store; one pass at a time.
 
-    def __init__(self, store: "Store") -> None:
-        self._store = store
+    Args:
+        lock: the store lock (guards the catalog and the SSD space).
+        drop_corrupt: R1's drop of a block whose record fails its checksum.
+    """
+
+    def __init__(self, config: StoreConfig, lock: Any, life: Lifecycle, catalog: Catalog,
+                 space: SsdSpace, journal: Journal,
+                 drop_corrupt: Callable[[Any, Any, str], None]) -> None:
+        self._config = config
+        self._store_lock = lock
+        self._life = life
+        self._catalog = catalog
+        self._space = space
+        self._journal = journal
+        self._drop_corrupt = drop_corrupt
         self._lock = threading.Lock()
         self._counters: Counter[str] = Counter()
         self._running = False
@@ -99,15 +113,14 @@ class Compactor:
         The head (being appended to) and segments with open reservations are not compactable.
         Tombstones that must be kept count as live.
         """
-        store = self._store
-        with store._lock:
-            if store._closed:
+        space = self._space
+        with self._store_lock:
+            if self._life.closed:
                 return []
-            ssd = store._ssd
-            head = ssd.head_segment
+            head = space.log.head_segment
             out = []
-            for sid, s in ssd.segment_stats().items():
-                if sid == head or store._seg_pending[sid] or s["inflight"] or s["total"] == 0:
+            for sid, s in space.log.segment_stats().items():
+                if sid == head or space.pending(sid) or s["inflight"] or s["total"] == 0:
                     continue
                 if s["live"] >= s["total"]:
                     continue
@@ -116,9 +129,6 @@ class Compactor:
                     out.append((ratio, sid))
         return sorted(out)
 
-    def _fill(self) -> float:
-        store = self._store
-        return store._ssd.total_bytes / store._ssd_limit
 
     # -- entry points -------------------------------------------------------------------------
     def background_step(self) -> None:
@@ -126,11 +136,11 @@ class Compactor:
         if not self._lock.acquire(blocking=False):
             return
         try:
-            fill = self._fill()
+            fill = self._space.fill()
             if fill >= _PRESSURE:
                 threshold = _ANY_DEAD
             elif fill >= _START:
-                threshold = self._store.config.compaction_live_ratio
+                threshold = self._config.compaction_live_ratio
             else:
                 threshold = 0.0
             cands = self.candidates(threshold)
@@ -144,16 +154,16 @@ class Compactor:
 
         Returns True if there is room now or a segment was reclaimed (worth retrying).
         """
-        store = self._store
+        space = self._space
         progressed = False
         with self._lock:
             for _ in range(1024):  # bounded: each pass deletes a segment or the loop ends
-                if store._closed or store._ssd.total_bytes + nbytes <= store._ssd_limit:
+                if self._life.closed or not space.files_full(nbytes):
                     return True
                 cands = self.candidates(_ANY_DEAD)
                 if not cands:
                     # The dead bytes may all be in the head: close it so it can be compacted.
-                    store._ssd.roll()
+                    space.log.roll()
                     cands = self.candidates(_ANY_DEAD)
                     if not cands:
                         return progressed
@@ -165,8 +175,8 @@ class Compactor:
         """One pass over every segment at or below the live-ratio threshold (``full``: any dead byte)."""
         with self._lock:
             if full:
-                self._store._ssd.roll()
-            threshold = _ANY_DEAD if full else self._store.config.compaction_live_ratio
+                self._space.log.roll()
+            threshold = _ANY_DEAD if full else self._config.compaction_live_ratio
             for _, sid in self.candidates(threshold):
                 self._compact_segment(sid)
         return self.stats()
@@ -179,18 +189,15 @@ class Compactor:
     # -- the work -----------------------------------------------------------------------------
     def _compact_segment(self, seg: int) -> int:
         """Compact one segment (the steps of the module docstring); returns bytes reclaimed."""
-        store = self._store
-        ssd = store._ssd
+        space, blocks = self._space, self._catalog.blocks
+        ssd = space.log
         self._running = True
         try:
-            with store._lock:
-                if store._closed or store._fatal is not None:
+            with self._store_lock:
+                if self._life.closed or self._life.fatal is not None:
                     return 0
-                live = [(k, store._blocks[k], store._blocks[k].ssd)
-                        for k in store._seg_keys.get(seg, ()) if k in store._blocks]
-                others = [g for s, g in store._seg_min_gen.items() if s != seg]
-                unknown = any(s not in store._seg_min_gen for s in ssd.segment_ids() if s != seg)
-                oldest_other = 0 if unknown else min(others, default=1 << 64)
+                live = [(k, blocks[k], blocks[k].ssd) for k in space.keys_in(seg) if k in blocks]
+                oldest_other = space.oldest_other_generation(seg)
             size = ssd.segment_stats().get(seg, {}).get("total", 0)
             keep = self._tombstones_to_keep(seg, oldest_other)
             moves = []
@@ -206,25 +213,22 @@ class Compactor:
                     return 0
                 except CorruptionError as exc:
                     self._counters["corrupt"] += 1
-                    store._drop_corrupt(k, b, f"SSD record during compaction ({exc})")
+                    self._drop_corrupt(k, b, f"SSD record during compaction ({exc})")
                     continue
                 moves.append((k, b, old, new))
                 self._counters["records"] += 1
                 self._counters["bytes_copied"] += new.length
             for ns, key, gen in keep:
                 loc = ssd.write_tombstone(ns, key, gen)
-                with store._lock:
-                    store._note_tombstone(loc)
-                    store._seg_min_gen.setdefault(loc.segment, store._seg_min_gen.get(loc.segment, gen))
+                with self._store_lock:
+                    space.note_tombstone(loc, gen)
             lsn = self._retarget(seg, moves)
             if lsn is not None:
-                store._wal.sync(lsn)
-            with store._lock:
-                if store._seg_keys.get(seg) or store._seg_pending[seg] or store._closed:
+                self._journal.wal.sync(lsn)
+            with self._store_lock:
+                if space.busy(seg) or self._life.closed:
                     return 0
-                store._seg_keys.pop(seg, None)
-                store._seg_tomb.pop(seg, None)
-                store._seg_min_gen.pop(seg, None)
+                space.forget(seg)
                 ssd.delete_segment(seg)
             self._counters["segments"] += 1
             self._counters["bytes_reclaimed"] += size
@@ -238,13 +242,12 @@ class Compactor:
             self._running = False
 
     def _tombstones_to_keep(self, seg: int, oldest_other: int) -> list[tuple[str, bytes, int]]:
-        store = self._store
         keep = []
-        for r in store._ssd.scan(seg, verify_payload=False, reporter=lambda n, why: None):
+        for r in self._space.log.scan(seg, verify_payload=False, reporter=lambda n, why: None):
             if not r.flags & FLAG_TOMBSTONE:
                 continue
-            with store._lock:
-                b = store._blocks.get((r.namespace, r.key))
+            with self._store_lock:
+                b = self._catalog.blocks.get((r.namespace, r.key))
             if (b is not None and b.generation > r.generation) or r.generation < oldest_other:
                 self._counters["tombstones_dropped"] += 1
                 continue
@@ -254,25 +257,18 @@ class Compactor:
 
     def _retarget(self, seg: int, moves: list) -> int | None:
         """Point moved keys at their copies if they still point at the originals (step 4)."""
-        store = self._store
-        ssd = store._ssd
-        with store._lock:
+        blocks = self._catalog.blocks
+        with self._store_lock:
             entries, ops = [], []
             for k, b, old, new in moves:
-                if store._blocks.get(k) is not b or b.ssd != old:
+                if blocks.get(k) is not b or b.ssd != old:
                     continue  # deleted, evicted or replaced meanwhile: the copy is dead space
                 b.ssd = (new.segment, new.offset, new.length)
-                store._seg_keys.get(seg, set()).discard(k)
-                store._seg_keys.setdefault(new.segment, set()).add(k)
-                ssd.mark_dead(old[0], old[2])
-                ssd.mark_live(new.segment, new.length)
-                store._ssd_live += new.length - old[2]
-                prev = store._seg_min_gen.get(new.segment, b.generation)
-                store._seg_min_gen[new.segment] = min(prev, b.generation)
+                self._space.relocate(k, old, b.ssd, b.generation)
                 entries.append(CommitEntry(k[0], k[1], b.size, b.crc, b.generation, b.ssd))
                 ops.append((k[0], k[1], BlockRecord(b.size, b.crc, b.generation, b.created_ns,
                                                     new.segment, new.offset, new.length)))
-            if not entries or store._fatal is not None:
+            if not entries or self._life.fatal is not None:
                 return None
             # Session 0: a relocation, replayed like any COMMIT (verified, then indexed).
-            return store._log(Commit(0, tuple(entries)), ops)
+            return self._journal.log(Commit(0, tuple(entries)), ops)

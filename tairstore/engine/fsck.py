@@ -49,7 +49,7 @@ def fsck(path: str, *, repair: bool = False, rebuild: bool = False, fs: FileSyst
                                     background=False))
     try:
         with store._lock:
-            items = list(store._blocks.items())
+            items = list(store._catalog.blocks.items())
         corrupt = []
         for (ns, key), b in items:
             buf = bytearray(b.size)
@@ -100,7 +100,7 @@ def fsck(path: str, *, repair: bool = False, rebuild: bool = False, fs: FileSyst
                 report["repaired"] += store.delete([key], namespace=ns)
             with store._lock:
                 for sid in empty:
-                    if not store._seg_keys.get(sid) and not store._seg_pending[sid]:
+                    if not store._space.busy(sid):
                         store._ssd.delete_segment(sid)
                         report["repaired"] += 1
             report["ok"] = True

@@ -1,177 +1,134 @@
-"""Maintenance and observation: the background thread's work, compaction, stats.
+"""Maintenance: the background thread's work.
 
-Part of :class:`tairstore.engine.store.Store` (a mixin). One maintenance pass reaps expired write
-sessions, expires TTLs, keeps every tier between its watermarks and takes one background
-compaction step (:mod:`tairstore.engine.compaction`).
+One pass reaps expired write sessions, expires TTLs, keeps every tier between its watermarks
+and takes one background compaction step (:mod:`tairstore.engine.compaction`). The thread runs
+a pass every ``maintenance_interval_s``; :meth:`Maintenance.run_pass` runs one now, which is
+what tests and tools with ``background=False`` call instead of waiting for the thread.
+
+Requests never wait for any of it: a pass takes the store lock only for metadata.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import Counter
+from typing import Any, Callable
 
-from tairstore.engine.capacity import TIERS
+from tairstore.engine.capacity import TIERS, WatermarkTracker
+from tairstore.engine.catalog import Catalog
+from tairstore.engine.lifecycle import Journal, Lifecycle
+from tairstore.engine.placement import Placement
 from tairstore.errors import ClosedError, StoreError
-from tairstore.engine.session import EXPIRED, OPEN
 
-__all__ = ["MaintenanceMixin"]
+__all__ = ["Maintenance"]
 
 log = logging.getLogger("tairstore.engine.store")
 
 TRUNCATE_EVERY_S = 1.0  # how often a checkpoint may trigger WAL file deletion
+TTL_SWEEP_EVERY_S = 1.0  # how often the background thread expires TTLs
 
 
-class MaintenanceMixin:
-    """Background maintenance, compaction and stats of the store."""
+class Maintenance:
+    """The maintenance thread and the passes it runs.
 
-    # ---------------------------------------------------------------------- maintenance
-    def compact(self, wait: bool = True, *, full: bool = False) -> dict:
-        """Run a compaction pass now (``wait``) or ask the background thread to.
+    Args:
+        reap: aborts expired write sessions; returns how many.
+        remove: removes whole blocks from the store (``remove(keys, tombstones=False)``).
+        compactor: returns the store's compactor (None without an SSD tier).
+    """
 
-        A pass rewrites the live records of every segment whose live ratio is at most
-        ``compaction_live_ratio`` (``full``: of every segment holding any dead bytes, after
-        closing the head segment) and deletes the old files.
+    def __init__(self, *, interval_s: float, lock: Any, life: Lifecycle, catalog: Catalog,
+                 placement: Placement, watermarks: WatermarkTracker, journal: Journal,
+                 counters: Counter, reap: Callable[[], int], remove: Callable[..., object],
+                 compactor: Callable[[], Any]) -> None:
+        self.interval_s = interval_s
+        self.watermarks = watermarks
+        self._lock = lock
+        self._life = life
+        self._catalog = catalog
+        self._placement = placement
+        self._journal = journal
+        self._counters = counters
+        self._reap = reap
+        self._remove = remove
+        self._compactor = compactor
+        self._last_truncate = 0.0
+        self._last_ttl_sweep = 0.0
+        self.wake = threading.Event()
+        self.stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="tairstore-maintenance", daemon=True)
 
-        Returns:
-            the compactor's counters.
-        """
-        self._check_open()
-        if self._ssd is None:
-            return {}
-        if not wait:
-            self._wake.set()
-            return self.compactor.stats()
-        return self.compactor.run(full=full)
+    # -- the thread ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the background thread."""
+        self._thread.start()
 
-    def _maintenance_loop(self) -> None:
-        while not self._stop.wait(self.config.maintenance_interval_s):
-            self._wake.clear()
+    def shutdown(self) -> None:
+        """Stop the thread and wait for a pass in progress (not from the thread itself)."""
+        self.stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.interval_s):
+            self.wake.clear()
             try:
-                self.maintain()
+                self.run_pass()
             except ClosedError:
                 return
             except Exception:  # noqa: BLE001 - the thread must outlive one failed pass
                 log.exception("maintenance pass failed")
 
-    def maintain(self) -> None:
-        """One maintenance pass: leases, TTLs, watermarks, background compaction."""
-        if self._closed:
+    # -- one pass -----------------------------------------------------------------------------
+    def run_pass(self, *, ttl_now: bool = False) -> None:
+        """One pass: leases, TTLs (at most once a second unless ``ttl_now``), watermarks,
+        background compaction."""
+        if self._life.closed:
             return
-        self.reap_expired()
+        self._reap()
         now = time.monotonic()
-        if now - self._last_ttl_sweep >= 1.0:
+        if ttl_now or now - self._last_ttl_sweep >= TTL_SWEEP_EVERY_S:
             self._last_ttl_sweep = now
-            self._sweep_ttl()
-        self._enforce_watermarks()
-        if self._ssd is not None and self._fatal is None:
-            self.compactor.background_step()
+            self.sweep_ttl()
+        self.enforce_watermarks()
+        compactor = self._compactor()
+        if compactor is not None and self._life.fatal is None:
+            compactor.background_step()
 
-    def _enforce_watermarks(self) -> None:
+    def enforce_watermarks(self) -> None:
+        """Above ``high``, evict (or drop DRAM copies) down to ``low``; log a ``warn`` crossing."""
         with self._lock:
-            if self._closed:
+            if self._life.closed:
                 return
             for tier in TIERS:
-                frac, capacity = self._usage_fraction(tier)
+                frac, capacity = self._placement.usage(tier)
                 if capacity == 0:
                     continue
-                state = self._watermarks.update(tier, frac)
+                state = self.watermarks.update(tier, frac)
                 if state == "high":
-                    low = self._watermarks.marks[tier].low
-                    used = frac * capacity
+                    low = self.watermarks.marks[tier].low
                     self._counters["watermark_evictions"] += 1
-                    self._evict_global(tier, int(used - low * capacity))
+                    self._placement.evict_global(tier, int(frac * capacity - low * capacity))
 
-    def _usage_fraction(self, tier: str) -> tuple[float, int]:
-        if tier == "dram":
-            if self._dram is None:
-                return 0.0, 0
-            return self._dram.used_bytes / self._dram.capacity_bytes, self._dram.capacity_bytes
-        if self._ssd is None:
-            return 0.0, 0
-        return (self._ssd_live + self._ssd_reserved) / self._ssd_live_limit, self._ssd_live_limit
-
-    def _sweep_ttl(self) -> None:
+    def sweep_ttl(self) -> int:
+        """Remove the blocks whose namespace's TTL has passed; O(expired), not O(blocks)."""
         with self._lock:
-            if self._closed or self._fatal is not None:
-                return
-            now = time.time_ns()
-            for ns, st in self._namespaces.items():
-                if st.ttl_s is None:
-                    continue
-                cutoff = now - int(st.ttl_s * 1e9)
-                expired = [k for k, b in self._blocks.items() if k[0] == ns and b.created_ns < cutoff]
-                if expired:
-                    self._remove_locked(expired, tombstones=False)
-                    self._counters["expired"] += len(expired)
+            if self._life.closed or self._life.fatal is not None:
+                return 0
+            expired = self._catalog.expired(time.time_ns())
+            if expired:
+                self._remove(expired, tombstones=False)
+                self._counters["expired"] += len(expired)
+            return len(expired)
 
-    def reap_expired(self) -> int:
-        """Abort every session whose lease ran out; returns how many (the maintenance thread calls this)."""
-        with self._lock:
-            expired = [s for s in self._sessions.values() if s.expired]
-        n = 0
-        for s in expired:
-            with s.lock, self._lock:
-                if s.state == OPEN and not self._closed:
-                    self._abort_locked(s, EXPIRED)
-                    n += 1
-        return n
-
-    def _on_checkpoint(self, lsn: int) -> None:
+    def on_checkpoint(self, lsn: int) -> None:
+        """The index writer made everything up to ``lsn`` durable: old WAL files may go."""
         now = time.monotonic()
         if now - self._last_truncate >= TRUNCATE_EVERY_S:
             self._last_truncate = now
             try:
-                self._wal.truncate_before(lsn + 1)
+                self._journal.wal.truncate_before(lsn + 1)
             except (StoreError, OSError) as exc:
                 log.warning("WAL truncation failed (will retry): %s", exc)
-
-    # ---------------------------------------------------------------------- observability
-    def stats(self) -> dict:
-        """Usage per tier and namespace, watermark states, counters and configuration facts."""
-        with self._lock:
-            self._check_open()
-            tiers: dict[str, dict] = {}
-            ns_totals = {t: sum(st.used[t] for st in self._namespaces.values()) for t in TIERS}
-            if self._dram is not None:
-                frac, _ = self._usage_fraction("dram")
-                tiers["dram"] = {
-                    "blocks": sum(1 for b in self._blocks.values() if b.dram is not None),
-                    "bytes": ns_totals["dram"], "capacity": self._dram.capacity_bytes,
-                    "used_bytes": self._dram.used_bytes, "pinned_bytes": self._dram.pinned_bytes,
-                    "usage": frac, "watermark": self._watermarks.state["dram"],
-                }
-            if self._ssd is not None:
-                frac, _ = self._usage_fraction("ssd")
-                tiers["ssd"] = {
-                    "blocks": sum(1 for b in self._blocks.values() if b.ssd is not None),
-                    "bytes": ns_totals["ssd"], "capacity": self.config.ssd_bytes,
-                    "usable_bytes": self._ssd_live_limit, "live_record_bytes": self._ssd_live,
-                    "reserved_bytes": self._ssd_reserved, "file_bytes": self._ssd.total_bytes,
-                    "tombstone_bytes": sum(self._seg_tomb.values()),
-                    "dead_bytes": (self._ssd.total_bytes - self._ssd_live - self._ssd_reserved
-                                   - sum(self._seg_tomb.values())),
-                    "segments": len(self._ssd.segment_ids()), "usage": frac,
-                    "watermark": self._watermarks.state["ssd"],
-                }
-            namespaces = {
-                name: {"blocks": st.blocks, "bytes": st.used_total,
-                       "tiers": {t: st.used[t] for t in TIERS}, "quota": st.quota_report()}
-                for name, st in self._namespaces.items()}
-            counters = {name: self._counters.get(name, 0) for name in (
-                "hits", "misses", "hits_dram", "hits_ssd", "checksum_errors", "read_errors",
-                "puts", "deletes", "trimmed", "expired", "bytes_written", "evictions_dram",
-                "evictions_ssd", "watermark_evictions", "promotions", "leases_expired",
-                "recovered_blocks", "recovery_dropped")}
-            return {
-                "blocks": len(self._blocks),
-                "tiers": tiers,
-                "namespaces": namespaces,
-                "counters": counters,
-                "compaction": self.compactor.stats() if self._ssd is not None else {},
-                "watermark_crossings": dict(self._watermarks.crossings),
-                "sessions_open": len(self._sessions),
-                "durability": self.config.durability if self._durable else "volatile",
-                "volatile": not self._durable,
-                "writable": self._fatal is None,
-            }
-

@@ -1,68 +1,88 @@
 """Admission and eviction: fitting a new block into quotas and tiers.
 
-Part of :class:`tairstore.engine.store.Store` (a mixin; the store's lock is held by every method
-here). The accounting rules and fair shares are in :mod:`tairstore.engine.capacity`; the store's
-module docstring has the theory of operation.
+A part of the store with no state of its own beyond its collaborators: the catalog (usage,
+quotas, policies), the SSD space, the DRAM arena, and the store's remove operation for
+evicting whole blocks (which logs a DELETE). Every method runs with the store lock held. The
+accounting rules and fair shares are in :mod:`tairstore.engine.capacity`.
 
 Admission of one key, in order: the namespace's total quota, its SSD quota, its DRAM quota —
 each first by evicting the namespace's own blocks — then the tiers' global capacities, where
-the namespaces furthest over their fair share lose blocks first. The SSD files get room for a
-whole batch before anything of it is reserved (:meth:`PlacementMixin._ssd_room_needed`).
+the namespaces furthest over their fair share lose blocks first. C1 is kept here: a block is
+admitted only once its bytes are counted in every quota it falls under, so an acknowledged
+write can never leave usage above a quota. The SSD files get room for a whole batch before
+anything of it is reserved (:meth:`Placement.ssd_room_needed`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections import Counter
+from typing import Callable
 
+from tairstore.config import StoreConfig
 from tairstore.engine.capacity import Namespace, fair_share_order
+from tairstore.engine.catalog import Block, Catalog
+from tairstore.engine.session import PendingBlock
+from tairstore.engine.ssd_space import SsdSpace
 from tairstore.errors import CapacityError
 from tairstore.format.segment import record_length
-from tairstore.engine.session import PendingBlock
+from tairstore.tiers.dram import DramArena
 
-if TYPE_CHECKING:
-    from tairstore.engine.store import _Block
-
-__all__ = ["PlacementMixin"]
+__all__ = ["Placement", "NeedSsdRoom"]
 
 
-class _NeedSsdRoom(Exception):
-    """Internal: the SSD files have no room for a reservation until compaction runs."""
+class NeedSsdRoom(Exception):
+    """The SSD files have no room for a reservation until compaction runs."""
 
     def __init__(self, nbytes: int) -> None:
         super().__init__(nbytes)
         self.nbytes = nbytes
 
 
+class Placement:
+    """Admission (quotas, reservations) and eviction (policies, fair shares) of the store.
 
-class PlacementMixin:
-    """Admission (quotas, reservations) and eviction (policies, fair shares) of the store."""
+    Args:
+        remove: removes whole blocks from the store (``remove(keys, tombstones=False)``).
+    """
+
+    def __init__(self, config: StoreConfig, catalog: Catalog, dram: DramArena | None,
+                 space: SsdSpace | None, counters: Counter,
+                 remove: Callable[..., object]) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.dram = dram
+        self.space = space
+        self.counters = counters
+        self.remove = remove
 
     # -- admission (store lock held) -------------------------------------------------------
-    def _ssd_room_needed(self, ns: str, todo: list[tuple[bytes, int]]) -> int:
+    def ssd_room_needed(self, ns: str, todo: list[tuple[bytes, int]]) -> int:
         """SSD file bytes the batch needs that only compaction can free (0 if it fits).
 
         First evicts blocks if live data leaves no room for the batch, so that what is still
         missing afterwards is dead space for the compactor. Checking the whole batch up front
         keeps a retry from reserving, abandoning and so filling the files with its own waste.
         """
-        if self._ssd is None or not todo:
+        space = self.space
+        if space is None or not todo:
             return 0
-        nsb = len(ns.encode())
-        need = sum(record_length(nsb, len(key), size) for key, size in todo)
-        excess = self._ssd_live + self._ssd_reserved + need - self._ssd_live_limit
+        need = space.need(ns, todo)
+        excess = space.live_excess(need)
         if excess > 0:
-            self._evict_global("ssd", excess)
-        if self._ssd.total_bytes + need > self._ssd_limit:
-            return need
-        return 0
+            self.evict_global("ssd", excess)
+        return need if space.files_full(need) else 0
 
-    def _admit(self, ns: str, key: bytes, p: PendingBlock, tier: str) -> None:
+    def admit(self, ns: str, key: bytes, p: PendingBlock, tier: str) -> None:
         """Check quotas and reserve the places a new block will be written.
 
-        On success the reservations are in ``p`` and counted in the namespace's usage; on any
-        exception nothing of this block is reserved.
+        On success the reservations are in ``p`` and counted in the namespace's usage (C1);
+        on any exception nothing of this block is reserved.
+
+        Raises:
+            CapacityError: a quota or a tier cannot fit the block (``dimension`` says which).
+            NeedSsdRoom: the SSD files are full of dead records: compact, then retry.
         """
-        st = self._ns_state(ns)
+        st = self.catalog.ns(ns)
         size = p.size
         if st.over(None, size):
             self._evict_own(st, None, size)
@@ -72,44 +92,47 @@ class PlacementMixin:
                     f"({st.used_total} used, block of {size}) and nothing more of it can be evicted",
                     dimension=f"quota:{ns}:total")
         try:
-            if self._ssd is not None:
+            if self.space is not None:
                 self._reserve_ssd(st, ns, key, p)
-            if self._dram is not None and tier != "ssd":
-                self._reserve_dram(st, p, required=(tier == "dram" or self._ssd is None))
+            if self.dram is not None and tier != "ssd":
+                self.reserve_dram(st, p, required=(tier == "dram" or self.space is None))
         except BaseException:
-            self._unreserve(st, p)
+            self.unreserve(st, p)
             raise
+        # C1: the block's bytes are counted in every quota before it is admitted.
         st.used_total += size
 
     def _reserve_ssd(self, st: Namespace, ns: str, key: bytes, p: PendingBlock) -> None:
         size = p.size
+        space = self.space
         if st.over("ssd", size):
             self._evict_own(st, "ssd", size)
             if st.over("ssd", size):
                 raise CapacityError(
                     f"namespace {ns!r} SSD quota {st.tier_bytes['ssd']} bytes is full", dimension=f"quota:{ns}:ssd")
         need = record_length(len(ns.encode()), len(key), size)
-        if need > self._ssd_live_limit:
+        if need > space.live_limit:
             raise CapacityError(
-                f"block of {size} bytes cannot fit the SSD tier ({self.config.ssd_bytes} bytes, "
-                f"of which {self.config.ssd_bytes - self._ssd_live_limit} are compaction slack)",
+                f"block of {size} bytes cannot fit the SSD tier ({space.capacity} bytes, "
+                f"of which {space.capacity - space.live_limit} are compaction slack)",
                 dimension="tier:ssd")
-        if self._ssd_live + self._ssd_reserved + need > self._ssd_live_limit:
-            self._evict_global("ssd", self._ssd_live + self._ssd_reserved + need - self._ssd_live_limit)
-            if self._ssd_live + self._ssd_reserved + need > self._ssd_live_limit:
+        excess = space.live_excess(need)
+        if excess > 0:
+            self.evict_global("ssd", excess)
+            if space.live_excess(need) > 0:
                 raise CapacityError("SSD tier is full of blocks being written or pinned",
                                     dimension="tier:ssd")
-        if self._ssd.total_bytes + need > self._ssd_limit:
+        if space.files_full(need):
             # Live bytes fit but the files are full of dead records: compaction must run.
-            raise _NeedSsdRoom(need)
-        p.ssd = self._ssd.reserve(ns, key, size)
-        self._seg_pending[p.ssd.segment] += 1
-        self._ssd_reserved += p.ssd.length
+            raise NeedSsdRoom(need)
+        p.ssd = space.reserve(ns, key, size)
         st.used["ssd"] += size
 
-    def _reserve_dram(self, st: Namespace, p: PendingBlock, *, required: bool) -> None:
+    def reserve_dram(self, st: Namespace, p: PendingBlock, *, required: bool) -> None:
+        """Reserve a DRAM slot for ``p`` (evicting as needed); without ``required``, no slot
+        is not an error."""
         size = p.size
-        arena = self._dram
+        arena = self.dram
         if size > arena.capacity_bytes:
             if required:
                 raise CapacityError(f"block of {size} bytes is larger than the DRAM tier",
@@ -124,7 +147,7 @@ class PlacementMixin:
                 return
         slot = arena.alloc(size)
         while slot is None:
-            if not self._evict_global("dram", size, one=True):
+            if not self.evict_global("dram", size, one=True):
                 break
             slot = arena.alloc(size)
         if slot is None:
@@ -136,23 +159,21 @@ class PlacementMixin:
         p.dram = slot
         st.used["dram"] += size
 
-    def _unreserve(self, st: Namespace, p: PendingBlock) -> None:
-        """Give back ``p``'s reservations and their usage (store lock held)."""
+    def unreserve(self, st: Namespace, p: PendingBlock) -> None:
+        """Give back ``p``'s reservations and their tier usage."""
         if p.dram is not None:
-            self._dram.release(p.dram)
+            self.dram.release(p.dram)
             p.dram = None
             st.used["dram"] -= p.size
         if p.ssd is not None:
-            self._ssd.abandon(p.ssd)
-            self._seg_pending[p.ssd.segment] -= 1
-            self._ssd_reserved -= p.ssd.length
+            self.space.abandon(p.ssd)
             p.ssd = None
             st.used["ssd"] -= p.size
 
     # -- eviction (store lock held) ----------------------------------------------------------
     def _evict_own(self, st: Namespace, tier: str | None, size: int) -> None:
         """Evict a namespace's own blocks until ``size`` more bytes fit its quota of ``tier``."""
-        policy_tier = tier or ("ssd" if self._ssd is not None else "dram")
+        policy_tier = tier or ("ssd" if self.space is not None else "dram")
         policy = st.policies[policy_tier]
         skip = self._skip_for(st.name, policy_tier)
         while st.over(tier, size):
@@ -162,22 +183,34 @@ class PlacementMixin:
             # A total or SSD quota is freed only by removing blocks; a DRAM quota by dropping copies.
             self._evict_one(policy_tier, st.name, victim, whole=(tier != "dram"))
 
-    def _evict_global(self, tier: str, nbytes: int, *, one: bool = False) -> int:
+    def usage(self, tier: str) -> tuple[float, int]:
+        """``(fraction used, capacity)`` of ``tier`` as the watermarks see it; capacity 0 when
+        the store has no such tier."""
+        if tier == "dram":
+            if self.dram is None:
+                return 0.0, 0
+            return self.dram.used_bytes / self.dram.capacity_bytes, self.dram.capacity_bytes
+        if self.space is None:
+            return 0.0, 0
+        return self.space.usage(), self.space.live_limit
+
+    def evict_global(self, tier: str, nbytes: int, *, one: bool = False) -> int:
         """Evict from the namespaces furthest over their fair share of ``tier``.
 
         Returns the bytes freed (0 when nothing is evictable). With ``one``, stops after one
         block (the DRAM allocator retries its allocation in between).
         """
-        capacity = self.config.dram_bytes if tier == "dram" else self._ssd_live_limit
+        capacity = self.config.dram_bytes if tier == "dram" else self.space.live_limit
+        namespaces = self.catalog.namespaces
         freed = 0
         exhausted: set[str] = set()
         while freed < nbytes:
-            used = {ns: st.used[tier] for ns, st in self._namespaces.items() if ns not in exhausted}
+            used = {ns: st.used[tier] for ns, st in namespaces.items() if ns not in exhausted}
             order = fair_share_order(used, capacity)
             if not order:
                 break
             ns = order[0]
-            victim = self._namespaces[ns].policies[tier].pop_victim(self._skip_for(ns, tier))
+            victim = namespaces[ns].policies[tier].pop_victim(self._skip_for(ns, tier))
             if victim is None:
                 exhausted.add(ns)
                 continue
@@ -187,42 +220,28 @@ class PlacementMixin:
         return freed
 
     def _skip_for(self, ns: str, tier: str):
-        if tier != "dram":
-            return None
-        arena = self._dram
-        blocks = self._blocks
-
-        def pinned(key: bytes) -> bool:
-            b = blocks.get((ns, key))
-            return b is not None and b.dram is not None and arena.is_pinned(b.dram)
-
-        return pinned
+        pinned = self.dram.is_pinned if tier == "dram" and self.dram is not None else None
+        return self.catalog.skip_for(ns, tier, pinned)
 
     def _evict_one(self, tier: str, ns: str, key: bytes, *, whole: bool) -> int:
         """Evict one policy victim: drop its DRAM copy, or the whole block; returns bytes freed."""
         k = (ns, key)
-        b = self._blocks.get(k)
+        b = self.catalog.blocks.get(k)
         if b is None:
             return 0
         if tier == "dram" and not whole:
             if b.dram is None:
                 return 0
-            self._counters["evictions_dram"] += 1
-            self._drop_dram(k, b)
+            self.counters["evictions_dram"] += 1
+            self.drop_dram(k, b)
             return b.size
-        self._counters["evictions_" + tier] += 1
-        self._remove_locked([k], tombstones=False)
+        self.counters["evictions_" + tier] += 1
+        self.remove([k], tombstones=False)
         return b.size
 
-    def _drop_dram(self, k: tuple[str, bytes], b: _Block) -> None:
-        """Drop a block's DRAM copy; a block with no SSD copy goes with it (store lock held)."""
+    def drop_dram(self, k: tuple[str, bytes], b: Block) -> None:
+        """Drop a block's DRAM copy; a block with no SSD copy goes with it."""
         if b.ssd is None:
-            self._remove_locked([k], tombstones=False)
+            self.remove([k], tombstones=False)
             return
-        st = self._namespaces[k[0]]
-        st.policies["dram"].on_remove(k[1])
-        self._dram.release(b.dram)
-        b.dram = None
-        b.ssd_hits = 0
-        st.used["dram"] -= b.size
-
+        self.dram.release(self.catalog.drop_dram_copy(k, b))

@@ -1,7 +1,8 @@
 """The read path: get, get_into, exists, match, tier_of.
 
-Part of :class:`tairstore.engine.store.Store` (a mixin). Lookups and pins happen under the store
-lock; copies, SSD reads and checksums outside it. A DRAM hit is a pinned zero-copy view (R2);
+A part of the store: it reads the catalog and the tiers and holds no state of its own but its
+collaborators. Lookups and pins happen under the store lock; copies, SSD reads and checksums
+outside it. W1 holds because the catalog only lists committed keys. A DRAM hit is a pinned zero-copy view (R2);
 an SSD read is verified (header, namespace and key, payload crc32c) and a mismatch is a miss
 that drops the block (R1); a read I/O error is a miss and a counter.
 """
@@ -10,42 +11,61 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections import Counter
+from typing import TYPE_CHECKING, Any, Callable
 
-from tairstore.config import DEFAULT_NAMESPACE
-from tairstore.errors import CapacityError, CorruptionError, InvalidArgumentError, StoreError
-from tairstore.format.checksum import crc32c
+from tairstore.config import StoreConfig
+from tairstore.engine.catalog import Block, Catalog
+from tairstore.engine.lifecycle import Lifecycle
 from tairstore.engine.match import MatchResult, match_mask
 from tairstore.engine.session import PendingBlock
+from tairstore.errors import CapacityError, CorruptionError, InvalidArgumentError, StoreError
+from tairstore.format.checksum import crc32c
 from tairstore.tiers.ssd import ReadIOError, SegmentGoneError
-from tairstore.validate import check_out
 
 if TYPE_CHECKING:
-    from tairstore.engine.store import _Block
+    from tairstore.engine.placement import Placement
+    from tairstore.tiers.dram import DramArena
+    from tairstore.tiers.ssd import SegmentLog
 
-__all__ = ["ReadPathMixin"]
+__all__ = ["Reads"]
 
 log = logging.getLogger("tairstore.engine.store")
 
+Key = tuple[str, bytes]
 
-class ReadPathMixin:
-    """Reads of the store."""
+
+class Reads:
+    """Reads of the store. Arguments are checked by the store facade; keys arrive as
+    ``(namespace, key)`` tuples.
+
+    Args:
+        remove: removes whole blocks from the store (``remove(keys, tombstones=False)``).
+    """
+
+    def __init__(self, config: StoreConfig, lock: Any, life: Lifecycle, catalog: Catalog,
+                 dram: "DramArena | None", ssd: "SegmentLog | None", placement: "Placement",
+                 counters: Counter, remove: Callable[..., object]) -> None:
+        self.config = config
+        self._lock = lock
+        self._life = life
+        self._catalog = catalog
+        self._dram = dram
+        self._ssd = ssd
+        self._placement = placement
+        self._counters = counters
+        self._remove = remove
 
     # ---------------------------------------------------------------------------- read path
-    def get(self, key: bytes, *, namespace: str = DEFAULT_NAMESPACE) -> memoryview | None:
-        """The block's bytes, or None on a miss.
-
-        From DRAM this is a zero-copy read-only view that pins its slot: the bytes never change
-        while the view (or anything made from it) is alive (R2). From SSD the block is read and
-        verified; on its first or second SSD hit (``promote_on``) it is copied into DRAM.
-        """
-        k = (self._ns(namespace), self._key(key))
+    def get(self, k: Key) -> memoryview | None:
+        """The block's bytes, or None on a miss (see :meth:`tairstore.engine.store.Store.get`)."""
         with self._lock:
-            self._check_open()
+            self._life.check_open()
             b = self._lookup(k)
             if b is None:
                 return None
             if b.dram is not None:
+                # R2: the view pins its slot; eviction skips pinned slots.
                 view = self._dram.pinned_view(b.dram)
                 if not self.config.verify_dram_reads:
                     self._count_hit("dram")
@@ -56,24 +76,145 @@ class ReadPathMixin:
                     self._count_hit("dram")
                 return view
             view.release()
-            self._drop_corrupt(k, b, "DRAM copy")
+            self.drop_corrupt(k, b, "DRAM copy")
             return None
         return self._get_from_ssd(k, b)
 
-    def _lookup(self, k: tuple[str, bytes]) -> _Block | None:
+    def get_many(self, ns: str, keys: list[bytes], memory_only: bool) -> list[memoryview | None] | None:
+        """:meth:`get` of many keys with one store-lock round for the lookups.
+
+        DRAM hits are pinned views taken under that one lock; SSD-resident blocks are read
+        afterwards, one by one, as :meth:`get` reads them. With ``memory_only`` the call answers
+        only from memory: it returns None, touching nothing (no policy, no counter), when any
+        stored key has no DRAM copy — the caller then asks again without it (the daemon does
+        so from a worker thread instead of its event loop).
+        """
+        out: list[memoryview | None] = [None] * len(keys)
+        from_ssd: list[tuple[int, Key, Block]] = []
+        to_verify: list[tuple[int, Key, Block]] = []
+        verify = self.config.verify_dram_reads
+        with self._lock:
+            self._life.check_open()
+            if memory_only:
+                blocks = self._catalog.blocks
+                for key in keys:
+                    b = blocks.get((ns, key))
+                    if b is not None and b.dram is None:
+                        return None
+            for i, key in enumerate(keys):
+                k = (ns, key)
+                b = self._lookup(k)
+                if b is None:
+                    continue
+                if b.dram is None:
+                    from_ssd.append((i, k, b))
+                    continue
+                out[i] = self._dram.pinned_view(b.dram)
+                if verify:
+                    to_verify.append((i, k, b))
+                else:
+                    self._count_hit("dram")
+        for i, k, b in to_verify:
+            if crc32c(out[i]) == b.crc:
+                with self._lock:
+                    self._count_hit("dram")
+            else:
+                out[i].release()
+                out[i] = None
+                self.drop_corrupt(k, b, "DRAM copy")
+        for i, k, b in from_ssd:
+            out[i] = self._get_from_ssd(k, b)
+        return out
+
+    def get_into_many(self, ns: str, keys: list[bytes], dsts: list[memoryview]) -> list[int]:
+        """:meth:`get_into` of many keys with one store-lock round for the lookups.
+
+        DRAM copies are pinned under the lock and copied into the caller's buffers outside it.
+
+        Raises:
+            InvalidArgumentError: a buffer is smaller than its stored block (nothing is copied).
+        """
+        n = [0] * len(keys)
+        pinned: list[tuple[int, Key, Block, memoryview]] = []
+        from_ssd: list[tuple[int, Key, Block]] = []
+        with self._lock:
+            self._life.check_open()
+            blocks = self._catalog.blocks
+            for key, dst in zip(keys, dsts):
+                b = blocks.get((ns, key))
+                if b is not None and len(dst) < b.size:
+                    raise InvalidArgumentError(
+                        f"out holds {len(dst)} bytes; the block {key.hex()[:16]}… has {b.size}")
+            for i, key in enumerate(keys):
+                k = (ns, key)
+                b = self._lookup(k)
+                if b is None:
+                    continue
+                if b.dram is not None:
+                    pinned.append((i, k, b, self._dram.pinned_view(b.dram)))
+                else:
+                    b.ssd_hits += 1
+                    from_ssd.append((i, k, b))
+        verify = self.config.verify_dram_reads
+        hits = 0
+        try:
+            for i, k, b, view in pinned:
+                dst = dsts[i][: b.size]
+                dst[:] = view
+                if verify and crc32c(dst) != b.crc:
+                    self.drop_corrupt(k, b, "DRAM copy")
+                    continue
+                n[i] = b.size
+                hits += 1
+        finally:
+            for *_, view in pinned:
+                view.release()
+        if hits:
+            with self._lock:
+                self._counters["hits"] += hits
+                self._counters["hits_dram"] += hits
+        for i, k, b in from_ssd:
+            if self._read_ssd(k, b, dsts[i][: b.size]):
+                n[i] = b.size
+        return n
+
+    def get_pinned(self, k: Key) -> tuple[memoryview, Any] | None:
+        """A DRAM-resident block's pinned read-only view and its arena slot, or None.
+
+        None also when the block is stored but has no DRAM copy (the caller reads it another
+        way). The slot (offset, size, generation) stays the block's, unchanged, for as long as
+        the view — or anything made from it — is alive (R2): that is what lets a daemon hand
+        the slot's place in a shared arena to a client on the same host.
+        """
+        with self._lock:
+            self._life.check_open()
+            b = self._lookup(k)
+            if b is None or b.dram is None:
+                return None
+            slot = b.dram
+            view = self._dram.pinned_view(slot)
+            if not self.config.verify_dram_reads:
+                self._count_hit("dram")
+                return view, slot
+        if crc32c(view) != b.crc:
+            view.release()
+            self.drop_corrupt(k, b, "DRAM copy")
+            return None
+        with self._lock:
+            self._count_hit("dram")
+        return view, slot
+
+    def _lookup(self, k: Key) -> Block | None:
         """The block, touching its policies; None (counted) on a miss or expiry (store lock held)."""
-        b = self._blocks.get(k)
+        b = self._catalog.blocks.get(k)
         if b is not None:
-            st = self._namespaces[k[0]]
+            st = self._catalog.namespaces[k[0]]
             if st.ttl_s is not None and time.time_ns() - b.created_ns > st.ttl_s * 1e9:
                 self._counters["expired"] += 1
-                self._remove_locked([k], tombstones=False)
+                self._remove([k], tombstones=False)
                 b = None
             else:
-                if b.dram is not None:
-                    st.policies["dram"].on_access(k[1])
-                if b.ssd is not None:
-                    st.policies["ssd"].on_access(k[1])
+                self._catalog.touch(k, b)
                 return b
         self._counters["misses"] += 1
         return None
@@ -82,15 +223,15 @@ class ReadPathMixin:
         self._counters["hits"] += 1
         self._counters["hits_" + tier] += 1
 
-    def _get_from_ssd(self, k, b: _Block) -> memoryview | None:
+    def _get_from_ssd(self, k: Key, b: Block) -> memoryview | None:
         slot = None
         with self._lock:
             b.ssd_hits += 1
-            if self._wants_promotion(b) and self._fatal is None and not self._closed:
-                st = self._namespaces[k[0]]
+            if self._wants_promotion(b) and self._life.fatal is None and not self._life.closed:
+                st = self._catalog.namespaces[k[0]]
                 p = PendingBlock(b.size)
                 try:
-                    self._reserve_dram(st, p, required=False)
+                    self._placement.reserve_dram(st, p, required=False)
                 except CapacityError:
                     pass
                 slot = p.dram
@@ -99,10 +240,9 @@ class ReadPathMixin:
             ok = self._read_ssd(k, b, dst)
             dst.release()
             with self._lock:
-                st = self._namespaces.get(k[0])
-                if ok and self._blocks.get(k) is b and b.dram is None and not self._closed:
-                    b.dram = slot
-                    st.policies["dram"].on_insert(k[1], b.size, b.parent)
+                st = self._catalog.namespaces.get(k[0])
+                if ok and self._catalog.blocks.get(k) is b and b.dram is None and not self._life.closed:
+                    self._catalog.add_dram_copy(k, b, slot)
                     self._counters["promotions"] += 1
                     return self._dram.pinned_view(slot)
                 self._dram.release(slot)
@@ -115,13 +255,13 @@ class ReadPathMixin:
             return None
         return memoryview(buf).toreadonly()
 
-    def _wants_promotion(self, b: _Block) -> bool:
+    def _wants_promotion(self, b: Block) -> bool:
         if self._dram is None or b.size > self._dram.capacity_bytes:
             return False
         mode = self.config.promote_on
         return mode == "first" or (mode == "second" and b.ssd_hits >= 2)
 
-    def _read_ssd(self, k, b: _Block, out) -> bool:
+    def _read_ssd(self, k: Key, b: Block, out) -> bool:
         """Read and verify a block from SSD into ``out``; count a hit or a miss."""
         seg, off, length = b.ssd
         try:
@@ -138,14 +278,14 @@ class ReadPathMixin:
             # Evicted or compacted between our lookup and the read. Compaction may have moved
             # it: look once more before calling it a miss.
             with self._lock:
-                nb = self._blocks.get(k)
+                nb = self._catalog.blocks.get(k)
             if nb is not None and nb is b and b.ssd != (seg, off, length):
                 return self._read_ssd(k, b, out)
             with self._lock:
                 self._counters["misses"] += 1
             return False
         except CorruptionError as exc:
-            self._drop_corrupt(k, b, f"SSD record ({exc})")
+            self.drop_corrupt(k, b, f"SSD record ({exc})")
             return False
         except (StoreError, OSError) as exc:
             with self._lock:
@@ -157,26 +297,24 @@ class ReadPathMixin:
             self._count_hit("ssd")
         return True
 
-    def _drop_corrupt(self, k, b: _Block, where: str) -> None:
+    def drop_corrupt(self, k: Key, b: Block, where: str) -> None:
         """R1: a block failing its checksum is a miss, is counted, and leaves the index."""
         log.error("checksum mismatch in %s of block %s/%s: dropped", where, k[0], k[1].hex()[:16])
         with self._lock:
             self._counters["checksum_errors"] += 1
             self._counters["misses"] += 1
-            if self._blocks.get(k) is b:
-                self._remove_locked([k], tombstones=False)
+            if self._catalog.blocks.get(k) is b:
+                self._remove([k], tombstones=False)
 
-    def get_into(self, key: bytes, out: Any, *, namespace: str = DEFAULT_NAMESPACE) -> int:
-        """Copy the block into the writable buffer ``out``; the bytes copied, 0 on a miss.
+    def get_into(self, k: Key, dst: memoryview) -> int:
+        """Copy the block into ``dst``; the bytes copied, 0 on a miss.
 
         Raises:
-            InvalidArgumentError: ``out`` is not writable or is smaller than the block.
+            InvalidArgumentError: ``dst`` is smaller than the block.
         """
-        k = (self._ns(namespace), self._key(key))
-        dst = check_out(out)
         with self._lock:
-            self._check_open()
-            b = self._blocks.get(k)
+            self._life.check_open()
+            b = self._catalog.blocks.get(k)
             if b is not None and len(dst) < b.size:
                 raise InvalidArgumentError(f"out holds {len(dst)} bytes; the block has {b.size}")
             b = self._lookup(k)
@@ -189,7 +327,7 @@ class ReadPathMixin:
                 self._dram.copy_out(slot, dst)
         if slot is not None:
             if self.config.verify_dram_reads and crc32c(dst[: b.size]) != b.crc:
-                self._drop_corrupt(k, b, "DRAM copy")
+                self.drop_corrupt(k, b, "DRAM copy")
                 return 0
             with self._lock:
                 self._count_hit("dram")
@@ -198,41 +336,27 @@ class ReadPathMixin:
             b.ssd_hits += 1
         return b.size if self._read_ssd(k, b, dst[: b.size]) else 0
 
-    def tier_of(self, key: bytes, *, namespace: str = DEFAULT_NAMESPACE) -> str | None:
-        """The fastest tier holding ``key`` now (``"dram"``, ``"ssd"``) or None; no side effects.
-
-        A hint for callers that route reads (the daemon serves DRAM hits on its event loop):
-        the answer can change right after it is given.
-        """
-        k = (self._ns(namespace), self._key(key))
+    def tier_of(self, k: Key) -> str | None:
+        """The fastest tier holding ``k`` now, or None; no side effects."""
         with self._lock:
-            self._check_open()
-            b = self._blocks.get(k)
+            self._life.check_open()
+            b = self._catalog.blocks.get(k)
             return None if b is None else ("dram" if b.dram is not None else "ssd")
 
-    @property
-    def volatile(self) -> bool:
-        """True for a store without SSD tier: nothing it holds survives ``close()``."""
-        return not self._durable
-
-    def exists(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE) -> list[bool]:
+    def exists(self, ns: str, keys: list[bytes]) -> list[bool]:
         """Per key, whether it is stored (committed and not deleted)."""
-        ns = self._ns(namespace)
-        keys = self._keys(keys)
         with self._lock:
-            self._check_open()
-            return [(ns, k) in self._blocks for k in keys]
+            self._life.check_open()
+            blocks = self._catalog.blocks
+            return [(ns, k) in blocks for k in keys]
 
-    def match(self, keys: list[bytes], mode: str = "prefix", window: int | None = None, *,
-              namespace: str = DEFAULT_NAMESPACE) -> MatchResult:
-        """Match a chain of keys: ``prefix``, ``exact`` or ``sliding_window`` (see :mod:`tairstore.engine.match`)."""
-        ns = self._ns(namespace)
-        keys = self._keys(keys)
+    def match(self, ns: str, keys: list[bytes], mode: str, window: int | None) -> MatchResult:
+        """Match a chain of keys (see :mod:`tairstore.engine.match`)."""
         hits: list[bool] = []
         tiers: list[str | None] = []
         with self._lock:
-            self._check_open()
-            get = self._blocks.get
+            self._life.check_open()
+            get = self._catalog.blocks.get
             for k in keys:
                 b = get((ns, k))
                 if b is None:
@@ -242,4 +366,3 @@ class ReadPathMixin:
                     hits.append(True)
                     tiers.append("dram" if b.dram is not None else "ssd")
         return match_mask(hits, tiers, mode, window)
-

@@ -22,39 +22,56 @@ machine) plus a read of the last few blocks. A clean close leaves no WAL to repl
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
+from tairstore.engine.catalog import Block
 from tairstore.engine.datadir import FORMAT_VERSION
 from tairstore.errors import CorruptionError, StoreError
-from tairstore.index.lmdb_index import META_FORMAT
+from tairstore.fileio import FileSystem
+from tairstore.index.lmdb_index import META_FORMAT, Index
 from tairstore.index.records import BlockRecord
+from tairstore.tiers.ssd import SegmentLog
 from tairstore.wal import Commit, Delete, read_log
 
-if TYPE_CHECKING:
-    from tairstore.engine.store import Store
-
-__all__ = ["recover"]
+__all__ = ["recover", "Recovered"]
 
 log = logging.getLogger(__name__)
 
 
-def recover(store: "Store") -> int:
-    """Rebuild ``store``'s in-memory state from LMDB and the WAL; return the next LSN to assign."""
-    from tairstore.engine.store import _Block
+@dataclass
+class Recovered:
+    """What recovery found: the store adopts it.
 
-    index, ssd = store._index, store._ssd
+    Attributes:
+        blocks: every committed block, keyed by ``(namespace, key)``, each with its SSD place.
+        max_generation: the highest generation seen (new writes must go above it).
+        next_lsn: the LSN the WAL writer must start at.
+        dropped: committed WAL records whose bytes were not intact on disk.
+    """
+
+    blocks: dict[tuple[str, bytes], Block]
+    max_generation: int
+    next_lsn: int
+    dropped: int
+
+
+def recover(index: Index, ssd: SegmentLog, fs: FileSystem, wal_dir: str, path: str) -> Recovered:
+    """Rebuild the committed blocks from LMDB and the WAL, and bring LMDB up to date.
+
+    ``path`` is the store's directory, for the log line.
+    """
     if index.format_version() is None:
         index.apply([], meta={META_FORMAT: FORMAT_VERSION})
     checkpoint = index.checkpoint_lsn()
     segments = set(ssd.segment_ids())
-    blocks: dict[tuple[str, bytes], _Block] = {}
+    blocks: dict[tuple[str, bytes], Block] = {}
     ops: list = []
     max_gen = 0
     for ns, key, (size, crc, gen, created, seg, off, length) in index.raw_items():
         if seg not in segments:
             ops.append((ns, key, None))
             continue
-        blocks[(ns, key)] = _Block(size, crc, gen, created, (seg, off, length), None)
+        blocks[(ns, key)] = Block(size, crc, gen, created, (seg, off, length), None)
         if gen > max_gen:
             max_gen = gen
 
@@ -67,7 +84,7 @@ def recover(store: "Store") -> int:
 
     last = checkpoint
     replayed = dropped = 0
-    replay = read_log(store._fs, store._dir.sub("wal"), from_lsn=checkpoint + 1, reporter=reporter)
+    replay = read_log(fs, wal_dir, from_lsn=checkpoint + 1, reporter=reporter)
     for lsn, rec in replay:
         last = max(last, lsn)
         if isinstance(rec, Commit):
@@ -83,7 +100,7 @@ def recover(store: "Store") -> int:
                 old = blocks.get(k)
                 # A relocation (session 0) keeps the block's creation time.
                 created = old.created_ns if old is not None and old.generation == e.generation else e.generation
-                blocks[k] = _Block(e.size, e.crc, e.generation, created, (seg, off, length), None)
+                blocks[k] = Block(e.size, e.crc, e.generation, created, (seg, off, length), None)
                 ops.append((e.namespace, e.key,
                             BlockRecord(e.size, e.crc, e.generation, created, seg, off, length)))
                 max_gen = max(max_gen, e.generation)
@@ -94,17 +111,12 @@ def recover(store: "Store") -> int:
                     ops.append((rec.namespace, key, None))
     if ops or last != checkpoint:
         index.apply(ops, lsn=last)
-    with store._lock:
-        store._adopt(blocks)
-        store._generation = max(store._generation, max_gen)
-        store._counters["recovered_blocks"] = len(blocks)
-        store._counters["recovery_dropped"] = dropped
     if replayed or dropped_bytes or dropped:
         log.info("recovered %s: %d blocks, %d commits replayed from the WAL (%d dropped), "
-                 "%d log bytes dropped", store.path, len(blocks), replayed, dropped, dropped_bytes)
+                 "%d log bytes dropped", path, len(blocks), replayed, dropped, dropped_bytes)
     # The writer must start exactly here: it sets aside any file at or beyond this LSN as
     # left over from before the crash.
-    return replay.next_lsn
+    return Recovered(blocks, max_gen, replay.next_lsn, dropped)
 
 
 def _verify(ssd, e) -> bool:

@@ -6,11 +6,16 @@ not stored or being written yet; :meth:`Store.write` fills one reservation; and
 whose lease runs out is aborted by the store's reaper, and every later use of it raises
 :class:`~tairstore.errors.LeaseExpiredError`.
 
-States (a table, not scattered ifs)::
+States (the table :data:`TRANSITIONS`, not scattered ifs)::
 
-    open ──finish_write──▶ finished
-      │ └──abort / close──▶ aborted
-      └──lease runs out──▶ expired
+    open ──finish──▶ finished
+      │ └──abort (abort_write, close)──▶ aborted
+      └──expire (the lease ran out)──▶ expired
+
+Every transition happens through :meth:`WriteSession.transition`, with the store lock held, and
+in the same critical section as the release of the session's reservations: a session is never
+expired or aborted while its reservations stay counted. :meth:`WriteSession.check_usable` only
+reads the state; the store decides expiry (under its lock) before calling it.
 """
 
 from __future__ import annotations
@@ -22,9 +27,16 @@ from typing import Any
 
 from tairstore.errors import LeaseExpiredError, SessionError
 
-__all__ = ["WriteSession", "PendingBlock"]
+__all__ = ["WriteSession", "PendingBlock", "TRANSITIONS"]
 
 OPEN, FINISHED, ABORTED, EXPIRED = "open", "finished", "aborted", "expired"
+
+#: (state, event) -> next state. Anything not listed is a bookkeeping bug (SessionError).
+TRANSITIONS = {
+    (OPEN, "finish"): FINISHED,
+    (OPEN, "abort"): ABORTED,
+    (OPEN, "expire"): EXPIRED,
+}
 
 _USE_ERRORS = {
     FINISHED: (SessionError, "write session {id} is already finished"),
@@ -34,7 +46,7 @@ _USE_ERRORS = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class PendingBlock:
     """One reserved key of a session."""
 
@@ -69,11 +81,26 @@ class WriteSession:
     state: str = OPEN
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def transition(self, event: str) -> str:
+        """Move to the state :data:`TRANSITIONS` gives for ``event`` (store lock held).
+
+        The caller releases the session's reservations in the same critical section.
+
+        Raises:
+            SessionError: ``event`` is not allowed in the current state.
+        """
+        nxt = TRANSITIONS.get((self.state, event))
+        if nxt is None:
+            raise SessionError(f"write session {self.id}: cannot {event} a session that is {self.state}")
+        self.state = nxt
+        return nxt
+
     def check_usable(self) -> None:
-        """Raise the error for using a session that is not open (caller holds ``lock``)."""
-        if self.state == OPEN and time.monotonic() > self.deadline:
-            # The reaper may not have run yet; an expired lease is expired all the same.
-            self.state = EXPIRED
+        """Raise the error for using a session that is not open (caller holds ``lock``).
+
+        Only reads the state: whether the lease ran out is decided by the store, under its
+        lock, where expiring also releases the reservations.
+        """
         if self.state != OPEN:
             cls, msg = _USE_ERRORS[self.state]
             raise cls(msg.format(id=self.id))

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 
 from tairstore.errors import CorruptionError, InvalidArgumentError
 from tairstore.format.checksum import crc32c
+from tairstore.validate import MAX_KEY_BYTES, MAX_NAMESPACE_BYTES
 
 __all__ = [
     "MAGIC",
@@ -92,10 +93,10 @@ FLAG_COMMITTED = 8
 #: Any other bit set means a newer writer used a feature this reader does not know.
 KNOWN_FLAGS = FLAG_ZSTD | FLAG_SHUFFLE2 | FLAG_TOMBSTONE | FLAG_COMMITTED
 
-#: Namespace length limit: it is stored in a u8.
-MAX_NAMESPACE_LEN = 255
-#: Key length limit of the store (DESIGN: keys are 1–64 bytes).
-MAX_KEY_LEN = 64
+#: Namespace length limit (stored in a u8) and key length limit of the store (DESIGN: keys are
+#: 1–64 bytes): :data:`tairstore.validate.MAX_NAMESPACE_BYTES` and ``MAX_KEY_BYTES``.
+MAX_NAMESPACE_LEN = MAX_NAMESPACE_BYTES
+MAX_KEY_LEN = MAX_KEY_BYTES
 #: The longest header with namespace and key: reading this many bytes at a record start always
 #: covers its whole header, so a scan needs one read per header.
 MAX_HEADER_LEN = HEADER_SIZE + MAX_NAMESPACE_LEN + MAX_KEY_LEN

@@ -9,6 +9,8 @@
   session, of a never-acknowledged write outside the in-flight operation, or damaged bytes are
   a *corrupt payload served*.
 - **C1**: the quota'd namespace uses no more than its quota.
+- **bookkeeping**: :meth:`Store.check` finds the catalog's counts and the SSD space's
+  per-segment accounting consistent with the blocks it holds.
 
 :func:`abandon` is what a simulated crash does to the store object: the file system is already
 crashed (every operation raises :class:`~tairstore.fuzz.faultfs.SimulatedCrash`), so closing it
@@ -88,6 +90,8 @@ def check_store(store, model: Expected, tally: Tally, where: str) -> list[str]:
             failures.append(f"{kind} {ns}/{key.decode()}: holds version {version}, expected "
                             f"one of {sorted(allowed, key=str)} ({where})")
     failures += check_quota(store, tally, where)
+    # The store's own bookkeeping (catalog counts, SSD space per segment) against itself.
+    failures += [f"BOOKKEEPING {problem} ({where})" for problem in store.check()]
     return failures
 
 
@@ -120,14 +124,12 @@ def abandon(store) -> None:
     def close() -> None:
         with contextlib.suppress(BaseException):
             store.close()
-        if not store._closed:
+        if not store.closed:
             # close() gave up half way (an open session's ABORT could not be logged to the
             # poisoned WAL: see test_close_after_background_wal_failure_releases_the_directory).
-            # A killed process releases everything; do the same by hand.
-            store._closed = True
-            store._stop.set()
+            # A killed process releases everything; do the same.
             with contextlib.suppress(BaseException):
-                store._teardown()
+                store.abandon()
 
     t = threading.Thread(target=close, name="tairstore-fuzz-abandon", daemon=True)
     t.start()

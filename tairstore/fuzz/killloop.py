@@ -223,7 +223,10 @@ class KillLoop:
             return failures
         try:
             report = fsck(self.path)
-            store = tairstore.open(self.path, **store_options(mode, self.ssd_bytes))
+            # No maintenance thread: the checks below see the store as recovery left it, and an
+            # eviction after the full compaction would leave a segment with no live record that
+            # only the next pass reclaims (not a leak; a race of the orphan check).
+            store = tairstore.open(self.path, background=False, **store_options(mode, self.ssd_bytes))
         except Exception as exc:  # noqa: BLE001 - any failure to reopen is the finding
             tally.reopen_failures += 1
             return [f"REOPEN FAILED {type(exc).__name__}: {exc} ({where})"]
@@ -253,8 +256,7 @@ class KillLoop:
         for ns in NAMESPACES:
             keys = [key for (n, key) in observed if n == ns]
             for key, there in zip(keys, store.exists(keys, namespace=ns)):
-                # Evicting: the maintenance thread may drop a block between get and exists.
-                if there != (observed[(ns, key)] is not None) and not (self.evicting and not there):
+                if there != (observed[(ns, key)] is not None):
                     failures.append(f"EXISTS {ns}/{key.decode()}: exists() says {there}, get() "
                                     f"served {observed[(ns, key)]} ({where})")
         stats = store.stats()
@@ -262,7 +264,7 @@ class KillLoop:
         if stats["counters"]["checksum_errors"]:
             failures.append(f"CHECKSUM errors after a kill -9 (no byte was damaged): "
                             f"{stats['counters']} ({where})")
-        if stats["blocks"] > present or (stats["blocks"] < present and not self.evicting):
+        if stats["blocks"] != present:
             failures.append(f"STATS count {stats['blocks']} blocks, get() served {present} ({where})")
         tally.other_failures += len(failures)
         return failures

@@ -1,12 +1,19 @@
-"""``tairstore sim step``: print the predicted time of one engine step and its breakdown.
+"""``tairstore sim``: ``step`` (one engine step's time), ``run`` (a serving simulation) and
+``sweep`` (a grid of runs).
 
-Example::
+Examples::
 
     tairstore sim step --model qwen3-8b --gpu h100 --tp 1 --prefill 2048 --decode 64x4096
     python -m tairstore.hisim.cli step --model qwen3-8b --gpu h20 --decode 128x8192 --json
 
+    tairstore sim run --model qwen3-8b --gpu h20 --trace trace.jsonl --dram-cache 64GiB \
+        --ssd-cache 2TiB --output-dir out
+    tairstore sim run --backend sglang --model llama-3.1-8b --dtype fp8 --gpu h200 --tp 2 \
+        --concurrency 240 --isl 1000 --osl 100 --num-prompts 2400 --output-dir out
+
 ``--prefill`` may repeat, and takes ``NEW`` or ``NEW@PREFIX`` (a chunk of NEW tokens after PREFIX
-cached ones); ``--decode`` may repeat, and takes ``REQUESTS x KV_LEN``.
+cached ones); ``--decode`` may repeat, and takes ``REQUESTS x KV_LEN``. The ``run`` and ``sweep``
+commands live in :mod:`tairstore.hisim.serving_cli`.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from .database import make_timer
 from .hardware import DEFAULT_REGISTRY, UnknownGPUError
 from .latency import PrefillChunk, Step, StepLatencyModel, StepSpecError, parse_decode
 from .models import UnknownModelError, get_model
+from .serving_cli import add_serving_parsers
 
 
 def _prefill(spec: str) -> PrefillChunk:
@@ -51,7 +59,7 @@ def _configure_step(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-dtype", choices=("bfloat16", "fp8"), help="KV-cache dtype")
     p.add_argument("--gpu-file", help="TOML file with extra [gpu.NAME] profiles")
     p.add_argument("--tables", help="AIConfigurator GPU folder measured on this GPU")
-    p.add_argument("--json", action="store_true", help='print {"step_ms": .., "breakdown": {..}}')
+    p.add_argument("--json", action="store_true", help='print {"inputs": {..}, "step_ms": .., "breakdown": {..}}')
     p.set_defaults(func=run_step)
 
 
@@ -60,6 +68,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     sim = subparsers.add_parser("sim", help="HiSim: simulate an inference server")
     sim_sub = sim.add_subparsers(dest="sim_command", required=True)
     _configure_step(sim_sub.add_parser("step", help="predict the time of one engine step"))
+    add_serving_parsers(sim_sub)
     return sim
 
 
@@ -78,7 +87,11 @@ def run_step(args: argparse.Namespace) -> int:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"step_ms": round(result.step_ms, 4),
+        inputs = {"model": model.name, "gpu": gpu.name, "tp": args.tp,
+                  "prefill": [[c.new_tokens, c.prefix] for c in step.prefill],
+                  "decode": [list(d) for d in args.decode],
+                  "weight_dtype": model.weight_dtype, "kv_dtype": model.kv_dtype}
+        print(json.dumps({"inputs": inputs, "step_ms": round(result.step_ms, 4),
                           "breakdown": {k: round(v, 4) for k, v in result.breakdown.items()}}))
         return 0
     print(f"{model.name} on {args.tp} x {gpu.name}: {step.num_tokens} tokens "
@@ -92,9 +105,10 @@ def run_step(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Standalone entry point: ``python -m tairstore.hisim.cli step ...``."""
-    parser = argparse.ArgumentParser(prog="tairstore sim", description="HiSim step-latency model")
+    parser = argparse.ArgumentParser(prog="tairstore sim", description="HiSim")
     sub = parser.add_subparsers(dest="sim_command", required=True)
     _configure_step(sub.add_parser("step", help="predict the time of one engine step"))
+    add_serving_parsers(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

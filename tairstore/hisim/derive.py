@@ -3,6 +3,10 @@
 Usage::
 
     python -m tairstore.hisim.derive SRC [--out DIR]
+    python -m tairstore.hisim.derive --smooth-only [--out DIR]
+
+``--smooth-only`` rewrites the ``.npz`` files already in ``DIR`` with their smoothed latencies
+precomputed (the isotonic fit is the slow part of loading), without the raw data.
 
 ``SRC`` holds one folder per GPU named after the AIConfigurator system (``h100_sxm/``,
 ``h200_sxm/``...), each in the AIConfigurator performance-database layout. For every GPU folder the
@@ -26,7 +30,7 @@ from .database import DATA_DIR, PARAMS_FILE, REFERENCE_SYSTEMS, table_path
 from .hardware import DEFAULT_REGISTRY, GPU
 from .kernels import FAMILY_COSTS, LINK_FAMILIES
 from .roofline import RooflineParams, fit, save_params
-from .tables import Table, read_aiconfigurator_dir, save_npz
+from .tables import Table, load_npz, read_aiconfigurator_dir, save_npz
 
 # int8 weight-only GEMMs are measured too, but no model here runs them.
 KEEP_GEMM_DTYPES = frozenset({"bfloat16", "fp8", "fp8_block"})
@@ -118,13 +122,28 @@ def derive(src: Path, out: Path = DATA_DIR, log=print) -> dict[str, RooflinePara
     return params
 
 
+def smooth_only(out: Path = DATA_DIR, log=print) -> None:
+    """Rewrite every ``aic_*.npz`` in ``out`` with its smoothed latencies stored."""
+    for path in sorted(Path(out).glob("aic_*.npz")):
+        save_npz(load_npz(path), path)
+        log(f"{path.name}: smoothed latencies stored")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("src", type=Path, help="folder with one AIConfigurator GPU folder per GPU")
+    ap.add_argument("src", type=Path, nargs="?",
+                    help="folder with one AIConfigurator GPU folder per GPU")
     ap.add_argument("--out", type=Path, default=DATA_DIR, help="where to write (default: package)")
+    ap.add_argument("--smooth-only", action="store_true",
+                    help="only precompute the smoothed latencies of the .npz files in --out")
     args = ap.parse_args(argv)
-    derive(args.src, args.out)
+    if args.smooth_only:
+        smooth_only(args.out)
+    elif args.src is None:
+        ap.error("SRC is required unless --smooth-only is given")
+    else:
+        derive(args.src, args.out)
     return 0
 
 

@@ -153,34 +153,60 @@ class Table:
     """
 
     def __init__(self, spec: TableSpec, keys: Sequence[tuple[str, ...]], axes: np.ndarray,
-                 latency_ms: np.ndarray) -> None:
+                 latency_ms: np.ndarray, smoothed_ms: np.ndarray | None = None) -> None:
         axes = np.asarray(axes, dtype=np.float64).reshape(len(keys), len(spec.axes))
         latency_ms = np.asarray(latency_ms, dtype=np.float64)
         if len(keys) != len(latency_ms):
             raise TableError(f"{spec.name}: {len(keys)} keys but {len(latency_ms)} latencies")
+        if smoothed_ms is not None and len(smoothed_ms) != len(latency_ms):
+            raise TableError(f"{spec.name}: {len(smoothed_ms)} smoothed latencies for "
+                             f"{len(latency_ms)} points")
         self.spec = spec
-        self.keys = [tuple(k) for k in keys]
+        self.keys = [k if isinstance(k, tuple) else tuple(k) for k in keys]
         self.axes = axes
         self.latency_ms = latency_ms
+        self._smoothed = None if smoothed_ms is None else np.asarray(smoothed_ms, np.float64)
+        # Trees are built on a key's first lookup: a model touches a handful of the keys a
+        # table holds, and building (and smoothing) all of them is what made start-up slow.
         self._trees: dict[tuple[str, ...], object] = {}
-        groups: dict[tuple[str, ...], list[int]] = {}
+        self._groups: dict[tuple[str, ...], list[int]] = {}
         for i, key in enumerate(self.keys):
-            groups.setdefault(key, []).append(i)
-        for key, idx in groups.items():
-            pts = np.log(axes[idx])
-            vals = np.log(_monotone(axes[idx], latency_ms[idx], spec.axes))
-            self._trees[key] = _build(pts, vals)
+            self._groups.setdefault(key, []).append(i)
+
+    def _tree(self, key: tuple[str, ...]) -> object | None:
+        tree = self._trees.get(key)
+        if tree is None:
+            idx = self._groups.get(key)
+            if idx is None:
+                return None
+            tree = self._trees[key] = _build(np.log(self.axes[idx]),
+                                             np.log(self._smoothed_group(idx)))
+        return tree
+
+    def _smoothed_group(self, idx: list[int]) -> np.ndarray:
+        if self._smoothed is not None:
+            return self._smoothed[idx]
+        return _monotone(self.axes[idx], self.latency_ms[idx], self.spec.axes)
+
+    def smoothed_ms(self) -> np.ndarray:
+        """The latencies after the monotone fit, one per point (what lookups interpolate)."""
+        if self._smoothed is None:
+            out = np.empty_like(self.latency_ms)
+            for idx in self._groups.values():
+                out[idx] = _monotone(self.axes[idx], self.latency_ms[idx], self.spec.axes)
+            self._smoothed = out
+        return self._smoothed
 
     def __len__(self) -> int:
         return len(self.latency_ms)
 
     def key_values(self) -> list[tuple[str, ...]]:
         """Return the distinct key tuples this table measured."""
-        return list(self._trees)
+        return list(self._groups)
 
     def has(self, key: tuple[str, ...]) -> bool:
         """Whether the table measured this key (exact match on every key column)."""
-        return tuple(key) in self._trees
+        return tuple(key) in self._groups
 
     def lookup(self, key: tuple[str, ...], *point: float) -> float:
         """Interpolated latency in ms at ``point`` (one value per axis) for ``key``.
@@ -188,7 +214,7 @@ class Table:
         Raises:
             TableError: the key was never measured or the point has the wrong arity.
         """
-        tree = self._trees.get(tuple(key))
+        tree = self._tree(tuple(key))
         if tree is None:
             raise TableError(f"{self.spec.name}: no measurements for key {key}")
         if len(point) != len(self.spec.axes):
@@ -351,20 +377,26 @@ def read_aiconfigurator_dir(gpu_dir: Path | str) -> dict[str, Table]:
 def save_npz(tables: Mapping[str, Table], path: Path | str) -> None:
     """Write tables to a compressed ``.npz`` (keys as strings, axes and latency as float32).
 
-    float32 keeps 7 significant digits, far below the run-to-run noise of a kernel timing.
+    The monotone-smoothed latencies are stored beside the measured ones, so loading never reruns
+    the isotonic fit (seconds of Python for the shipped tables). float32 keeps 7 significant
+    digits, far below the run-to-run noise of a kernel timing.
     """
     arrays: dict[str, np.ndarray] = {}
     for name, table in tables.items():
         arrays[f"{name}.keys"] = np.array(["|".join(k) for k in table.keys])
         arrays[f"{name}.axes"] = table.axes.astype(np.float32)
         arrays[f"{name}.latency_ms"] = table.latency_ms.astype(np.float32)
+        arrays[f"{name}.smoothed_ms"] = table.smoothed_ms().astype(np.float32)
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     Path(path).write_bytes(buf.getvalue())
 
 
 def load_npz(path: Path | str) -> dict[str, Table]:
-    """Read tables written by :func:`save_npz`; families unknown to :data:`SPECS` are skipped."""
+    """Read tables written by :func:`save_npz`; families unknown to :data:`SPECS` are skipped.
+
+    Files without smoothed latencies (older ones) are smoothed lazily, key by key.
+    """
     tables = {}
     with np.load(path, allow_pickle=False) as data:
         names = {f.split(".")[0] for f in data.files}
@@ -373,6 +405,11 @@ def load_npz(path: Path | str) -> dict[str, Table]:
             if spec is None:
                 continue
             raw_keys = data[f"{name}.keys"]
-            keys = [tuple(str(k).split("|")) if spec.keys else () for k in raw_keys]
-            tables[name] = Table(spec, keys, data[f"{name}.axes"], data[f"{name}.latency_ms"])
+            # Few distinct keys, many points: split each distinct string once.
+            distinct, inverse = np.unique(raw_keys, return_inverse=True)
+            parsed = [tuple(str(k).split("|")) if spec.keys else () for k in distinct]
+            keys = [parsed[i] for i in inverse.tolist()]
+            smoothed = data[f"{name}.smoothed_ms"] if f"{name}.smoothed_ms" in data.files else None
+            tables[name] = Table(spec, keys, data[f"{name}.axes"], data[f"{name}.latency_ms"],
+                                 smoothed)
     return tables

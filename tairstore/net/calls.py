@@ -12,16 +12,23 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from tairstore.validate import check_data, check_key, check_keys, check_namespace, check_out
+from tairstore.config import DEFAULT_NAMESPACE
 from tairstore.errors import InvalidArgumentError, ProtocolError, SessionError
 from tairstore.engine.match import MatchResult
-from tairstore.engine.store import MAX_LEASE_S
+from tairstore.net.limits import DEFAULT_LIMITS, Limits
 from tairstore.net.protocol import Response
 from tairstore.net.schema import Code, Op, match_from_fields
+from tairstore.validate import (
+    check_block_size,
+    check_data,
+    check_key,
+    check_keys,
+    check_lease,
+    check_namespace,
+    check_out,
+)
 
-__all__ = ["Call", "RemoteWriteSession", "DEFAULT_NAMESPACE"]
-
-DEFAULT_NAMESPACE = "default"
+__all__ = ["Call", "RemoteWriteSession", "DEFAULT_NAMESPACE", "batches"]
 
 
 class Call:
@@ -97,6 +104,23 @@ def ping() -> Call:
 
 def auth(token: str) -> Call:
     return Call(Op.AUTH, {"token": token}, lambda r: None, idempotent=True)
+
+
+def batches(sizes: list[int], limits: Limits = DEFAULT_LIMITS) -> list[slice]:
+    """Split a batch into requests the server accepts: at most ``max_batch`` keys and at most
+    one largest block's worth of payload each (a single larger block goes alone, and the
+    server answers it with its own error)."""
+    out: list[slice] = []
+    start, nbytes = 0, 0
+    cap = limits.max_frame_bytes - limits.max_header_bytes
+    for i, size in enumerate(sizes):
+        if i > start and (i - start >= limits.max_batch or nbytes + size > cap):
+            out.append(slice(start, i))
+            start, nbytes = i, 0
+        nbytes += size
+    if start < len(sizes) or not sizes:
+        out.append(slice(start, len(sizes)))
+    return out
 
 
 def put_many(keys: Any, blocks: Any, namespace: Any) -> Call:
@@ -187,15 +211,13 @@ def delete(keys: Any, namespace: Any) -> Call:
 
 def start_write(owner: Any, keys: Any, sizes: Any, lease_s: Any, namespace: Any) -> Call:
     ns, ks = check_ns(namespace), check_keys(keys)
-    sizes = list(sizes)
-    for s in sizes:
-        if not isinstance(s, int) or isinstance(s, bool):
-            raise InvalidArgumentError(f"block sizes are ints, got {type(s).__name__}")
-    if not isinstance(lease_s, (int, float)) or isinstance(lease_s, bool) or not 0 < lease_s <= MAX_LEASE_S:
-        raise InvalidArgumentError(f"lease_s must be in (0, {MAX_LEASE_S}]")
-    # Clamped into what msgpack encodes; the store refuses both ends with its own error.
-    sizes = [max(min(s, 1 << 62), -1) for s in sizes]
-    fields = {"ns": ns, "keys": ks, "sizes": sizes, "lease": float(lease_s)}
+    # The Store's own checks (its max_block_bytes is the daemon's to apply), so both refuse the
+    # same sizes and leases with the same errors.
+    sizes = [check_block_size(s) for s in sizes]
+    lease_s = check_lease(lease_s)
+    # Clamped into what msgpack encodes; the store refuses it with its own CapacityError.
+    sizes = [min(s, 1 << 62) for s in sizes]
+    fields = {"ns": ns, "keys": ks, "sizes": sizes, "lease": lease_s}
 
     def parse(r: Response) -> RemoteWriteSession:
         f = r.fields

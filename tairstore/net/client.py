@@ -4,8 +4,9 @@
   idle one or opens one), each used by one thread at a time. Payloads go out with one
   ``sendmsg`` of the header and the caller's own buffers, and come in with ``recv_into``
   straight into the buffer handed back (for ``get_into``: into the caller's ``out``).
-- :class:`AsyncClient`: trio, one pipelined connection shared by all tasks; whichever task
-  waits for an answer reads the socket and hands other tasks their responses.
+- :class:`AsyncClient` (in :mod:`tairstore.net.aclient`, imported from here on first use so
+  that only its users import trio): one pipelined connection shared by all tasks; whichever
+  task waits for an answer reads the socket and hands other tasks their responses.
 
 Both re-raise the daemon's errors with their original classes (the wire carries a code per
 :mod:`tairstore.errors` class). A broken connection is retried once, on a fresh connection,
@@ -24,20 +25,20 @@ import threading
 from typing import Any
 from urllib.parse import urlsplit
 
-import trio
-
 from tairstore.errors import ClosedError, InvalidArgumentError, SessionError, StoreError
 from tairstore.engine.match import MatchResult
 from tairstore.net import calls
-from tairstore.net.calls import DEFAULT_NAMESPACE, Call, RemoteWriteSession
-from tairstore.net.limits import Limits
-from tairstore.net.protocol import IOV_BATCH, Connection, ProtocolErrorEvent, Request, Response, Role, advance_views
+from tairstore.config import DEFAULT_NAMESPACE
+from tairstore.net.calls import Call, RemoteWriteSession
+from tairstore.net.limits import MAX_DRAIN_BYTES, Limits
+from tairstore.net.protocol import IOV_BATCH, Connection, Request, Response, Role, advance_views
+from tairstore.validate import check_data
 
 __all__ = ["Client", "AsyncClient", "NetworkError", "RemoteWriteSession", "parse_url"]
 
 #: Client-side receive limit: the daemon is trusted more than its clients, but a batched GET
 #: answer (up to max_batch blocks) must fit; 1 GiB bounds what a broken peer can make us allocate.
-CLIENT_LIMITS = Limits(max_frame_bytes=1 << 30, max_batch=1 << 20)
+CLIENT_LIMITS = Limits(max_frame_bytes=MAX_DRAIN_BYTES, max_batch=1 << 20)
 #: Idle connections a Client keeps open for reuse.
 MAX_IDLE = 16
 DEFAULT_TIMEOUT_S = 30.0
@@ -65,6 +66,15 @@ def parse_url(url: str) -> tuple[str, int]:
     if parts.scheme not in ("tcp", "tairstore") or not parts.hostname or parts.port is None:
         raise InvalidArgumentError(f"expected a daemon address like tcp://127.0.0.1:7480, got {url!r}")
     return parts.hostname, parts.port
+
+
+def split_args(keys: Any, blocks: Any) -> tuple[list, list[memoryview]]:
+    """put_many's arguments as lists of keys and byte views, checked like the Store's."""
+    keys = list(keys)
+    views = [check_data(b) for b in blocks]
+    if len(keys) != len(views):
+        raise InvalidArgumentError(f"{len(keys)} keys but {len(views)} blocks")
+    return keys, views
 
 
 def _raise_for(resp: Response) -> Response:
@@ -148,12 +158,29 @@ class Client:
     """A blocking, thread-safe client of ``tairstore serve``.
 
     Args:
-        url: ``tcp://host:port`` of the daemon's data port.
+        url: ``tcp://host:port`` of the daemon's data port; ``shm+tcp://host:port`` on the
+            daemon's host reads blocks in place from its shared arena
+            (:class:`tairstore.net.shmclient.ShmClient`).
         token: bearer token, sent once per connection (AUTH) when given.
         timeout: seconds one socket operation may block; None waits forever.
+        shm: None (default) reads in place when the daemon is on a loopback address and its
+            shared arena can be opened here, else over the socket; True requires it (as
+            ``shm+tcp://``); False always uses the socket.
     """
 
-    def __init__(self, url: str, token: str | None = None, timeout: float | None = DEFAULT_TIMEOUT_S) -> None:
+    def __new__(cls, url: str, token: str | None = None, timeout: float | None = DEFAULT_TIMEOUT_S,
+                shm: bool | None = None) -> "Client":
+        # Reads from the daemon's shared arena (tairstore.net.shmclient) for shm+tcp://, or
+        # for a loopback tcp:// daemon whose arena this process may map (shm=None: ask it).
+        if cls is Client and isinstance(url, str) and shm is not False:
+            from tairstore.net.shmclient import ShmClient, shm_reachable
+
+            if url.startswith("shm+") or shm or shm_reachable(url, token, timeout):
+                return super().__new__(ShmClient)
+        return super().__new__(cls)
+
+    def __init__(self, url: str, token: str | None = None, timeout: float | None = DEFAULT_TIMEOUT_S,
+                 shm: bool | None = None) -> None:
         self._host, self._port = parse_url(url)
         self._token = token
         self._timeout = timeout
@@ -232,24 +259,38 @@ class Client:
         return self._run(calls.put(key, data, namespace))
 
     def put_many(self, keys: list[bytes], blocks: list[Any], *, namespace: str = DEFAULT_NAMESPACE) -> list[bool]:
-        """Store many blocks in one request (one commit); per key, whether it was stored."""
-        return self._run(calls.put_many(keys, blocks, namespace))
+        """Store many blocks; per key, whether it was stored.
+
+        One request (one commit) when the batch fits the protocol's limits; a larger batch is
+        split into several requests, each committed on its own.
+        """
+        keys, blocks = split_args(keys, blocks)
+        out: list[bool] = []
+        for sl in calls.batches([v.nbytes for v in blocks]):
+            out += self._run(calls.put_many(keys[sl], blocks[sl], namespace))
+        return out
 
     def get(self, key: bytes, *, namespace: str = DEFAULT_NAMESPACE) -> memoryview | None:
         """The block's bytes (a read-only view of a private buffer), or None on a miss."""
         return self._run(calls.get(key, namespace))
 
     def get_many(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE) -> list[memoryview | None]:
-        """Many blocks in one request; None for each miss."""
-        return self._run(calls.get_many(keys, namespace))
+        """Many blocks (several requests past the protocol's batch limit); None for each miss."""
+        keys = list(keys)
+        out: list[memoryview | None] = []
+        for sl in calls.batches([0] * len(keys)):
+            out += self._run(calls.get_many(keys[sl], namespace))
+        return out
 
     def get_into(self, key: bytes, out: Any, *, namespace: str = DEFAULT_NAMESPACE) -> int:
         """Receive the block straight into ``out``; the bytes written, 0 on a miss."""
         return self._run(calls.get_into(key, out, namespace))
 
     def exists(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE) -> list[bool]:
-        """Per key, whether it is stored."""
-        return self._run(calls.exists(keys, namespace))
+        """Per key, whether it is stored (several requests past the protocol's batch limit)."""
+        keys = list(keys)
+        return [hit for sl in calls.batches([0] * len(keys))
+                for hit in self._run(calls.exists(keys[sl], namespace))]
 
     def match(self, keys: list[bytes], mode: str = "prefix", window: int | None = None, *,
               namespace: str = DEFAULT_NAMESPACE) -> MatchResult:
@@ -257,8 +298,9 @@ class Client:
         return self._run(calls.match(keys, mode, window, namespace))
 
     def delete(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE) -> int:
-        """Delete blocks; returns how many existed."""
-        return self._run(calls.delete(keys, namespace))
+        """Delete blocks; returns how many existed (several requests past the batch limit)."""
+        keys = list(keys)
+        return sum(self._run(calls.delete(keys[sl], namespace)) for sl in calls.batches([0] * len(keys)))
 
     def start_write(self, keys: list[bytes], sizes: list[int], lease_s: float = 30.0, *,
                     namespace: str = DEFAULT_NAMESPACE) -> RemoteWriteSession:
@@ -299,233 +341,11 @@ class Client:
         return f"<tairstore.Client tcp://{self._host}:{self._port}{' closed' if self._closed else ''}>"
 
 
-# ---------------------------------------------------------------------------------- trio
-class _AsyncConn:
-    """One pipelined trio socket: a send lock, and a receive lock taken by whoever waits."""
+def __getattr__(name: str) -> Any:
+    """``AsyncClient`` is imported on first use: only it needs trio (``import tairstore`` and the
+    blocking :class:`Client` do not)."""
+    if name == "AsyncClient":
+        from tairstore.net.aclient import AsyncClient
 
-    def __init__(self, sock: trio.socket.SocketType) -> None:
-        self.sock = sock
-        self.codec = Connection(Role.CLIENT, CLIENT_LIMITS)
-        self.send_lock = trio.Lock()
-        self.recv_lock = trio.Lock()
-        self.results: dict[int, Response | BaseException | None] = {}
-        self.closed = False
-        self.error: BaseException | None = None
-        self._ids = itertools.count(1)
-
-    async def call(self, call: Call) -> Response:
-        if self.closed:
-            raise NetworkError(f"the connection to the daemon is closed ({self.error})")
-        rid = next(self._ids)
-        self.results[rid] = None
-        done = False
-        try:
-            async with self.send_lock:
-                buffers = self.codec.send(Request(rid, call.op, call.fields, call.blocks), sink=call.sink)
-                try:
-                    for buf in buffers:
-                        await self._send_all(buf)
-                except (OSError, trio.ClosedResourceError) as exc:
-                    self._fail(NetworkError(f"sending to the daemon failed: {exc!r}"))
-                    raise self.error from exc
-                except BaseException as exc:
-                    # A frame cut in the middle (cancelled) leaves the stream out of step: drop it.
-                    self._fail(NetworkError(f"sending to the daemon was interrupted: {exc!r}"))
-                    raise
-            while self.results[rid] is None:
-                async with self.recv_lock:
-                    if self.results[rid] is None and not self.closed:
-                        await self._receive()
-                if self.closed and self.results[rid] is None:
-                    raise self.error
-            done = True
-            result = self.results[rid]
-            if isinstance(result, BaseException):
-                raise result
-            return result
-        finally:
-            self.results.pop(rid, None)
-            if not done and call.sink is not None and not self.closed:
-                if not self.codec.release_sink(rid):
-                    # The answer is streaming into the caller's buffer right now; the only way
-                    # to stop writing into memory the caller took back is to drop the socket.
-                    self._fail(NetworkError("a cancelled get_into left its answer half-received"))
-
-    async def _send_all(self, buf: Any) -> None:
-        with memoryview(buf) as view:
-            total, sent = view.nbytes, 0
-            while sent < total:
-                sent += await self.sock.send(view[sent:])
-
-    async def _receive(self) -> None:
-        try:
-            n = await self.sock.recv_into(self.codec.get_buffer())
-        except (OSError, trio.ClosedResourceError) as exc:
-            self._fail(NetworkError(f"connection to the daemon broke: {exc}"))
-            return
-        if n == 0:
-            self._fail(NetworkError("the daemon closed the connection"))
-            return
-        for event in self.codec.buffer_filled(n):
-            if isinstance(event, Response):
-                if event.id in self.results:
-                    self.results[event.id] = event
-            elif isinstance(event, ProtocolErrorEvent) and not event.fatal:
-                if event.request_id in self.results:
-                    self.results[event.request_id] = event.error
-            else:
-                self._fail(event.error)
-
-    def _fail(self, error: BaseException) -> None:
-        if not self.closed:
-            self.closed, self.error = True, error
-            self.sock.close()
-
-
-class AsyncClient:
-    """A trio client of ``tairstore serve``: the :class:`Client` methods, awaited.
-
-    Use ``async with AsyncClient(url) as client:`` (or ``await client.connect()`` and
-    ``await client.close()``). Tasks share one pipelined connection.
-
-    Args:
-        url: ``tcp://host:port`` of the daemon's data port.
-        token: bearer token, sent once per connection (AUTH) when given.
-        timeout: seconds a request may take; None waits forever.
-    """
-
-    def __init__(self, url: str, token: str | None = None, timeout: float | None = DEFAULT_TIMEOUT_S) -> None:
-        self._host, self._port = parse_url(url)
-        self._token = token
-        self._timeout = timeout
-        self._conn: _AsyncConn | None = None
-        self._connect_lock = trio.Lock()
-        self._closed = False
-
-    async def connect(self) -> None:
-        """Open the connection now (otherwise the first request does)."""
-        await self._connection()
-
-    async def _connection(self) -> _AsyncConn:
-        async with self._connect_lock:
-            if self._closed:
-                raise ClosedError("the client is closed")
-            if self._conn is None or self._conn.closed:
-                sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
-                try:
-                    await sock.connect((self._host, self._port))
-                except OSError as exc:
-                    sock.close()
-                    raise NetworkError(f"cannot connect to the daemon at {self._host}:{self._port}: {exc}") from exc
-                sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
-                _set_sndbuf(sock)
-                conn = _AsyncConn(sock)
-                if self._token is not None:
-                    _raise_for(await conn.call(calls.auth(self._token)))
-                self._conn = conn
-            return self._conn
-
-    async def _run(self, call: Call) -> Any:
-        try:
-            with trio.fail_after(self._timeout if self._timeout is not None else float("inf")):
-                return await self._run_once(call)
-        except trio.TooSlowError:
-            raise TimeoutError(f"no answer from the daemon within {self._timeout} s") from None
-
-    async def _run_once(self, call: Call) -> Any:
-        if call.session is not None:
-            conn = call.session._conn
-            if conn.closed:
-                if call.op == calls.Op.ABORT_WRITE:
-                    return None
-                raise SessionError(f"write session {call.session.id} was lost with its connection; "
-                                   "the daemon aborted it: start a new one")
-            return call.parse(_raise_for(await conn.call(call)))
-        for attempt in (0, 1):
-            conn = await self._connection()
-            try:
-                resp = await conn.call(call)
-            except NetworkError:
-                if not call.idempotent or attempt:
-                    raise
-                continue
-            result = call.parse(_raise_for(resp))
-            if isinstance(result, RemoteWriteSession):
-                result._conn = conn
-            return result
-        raise AssertionError("unreachable")
-
-    async def ping(self) -> None:
-        """Round-trip an empty request."""
-        await self._run(calls.ping())
-
-    async def put(self, key: bytes, data: Any, *, namespace: str = DEFAULT_NAMESPACE) -> bool:
-        """See :meth:`Client.put`."""
-        return await self._run(calls.put(key, data, namespace))
-
-    async def put_many(self, keys: list[bytes], blocks: list[Any], *,
-                       namespace: str = DEFAULT_NAMESPACE) -> list[bool]:
-        """See :meth:`Client.put_many`."""
-        return await self._run(calls.put_many(keys, blocks, namespace))
-
-    async def get(self, key: bytes, *, namespace: str = DEFAULT_NAMESPACE) -> memoryview | None:
-        """See :meth:`Client.get`."""
-        return await self._run(calls.get(key, namespace))
-
-    async def get_many(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE) -> list[memoryview | None]:
-        """See :meth:`Client.get_many`."""
-        return await self._run(calls.get_many(keys, namespace))
-
-    async def get_into(self, key: bytes, out: Any, *, namespace: str = DEFAULT_NAMESPACE) -> int:
-        """See :meth:`Client.get_into`."""
-        return await self._run(calls.get_into(key, out, namespace))
-
-    async def exists(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE) -> list[bool]:
-        """See :meth:`Client.exists`."""
-        return await self._run(calls.exists(keys, namespace))
-
-    async def match(self, keys: list[bytes], mode: str = "prefix", window: int | None = None, *,
-                    namespace: str = DEFAULT_NAMESPACE) -> MatchResult:
-        """See :meth:`Client.match`."""
-        return await self._run(calls.match(keys, mode, window, namespace))
-
-    async def delete(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE) -> int:
-        """See :meth:`Client.delete`."""
-        return await self._run(calls.delete(keys, namespace))
-
-    async def start_write(self, keys: list[bytes], sizes: list[int], lease_s: float = 30.0, *,
-                          namespace: str = DEFAULT_NAMESPACE) -> RemoteWriteSession:
-        """See :meth:`Client.start_write`."""
-        return await self._run(calls.start_write(self, keys, sizes, lease_s, namespace))
-
-    async def write(self, session: RemoteWriteSession, key: bytes, data: Any) -> None:
-        """See :meth:`Client.write`."""
-        await self._run(calls.write(self, session, key, data))
-
-    async def finish_write(self, session: RemoteWriteSession, ok_keys: list[bytes]) -> int:
-        """See :meth:`Client.finish_write`."""
-        return await self._run(calls.finish_write(self, session, ok_keys))
-
-    async def abort_write(self, session: RemoteWriteSession) -> None:
-        """See :meth:`Client.abort_write`."""
-        await self._run(calls.abort_write(self, session))
-
-    async def stats(self) -> dict:
-        """See :meth:`Client.stats`."""
-        return await self._run(calls.stats())
-
-    async def close(self) -> None:
-        """Close the connection. Idempotent."""
-        self._closed = True
-        if self._conn is not None:
-            self._conn._fail(ClosedError("the client is closed"))
-        await trio.lowlevel.checkpoint()
-
-    aclose = close
-
-    async def __aenter__(self) -> "AsyncClient":
-        await self.connect()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+        return AsyncClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

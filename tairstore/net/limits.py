@@ -11,16 +11,22 @@ from dataclasses import dataclass, fields
 
 from tairstore.errors import InvalidArgumentError
 
-__all__ = ["Limits", "DEFAULT_LIMITS"]
+__all__ = ["Limits", "DEFAULT_LIMITS", "MAX_DRAIN_BYTES"]
 
 MiB = 1 << 20
 
 #: The largest block the store accepts by default (``StoreConfig.max_block_bytes``).
 MAX_BLOCK_BYTES = 64 * MiB
-#: A header lists at most ``max_batch`` keys of <= 64 bytes plus sizes: 1024 keys are ~72 KiB of
+#: A header lists at most ``max_batch`` keys of <= MAX_KEY_BYTES (64) bytes plus sizes: 1024 keys are ~72 KiB of
 #: msgpack. 1 MiB leaves room for long namespaces and error messages while keeping the work a
 #: hostile header can cause small.
 MAX_HEADER_BYTES = 1 * MiB
+#: The largest frame the clients send (and accept). A server that receives a PUT/WRITE frame over
+#: its own ``max_frame_bytes`` but within this reads and discards its payload and answers that
+#: request with a CapacityError, as the embedded store answers a block over ``max_block_bytes``
+#: (closing the connection instead would reset it under a client still sending, which then sees
+#: a broken connection rather than the reason). Past it, the frame is a framing error.
+MAX_DRAIN_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,10 @@ Rules
    ``ProtocolErrorEvent(fatal=True)`` and the connection is BROKEN (close it; the server may
    first answer the requests it already read, then send an ERROR frame with request id 0).
    Receiving on a BROKEN connection, or sending a request on one, raises a local
-   :class:`ProtocolError`.
+   :class:`ProtocolError`. One exception (server): a PUT/WRITE frame over ``max_frame_bytes``
+   but within ``MAX_DRAIN_BYTES`` is read, its payload discarded, and answered with a
+   :class:`~tairstore.errors.CapacityError` event (``fatal=False``) like a semantic error,
+   since the client that sent it is still sending and a close would reach it as a reset.
 3. A well-framed message whose content is wrong (unknown opcode, header not a msgpack map,
    missing or mistyped field, more than ``max_batch`` keys, payload not the sum of the declared
    sizes, nonzero flags) is a *semantic* error: ``ProtocolErrorEvent(fatal=False,
@@ -58,8 +61,8 @@ from typing import Any, Callable, Union
 import msgpack
 import numpy as np
 
-from tairstore.errors import ProtocolError, StoreError
-from tairstore.net.limits import DEFAULT_LIMITS, Limits
+from tairstore.errors import CapacityError, ProtocolError, StoreError
+from tairstore.net.limits import DEFAULT_LIMITS, MAX_DRAIN_BYTES, Limits
 from tairstore.net.schema import (
     BLOCK_OPS_REQUEST,
     BLOCK_OPS_RESPONSE,
@@ -225,6 +228,7 @@ class Connection:
         self._payload_in_sink = False
         self._early: tuple | None = None  # (op, fields, blocks) decoded at header time
         self._decoded: tuple | None = None  # (op, fields) decoded at header time, no sink
+        self._oversize = False  # the frame being received is over the limit: drain, refuse it
         #: Server: ``fn(request_id, op, fields) -> list[buffer | None] | None``, see rule 7.
         self.payload_sinks: Callable[[int, Op, dict], list | None] | None = None
         # CLIENT: ids sent and not yet answered; SERVER: ids received and not yet answered.
@@ -382,6 +386,7 @@ class Connection:
     def _drop_payload(self) -> None:
         self._segs, self._sizes, self._seg, self._seg_off = [], [], 0, 0
         self._early = self._decoded = None
+        self._oversize = False
 
     def close(self) -> None:
         """The transport is gone: drop every reference to a partly received payload's buffers
@@ -404,8 +409,11 @@ class Connection:
             raise _remote(Code.HEADER_TOO_LARGE,
                           f"header of {header_len} bytes exceeds the limit of {lim.max_header_bytes}")
         if header_len + payload_len > lim.max_frame_bytes:
-            raise _remote(Code.FRAME_TOO_LARGE, f"frame of {header_len + payload_len} bytes "
-                          f"exceeds the limit of {lim.max_frame_bytes}")
+            if not (self.role is Role.SERVER and kind in _BLOCK_KINDS
+                    and header_len + payload_len <= MAX_DRAIN_BYTES):
+                raise _remote(Code.FRAME_TOO_LARGE, f"frame of {header_len + payload_len} bytes "
+                              f"exceeds the limit of {lim.max_frame_bytes}")
+            self._oversize = True  # rule 2's exception: drained, then answered CapacityError
         self._check_id(kind, rid)
         self._kind, self._id, self._flags = kind, rid, flags
         self._payload_len = payload_len
@@ -432,6 +440,10 @@ class Connection:
             return self._complete()
         self._filled, self._seg, self._seg_off = 0, 0, 0
         self._state = _PAYLOAD
+        if self._oversize:
+            self._segs, self._sizes = [None], [n]  # every byte discarded, through the scratch
+            self._payload_in_sink = False
+            return None
         if self.role is Role.SERVER:
             if self.payload_sinks is not None and self._kind in _BLOCK_KINDS:
                 segs = self._offer_to_sinks(n)
@@ -481,6 +493,9 @@ class Connection:
         self._header, self._filled = b"", 0
         self._segs, self._sizes, self._seg, self._seg_off, self._early = [], [], 0, 0, None
         self._decoded = None
+        if self._oversize:
+            self._oversize = False
+            return self._refuse_oversize(kind, rid, header)
         if self.role is Role.SERVER:
             if early is not None:
                 op, fields, blocks = early
@@ -513,6 +528,25 @@ class Connection:
             return self._decode_response(op, kind, rid, header, payload)
         except ProtocolError as exc:
             return ProtocolErrorEvent(exc, rid, False)
+
+    def _refuse_oversize(self, kind: int, rid: int, header: bytes) -> ProtocolErrorEvent:
+        """Server: the answer to a drained PUT/WRITE over ``max_frame_bytes``."""
+        op = Op(kind)
+        self._pending[rid] = op
+        try:
+            sizes = self._request_fields(op, kind, header)["sizes"]
+        except ProtocolError as exc:
+            return ProtocolErrorEvent(exc, rid, False)
+        limit = self.limits.max_frame_bytes
+        if len(sizes) == 1:
+            error = CapacityError(f"block of {sizes[0]} bytes exceeds the daemon's limit: a frame carries at "
+                                  f"most {limit} bytes (max_block_bytes plus the header)",
+                                  dimension="block_size")
+        else:
+            error = CapacityError(f"a batch of {len(sizes)} blocks, {sum(sizes)} bytes, exceeds the "
+                                  f"daemon's frame limit of {limit} bytes; send fewer blocks per request",
+                                  dimension="frame_size")
+        return ProtocolErrorEvent(error, rid, False)
 
     def _decode_header(self, header: bytes) -> dict:
         if self._flags:

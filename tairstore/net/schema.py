@@ -44,6 +44,13 @@ class Op(enum.IntEnum):
     FINISH_WRITE = 0x22
     ABORT_WRITE = 0x23
     STATS = 0x30
+    #: Shared memory (same host): learn the arena, lease blocks in place, give leases back.
+    SHM_HELLO = 0x40
+    GET_SHM = 0x41
+    RELEASE = 0x42
+    #: Local puts: a staging file the client writes blocks into, then PUT_SHM stores them.
+    SHM_STAGE = 0x43
+    PUT_SHM = 0x44
     OK = 0x80
     ERROR = 0x81
 
@@ -184,6 +191,12 @@ REQUEST_FIELDS: dict[Op, tuple] = {
     Op.FINISH_WRITE: (("sid", _uint, REQ), _KEYS),
     Op.ABORT_WRITE: (("sid", _uint, REQ),),
     Op.STATS: (),
+    Op.SHM_HELLO: (),
+    # rel_o/rel_g: (offset, generation) of leases given back before this get (saves a RELEASE).
+    Op.GET_SHM: (_NS, _KEYS, ("rel_o", _ints, OPT), ("rel_g", _ints, OPT)),
+    Op.RELEASE: (("rel_o", _ints, REQ), ("rel_g", _ints, REQ)),
+    Op.SHM_STAGE: (("size", _uint, REQ),),
+    Op.PUT_SHM: (_NS, _KEYS, ("sizes", _ints, REQ), ("offs", _ints, REQ)),  # offs: in the staging file
 }
 
 #: OK-response header fields per request opcode.
@@ -200,6 +213,14 @@ RESPONSE_FIELDS: dict[Op, tuple] = {
     Op.FINISH_WRITE: (("count", _uint, REQ),),
     Op.ABORT_WRITE: (),
     Op.STATS: (("stats", _map, REQ),),
+    # path: the arena file ("" when the daemon has no shared arena); shift: where offset 0 is
+    # in it; size: its mapped bytes; cap: the arena's usable bytes.
+    Op.SHM_HELLO: (("path", _str, REQ), ("size", _uint, REQ), ("shift", _uint, REQ), ("cap", _uint, REQ)),
+    # Per key: size -1 a miss, -2 stored but not in DRAM (read it with GET); else its slot.
+    Op.GET_SHM: (("sizes", _ints, REQ), ("offs", _ints, REQ), ("gens", _ints, REQ)),
+    Op.RELEASE: (("count", _uint, REQ),),
+    Op.SHM_STAGE: (("path", _str, REQ), ("size", _uint, REQ)),
+    Op.PUT_SHM: (("stored", _bools, REQ),),
 }
 ERROR_FIELDS = (("code", _uint, REQ), ("msg", _str, REQ), ("dim", _str, OPT))
 

@@ -36,6 +36,11 @@ Policies (:data:`POLICIES`, built by :func:`make_policy`)
 
 Every constructor takes ``capacity_bytes`` (the tier's capacity, or None), so callers can build
 any policy with the same arguments; only S3-FIFO uses it.
+
+The optimizer (``tairstore optimize``, docs/OPTIMIZER.md) lives beside them: :mod:`.traces`
+(trace formats), :mod:`.accesslog` (the daemon's access log), :mod:`.prefixreplay` (prefix-cache
+replay over DRAM + SSD), :mod:`.stackdist` (LRU at every capacity in one pass),
+:mod:`.optimize` (the grid, in parallel), :mod:`.roi` (cost, savings, Pareto frontier, plots).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ checks. A concrete policy implements ``_insert``, ``_access``, ``_remove`` and `
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, KeysView
 from typing import ClassVar, Protocol, runtime_checkable
 
 from tairstore.errors import InvalidArgumentError
@@ -131,6 +131,11 @@ class PolicyBase:
             out.append(key)
             freed += size_before - self._bytes
         return out
+
+    def resident(self) -> KeysView[Hashable]:
+        """A live, read-only view of the tracked keys: ``key in view`` is a C-level dict lookup,
+        for replay loops that test membership millions of times."""
+        return self._sizes.keys()
 
     def size_of(self, key: Hashable) -> int | None:
         """The size ``key`` was inserted with, or None when it is not tracked."""

@@ -33,6 +33,13 @@ slice, ``np.frombuffer``) keeps the exporter alive. While it lives, the slot is 
 ``release`` only marks the slot, and its extent returns to the free list when the last pin goes.
 The exporter also holds the arena, so the backing array outlives every view into it.
 
+Shared memory: by default the arena is anonymous memory, private to the process (embedded
+use). A daemon that lends blocks to clients on the same host backs it with a file instead
+(:class:`SharedBacking`: a file under ``/dev/shm`` or a hugetlbfs directory, created
+owner-only ``0600``, or ``0640`` with a configured group), mapped ``MAP_SHARED``; clients map
+the same file read-only and read slots in place. The daemon passes it to the store as
+``StoreConfig.dram_backing``.
+
 Locking: one ``threading.Lock`` guards everything. An exporter's ``__del__`` may run in any
 thread at any allocation point, including inside this module while the lock is held (the cyclic
 GC can collect a view there). So ``__del__`` never blocks on the lock: it appends its slot to a
@@ -44,12 +51,15 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import ctypes
 import itertools
 import logging
 import mmap
 import operator
+import os
 import sys
+import tempfile
 import threading
 from typing import NamedTuple
 
@@ -57,7 +67,7 @@ import numpy as np
 
 from tairstore.errors import CapacityError, InvalidArgumentError
 
-__all__ = ["DEFAULT_GRANULARITY", "DramArena", "Slot"]
+__all__ = ["DEFAULT_GRANULARITY", "DramArena", "SharedBacking", "Slot"]
 
 # One OS page: slots start page-aligned (usable for O_DIRECT I/O to the SSD tier) and the
 # rounding waste stays small next to the 64 KiB minimum typical block.
@@ -101,6 +111,69 @@ class Slot(NamedTuple):
     generation: int
 
 
+class SharedBacking:
+    """Where a shared arena lives: a file others on the host may map (see the module doc).
+
+    Args:
+        directory: where the file is created (``/dev/shm``, or a hugetlbfs mount).
+        group: a group name or id allowed to map it read-only (mode ``0640``); None: owner
+            only (``0600``).
+
+    Attributes (once an arena uses it): ``path``, ``mapped_bytes`` (the file's size),
+    ``shift`` (where the arena's offset 0 is in the file) and ``capacity``.
+    """
+
+    def __init__(self, directory: str = "/dev/shm", group: str | int | None = None) -> None:
+        self.directory = directory
+        self.group = group
+        self.path = ""
+        self.mapped_bytes = 0
+        self.shift = 0
+        self.capacity = 0
+
+    def map(self, nbytes: int) -> np.ndarray:
+        """Create the file (O_EXCL, owner-only), size it, and map it shared read-write."""
+        if self.path:
+            raise InvalidArgumentError("a shared backing holds one arena")
+        try:
+            fd, path = tempfile.mkstemp(prefix="tairstore-arena-", dir=self.directory)
+        except OSError as exc:
+            raise InvalidArgumentError(f"cannot create a shared arena in {self.directory!r}: {exc}") from None
+        try:
+            if self.group is not None:
+                os.fchown(fd, -1, _gid(self.group))
+                os.fchmod(fd, 0o640)
+            os.ftruncate(fd, nbytes)
+            mm = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)  # the mapping keeps the pages; clients open the file by its path
+        self.path, self.mapped_bytes = path, nbytes
+        return np.frombuffer(mm, dtype=np.uint8)
+
+    def unlink(self) -> None:
+        """Remove the file (mappings stay valid until unmapped); clients can no longer attach."""
+        if self.path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    def __repr__(self) -> str:
+        return f"SharedBacking(path={self.path!r}, bytes={self.mapped_bytes})"
+
+
+def _gid(group: str | int) -> int:
+    if isinstance(group, int):
+        return group
+    import grp
+
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise InvalidArgumentError(f"no such group {group!r} for the shared arena") from None
+
+
 class _Entry:
     """Bookkeeping for one live slot (mutable, unlike the Slot handed to callers)."""
 
@@ -140,12 +213,15 @@ class DramArena:
     Args:
         capacity_bytes: the arena size; rounded down to a multiple of ``granularity``.
         granularity: allocation unit and alignment in bytes; a power of two.
+        backing: a :class:`SharedBacking` to map the arena from (the store passes
+            ``StoreConfig.dram_backing``); None: anonymous private memory.
 
     Raises:
         InvalidArgumentError: granularity not a positive power of two, or capacity below it.
     """
 
-    def __init__(self, capacity_bytes: int, *, granularity: int = DEFAULT_GRANULARITY) -> None:
+    def __init__(self, capacity_bytes: int, *, granularity: int = DEFAULT_GRANULARITY,
+                 backing: SharedBacking | None = None) -> None:
         capacity_bytes = _as_int(capacity_bytes, "capacity_bytes")
         granularity = _as_int(granularity, "granularity")
         if granularity < 1 or granularity & (granularity - 1):
@@ -159,9 +235,15 @@ class DramArena:
         self._capacity = capacity
         # np.zeros maps pages lazily, so a large arena costs memory only once written. One
         # extra granule lets the usable part start on a granularity boundary.
-        raw = np.zeros(capacity + granularity, dtype=np.uint8)
+        self.backing = backing
+        if self.backing is None:
+            raw = np.zeros(capacity + granularity, dtype=np.uint8)
+        else:  # a fresh file reads as zeros too, and is paged in as lazily
+            raw = self.backing.map(capacity + granularity)
         shift = -raw.ctypes.data % granularity
         self._buf = raw[shift : shift + capacity]
+        if self.backing is not None:
+            self.backing.shift, self.backing.capacity = shift, capacity
         self._base = self._buf.ctypes.data
 
         self._lock = threading.Lock()
@@ -190,7 +272,8 @@ class DramArena:
             CapacityError: ``size`` exceeds the whole arena (``dimension="block_size"``), so no
                 amount of eviction would help.
         """
-        size = _as_int(size, "size")
+        if type(size) is not int:  # the store passes checked ints: skip the conversion then
+            size = _as_int(size, "size")
         if size < 1:
             raise InvalidArgumentError(f"size must be positive, got {size}")
         g = self._granularity
@@ -201,7 +284,8 @@ class DramArena:
                 dimension="block_size",
             )
         with self._lock:
-            self._drain()
+            if self._unpinned:
+                self._drain()
             i = bisect.bisect_left(self._free_by_size, (reserved,))
             if i == len(self._free_by_size):
                 return None

@@ -30,6 +30,7 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
+from tairstore.config import DURABILITY_MODES
 from tairstore.errors import ClosedError, FatalIOError, InvalidArgumentError
 from tairstore.fileio import File, FileSystem
 from tairstore.format.wal import encode_record
@@ -45,7 +46,7 @@ __all__ = ["DURABILITY_MODES", "WalWriter", "read_log", "scan_end", "LogReplay"]
 #:   the last interval; ``sync(lsn)`` still blocks until durable for callers that need it.
 #: - "none": records reach the OS (background flush, ``flush``, ``sync``) but are never fsynced.
 #:   kill -9 loses only unflushed records; a power loss can lose anything not yet written back.
-DURABILITY_MODES = ("sync", "batch", "none")
+#: (The names are :data:`tairstore.config.DURABILITY_MODES`.)
 
 # Above this many buffered bytes, ``append`` writes the buffer out itself. This bounds memory
 # when nobody calls sync (modes "batch"/"none" between ticks) without adding an fsync.

@@ -27,13 +27,13 @@ from typing import Union
 import msgpack
 
 from tairstore.errors import CorruptionError, InvalidArgumentError
+from tairstore.validate import MAX_KEY_BYTES
 from tairstore.format.wal import RecordType
 
 __all__ = ["Prepare", "CommitEntry", "Commit", "Abort", "Delete", "Record", "encode", "decode"]
 
-# DESIGN: keys are 1..64 bytes. Checked here too so a damaged body cannot smuggle a key the
-# index would reject later, far from the cause.
-MAX_KEY_BYTES = 64
+# DESIGN: keys are 1..MAX_KEY_BYTES bytes. Checked here too so a damaged body cannot smuggle a
+# key the index would reject later, far from the cause.
 _U64 = (1 << 64) - 1
 _U32 = (1 << 32) - 1
 

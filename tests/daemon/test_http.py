@@ -16,6 +16,7 @@ from tairstore.daemon.main import run_daemon
 from tairstore.daemon.config import DaemonConfig, LimitsConfig, NamespaceQuota
 from tairstore.keys import chain_hashes
 from tairstore.daemon.auth import TokenSpec
+from tairstore.daemon.httpserver import MAX_HEAD_BYTES
 
 ADMIN = "admin-token-0123456789abcdef"
 USER_A = "user-a-token-0123456789abcdef"
@@ -294,3 +295,92 @@ def test_auth_refusals(tmp_path):
                       token=USER_A)[0] == 403
 
     with_daemon(tmp_path, check, tokens=tokens)
+
+
+# ------------------------------------ review fixes: auth before lookup, sizes, 431, counts
+
+
+EDGE_TOKENS = [TokenSpec(ADMIN, "*", "admin"), TokenSpec(USER_A, ["a"], "user")]
+INSTANCE = {"instance_id": "inst-1", "instance_group": "a", "block_size": 16,
+            "model_deployment": {"model_name": "m"},
+            "location_spec_infos": [{"name": "tp0", "size": 4096}]}
+
+
+def test_an_unauthenticated_caller_cannot_tell_which_instances_exist(tmp_path):
+    def check(c, info):
+        st, body = c.call("POST", "/api/registerInstance", INSTANCE, token=ADMIN)
+        assert st == 200 and body["header"]["status"]["code"] == "OK", body
+        st, s = c.call("POST", "/cache/write/start", {"instance_id": "inst-1", "keys": ["ab"]}, token=USER_A)
+        assert st == 201, s
+        answers = {}
+        for token in (None, "wrong-token-0123456789"):
+            for iid, sid in (("inst-1", s["session_id"]), ("no-such-instance", "no-such-session")):
+                got = (
+                    c.call("GET", f"/instances/{iid}", token=token),
+                    c.call("POST", "/cache/location", {"instance_id": iid, "keys": ["ab"]}, token=token),
+                    c.call("POST", "/cache/remove", {"instance_id": iid, "keys": ["ab"]}, token=token),
+                    c.call("POST", "/cache/write/finish", {"session_id": sid, "ok_keys": []}, token=token),
+                    c.raw("PUT", f"/sessions/{sid}/blocks/ab", b"abcd", token=token)[0],
+                    c.call("POST", "/api/getInstanceInfo", {"instance_id": iid}, token=token),
+                )
+                statuses = [g if isinstance(g, int) else g[0] for g in got]
+                assert statuses == [401] * 6, (token, iid, statuses)
+                tair = got[-1][1]
+                tair["header"].pop("request_id")
+                answers[(token, iid)] = json.dumps([g if isinstance(g, int) else g[1] for g in got])
+            # The existing and the missing instance get the very same answers.
+            assert answers[(token, "inst-1")] == answers[(token, "no-such-instance")]
+
+    with_daemon(tmp_path, check, tokens=EDGE_TOKENS)
+
+
+@pytest.mark.parametrize("size", [(1 << 63) - 1, 65 * (1 << 20)])
+def test_register_instance_refuses_a_block_the_store_cannot_take(tmp_path, size):
+    def check(c, info):
+        inst = {**INSTANCE, "location_spec_infos": [{"name": "tp0", "size": size}]}
+        st, body = c.call("POST", "/api/registerInstance", inst)
+        assert st == 200 and body["header"]["status"]["code"] == "INVALID_ARGUMENT", body
+        assert "max_block_bytes" in body["header"]["status"]["message"]
+        native = {k: v for k, v in inst.items() if k != "model_deployment"}
+        st, body = c.call("POST", "/instances", native)
+        assert st == 400 and body["error"]["type"] == "InvalidArgumentError", body
+        st, body = c.call("GET", "/instances")
+        assert body["instances"] == []  # nothing half-registered
+
+    with_daemon(tmp_path, check)
+
+
+def _raw_http(port: int, head_pad: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Pad: " + b"a" * head_pad + b"\r\n\r\n")
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+
+
+@pytest.mark.parametrize("pad", [MAX_HEAD_BYTES, 100_000, 400_000])
+def test_a_head_over_the_limit_gets_431_not_a_reset(tmp_path, pad, metric_counters):
+    def check(c, info):
+        answer = _raw_http(info.http_port, pad)
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:80]
+        assert _raw_http(info.http_port, 1000).startswith(b"HTTP/1.1 200 ")  # still serving
+        st, text = c.call("GET", "/metrics")
+        assert metric_counters(text, "tairstore_protocol_errors")[(("kind", "431"), ("server", "http"))] == 1
+
+    with_daemon(tmp_path, check)
+
+
+def test_http_auth_failures_are_counted(tmp_path, metric_counters):
+    def check(c, info):
+        assert c.call("GET", "/health")[0] == 401
+        assert c.call("GET", "/stats", token=USER_A)[0] == 403
+        assert c.call("POST", "/api/getInstanceInfo", {"instance_id": "x"})[0] == 401
+        st, text = c.call("GET", "/metrics", token=ADMIN)
+        failures = metric_counters(text, "tairstore_auth_failures")
+        assert failures[(("kind", "unauthenticated"), ("server", "http"))] == 2
+        assert failures[(("kind", "forbidden"), ("server", "http"))] == 1
+
+    with_daemon(tmp_path, check, tokens=EDGE_TOKENS)

@@ -6,7 +6,9 @@ so a test can look at the store it serves while real sockets talk to it.
 
 from __future__ import annotations
 
+import logging
 import socket
+import struct
 import threading
 import time
 from functools import partial
@@ -17,7 +19,10 @@ import pytest
 import trio
 
 import tairstore
-from tairstore.errors import PermissionDeniedError, ProtocolError, SessionError
+from tairstore.daemon.auth import Authenticator, TokenSpec
+from tairstore.daemon.events import ConnectionEvents
+from tairstore.daemon.metrics import Metrics
+from tairstore.errors import CapacityError, PermissionDeniedError, ProtocolError, SessionError
 from tairstore.net.client import AsyncClient, Client, NetworkError
 from tairstore.net.limits import Limits
 from tairstore.net.protocol import CONNECTION_ID, MAGIC, PRELUDE, VERSION
@@ -551,3 +556,92 @@ def test_data_sockets_queue_whole_answers():
                 await stream.aclose()
 
     trio.run(main)
+
+
+# ------------------------------------------- review fixes: oversized puts, error reporting
+
+
+def test_a_put_over_the_frame_limit_gets_the_stores_capacity_error(tmp_path):
+    block = np.zeros(66 * MiB, np.uint8)
+    with tairstore.open(tmp_path / "s", dram_bytes=8 * MiB, ssd_bytes=0) as store:
+        with pytest.raises(CapacityError) as embedded:
+            store.put(b"k", block)
+        server = ServerThread(store)
+        try:
+            with Client(server.url) as client:
+                with pytest.raises(CapacityError) as remote:
+                    client.put(b"k", block)
+                assert remote.value.dimension == embedded.value.dimension == "block_size"
+                # The connection was drained, not dropped: the next request goes on it.
+                assert client.put(b"k2", b"x" * 100) is True
+                assert bytes(client.get(b"k2")) == b"x" * 100
+
+            async def pipelined() -> None:
+                async with AsyncClient(server.url) as aclient:
+                    with pytest.raises(CapacityError) as refused:
+                        await aclient.put_many([b"a", b"b"], [block, block])
+                    # The client splits a batch past the frame limit; each block alone is
+                    # still too big, as the embedded store says.
+                    assert refused.value.dimension == "block_size"
+                    assert bytes(await aclient.get(b"k2")) == b"x" * 100
+
+            trio.run(pipelined)
+        finally:
+            server.stop()
+
+
+def test_data_server_counts_and_logs_framing_errors_resets_and_auth_failures(tmp_path, caplog, metric_counters):
+    with tairstore.open(tmp_path / "s", dram_bytes=8 * MiB, ssd_bytes=0) as store:
+        metrics = Metrics(store)
+        auth = Authenticator([TokenSpec("tok-a-0123456789", ["a"])])
+        server = ServerThread(store, metrics=metrics, auth=auth)
+        try:
+            with caplog.at_level(logging.WARNING, logger="tairstore.daemon"):
+                # A framing error: bad magic. The server answers and closes.
+                with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+                    s.sendall(b"XX" + bytes(26))
+                    while s.recv(65536):
+                        pass
+                # A reset in the middle of a frame (SO_LINGER 0: close sends RST).
+                s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+                s.sendall(b"TS\x01")
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.close()
+                # Auth: an unknown token, and a token that does not cover the namespace.
+                with pytest.raises(PermissionDeniedError):
+                    Client(server.url, token="not-a-token-0123456789")
+                with Client(server.url, token="tok-a-0123456789") as client:
+                    with pytest.raises(PermissionDeniedError):
+                        client.put(b"k", b"x", namespace="b")
+                    client.ping()  # answered after the reset was handled
+        finally:
+            server.stop()
+        text = metrics.render()
+    protocol = metric_counters(text, "tairstore_protocol_errors")
+    assert protocol[(("kind", "bad_magic"), ("server", "data"))] == 1
+    assert metric_counters(text, "tairstore_connection_errors")[(("kind", "reset"), ("server", "data"))] >= 1
+    auth_failures = metric_counters(text, "tairstore_auth_failures")
+    assert auth_failures[(("kind", "unauthenticated"), ("server", "data"))] == 1
+    assert auth_failures[(("kind", "forbidden"), ("server", "data"))] == 1
+    logged = caplog.text
+    assert "data protocol error (bad_magic)" in logged
+    assert "data connection error (reset)" in logged
+    assert "data auth error (unauthenticated)" in logged
+
+
+def test_connection_events_are_counted_always_and_logged_at_most_once_per_interval(caplog, metric_counters):
+    now = [100.0]
+    metrics = Metrics()
+    events = ConnectionEvents(metrics, interval_s=10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="tairstore.daemon"):
+        for _ in range(50):
+            events.protocol("data", "bad_magic", "garbage")
+        events.connection("data", "reset", "gone")  # another category: its own budget
+        assert len(caplog.records) == 2
+        now[0] += 10.0
+        events.protocol("data", "bad_magic", "garbage")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3 and "49 more not logged" in lines[2]
+    text = metrics.render()
+    assert metric_counters(text, "tairstore_protocol_errors")[(("kind", "bad_magic"), ("server", "data"))] == 51
+    assert metric_counters(text, "tairstore_connection_errors")[(("kind", "reset"), ("server", "data"))] == 1

@@ -146,8 +146,11 @@ def test_global_pressure_evicts_by_fair_share(tmp_path):
 def test_leaf_lru_never_evicts_a_prefix_before_its_continuation(tmp_path):
     rng = random.Random(3)
     chains = {}
+    # No maintenance thread: a background watermark eviction between match() and get() would
+    # make a matched block a miss legitimately; this test checks the prefix property only.
     with tairstore.open(tmp_path / "s", dram_bytes=MiB, ssd_bytes=6 * MiB, segment_bytes=512 * KiB,
-                        policy={"dram": "leaf_lru", "ssd": "leaf_lru"}, durability="none") as s:
+                        policy={"dram": "leaf_lru", "ssd": "leaf_lru"}, durability="none",
+                        background=False) as s:
         for c in range(120):
             n = rng.randint(2, 8)
             base = chains[rng.choice(list(chains))][: rng.randint(1, 3)] if chains and rng.random() < 0.4 else []
@@ -170,23 +173,23 @@ def test_leaf_lru_never_evicts_a_prefix_before_its_continuation(tmp_path):
 
 
 # ----------------------------------------------------------------------------- watermarks
-def test_watermarks_evict_down_to_low_and_warn_once(tmp_path, caplog, run_maintenance):
+def test_watermarks_evict_down_to_low_and_warn_once(tmp_path, caplog):
     wm = {"warn": 0.5, "high": 0.6, "low": 0.3}
-    # The background thread stays quiet; the test runs each maintenance pass itself, so how
-    # many puts land between two passes does not depend on the machine's load.
+    # Maintenance driven by hand (background=False): one pass after the puts, whatever the
+    # machine's load, instead of hoping 12 puts finish inside one 10 ms tick.
     with tairstore.open(tmp_path / "s", dram_bytes=4 * MiB, ssd_bytes=32 * MiB, watermarks=wm,
-                        maintenance_interval_s=60.0, durability="none") as s:
+                        background=False, durability="none") as s:
         for i in range(12):  # 3 MiB of DRAM copies = 75% > high
             s.put(k(i), content("default", k(i), 256 * KiB))
         assert s.stats()["tiers"]["dram"]["used_bytes"] > 0.6 * 4 * MiB
-        run_maintenance(s)
+        s.maintain()
         st = s.stats()
         assert st["tiers"]["dram"]["used_bytes"] <= 0.3 * 4 * MiB
         assert st["counters"]["watermark_evictions"] == 1
         assert st["watermark_crossings"]["dram"] == 1
         # Below low now: further passes neither evict nor count another crossing.
-        run_maintenance(s)
-        run_maintenance(s)
+        s.maintain()
+        s.maintain()
         st = s.stats()
         assert st["counters"]["watermark_evictions"] == 1
         assert st["watermark_crossings"]["dram"] == 1
@@ -267,18 +270,18 @@ def test_compaction_reclaims_and_accounting_is_exact(tmp_path, compression):
     assert report["rebuilt_blocks"] == 40 and report["ok"]
 
 
-def test_maintenance_compacts_dead_space_under_churn_instead_of_evicting(tmp_path, run_maintenance):
+def test_maintenance_compacts_dead_space_under_churn_instead_of_evicting(tmp_path):
     # Each delete is followed by a maintenance pass, as the background thread would run one
     # every few puts; driven here, so a starved thread cannot turn reclaiming into evicting.
     with tairstore.open(tmp_path / "s", dram_bytes=0, ssd_bytes=8 * MiB, segment_bytes=512 * KiB,
-                        maintenance_interval_s=60, durability="none") as s:
+                        background=False, durability="none") as s:
         live = []
         for i in range(400):  # 400 x 64 KiB = 25 MiB written through an 8 MiB tier, ~2 MiB live
             s.put(k(i), content("default", k(i), 64 * KiB))
             live.append(i)
             if len(live) > 32:
                 s.delete([k(live.pop(0))])
-                run_maintenance(s)
+                s.maintain()
         st = s.stats()
         assert st["counters"]["evictions_ssd"] == 0  # deletes alone made the room
         assert st["compaction"]["segments_compacted"] > 0

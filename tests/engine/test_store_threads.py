@@ -65,9 +65,15 @@ def run_threads(n: int, target: Callable[[int], None], timeout_s: float = 60.0) 
     assert not errors, "\n".join(errors)
 
 
-def check_stats(store: tairstore.Store) -> None:
-    """No tier reports more than its capacity, nor more blocks than the store holds."""
+def check_stats(store: tairstore.Store, *, quiescent: bool = False) -> None:
+    """No tier reports more than its capacity; once every thread is done (``quiescent``), the
+    store's bookkeeping also agrees with the blocks it holds (catalog counts, SSD space per
+    segment: ``Store.check``) and no session is left open."""
     st = store.stats()
+    if quiescent:
+        assert store.check() == []
+        assert st["sessions_open"] == 0
+        assert st["counters"]["puts"] > 0
     dram = st["tiers"]["dram"]
     assert 0 <= dram["used_bytes"] <= dram["capacity"], dram
     assert 0 <= dram["pinned_bytes"] <= dram["capacity"], dram
@@ -94,7 +100,6 @@ def check_quiescent(store: tairstore.Store, contents: dict[bytes, bytes], *, put
     st = store.stats()
     assert st["counters"]["puts"] == puts, (st["counters"], puts)
     assert st["counters"]["deletes"] == deletes, (st["counters"], deletes)
-    assert st["sessions_open"] == 0
     keys = list(contents)
     present = 0
     for key, there in zip(keys, store.exists(keys)):
@@ -205,7 +210,7 @@ def test_threads_hammer_reads_exact_under_eviction(tmp_path):
 
     try:
         run_threads(NTHREADS, worker)
-        check_stats(store)
+        check_stats(store, quiescent=True)
         st = store.stats()
         print(f"ops per thread: {op_counts}; counters: {st['counters']}")
         # The test is only worth something if both tiers really evicted meanwhile.
@@ -340,7 +345,7 @@ def test_held_views_never_change_while_their_keys_are_deleted_and_evicted(tmp_pa
             assert bytes(view) == copy, f"R2: the view of {k!r} changed under the reader"
             with pytest.raises(TypeError):
                 view[0] = 0  # read-only: a reader cannot change the arena either
-        check_stats(store)
+        check_stats(store, quiescent=True)
     finally:
         for _, view, _ in views:
             view.release()

@@ -231,3 +231,25 @@ def test_client_urls():
     for bad in ("http://127.0.0.1:7480", "tcp://127.0.0.1", "127.0.0.1:7480"):
         with pytest.raises(InvalidArgumentError):
             parse_url(bad)
+
+
+def test_put_many_past_the_protocol_batch_limit_is_split_not_refused(target):
+    # 1,500 keys: more than one request may name (max_batch 1024) — the client splits; the
+    # embedded store takes it whole. Same answers either way.
+    store, ns = target
+    keys = [key(100_000 + i) for i in range(1500)]
+    blocks = [block(i, 1024) for i in range(1500)]
+    assert store.put_many(keys, blocks, namespace=ns) == [True] * 1500
+    got = store.get_many(keys, namespace=ns)
+    assert all(bytes(g) == b.tobytes() for g, b in zip(got, blocks))
+    store.delete(keys, namespace=ns)
+
+
+def test_batches_respect_the_key_and_byte_limits():
+    from tairstore.net.calls import batches
+    from tairstore.net.limits import Limits
+
+    lim = Limits(max_frame_bytes=10_000, max_header_bytes=1_000, max_batch=3)
+    spans = batches([4_000, 4_000, 4_000, 100, 100, 100, 100, 20_000, 1], lim)
+    assert [(s.start, s.stop) for s in spans] == [(0, 2), (2, 5), (5, 7), (7, 8), (8, 9)]
+    assert [(s.start, s.stop) for s in batches([], lim)] == [(0, 0)]

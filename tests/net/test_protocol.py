@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tairstore import errors
-from tairstore.errors import ProtocolError
+from tairstore.errors import CapacityError, ProtocolError
 from tairstore.engine.match import MatchResult
-from tairstore.net.limits import Limits
+from tairstore.net.limits import MAX_DRAIN_BYTES, Limits
 from tairstore.net.protocol import (
     CONNECTION_ID,
     MAGIC,
@@ -82,6 +82,13 @@ def frame(kind: int, rid: int, header: bytes = b"", payload: bytes = b"", *, mag
 
 def pair(limits: Limits | None = None) -> tuple[Connection, Connection]:
     return Connection(Role.CLIENT, limits), Connection(Role.SERVER, limits)
+
+
+def feed_chunks(conn: Connection, data: bytes, size: int) -> list:
+    events = []
+    for i in range(0, len(data), size):
+        events += conn.receive_data(data[i:i + size])
+    return events
 
 
 def feed_bytewise(conn: Connection, data: bytes) -> list:
@@ -180,10 +187,35 @@ def test_framing_errors_break_the_connection(bad, code):
     assert info.value.remote is False and info.value.code == Code.BROKEN
 
 
-def test_oversized_frame_refused_from_the_prelude_alone():
+@pytest.mark.parametrize("kind, payload_len", [
+    (Op.PUT, MAX_DRAIN_BYTES + 1),   # past what any client sends: not worth reading
+    (Op.GET, (1 << 20) + 1),         # a frame kind that carries no blocks
+])
+def test_oversized_frame_refused_from_the_prelude_alone(kind, payload_len):
     server = Connection(Role.SERVER, Limits(max_frame_bytes=1 << 20, max_header_bytes=1 << 16))
-    (ev,) = server.receive_data(frame(Op.PUT, 1, b"", payload_len=(1 << 20) + 1)[:PRELUDE.size])
+    (ev,) = server.receive_data(frame(kind, 1, b"", payload_len=payload_len)[:PRELUDE.size])
     assert ev.fatal and ev.error.code == Code.FRAME_TOO_LARGE
+
+
+@pytest.mark.parametrize("sizes, dimension", [([(1 << 20) + 1], "block_size"),
+                                              ([600 << 10, 600 << 10], "frame_size")])
+def test_an_oversized_put_is_drained_and_refused_as_capacity(sizes, dimension):
+    """The store's answer to a block over max_block_bytes is CapacityError; the daemon's to a put
+    over its frame limit is the same, and the connection goes on (a close would reset a client
+    still sending, which would then see a broken connection instead of the reason)."""
+    limits = Limits(max_frame_bytes=1 << 20, max_header_bytes=1 << 16)
+    server = Connection(Role.SERVER, limits)
+    header = msgpack.packb({"keys": [bytes([i + 1]) for i in range(len(sizes))], "sizes": sizes})
+    events = feed_chunks(server, frame(Op.PUT, 7, header, bytes(sum(sizes))) + frame(Op.PING, 8), 65536)
+    assert len(events) == 2 and not server.broken
+    refused, ping = events
+    assert isinstance(refused, ProtocolErrorEvent) and not refused.fatal and refused.request_id == 7
+    assert isinstance(refused.error, CapacityError) and refused.error.dimension == dimension
+    assert isinstance(ping, Request) and ping.op is Op.PING
+    client = Connection(Role.CLIENT, limits)
+    client.send(Request(7, Op.PUT, {"keys": [b"k"], "sizes": [1]}, [b"x"]))
+    (answer,) = client.receive_data(wire(server.send(Response(7, error=refused.error))))
+    assert isinstance(answer.error, CapacityError) and answer.error.dimension == dimension
 
 
 def test_duplicate_in_flight_id_is_fatal():

@@ -1,0 +1,399 @@
+"""What every engine adapter shares: where the store is, which namespace a deployment's pages
+live in, how an engine's key becomes a tairstore key, and a backend on which failure is a miss.
+
+- :func:`open_backend` turns a ``tairstore_url`` into a :class:`Backend`: ``tcp://host:port``
+  (or ``tairstore://host:port``) reaches a daemon through :class:`tairstore.Client`; anything
+  else is a directory holding an embedded :class:`tairstore.Store`.
+- :class:`Deployment` names what makes KV bytes incompatible (model, dtype, page size, layout,
+  tensor/pipeline-parallel rank, MLA or not); its :meth:`Deployment.namespace` is equal for two
+  replicas of one deployment and different for any two deployments that cannot share pages.
+- :func:`engine_key` maps an engine's page or block hash (hex str, bytes or int) to a key.
+- :class:`Backend` calls the Store or Client and turns every failure — a daemon that is down,
+  a deadline passed, :class:`tairstore.CapacityError`, a block of the wrong size — into a miss
+  (``False`` / 0), logged once per kind, so an engine recomputes instead of failing a request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from ..errors import ClosedError, InvalidArgumentError, StoreError
+
+__all__ = ["Backend", "Deployment", "engine_key", "open_backend", "is_daemon_url", "BackendStats",
+           "lazy_classes"]
+
+log = logging.getLogger("tairstore.connectors")
+
+#: Deadline of one daemon request: past it the page is a miss and the engine recomputes.
+DEFAULT_TIMEOUT_S = 5.0
+#: After a daemon failure, calls skip the daemon for this long instead of each waiting for its
+#: own connect timeout (an engine's prefetch thread would otherwise stall on every page).
+DEFAULT_RETRY_AFTER_S = 1.0
+#: Embedded-store defaults for an adapter: a cache, so "batch" durability (fsync every few ms)
+#: is enough; what survives a crash is still byte-exact.
+EMBEDDED_DEFAULTS = {"dram_bytes": 4 << 30, "ssd_bytes": 64 << 30, "durability": "batch"}
+#: A namespace's readable part is capped so a long model path cannot push it past 255 bytes.
+NAMESPACE_PREFIX_CHARS = 160
+DAEMON_SCHEMES = ("tcp://", "tairstore://")
+
+
+def is_daemon_url(url: str) -> bool:
+    """True for ``tcp://`` / ``tairstore://`` addresses, False for a directory path."""
+    return url.startswith(DAEMON_SCHEMES)
+
+
+def engine_key(key: Any) -> bytes:
+    """An engine's page/block key as a tairstore key (1..64 bytes).
+
+    A hex string of an even length up to 128 (SGLang's sha256 page hashes) becomes its bytes;
+    an int (vLLM's block hashes) its 8..32 big-endian bytes; bytes up to 64 stay as they are;
+    anything longer, or another string, becomes its sha256, so distinct inputs stay distinct
+    in practice.
+    """
+    if isinstance(key, (bytes, bytearray, memoryview)):
+        raw = bytes(key)
+        return raw if 1 <= len(raw) <= 64 else hashlib.sha256(raw).digest()
+    if isinstance(key, int):
+        if key < 0:
+            key &= (1 << 256) - 1
+        return key.to_bytes(max(8, (key.bit_length() + 7) // 8), "big")
+    if isinstance(key, str):
+        if key and len(key) % 2 == 0 and len(key) <= 128:
+            try:
+                return bytes.fromhex(key)
+            except ValueError:
+                pass
+        return hashlib.sha256(key.encode()).digest()
+    raise InvalidArgumentError(f"an engine key is a str, bytes or int, got {type(key).__name__}")
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What makes two deployments' KV bytes incompatible; equal for replicas of one deployment.
+
+    With MLA the latent KV is the same on every tensor-parallel rank, so ``tp_rank`` and
+    ``tp_size`` do not enter the namespace: all ranks (and replicas) share one copy.
+    """
+
+    engine: str
+    model: str
+    dtype: str
+    page_size: int
+    layout: str
+    tp_rank: int = 0
+    tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+    mla: bool = False
+    extra: str = ""
+
+    def namespace(self) -> str:
+        """The tairstore namespace of this deployment's pages (at most 255 bytes)."""
+        tp = "mla" if self.mla else f"tp{self.tp_rank}of{self.tp_size}"
+        ident = "|".join([self.engine, self.model, self.dtype, f"p{self.page_size}", self.layout,
+                          tp, f"pp{self.pp_rank}of{self.pp_size}", self.extra])
+        digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
+        readable = f"{self.engine}/{self.model}/{self.dtype}/p{self.page_size}/{self.layout}/{tp}"
+        return f"{readable[:NAMESPACE_PREFIX_CHARS]}/{digest}"
+
+
+@dataclass
+class BackendStats:
+    """Counters an adapter reports in its engine's stats call."""
+
+    pages_read: int = 0
+    pages_written: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    misses: int = 0
+    failures: int = 0
+
+
+class Backend:
+    """An embedded Store or a daemon Client behind one interface on which failure is a miss.
+
+    Every method returns a plain value and never raises a :class:`tairstore.StoreError` or an
+    ``OSError``: those are counted in ``stats.failures``, logged (once per error class) and
+    answered as a miss. A read that returns a block of another size than expected is a miss too.
+    """
+
+    def __init__(self, target: Any, namespace: str, *, remote: bool, owned: bool = True,
+                 retry_after_s: float = DEFAULT_RETRY_AFTER_S, connect: Any = None) -> None:
+        self._target = target
+        self._connect = connect
+        self.namespace = namespace
+        #: True for a daemon's Client (its failures pause calls briefly), False for a Store.
+        self.remote = remote
+        self.stats = BackendStats()
+        self._owned = owned
+        self._retry_after_s = retry_after_s
+        self._down_until = 0.0
+        self._logged: set[str] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def target(self) -> Any:
+        """The Store or Client; a daemon's Client is (re)connected on first use, so an engine
+        starts, and recovers, while the daemon is down (raises NetworkError until it is up)."""
+        if self._target is None:
+            self._target = self._connect()
+        return self._target
+
+    # -- failure handling --------------------------------------------------------------------
+    def _fail(self, op: str, exc: BaseException) -> None:
+        with self._lock:
+            self.stats.failures += 1
+            if self.remote and not isinstance(exc, InvalidArgumentError):
+                # A daemon that failed is skipped for a moment rather than retried per page.
+                self._down_until = time.monotonic() + self._retry_after_s
+            first = type(exc).__name__ not in self._logged
+            self._logged.add(type(exc).__name__)
+        (log.warning if first else log.debug)("tairstore %s failed, served as a miss: %s: %s",
+                                                op, type(exc).__name__, exc)
+
+    def _skipping(self) -> bool:
+        return self.remote and time.monotonic() < self._down_until
+
+    # -- calls -------------------------------------------------------------------------------
+    def exists(self, keys: Sequence[bytes]) -> list[bool]:
+        """Per key, whether it is stored; all False when the store cannot answer."""
+        if not keys or self._skipping():
+            return [False] * len(keys)
+        try:
+            return list(self.target.exists(list(keys), namespace=self.namespace))
+        except (StoreError, OSError) as exc:
+            self._fail("exists", exc)
+            return [False] * len(keys)
+
+    def prefix_len(self, keys: Sequence[bytes]) -> int:
+        """How many leading keys are stored (counting stops at the first missing one)."""
+        if not keys or self._skipping():
+            return 0
+        try:
+            return int(self.target.match(list(keys), namespace=self.namespace).prefix_len)
+        except (StoreError, OSError) as exc:
+            self._fail("match", exc)
+            return 0
+
+    def get_into(self, key: bytes, out: Any, nbytes: int) -> bool:
+        """Fill ``out`` (``nbytes`` long) with the block; False on a miss, a failure or a size
+        mismatch (the buffer's contents are then unspecified and must not be used)."""
+        if self._skipping():
+            self.stats.misses += 1
+            return False
+        try:
+            got = self.target.get_into(key, out, namespace=self.namespace)
+        except (StoreError, OSError) as exc:
+            self._fail("get", exc)
+            return False
+        if got != nbytes:
+            if got:
+                self._fail("get", StoreError(f"block of {got} bytes where {nbytes} were expected"))
+            self.stats.misses += 1
+            return False
+        self.stats.pages_read += 1
+        self.stats.bytes_read += nbytes
+        return True
+
+    def get(self, key: bytes) -> memoryview | None:
+        """The block's bytes (read-only), or None on a miss or a failure."""
+        if self._skipping():
+            return None
+        try:
+            view = self.target.get(key, namespace=self.namespace)
+        except (StoreError, OSError) as exc:
+            self._fail("get", exc)
+            return None
+        if view is None:
+            self.stats.misses += 1
+        else:
+            self.stats.pages_read += 1
+            self.stats.bytes_read += view.nbytes
+        return view
+
+    def put(self, key: bytes, data: Any) -> bool:
+        """Store one block; True when it is stored (now or already)."""
+        return self.put_many([key], lambda _i, _k: data, memoryview(data).nbytes)[0]
+
+    def put_many(self, keys: Sequence[bytes], fill: Any, nbytes: int) -> list[bool]:
+        """Store a chain of equal-sized blocks through one write session.
+
+        ``fill(i, key)`` returns the bytes of ``keys[i]``; it is called only for keys not stored
+        yet, so pages already present are never gathered. Returns, per key, whether it is
+        stored afterwards.
+        """
+        keys = list(keys)
+        if not keys or self._skipping():
+            return [False] * len(keys)
+        if self.remote:
+            return self._put_many_remote(keys, fill, nbytes)
+        try:
+            t = self.target
+            session = t.start_write(keys, [nbytes] * len(keys), namespace=self.namespace)
+        except (StoreError, OSError) as exc:
+            self._fail("start_write", exc)
+            return [False] * len(keys)
+        todo = set(session.keys_to_write)
+        written: list[bytes] = []
+        try:
+            for i, key in enumerate(keys):
+                if key in todo:
+                    t.write(session, key, fill(i, key))
+                    written.append(key)
+            committed = t.finish_write(session, written) if written else 0
+        except (StoreError, OSError) as exc:
+            self._fail("write", exc)
+            try:
+                t.abort_write(session)
+            except (StoreError, OSError):
+                pass
+            # Keys another writer already had are stored; ours are not.
+            return [k not in todo for k in keys]
+        ok = committed == len(written)
+        self.stats.pages_written += committed
+        self.stats.bytes_written += committed * nbytes
+        return [(k not in todo) or ok for k in keys]
+
+    def _put_many_remote(self, keys: list[bytes], fill: Any, nbytes: int) -> list[bool]:
+        """put_many over a daemon: ``exists`` then one ``put_many`` of the missing blocks — two
+        round trips, where a write session costs one per block."""
+        present = [False] * len(keys)
+        try:
+            t = self.target  # connects on first use: inside the try, a daemon down is a miss
+            present = t.exists(keys, namespace=self.namespace)
+            todo = [(i, k) for i, (k, hit) in enumerate(zip(keys, present)) if not hit]
+            stored = t.put_many([k for _, k in todo], [fill(i, k) for i, k in todo],
+                                namespace=self.namespace) if todo else []
+        except (StoreError, OSError) as exc:
+            self._fail("put_many", exc)
+            return list(present)
+        # A False from put_many: another writer stored (or is storing) it meanwhile.
+        n = sum(stored)
+        self.stats.pages_written += n
+        self.stats.bytes_written += n * nbytes
+        return [True] * len(keys)
+
+    def load_pages(self, transfer: Any, keys: Sequence[bytes], pages: Sequence[int]) -> Any:
+        """Start loading ``keys[i]`` into page ``pages[i]`` of a
+        :class:`tairstore.tiers.gpu.KVTransfer`; the :class:`~tairstore.tiers.gpu.LayerLoad`."""
+        nbytes = transfer.kv.block_bytes
+        # An embedded store hands out views of its DRAM tier: pages are copied from there
+        # straight into the KV tensors. A daemon's blocks arrive over a socket, better received
+        # into reused staging buffers than into a fresh allocation per block.
+        fetch = None if self.remote else (lambda i: self.get(keys[i]))
+        return transfer.load(pages, read=lambda i, buf: self.get_into(keys[i], buf, nbytes), fetch=fetch)
+
+    def save_pages(self, transfer: Any, keys: Sequence[bytes], pages: Sequence[int]) -> list[bool]:
+        """Store page ``pages[i]`` of a :class:`tairstore.tiers.gpu.KVTransfer` as ``keys[i]``
+        (pages already stored are not gathered); per page, whether it is stored."""
+        nbytes = transfer.kv.block_bytes
+        return transfer.save(pages, lambda idx, fill: self.put_many(
+            [keys[i] for i in idx], lambda j, _k: fill(idx[j]), nbytes))
+
+    def delete_all(self) -> bool:
+        """Drop every block of this namespace (an engine's ``clear``)."""
+        try:
+            trim = getattr(self.target, "trim", None)
+            if trim is None:
+                return False
+            trim(self.namespace, mode="all")
+            return True
+        except (StoreError, OSError) as exc:
+            self._fail("clear", exc)
+            return False
+
+    def store_stats(self) -> dict:
+        """The store's own ``stats()``, or ``{}`` when it cannot answer."""
+        try:
+            return dict(self.target.stats())
+        except (StoreError, OSError) as exc:
+            self._fail("stats", exc)
+            return {}
+
+    def close(self) -> None:
+        """Close the store or client if this backend opened it."""
+        if self._owned and self._target is not None:
+            try:
+                self._target.close()
+            except (StoreError, OSError):
+                pass
+
+
+def lazy_classes(module: str, builders: dict[str, Any]) -> Any:
+    """A module ``__getattr__`` that builds each named class on first lookup (and keeps it).
+
+    An adapter's class derives from its engine's base class, so it can only be built once the
+    engine is importable; building it on first use lets the module import without the engine.
+    """
+    built: dict[str, type] = {}
+    lock = threading.Lock()
+
+    def __getattr__(name: str) -> Any:
+        if name not in builders:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        with lock:
+            if name not in built:
+                built[name] = builders[name]()
+            return built[name]
+
+    return __getattr__
+
+
+_EMBEDDED: dict[str, Any] = {}
+
+
+def _is_open(store: Any) -> bool:
+    try:
+        store.exists([b"\0"])
+        return True
+    except ClosedError:
+        return False
+
+_EMBEDDED_LOCK = threading.Lock()
+
+
+def open_backend(url: str, namespace: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 token: str | None = None, store_options: dict | None = None) -> Backend:
+    """A :class:`Backend` for ``url``: a daemon address or an embedded store's directory.
+
+    Adapters in one process that name the same directory share one embedded store (a store
+    directory is locked to one process), so several ranks' or pools' adapters can coexist.
+
+    Raises:
+        InvalidArgumentError: ``url`` is empty or a malformed daemon address.
+    """
+    # The package's public entry points only (tairstore.open, tairstore.Client).
+    from .. import Client
+    from .. import open as open_store
+    from ..net.client import parse_url
+
+    if not isinstance(url, str) or not url:
+        raise InvalidArgumentError("tairstore_url must be tcp://host:port or a directory path")
+    if is_daemon_url(url):
+        parse_url(url)  # a malformed address is a configuration error, raised now
+        return Backend(None, namespace, remote=True,
+                       connect=lambda: Client(url, token=token, timeout=timeout_s))
+    path = os.path.abspath(os.path.expanduser(url))
+    with _EMBEDDED_LOCK:
+        store = _EMBEDDED.get(path)
+        if store is not None and not _is_open(store):
+            store = None
+        if store is None:
+            store = open_store(path, **{**EMBEDDED_DEFAULTS, **(store_options or {})})
+            _EMBEDDED[path] = store
+    return Backend(store, namespace, remote=False, owned=False)
+
+
+def close_embedded(url: str) -> None:
+    """Close the shared embedded store opened for directory ``url`` (tests, shutdown)."""
+    path = os.path.abspath(os.path.expanduser(url))
+    with _EMBEDDED_LOCK:
+        store = _EMBEDDED.pop(path, None)
+    if store is not None:
+        store.close()

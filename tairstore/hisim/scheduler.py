@@ -1,0 +1,172 @@
+"""The serving engine's configuration: scheduler limits, KV memory, CUDA graphs, CPU overhead.
+
+Theory of operation
+-------------------
+Two backends are modelled, with their defaults on 80-141 GB Hopper GPUs:
+
+- ``sglang`` (0.5.x): a prefill (extend) batch runs alone and the decode batch waits for it
+  (``--enable-mixed-chunk`` off); chunked prefill with an 8192-token budget; admission reserves
+  ``new_token_ratio`` of each request's remaining output (0.7, decaying to 0.1 over 600 decode
+  steps, back to 0.7 after a retraction); a retraction takes the request with the fewest output
+  tokens; CUDA graphs up to 256 requests (512 with TP >= 4); the overlap scheduler hides the CPU
+  work of a step behind the previous step's GPU work.
+- ``vllm`` (V1): every step mixes all decodes with prefill chunks under one 8192-token budget; no
+  output reservation; preemption (recompute) of the latest-admitted request when KV runs out;
+  CUDA graphs up to 512 requests, for decode-only steps.
+
+The KV pool is what is left of ``mem_fraction`` of every GPU's memory after the weights, in tokens
+(a token's KV is split over the TP group, replicated where there are fewer KV heads than GPUs).
+The CPU time of a step is ``base + per_seq x sequences``, plus ``eager_per_layer x layers`` when
+the step does not replay a CUDA graph (a prefill, or a decode batch above the graph limit): the
+three parameters are fitted per backend on development rows of measured serving results
+(:mod:`tairstore.hisim.serving_fit`) and shipped in ``data/serving_fit.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+
+from tairstore.errors import InvalidArgumentError
+
+from .hardware import GPU
+from .models import DTYPE_BYTES, ModelConfig
+
+BACKENDS = ("sglang", "vllm")
+FIT_FILE = Path(__file__).resolve().parent / "data" / "serving_fit.json"
+# Activations, CUDA graphs and the NCCL/workspace buffers live outside the KV pool: SGLang's
+# --mem-fraction-static and vLLM's --gpu-memory-utilization both default to about 0.9.
+DEFAULT_MEM_FRACTION = 0.9
+# SGLang's schedule_policy constants (python/sglang/srt/managers/schedule_policy.py).
+INIT_NEW_TOKEN_RATIO = 0.7
+MIN_NEW_TOKEN_RATIO = 0.1
+NEW_TOKEN_RATIO_DECAY_STEPS = 600
+CLIP_MAX_NEW_TOKENS = 4096
+# Captured CUDA-graph batch sizes step by 8 up to 256, then by 16 (both engines).
+GRAPH_STEP_SMALL, GRAPH_STEP_LARGE, GRAPH_STEP_SWITCH = 8, 16, 256
+
+
+class CapacityModelError(InvalidArgumentError):
+    """The deployment cannot run: the weights do not fit, or no KV memory is left."""
+
+
+@dataclass(frozen=True)
+class Overhead:
+    """CPU time of one step, milliseconds: ``base + per_seq x seqs (+ eager x layers)``."""
+
+    base_ms: float = 1.0
+    per_seq_ms: float = 0.01
+    eager_per_layer_ms: float = 0.05
+
+    def step_ms(self, sequences: int, layers: int, graph: bool) -> float:
+        """CPU milliseconds of a step over ``sequences`` sequences."""
+        return (self.base_ms + self.per_seq_ms * sequences
+                + (0.0 if graph else self.eager_per_layer_ms * layers))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Scheduler limits and engine features of one backend."""
+
+    backend: str = "sglang"
+    max_running_requests: int | None = None  # None: as many as KV memory allows
+    chunked_prefill_size: int = 8192
+    cuda_graph_max_bs: int = 256
+    overlap: bool = True
+    mixed_chunk: bool = False
+    mem_fraction: float = DEFAULT_MEM_FRACTION
+    reserve_output: bool = True  # SGLang's new_token_ratio reservation
+    overhead: Overhead = Overhead()
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise InvalidArgumentError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.chunked_prefill_size < 1 or not 0 < self.mem_fraction <= 1:
+            raise InvalidArgumentError("chunked_prefill_size must be >= 1 and mem_fraction in "
+                                       "(0, 1]")
+        if self.max_running_requests is not None and self.max_running_requests < 1:
+            raise InvalidArgumentError("max_running_requests must be >= 1")
+
+    def graph_batch(self, batch: int) -> int | None:
+        """The captured batch size a decode batch is padded to; None above the graph limit."""
+        if batch > self.cuda_graph_max_bs:
+            return None
+        if batch <= 4:
+            return 1 << (batch - 1).bit_length()  # 1, 2, 4
+        step = GRAPH_STEP_SMALL if batch <= GRAPH_STEP_SWITCH else GRAPH_STEP_LARGE
+        return min(-(-batch // step) * step, self.cuda_graph_max_bs)
+
+
+@lru_cache(maxsize=None)
+def fitted_overheads(path: Path = FIT_FILE) -> dict[str, Overhead]:
+    """The shipped per-backend overhead fits (defaults where none ship)."""
+    if not path.exists():
+        return {}
+    raw = json.loads(path.read_text())
+    return {b: Overhead(**v) for b, v in raw.get("overhead", {}).items()}
+
+
+def default_config(backend: str, tp: int = 1, **overrides: object) -> ServerConfig:
+    """The backend's defaults on a Hopper GPU (see the module docstring), with overrides."""
+    if backend not in BACKENDS:
+        raise InvalidArgumentError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    overhead = fitted_overheads().get(backend, Overhead())
+    if backend == "sglang":
+        cfg = ServerConfig("sglang", cuda_graph_max_bs=256 if tp < 4 else 512, overlap=True,
+                           mixed_chunk=False, reserve_output=True, overhead=overhead)
+    else:
+        cfg = ServerConfig("vllm", max_running_requests=1024, cuda_graph_max_bs=512,
+                           overlap=False, mixed_chunk=True, reserve_output=False,
+                           overhead=overhead)
+    return replace(cfg, **overrides)  # type: ignore[arg-type]
+
+
+def weight_bytes(model: ModelConfig) -> float:
+    """Bytes of the model's weights (GEMM weights in the model's dtype, embeddings in bf16)."""
+    m, w = model, DTYPE_BYTES[model.weight_dtype]
+    d = m.head_dim
+    if m.mla is not None:
+        a = m.mla
+        attn = (m.hidden * (a.q_lora_rank + a.kv_lora_rank + a.qk_rope_head_dim)
+                + a.q_lora_rank * m.num_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim)
+                + a.kv_lora_rank * m.num_heads * (a.qk_nope_head_dim + a.v_head_dim)
+                + m.num_heads * a.v_head_dim * m.hidden)
+    else:
+        attn = m.hidden * (m.num_heads + 2 * m.num_kv_heads) * d + m.num_heads * d * m.hidden
+    mats = 3 if m.gated_mlp else 2
+    dense_mlp = mats * m.hidden * m.intermediate
+    total = 0.0
+    for layer in range(m.num_layers):
+        if m.is_moe_layer(layer):
+            moe = m.moe
+            assert moe is not None
+            experts = moe.num_experts + moe.num_shared_experts
+            total += attn + 3 * m.hidden * moe.expert_intermediate * experts
+        else:
+            total += attn + dense_mlp
+    return total * w + 2 * m.vocab * m.hidden * 2
+
+
+def kv_bytes_per_token_per_gpu(model: ModelConfig, tp: int) -> float:
+    """KV bytes one token takes on each GPU of the TP group."""
+    if model.mla is not None:
+        return float(model.kv_bytes_per_token)  # the latent is replicated on every GPU
+    share = max(1, model.num_kv_heads // tp) / model.num_kv_heads
+    return model.kv_bytes_per_token * share
+
+
+def kv_pool_tokens(model: ModelConfig, gpu: GPU, tp: int, mem_fraction: float) -> int:
+    """Tokens of KV the pool holds on ``tp`` GPUs.
+
+    Raises:
+        CapacityModelError: the weights leave no room for KV.
+    """
+    per_gpu = gpu.hbm_gb * 1e9 * mem_fraction - weight_bytes(model) / tp
+    tokens = int(per_gpu / kv_bytes_per_token_per_gpu(model, tp))
+    if tokens < 1:
+        raise CapacityModelError(
+            f"{model.name} ({weight_bytes(model) / 1e9:.0f} GB of weights) does not fit on "
+            f"{tp} x {gpu.name} ({gpu.hbm_gb:g} GB each) with room for KV")
+    return tokens

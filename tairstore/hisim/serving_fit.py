@@ -1,0 +1,216 @@
+"""End-to-end validation against measured serving results, and the fit of the CPU overhead.
+
+The measured rows are AIConfigurator's silicon samples (CSV columns ``backend``, ``model_path``,
+``system``, ``gemm_quant_mode``, ``isl``, ``osl``, ``batch_size`` = client concurrency,
+``tp_size``, ``silicon_ttft_ms``, ``silicon_tpot_ms``): closed-loop runs of random prompts of
+exactly ISL tokens and OSL outputs. Each row is replayed as that closed loop
+(:func:`~tairstore.hisim.workload.closed_loop`: warm-up requests first, excluded).
+
+**Split.** A row is a *fit* row when ``crc32(id) % FIT_MODULUS == 0`` (a quarter of them), else a
+*test* row; only test rows are ever reported. The split depends on nothing but the row's id, so it
+is declared up front and cannot be tuned.
+
+**Fit.** Per backend, the three :class:`~tairstore.hisim.scheduler.Overhead` parameters are chosen
+on a small grid minimising the sum of the median absolute log errors of TPOT and TTFT over that
+backend's fit rows (a coarse, shortened closed loop while searching).
+
+**Regime.** ``below`` / ``near`` / ``above`` saturation compares the concurrency with the decode
+batch at which a decode step takes twice the time of a batch of one (the batch where the GPU
+turns from memory- to compute-bound): below half of it, up to twice it, beyond.
+
+Rows the simulator does not cover are skipped with the reason (a model not built in, FP4/INT4
+weights, disaggregated serving, weights that do not fit).
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import zlib
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from tairstore.errors import InvalidArgumentError
+
+from .engine import Simulator
+from .hardware import get_gpu
+from .latency import Step, StepLatencyModel
+from .database import make_timer
+from .metrics import summarize
+from .models import get_model
+from .scheduler import FIT_FILE, Overhead, default_config
+from .workload import closed_loop
+
+FIT_MODULUS = 4
+# Hugging Face repository -> built-in model.
+MODEL_MAP = {
+    "Qwen/Qwen3-32B": "qwen3-32b",
+    "Qwen/Qwen3-235B-A22B-FP8": "qwen3-235b-a22b",
+    "meta-llama/Llama-3.1-70B": "llama3.1-70b",
+    "nvidia/Llama-3.1-8B-Instruct-FP8": "llama3.1-8b",
+}
+GEMM_DTYPES = {"": "bfloat16", "fp8": "fp8", "fp8_block": "fp8_block"}
+GRID = {
+    "base_ms": (0.5, 1.5, 3.0, 5.0),
+    "per_seq_ms": (0.0, 0.02, 0.05),
+    "eager_per_layer_ms": (0.0, 0.05, 0.15),
+}
+
+
+@dataclass(frozen=True)
+class SiliconRow:
+    """One measured closed-loop serving result."""
+
+    id: str
+    backend: str
+    model: str
+    system: str
+    weight_dtype: str
+    isl: int
+    osl: int
+    concurrency: int
+    tp: int
+    ttft_ms: float
+    tpot_ms: float
+
+    @property
+    def fit(self) -> bool:
+        """Whether this row is in the declared fit subset."""
+        return zlib.crc32(self.id.encode()) % FIT_MODULUS == 0
+
+
+def load_rows(path: Path | str, backends: Sequence[str] = ("sglang", "vllm"),
+              systems: Sequence[str] = ("h100_sxm", "h200_sxm")
+              ) -> tuple[list[SiliconRow], dict[str, int]]:
+    """Covered rows of a silicon CSV, and the count of skipped rows by reason."""
+    rows, skipped = [], {}
+    with open(path, newline="", encoding="utf-8") as f:
+        for raw in csv.DictReader(f):
+            if raw["backend"] not in backends or raw["system"] not in systems:
+                continue
+            reason = _uncovered(raw)
+            if reason:
+                skipped[reason] = skipped.get(reason, 0) + 1
+                continue
+            rows.append(SiliconRow(raw["id"], raw["backend"], MODEL_MAP[raw["model_path"]],
+                                   raw["system"], GEMM_DTYPES[raw["gemm_quant_mode"]],
+                                   int(raw["isl"]), int(raw["osl"]), int(raw["batch_size"]),
+                                   int(raw["tp_size"]), float(raw["silicon_ttft_ms"]),
+                                   float(raw["silicon_tpot_ms"])))
+    return rows, skipped
+
+
+def _uncovered(raw: dict[str, str]) -> str | None:
+    if raw["mode"] != "agg":
+        return "disaggregated serving"
+    if raw["model_path"] not in MODEL_MAP:
+        return f"model not built in: {raw['model_path']}"
+    if raw["gemm_quant_mode"] not in GEMM_DTYPES:
+        return f"weights {raw['gemm_quant_mode']}"
+    if (raw.get("attention_dp_size") or "1") != "1" or (raw.get("moe_ep_size") or "1") != "1":
+        return "attention DP or expert parallelism"
+    if not raw["tp_size"] or not raw["batch_size"]:
+        return "parallelism not given"
+    return None
+
+
+@lru_cache(maxsize=None)
+def _step_model(model: str, weight_dtype: str, system: str, tp: int) -> StepLatencyModel:
+    gpu = get_gpu(system)
+    return StepLatencyModel(get_model(model).with_dtypes(weight_dtype), make_timer(gpu), tp)
+
+
+def simulate_row(row: SiliconRow, overhead: Overhead | None = None, warmup_per_client: int = 2,
+                 measured_per_client: int = 10) -> tuple[float, float]:
+    """Predicted mean TTFT and TPOT (ms) of a row's closed loop."""
+    sm = _step_model(row.model, row.weight_dtype, row.system, row.tp)
+    server = default_config(row.backend, row.tp)
+    if overhead is not None:
+        server = replace(server, overhead=overhead)
+    sim = Simulator(sm.model, sm.gpu, row.tp, server, step_model=sm)
+    wl = closed_loop(row.concurrency, row.isl, row.osl,
+                     num_prompts=measured_per_client * row.concurrency,
+                     warmup=warmup_per_client * row.concurrency)
+    m = summarize(sim.run(wl))
+    return m["mean_ttft_ms"], m["mean_tpot_ms"]
+
+
+def saturation_batch(row: SiliconRow) -> int:
+    """Decode batch at which a step takes twice as long as a batch of one."""
+    sm = _step_model(row.model, row.weight_dtype, row.system, row.tp)
+    kv = row.isl + row.osl // 2
+    one = sm.predict(Step.of(decode=1, kv_len=kv)).step_ms
+    b = 1
+    while b < 4096 and sm.predict(Step.of(decode=b, kv_len=kv)).step_ms < 2 * one:
+        b *= 2
+    return b
+
+
+def regime(row: SiliconRow) -> str:
+    """``below``, ``near`` or ``above`` saturation (see the module docstring)."""
+    ratio = row.concurrency / saturation_batch(row)
+    return "below" if ratio < 0.5 else "near" if ratio <= 2 else "above"
+
+
+def ape(pred: float, meas: float) -> float:
+    """Absolute percentage error."""
+    return abs(pred / meas - 1) * 100
+
+
+def fit_overheads(rows: Iterable[SiliconRow], log=print, warmup_per_client: int = 1,
+                  measured_per_client: int = 3) -> dict[str, Overhead]:
+    """Grid-search each backend's overhead on its fit rows (never on test rows)."""
+    fitted = {}
+    by_backend: dict[str, list[SiliconRow]] = {}
+    for r in rows:
+        if r.fit:
+            by_backend.setdefault(r.backend, []).append(r)
+    for backend, fit_rows in sorted(by_backend.items()):
+        best = (math.inf, Overhead())
+        for values in itertools.product(*GRID.values()):
+            oh = Overhead(**dict(zip(GRID, values)))
+            errs_ttft, errs_tpot = [], []
+            for r in fit_rows:
+                try:
+                    ttft, tpot = simulate_row(r, oh, warmup_per_client, measured_per_client)
+                except InvalidArgumentError:
+                    continue
+                errs_ttft.append(abs(math.log(ttft / r.ttft_ms)))
+                errs_tpot.append(abs(math.log(tpot / r.tpot_ms)))
+            score = float(np.median(errs_tpot) + np.median(errs_ttft)) if errs_tpot else math.inf
+            if score < best[0]:
+                best = (score, oh)
+        fitted[backend] = best[1]
+        log(f"{backend}: {len(fit_rows)} fit rows -> {best[1]} (score {best[0]:.3f})")
+    return fitted
+
+
+def save_fit(fitted: dict[str, Overhead], path: Path = FIT_FILE) -> None:
+    """Write the fitted overheads where :func:`~tairstore.hisim.scheduler.default_config`
+    finds them."""
+    body = {"note": f"fitted by tairstore.hisim.serving_fit on rows with crc32(id) % "
+                    f"{FIT_MODULUS} == 0",
+            "overhead": {b: o.__dict__ for b, o in fitted.items()}}
+    path.write_text(json.dumps(body, indent=2) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tairstore.hisim.serving_fit SILICON_CSV``: refit and save the overheads."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="fit the serving simulator's CPU overhead")
+    ap.add_argument("csv", type=Path)
+    args = ap.parse_args(argv)
+    rows, _ = load_rows(args.csv)
+    save_fit(fit_overheads(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

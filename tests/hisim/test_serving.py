@@ -1,0 +1,294 @@
+"""The serving simulator: scheduling behaviour, exact cache accounting, metrics, CLI, refusals."""
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+
+from tairstore.errors import InvalidArgumentError, StoreError
+from tairstore.hisim import get_gpu, get_model
+from tairstore.hisim.cache import CacheConfig
+from tairstore.hisim.cli import main as sim_main
+from tairstore.hisim.engine import Simulator, UnsupportedModelError
+from tairstore.hisim.metrics import summarize, weighted_percentile
+from tairstore.hisim.models import ModelConfig
+from tairstore.hisim.scheduler import CapacityModelError, default_config
+from tairstore.hisim.workload import (Request, closed_loop, load_azure, load_mooncake,
+                                      synthetic)
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+TRACE = DATA / "traces" / "mooncake_conversation_trace.jsonl"
+needs_data = pytest.mark.skipif(not TRACE.exists(), reason="../shared/data not present")
+# Enough of the conversation trace for many shared prefixes, few enough for a quick test.
+TRACE_REQUESTS = 1500
+
+
+@pytest.fixture(scope="module")
+def sim8b():
+    return Simulator(get_model("qwen3-8b"), get_gpu("h100"), 1, default_config("sglang", 1))
+
+
+def _run(sim, workload):
+    res = sim.run(workload)
+    return res, summarize(res)
+
+
+def test_closed_loop_counts_and_excludes_warmup(sim8b):
+    res, m = _run(sim8b, closed_loop(8, 512, 16, num_prompts=40, warmup=16))
+    assert len(res.requests) == 56
+    assert m["completed"] == 40
+    assert m["total_input_tokens"] == 40 * 512 and m["total_output_tokens"] == 40 * 16
+    # Eight clients: never more than eight requests in flight.
+    assert 0 < m["concurrency"] <= 8 + 1e-9
+    for st in res.requests:
+        assert st.req.arrival_ms <= st.first_ms <= st.finish_ms
+
+
+def test_one_request_alone_is_prefill_then_decode(sim8b):
+    res, m = _run(sim8b, [Request(0, 0.0, 1024, 32)])
+    st = res.requests[0]
+    prefill = sim8b.step_wall_ms([(1024, 0)], 0, 0)
+    assert st.first_ms == pytest.approx(prefill)
+    # Every decode step's ITL lies between the steps at the first and the last KV length.
+    lo, hi = sim8b.step_wall_ms((), 1, 1024), sim8b.step_wall_ms((), 1, 1024 + 31)
+    assert lo * 0.999 <= m["mean_tpot_ms"] <= hi * 1.001
+    assert m["mean_itl_ms"] == pytest.approx(m["mean_tpot_ms"], rel=1e-6)
+
+
+def test_tpot_grows_with_concurrency(sim8b):
+    tpots = [_run(sim8b, closed_loop(c, 1024, 64, num_prompts=2 * c, warmup=c))[1]["mean_tpot_ms"]
+             for c in (1, 16, 64)]
+    assert tpots[0] < tpots[1] < tpots[2]
+
+
+def test_sglang_prefill_stalls_decodes_vllm_mixes(sim8b):
+    def wl():
+        return [Request(i, 50.0 * i, 2048, 64) for i in range(40)]
+
+    vllm = Simulator(sim8b.model, sim8b.gpu, 1, default_config("vllm", 1),
+                     step_model=sim8b.step_model)
+    _, ms = _run(sim8b, wl())
+    _, mv = _run(vllm, wl())
+    assert ms["completed"] == mv["completed"] == 40
+    # SGLang: a decode waits for a whole prefill step; vLLM: the decodes ride along with it.
+    prefill = sim8b.step_wall_ms([(2048, 0)], 0, 0)
+    assert ms["max_itl_ms"] >= prefill
+    assert mv["max_itl_ms"] < ms["max_itl_ms"]
+
+
+def test_retraction_when_kv_runs_out():
+    model = get_model("qwen3-8b")
+    small = default_config("vllm", 1, mem_fraction=0.25)  # about 60k tokens of KV
+    sim = Simulator(model, get_gpu("h100"), 1, small)
+    res, m = _run(sim, closed_loop(64, 2048, 1024, num_prompts=64, warmup=0))
+    assert res.retractions > 0
+    assert m["completed"] == 64
+    assert all(st.finish_ms > 0 for st in res.requests)
+
+
+def test_request_larger_than_kv_pool_is_a_typed_error():
+    sim = Simulator(get_model("qwen3-8b"), get_gpu("h100"), 1,
+                    default_config("sglang", 1, mem_fraction=0.25))
+    with pytest.raises(CapacityModelError):
+        sim.run([Request(0, 0.0, sim.pool + 10, 4)])
+
+
+def test_weights_that_do_not_fit_are_refused():
+    with pytest.raises(CapacityModelError, match="does not fit"):
+        Simulator(get_model("qwen3-235b-a22b"), get_gpu("h100"), 1, default_config("vllm", 1))
+
+
+@pytest.mark.parametrize("name", ["qwen3.5-397b-a17b", "Qwen3-Next-80B-A3B", "glm-5",
+                                  "deepseek-v3.2"])
+def test_uncovered_families_are_refused(name):
+    cfg = ModelConfig(name, 4, 1024, 8, 8, 128, 4096, 32000)
+    with pytest.raises(UnsupportedModelError) as err:
+        Simulator(cfg, get_gpu("h100"), 1, default_config("sglang", 1))
+    assert isinstance(err.value, StoreError)
+    assert "covers only" in str(err.value)
+
+
+def test_cuda_graph_padding_and_eager_limit():
+    cfg = default_config("sglang", 1)
+    assert [cfg.graph_batch(b) for b in (1, 3, 5, 9, 256)] == [1, 4, 8, 16, 256]
+    assert cfg.graph_batch(257) is None
+    assert default_config("sglang", 4).cuda_graph_max_bs == 512
+
+
+def test_overlap_hides_cpu_work(sim8b):
+    serial = Simulator(sim8b.model, sim8b.gpu, 1,
+                       default_config("sglang", 1, overlap=False), step_model=sim8b.step_model)
+    for b in (1, 64):
+        assert sim8b.step_wall_ms((), b, 1000) <= serial.step_wall_ms((), b, 1000)
+
+
+def test_weighted_percentile():
+    import numpy as np
+
+    v, w = np.array([1.0, 2.0, 3.0]), np.array([1, 1, 8])
+    assert weighted_percentile(v, w, 50) == 3.0
+    assert weighted_percentile(v, w, 10) == 1.0
+
+
+def test_synthetic_shares_prefixes_and_hits_gpu_cache(sim8b):
+    reqs = synthetic(200, rate=20.0, seed=1, num_prefixes=4)
+    assert len({r.hash_ids[0] for r in reqs}) <= 4
+    res, m = _run(sim8b, reqs)
+    assert m["completed"] == 200
+    assert m["cache_hit_rate"]["gpu"] > 0.2
+    assert m["cached_token_ratio"] > 0.2
+
+
+def test_dram_level_catches_gpu_evictions(sim8b):
+    reqs = synthetic(300, rate=50.0, seed=2, num_prefixes=32, prefix_tokens=4096)
+    sim = Simulator(sim8b.model, sim8b.gpu, 1, default_config("sglang", 1),
+                    CacheConfig(gpu_blocks=16, dram_blocks=100_000, write_policy="write_back"),
+                    step_model=sim8b.step_model)
+    res, m = _run(sim, reqs)
+    assert m["cache_hit_rate"]["dram"] > 0
+    assert m["bytes_per_link"]["h2d"] > 0 and m["bytes_per_link"]["d2h"] > 0
+
+
+def test_bad_workload_inputs_are_typed(tmp_path):
+    bad = tmp_path / "t.jsonl"
+    bad.write_text('{"timestamp": 0}\n')
+    with pytest.raises(InvalidArgumentError):
+        load_mooncake(bad)
+    with pytest.raises(InvalidArgumentError):
+        Request(0, 0.0, 0, 5)
+    with pytest.raises(InvalidArgumentError):
+        closed_loop(0, 10, 10)
+    with pytest.raises(InvalidArgumentError):
+        load_mooncake(bad, speedup=0)
+
+
+@needs_data
+def test_azure_trace_loads_with_speedup():
+    path = DATA / "azure" / "AzureLLMInferenceTrace_code.csv"
+    a = load_azure(path, limit=50)
+    b = load_azure(path, speedup=2.0, limit=50)
+    assert a[0].arrival_ms == 0.0 and len(a) == 50
+    assert b[-1].arrival_ms == pytest.approx(a[-1].arrival_ms / 2)
+
+
+# ---- exact cache checks on the Mooncake conversation trace ----------------------------------
+
+def _leading_run(chain, resident):
+    n = 0
+    for key in chain:
+        if key not in resident:
+            break
+        n += 1
+    return n
+
+
+def _ideal_prefix_hits(chains):
+    seen, hits = set(), 0
+    for chain in chains:
+        hits += _leading_run(chain, seen)
+        seen.update(chain)
+    return hits
+
+
+def _plain_lru_prefix_hits(chains, n):
+    lru, hits = OrderedDict(), 0
+    for chain in chains:
+        hits += _leading_run(chain, lru)
+        for key in chain:
+            if key in lru:
+                lru.move_to_end(key)
+            else:
+                if len(lru) >= n:
+                    lru.popitem(last=False)
+                lru[key] = None
+    return hits
+
+
+def _gpu_hits(requests, cache):
+    # A big pool (H200, TP 8 of a small model): nothing waits for KV, so admission order is
+    # arrival order and the cache sees the trace in order.
+    sim = Simulator(get_model("qwen3-0.6b"), get_gpu("h200"), 8, default_config("sglang", 8),
+                    cache)
+    res = sim.run(requests)
+    return sum(st.hits[0] for st in res.requests), sum(len(r.hash_ids) for r in requests)
+
+
+@needs_data
+def test_unlimited_gpu_cache_gives_the_ideal_prefix_hit_ratio():
+    reqs = load_mooncake(TRACE, limit=TRACE_REQUESTS)
+    chains = [r.hash_ids for r in sorted(reqs, key=lambda r: r.arrival_ms)]
+    hits, total = _gpu_hits(reqs, CacheConfig(gpu_blocks=10**12))
+    assert hits == _ideal_prefix_hits(chains)
+    assert hits / total > 0.2  # the trace really shares prefixes
+
+
+@needs_data
+@pytest.mark.parametrize("n", [64, 1000])
+def test_lru_of_n_blocks_matches_a_plain_lru(n):
+    reqs = load_mooncake(TRACE, limit=TRACE_REQUESTS)
+    chains = [r.hash_ids for r in sorted(reqs, key=lambda r: r.arrival_ms)]
+    hits, _ = _gpu_hits(reqs, CacheConfig(gpu_blocks=n, gpu_policy="lru"))
+    assert hits == _plain_lru_prefix_hits(chains, n)
+
+
+# ---- CLI ------------------------------------------------------------------------------------
+
+def test_sim_run_closed_loop_writes_bench_serving_keys(tmp_path, capsys):
+    out = tmp_path / "d"
+    rc = sim_main(["run", "--backend", "sglang", "--model", "llama-3.1-8b", "--dtype", "fp8",
+                   "--gpu", "h200", "--tp", "2", "--concurrency", "16", "--isl", "1000",
+                   "--osl", "20", "--num-prompts", "32", "--output-dir", str(out),
+                   "--no-progress", "--plot", str(tmp_path / "png")])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
+                "median_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "mean_e2e_latency_ms",
+                "request_throughput", "input_throughput", "output_throughput"):
+        assert m[key] > 0, key
+    lines = (out / "requests.jsonl").read_text().splitlines()
+    assert len(lines) == 16 * 2 + 32
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [
+        "hit_rate.png", "throughput.png", "tpot_cdf.png", "ttft_cdf.png"]
+    assert "mean_ttft_ms" in capsys.readouterr().out
+
+
+def test_sim_run_trace_with_cache_levels(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    rows = [{"timestamp": i * 100, "input_length": 1500, "output_length": 8,
+             "hash_ids": [0, 1, i + 2]} for i in range(20)]
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc = sim_main(["run", "--model", "qwen3-8b", "--gpu", "h20", "--trace", str(trace),
+                   "--dram-cache", "64GiB", "--ssd-cache", "2TiB", "--output-dir",
+                   str(tmp_path / "d"), "--no-progress"])
+    assert rc == 0
+    m = json.loads((tmp_path / "d" / "metrics.json").read_text())
+    assert m["completed"] == 20
+    assert m["cache_hit_rate"]["gpu"] == pytest.approx(38 / 60)
+
+
+def test_sim_run_refuses_bad_input(tmp_path, capsys):
+    rc = sim_main(["run", "--model", "qwen3-8b", "--gpu", "h100", "--dram-cache", "lots",
+                   "--concurrency", "2", "--isl", "10", "--osl", "2", "--output-dir",
+                   str(tmp_path)])
+    assert rc == 2
+    assert "size" in capsys.readouterr().err
+
+
+def test_sim_sweep_writes_csv_and_pareto(tmp_path):
+    rc = sim_main(["sweep", "--model", "qwen3-8b", "--gpus", "h100,h200", "--tps", "1",
+                   "--request-rates", "5,20", "--synthetic", "40", "--output-dir",
+                   str(tmp_path)])
+    assert rc == 0
+    lines = (tmp_path / "sweep.csv").read_text().splitlines()
+    assert len(lines) == 1 + 4
+    assert (tmp_path / "pareto.png").stat().st_size > 0
+
+
+def test_sim_step_json_echoes_inputs(capsys):
+    assert sim_main(["step", "--model", "qwen3-8b", "--gpu", "h100", "--prefill", "512@128",
+                     "--decode", "4x1000", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["inputs"]["prefill"] == [[512, 128]]
+    assert out["inputs"]["decode"] == [[4, 1000]]
+    assert out["step_ms"] > 0

@@ -1,0 +1,54 @@
+"""End-to-end validation against measured serving rows (skipped only without the data).
+
+Only test rows are checked (the CPU overhead was fitted on the declared fit rows,
+``crc32(id) % 4 == 0``; see tairstore.hisim.serving_fit). The closed loops are shortened (one
+warm-up and three measured requests per client instead of two and ten) to keep the test quick;
+``benchmarks/hisim_serving.py`` runs the full convention and prints the table in docs/HISIM.md.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tairstore.hisim.serving_fit import ape, load_rows, regime, simulate_row
+
+SILICON = (Path(__file__).resolve().parents[2].parent / "shared" / "data" / "aiconfigurator"
+           / "silicon_sample_dev.csv")
+needs_data = pytest.mark.skipif(not SILICON.exists(), reason="../shared/data not present")
+
+# The issue's targets, met by the SGLang rows in every regime.
+TTFT_TARGET_PCT = 15.0
+TPOT_TARGET_PCT = 10.0
+# vLLM misses the TTFT target (docs/HISIM.md says why); these guards only catch regressions.
+VLLM_TTFT_GUARD_PCT = 65.0
+VLLM_TPOT_GUARD_PCT = 16.0
+
+
+def _errors(backend, stride=1):
+    rows, _ = load_rows(SILICON, backends=(backend,))
+    out = {}
+    for r in [r for r in rows if not r.fit][::stride]:
+        try:
+            ttft, tpot = simulate_row(r, None, 1, 3)
+        except ValueError:
+            continue  # weights that do not fit: counted in the benchmark
+        for key in (regime(r), "all"):
+            out.setdefault(key, []).append((ape(ttft, r.ttft_ms), ape(tpot, r.tpot_ms)))
+    return {k: np.median(np.array(v), axis=0) for k, v in out.items()}
+
+
+@needs_data
+def test_sglang_meets_the_targets_per_regime():
+    med = _errors("sglang")
+    assert set(med) >= {"all", "below", "near"}
+    for key, (ttft, tpot) in med.items():
+        assert ttft <= TTFT_TARGET_PCT, (key, ttft)
+        assert tpot <= TPOT_TARGET_PCT, (key, tpot)
+
+
+@needs_data
+def test_vllm_within_its_regression_guards():
+    ttft, tpot = _errors("vllm", stride=3)["all"]  # a third of the rows: the test stays quick
+    assert ttft <= VLLM_TTFT_GUARD_PCT
+    assert tpot <= VLLM_TPOT_GUARD_PCT
