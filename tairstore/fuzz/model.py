@@ -17,8 +17,9 @@ What a key may show after a crash (:meth:`Expected.allowed`):
   flight; plus "absent" in an *evictable* namespace (one with a quota that evicts its own
   blocks: an evicted block whose DELETE was not yet durable may also come back, which its last
   acknowledged value covers).
-- ``"batch"`` / ``"none"``: any value it held since the last acknowledged ``store.sync()``
-  (``"none"``: since the start, since nothing is ever fsynced), or absent.
+- ``"batch"``: any value it held since the last acknowledged ``store.sync()``; absent only if
+  it was absent at some point since then (a key synced and untouched since must be there).
+- ``"none"``: any value it held since the start (nothing is ever fsynced), or absent.
 """
 
 from __future__ import annotations
@@ -148,7 +149,11 @@ class Expected:
         st = self.keys.get((ns, key)) or _Key()
         out = {st.cur} | st.inflight | st.maybe_back
         if self.durability != "sync":
-            out |= st.since_sync | {None}
+            # since_sync holds None when the key was absent at some point since the last
+            # acknowledged sync: a key synced and untouched since must be there ("batch").
+            out |= st.since_sync
+        if self.durability == "none":
+            out.add(None)
         if ns in self.evictable:
             out.add(None)
         return out
@@ -198,6 +203,7 @@ class Tally:
     crash_points: int = 0
     faults: Counter = field(default_factory=Counter)
     acked_checked: int = 0
+    evicted_seen: int = 0
     blocks_lost: int = 0
     corrupt_served: int = 0
     reopen_failures: int = 0
@@ -215,8 +221,9 @@ class Tally:
         self.runs.update(other.runs)
         self.faults.update(other.faults)
         self.decoder_inputs.update(other.decoder_inputs)
-        for name in ("crash_points", "acked_checked", "blocks_lost", "corrupt_served",
-                     "reopen_failures", "refused_opens", "intact_destroyed", "fsck_failures", "quota_violations", "other_failures",
+        for name in ("crash_points", "acked_checked", "evicted_seen", "blocks_lost", "corrupt_served",
+                     "reopen_failures", "refused_opens", "intact_destroyed", "fsck_failures",
+                     "quota_violations", "other_failures",
                      "decoder_failures"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.failures.extend(other.failures)
@@ -238,6 +245,7 @@ class Tally:
         rows += [(f"decoder inputs: {k}", v) for k, v in sorted(self.decoder_inputs.items())]
         rows += [
             ("acknowledged blocks checked", self.acked_checked),
+            ("acknowledged blocks absent, evictable (allowed)", self.evicted_seen),
             ("blocks lost (must be 0)", self.blocks_lost),
             ("corrupt payloads served (must be 0)", self.corrupt_served),
             ("reopen failures (must be 0)", self.reopen_failures),

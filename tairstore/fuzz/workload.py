@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from tairstore.errors import CapacityError
-from tairstore.fuzz.model import Expected, content, identify
+from tairstore.fuzz.model import MAX_BLOCK, Expected, content, identify
 
 __all__ = [
     "Hooks", "ModelHooks", "Op", "generate", "fixed_workload", "apply_op", "key_name",
     "NAMESPACES", "QUOTA_NS", "QUOTA_BYTES", "QUOTA_TIER_BYTES", "store_options",
+    "SSD_BYTES", "EVICTING_SSD_BYTES",
 ]
 
 #: The namespace that never evicts and the one whose quota makes it evict.
@@ -37,6 +38,13 @@ QUOTA_TIER_BYTES = {"dram": 16 << 10, "ssd": 40 << 10}
 #: Keys per namespace: few, so overwrites (delete + put) and collisions with in-flight ops happen.
 KEYS_PER_NS = 8
 
+#: The SSD tier of the store under test: roomy for the default namespace (see store_options).
+SSD_BYTES = 2 << 20
+#: An SSD tier two minimum-size segments large: smaller than what the workload keeps live
+#: (2 x 8 keys of up to 12 KiB plus dead records), so the store evicts blocks of every namespace
+#: all the time. The kill loop's evicting campaigns use it.
+EVICTING_SSD_BYTES = 128 << 10
+
 Op = tuple
 
 
@@ -45,13 +53,14 @@ def key_name(i: int) -> bytes:
     return b"k%03d" % i
 
 
-def store_options(durability: str = "sync") -> dict:
+def store_options(durability: str = "sync", ssd_bytes: int = SSD_BYTES) -> dict:
     """Options of the store under test: small files so segments and WAL files roll often.
 
-    ``ssd_bytes`` of 2 MiB makes 64 KiB segments (the store's minimum); the default namespace
-    holds at most 8 x 12 KiB, far below it, so it never evicts.
+    ``ssd_bytes`` of 2 MiB (the default) makes 64 KiB segments (the store's minimum); the
+    default namespace holds at most 8 x 12 KiB, far below it, so it never evicts.
+    ``EVICTING_SSD_BYTES`` makes every namespace evict.
     """
-    return dict(dram_bytes=64 << 10, ssd_bytes=2 << 20, durability=durability,
+    return dict(dram_bytes=64 << 10, ssd_bytes=ssd_bytes, durability=durability,
                 wal_file_bytes=4096, batch_interval_ms=2.0, maintenance_interval_s=0.02)
 
 
@@ -63,6 +72,7 @@ class Hooks(Protocol):
     def failed(self, reason: str) -> None: ...
     def synced(self) -> None: ...
     def bad_read(self, message: str) -> None: ...
+    def served(self, ns: str, key: bytes, version: int) -> None: ...
 
 
 @dataclass
@@ -86,6 +96,11 @@ class ModelHooks:
 
     def bad_read(self, message):
         self.bad.append(message)
+
+    def served(self, ns, key, version):
+        # The in-process harnesses judge versions against the model after each crash
+        # (check_store); while the store runs, the version is not checked here.
+        pass
 
 
 def generate(rng: random.Random, n_ops: int, first_version: int,
@@ -184,13 +199,7 @@ def apply_op(store, op: Op, hooks: Hooks) -> None:
             store.delete(list(keys), namespace=ns)
             hooks.ack(change)
         elif kind == "get":
-            _, ns, key = op
-            view = store.get(key, namespace=ns)
-            if view is not None:
-                version, why = identify(ns, key, view)
-                view.release()
-                if version is None:
-                    hooks.bad_read(f"get {ns}/{key!r} served wrong bytes: {why}")
+            _read_both_ways(store, op, hooks)
         elif kind == "sync":
             store.sync()
             hooks.synced()
@@ -200,6 +209,33 @@ def apply_op(store, op: Op, hooks: Hooks) -> None:
             raise ValueError(f"unknown workload op {op!r}")
     except CapacityError as exc:  # DiskFullError included: a clean refusal
         hooks.failed(f"{type(exc).__name__}: {exc}")
+
+
+def _read_both_ways(store, op: Op, hooks: Hooks) -> None:
+    """Read a key with ``get`` (a view) and with ``get_into`` (a copy): each hit byte-exact."""
+    _, ns, key = op
+    versions = []
+    view = store.get(key, namespace=ns)
+    if view is not None:
+        version, why = identify(ns, key, view)
+        view.release()
+        if version is None:
+            hooks.bad_read(f"get {ns}/{key!r} served wrong bytes: {why}")
+            return
+        versions.append(version)
+    buf = bytearray(MAX_BLOCK)
+    n = store.get_into(key, buf, namespace=ns)
+    if n:
+        version, why = identify(ns, key, memoryview(buf)[:n])
+        if version is None:
+            hooks.bad_read(f"get_into {ns}/{key!r} served wrong bytes: {why}")
+            return
+        versions.append(version)
+    # Both may miss, or one only (the maintenance thread evicts between them); two hits agree.
+    if len(set(versions)) > 1:
+        hooks.bad_read(f"{ns}/{key!r}: get served version {versions[0]}, get_into {versions[1]}")
+    elif versions:
+        hooks.served(ns, key, versions[0])
 
 
 def _apply_session(store, op: Op, hooks: Hooks) -> None:

@@ -15,7 +15,8 @@ exactly what was promised before the kill::
     A <json changes>      ... and was acknowledged
     F <reason>            the operation in flight failed cleanly (capacity, exists, aborted)
     S                     a store.sync() was acknowledged
-    X <message>           a read returned wrong bytes (W1 / R1): exit status 3
+    X <message>           a read returned wrong bytes (W1 / R1), or a version other than the
+                          one this run last acknowledged for the key (a stale read): exit status 3
     D                     the workload ended and the store closed cleanly
 
 A line cut by the kill (no newline) is not an acknowledgement. Any exception other than a
@@ -31,6 +32,7 @@ import random
 import sys
 import time
 import traceback
+from collections.abc import Callable
 
 __all__ = ["PipeHooks", "main", "EXIT_BAD_READ", "EXIT_ERROR"]
 
@@ -44,8 +46,12 @@ DEFAULT_OPS = 3000
 class PipeHooks:
     """:class:`tairstore.fuzz.workload.Hooks` that print each event as one flushed line."""
 
-    def __init__(self, out=None) -> None:
+    def __init__(self, out=None, exit_fn: Callable[[int], object] = os._exit) -> None:
         self.out = out or sys.stdout
+        self.exit_fn = exit_fn  # os._exit: no cleanup may touch the store after a bad read
+        # What this run itself acknowledged: (ns, key) -> version, None once deleted. Keys of
+        # earlier runs are not in it; the harness checks those against its model after the kill.
+        self.acked: dict[tuple[str, bytes], int | None] = {}
 
     def _emit(self, line: str) -> None:
         # One write + flush per line: what reached the pipe survives our SIGKILL.
@@ -61,6 +67,8 @@ class PipeHooks:
 
     def ack(self, changes) -> None:
         self._emit("A " + self._changes(changes))
+        for ns, key, version in changes:
+            self.acked[(ns, key)] = version
 
     def failed(self, reason: str) -> None:
         self._emit("F " + reason.replace("\n", " ")[:200])
@@ -70,7 +78,17 @@ class PipeHooks:
 
     def bad_read(self, message: str) -> None:
         self._emit("X " + message.replace("\n", " "))
-        os._exit(EXIT_BAD_READ)
+        self.exit_fn(EXIT_BAD_READ)
+
+    def served(self, ns: str, key: bytes, version: int) -> None:
+        """A read hit ``version``: it must be what this run last acknowledged for the key.
+
+        One operation at a time and no crash in between, so nothing else is allowed: an
+        evicted block is a miss, never an older version, and a deleted key stays absent.
+        """
+        if (ns, key) in self.acked and self.acked[(ns, key)] != version:
+            self.bad_read(f"read of {ns}/{key.hex()} served version {version}; this run "
+                          f"acknowledged {self.acked[(ns, key)]}")
 
     def mark(self, tag: str) -> None:
         """Emit a bare marker line (``O``, ``R``, ``D``)."""
@@ -86,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--first-version", type=int, required=True,
                     help="versions of this run start here (unique across runs)")
     ap.add_argument("--durability", default="sync", choices=("sync", "batch", "none"))
+    ap.add_argument("--ssd-bytes", type=int, default=None,
+                    help="the store's SSD tier (default: the roomy one of store_options)")
     ap.add_argument("--ops", type=int, default=DEFAULT_OPS)
     ap.add_argument("--max-seconds", type=float, default=30.0, help="safety net if never killed")
     args = ap.parse_args(argv)
@@ -95,14 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     import tairstore
     from tairstore.fuzz.check import all_keys
     from tairstore.fuzz.workload import (
-        QUOTA_BYTES, QUOTA_NS, QUOTA_TIER_BYTES, apply_op, generate, store_options,
+        QUOTA_BYTES, QUOTA_NS, QUOTA_TIER_BYTES, SSD_BYTES, apply_op, generate, store_options,
     )
 
     # The harness reads stderr only when something failed; keep it to what matters.
     logging.disable(logging.WARNING)
     hooks = PipeHooks()
     hooks.mark("O")
-    store = tairstore.open(args.path, **store_options(args.durability))
+    store = tairstore.open(args.path, **store_options(args.durability, args.ssd_bytes or SSD_BYTES))
     try:
         store.set_quota(QUOTA_NS, total_bytes=QUOTA_BYTES, tier_bytes=QUOTA_TIER_BYTES)
         present: dict[str, set[bytes]] = {}

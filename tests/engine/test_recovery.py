@@ -1,4 +1,6 @@
-"""Opening a store after a clean close or a crash: speed, WAL replay, corruption, rebuild.
+"""Opening a store after a clean close or a crash: WAL replay, corruption, rebuild.
+
+How long a reopen takes is measured by ``benchmarks/recovery.py``, not asserted here.
 
 Real files, real LMDB, real processes: a crash is a writer process killed with SIGKILL, and
 corruption is a byte flipped in a segment file on disk.
@@ -6,7 +8,6 @@ corruption is a byte flipped in a segment file on disk.
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import shutil
 import signal
@@ -22,16 +23,16 @@ import tairstore
 from tairstore.fileio import REAL_FS
 from tairstore.format.segment import header_length
 from tairstore.engine.fsck import fsck
+from tairstore.fuzz import model
 from tairstore.index.lmdb_index import Index
 from tairstore.wal import Commit, read_log
 
-_WRITER = Path(__file__).with_name("crash_writer.py")
-_spec = importlib.util.spec_from_file_location("crash_writer", _WRITER)
-crash_writer = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(crash_writer)
-content = crash_writer.content
-
 NS = "default"
+
+
+def content(key: bytes, version: int) -> bytes:
+    """The bytes of ``version`` of ``key`` in the default namespace (the fuzz harness's blocks)."""
+    return model.content(NS, key, version)
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -71,19 +72,19 @@ def flip_payload_byte(path: Path, key: bytes, location: tuple[int, int, int], at
 # SIGKILL to itself right after the last ack, so the index writer thread has (almost always)
 # not applied the last commits to LMDB yet: they exist only in the WAL tail.
 _COMMITTER = textwrap.dedent("""
-    import os, signal, sys, importlib.util
-    spec = importlib.util.spec_from_file_location("crash_writer", sys.argv[1])
-    cw = importlib.util.module_from_spec(spec); spec.loader.exec_module(cw)
+    import os, signal, sys
     import tairstore
-    store = tairstore.open(sys.argv[2], dram_bytes=1 << 20, ssd_bytes=1 << 30,
+    from tairstore.fuzz.model import content
+    from tairstore.fuzz.workload import key_name
+    store = tairstore.open(sys.argv[1], dram_bytes=1 << 20, ssd_bytes=1 << 30,
                            segment_bytes=32 << 20, durability="sync")
-    n = int(sys.argv[3])
+    n = int(sys.argv[2])
     i = 0
     while i < n:
-        keys = [cw.key_name(j) for j in range(i, min(n, i + 1 + i % 4))]
-        s = store.start_write(keys, [len(cw.content(k, 1)) for k in keys])
+        keys = [key_name(j) for j in range(i, min(n, i + 1 + i % 4))]
+        s = store.start_write(keys, [len(content("default", k, 1)) for k in keys])
         for k in s.keys_to_write:
-            store.write(s, k, cw.content(k, 1))
+            store.write(s, k, content("default", k, 1))
         assert store.finish_write(s, keys) == len(keys)
         for k in keys:
             sys.stdout.write("A %s\\n" % k.hex())
@@ -95,7 +96,7 @@ _COMMITTER = textwrap.dedent("""
 
 def commit_then_sigkill(path: Path, n: int) -> list[bytes]:
     """Run the committer on ``path`` until it kills itself; return the keys it acknowledged."""
-    proc = subprocess.run([sys.executable, "-c", _COMMITTER, str(_WRITER), str(path), str(n)],
+    proc = subprocess.run([sys.executable, "-c", _COMMITTER, str(path), str(n)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     return [bytes.fromhex(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("A ")]

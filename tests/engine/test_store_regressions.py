@@ -1,4 +1,4 @@
-"""One regression test per engine bug found by review, named after the failure it reproduces.
+"""One regression test per engine bug found by review, named after the behaviour it guards.
 
 Each is deterministic: no maintenance thread (``background=False``), no sleeps; a clock is
 stepped by hand where a lease must run out at a chosen instant.
@@ -49,7 +49,7 @@ def _full_leaf_lru_store(tmp_path):
     return s
 
 
-def test_leaf_lru_evicted_the_prefix_a_write_session_was_extending(tmp_path):
+def test_leaf_lru_keeps_the_prefix_a_write_session_is_extending(tmp_path):
     # The head of a chain is the oldest leaf; a session extending it must not see it evicted
     # by its own admission (blocks being written did not count as children).
     with _full_leaf_lru_store(tmp_path) as s:
@@ -70,7 +70,7 @@ def test_leaf_lru_evicted_the_prefix_a_write_session_was_extending(tmp_path):
         assert s.stats()["counters"]["evictions_ssd"] > 0
 
 
-def test_leaf_lru_evicted_the_prefix_a_put_with_parent_was_extending(tmp_path):
+def test_leaf_lru_keeps_the_prefix_a_put_with_parent_is_extending(tmp_path):
     with _full_leaf_lru_store(tmp_path) as s:
         head, nxt = key(0), key(10_000)
         assert s.put(nxt, payload(10_000), parent=head)
@@ -89,7 +89,7 @@ class _SteppedClock:
         return self.now
 
 
-def test_lease_expiring_between_the_check_and_the_use_leaked_the_reservation(tmp_path, monkeypatch):
+def test_lease_expiring_between_the_check_and_the_use_releases_the_reservation(tmp_path, monkeypatch):
     # The lease ran out after the store's expiry check but before check_usable(), which then
     # marked the session EXPIRED without releasing its reservation: the key stayed in flight
     # for ever (put returned False) and its bytes stayed counted.

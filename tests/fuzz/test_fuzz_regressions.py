@@ -1,6 +1,6 @@
-"""One regression test per bug the fuzz harness found, named after the failure it reproduces.
+"""One regression test per bug the fuzz harness found, named after the behaviour it guards.
 
-Each docstring gives the harness run that first showed it.
+Each docstring describes the failure and gives the harness run that first showed it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from tairstore.fuzz.faultfs import FaultFS
 
 _BLOCK = bytes(range(256)) * 16
 # The background WAL flush runs every batch_interval_ms; this bounds the wait for it to fail.
-_WAIT_S = 5.0
+# Generous: on a loaded machine the flusher thread may not run for seconds.
+_WAIT_S = 30.0
 
 
 def _wait_for(predicate, timeout: float = _WAIT_S) -> None:
@@ -62,7 +63,7 @@ def test_close_after_background_wal_failure_releases_the_directory(tmp_path):
     again.close()
 
 
-def test_none_mode_power_loss_leaves_index_entries_for_lost_bytes(tmp_path):
+def test_none_mode_power_loss_leaves_no_index_entry_for_lost_bytes(tmp_path):
     """Found by ``tairstore fuzz crashpoints --random-seed 522284859645`` (durability="none").
 
     In ``durability="none"`` the index writer commits LMDB transactions (which LMDB fsyncs)
@@ -103,7 +104,7 @@ os.kill(os.getpid(), signal.SIGKILL)  # a process crash: the page cache survives
 
 
 @pytest.mark.parametrize("durability", ["batch", "none"])
-def test_kill9_after_acknowledged_put_loses_it_in_batch_and_none_modes(tmp_path, durability):
+def test_kill9_keeps_acknowledged_puts_in_batch_and_none_modes(tmp_path, durability):
     """Found by ``tairstore fuzz crash --seed 1 --iterations 16`` (iteration 15, "batch").
 
     docs/ARCHITECTURE.md's durability table promises that in ``batch`` (and ``none``) mode an
@@ -126,7 +127,7 @@ def test_kill9_after_acknowledged_put_loses_it_in_batch_and_none_modes(tmp_path,
                           f"{durability!r} mode")
 
 
-def test_load_config_of_a_non_utf8_file_raises_unicode_decode_error(tmp_path):
+def test_load_config_of_a_non_utf8_file_raises_invalid_argument(tmp_path):
     """Found while writing the TOML config target of the decoder fuzzers (issue 5).
 
     ``load_config`` promises that a file that is missing, not TOML or invalid raises
@@ -144,7 +145,7 @@ def test_load_config_of_a_non_utf8_file_raises_unicode_decode_error(tmp_path):
         load_config(str(path))
 
 
-def test_client_fed_bytes_after_a_connection_error_frame_raises_key_error():
+def test_client_fed_bytes_after_a_connection_error_frame_stays_broken():
     """Found by ``python -m tairstore.fuzz.atheris_targets protocol`` (issue 5, in a minute).
 
     A client that receives the server's connection-level ERROR frame (request id 0) marks the
