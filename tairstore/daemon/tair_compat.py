@@ -28,7 +28,7 @@ import json
 import re
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 from urllib.parse import quote
 
 from tairstore.config import MAX_LEASE_S
@@ -46,9 +46,6 @@ from tairstore.errors import (
 from tairstore.daemon.control import ConflictError, UnsupportedError, check_namespace
 from tairstore.daemon.httpserver import Request, Response
 from tairstore.daemon.tair_storage import STORAGE_TYPES, GroupMissing, InstanceMissing, TairStorage
-
-if TYPE_CHECKING:
-    from tairstore.daemon.api import HttpApi
 
 __all__ = ["TairCompat", "key_of_int64", "STATUS_CODES"]
 
@@ -225,9 +222,13 @@ class TairCompat:
     The instances and blocks live in a :class:`~tairstore.daemon.tair_storage.TairStorage`
     attached by the daemon (:meth:`attach`): the engine's SDK writes the bytes to the storage the
     locations name, as with Tair KVCache's manager.
+
+    Args:
+        api: the :class:`tairstore.daemon.api.HttpApi` that owns it (its ``control`` plane and
+            responses); not imported here, so that the two modules import in one direction.
     """
 
-    def __init__(self, api: "HttpApi") -> None:
+    def __init__(self, api: Any) -> None:
         self.api = api
         self.control = api.control
         self.storage: TairStorage | None = None

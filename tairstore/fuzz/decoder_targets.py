@@ -30,9 +30,11 @@ __all__ = ["TARGETS", "corpus", "structured", "HTTP_ROUTES"]
 _PROTOCOL_LIMITS = dict(max_frame_bytes=64 << 10, max_header_bytes=8 << 10, max_batch=16)
 
 
-def _finding(message: str):
-    from tairstore.fuzz.decoders import Finding
+class Finding(Exception):
+    """An input broke a target's contract; the message names the input and the replay."""
 
+
+def _finding(message: str) -> Finding:
     return Finding(message)
 
 

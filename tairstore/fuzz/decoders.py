@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from tairstore.fuzz.decoder_targets import TARGETS, corpus, structured
+from tairstore.fuzz.decoder_targets import TARGETS, Finding, corpus, structured
 
 __all__ = ["TARGETS", "HANG_S", "Finding", "generate", "mutate", "run_target", "run_seeded",
            "check_one", "time_guard"]
@@ -49,10 +49,6 @@ HANG_S = 5.0
 #: The longest random input: longer than a header of each format, short enough to be fast.
 _MAX_RANDOM = 600
 _INTERESTING = (0x00, 0x01, 0x7F, 0x80, 0xFF, 0xFE, 0x20, 0x0A, 0x22, 0x5B, 0x7B)
-
-
-class Finding(Exception):
-    """An input broke a target's contract; the message names the input and the replay."""
 
 
 class _Hang(BaseException):
