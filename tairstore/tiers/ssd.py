@@ -220,6 +220,7 @@ class SegmentLog:
         if self._state != _NEW:
             raise InvalidArgumentError("SegmentLog.open() called twice")
         fs = self._fs
+        f = None
         try:
             fs.makedirs(self._dir)
             max_id = 0
@@ -246,10 +247,14 @@ class SegmentLog:
                 fs.fsync_dir(self._dir)
             with self._lock:
                 self._new_head_locked(max_id + 1)
-        except OSError as exc:
+        except BaseException as exc:
             for seg in self._segments.values():
                 seg.file.close()
-            raise _write_error(exc, f"opening segment log in {self._dir!r}") from exc
+            if f is not None:
+                f.close()  # the one being sized when it failed (closing twice is harmless)
+            if isinstance(exc, OSError):
+                raise _write_error(exc, f"opening segment log in {self._dir!r}") from exc
+            raise
         self._state = _OPEN
         return self
 
@@ -268,18 +273,22 @@ class SegmentLog:
         if self._state == _CLOSED:
             return
         error: BaseException | None = None
-        if self._state == _OPEN and self._failed is None:
-            try:
-                self.sync()
-            except FatalIOError as exc:
-                error = exc
-        with self._lock:
-            self._state = _CLOSED
-            idle = [s for s in self._segments.values() if s.pins == 0 and not s.retired]
+        try:
+            if self._state == _OPEN and self._failed is None:
+                try:
+                    self.sync()
+                except FatalIOError as exc:
+                    error = exc
+        finally:
+            # Whatever the final sync raised (also an exception that is not an I/O error),
+            # the files are closed: a store that failed to open must not keep descriptors.
+            with self._lock:
+                self._state = _CLOSED
+                idle = [s for s in self._segments.values() if s.pins == 0 and not s.retired]
+                for seg in idle:
+                    seg.retired = True
             for seg in idle:
-                seg.retired = True
-        for seg in idle:
-            seg.file.close()
+                seg.file.close()
         if error is not None:
             raise error
 

@@ -126,11 +126,17 @@ class WalWriter:
             fs.makedirs(directory)
             self._retire_stale(next_lsn)
             self._file = fs.open(wal_path(directory, next_lsn), create=True)
+        except OSError as exc:
+            raise FatalIOError(f"cannot open the WAL in {directory!r}: {exc}") from exc
+        try:
             # The new file must survive a crash before any record in it is acknowledged;
             # otherwise a reader could find the old torn tail and no continuation.
             fs.fsync_dir(directory)
-        except OSError as exc:
-            raise FatalIOError(f"cannot open the WAL in {directory!r}: {exc}") from exc
+        except BaseException as exc:
+            self._file.close()  # a writer that was never made keeps no descriptor
+            if isinstance(exc, OSError):
+                raise FatalIOError(f"cannot open the WAL in {directory!r}: {exc}") from exc
+            raise
 
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -267,18 +273,21 @@ class WalWriter:
         if self._thread is not None:
             self._thread.join()
         failure: FatalIOError | None = None
-        if self._error is None:
-            try:
-                self._group(self._next_lsn - 1, durable=self._fsync_data)
-            except FatalIOError as exc:
-                failure = exc
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
         try:
-            self._file.close()
-        except OSError:
-            pass  # the data is already durable or already reported as lost
+            if self._error is None:
+                try:
+                    self._group(self._next_lsn - 1, durable=self._fsync_data)
+                except FatalIOError as exc:
+                    failure = exc
+        finally:
+            # Also when the last flush raised something else: waiters wake, the file closes.
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+            try:
+                self._file.close()
+            except OSError:
+                pass  # the data is already durable or already reported as lost
         if failure is not None:
             raise failure
 
@@ -422,9 +431,11 @@ class WalWriter:
                 self._file.fsync()
             self._file.close()
             new_file = self._fs.open(wal_path(self._dir, first_lsn), create=True)
-            self._fs.fsync_dir(self._dir)
             with self._cond:
+                # Owned from here on, so close() closes it also when the fsync below fails;
+                # nothing is written to it before that fsync returns.
                 self._file = new_file
+            self._fs.fsync_dir(self._dir)
         self._offset = 0
         with self._cond:
             self._file_first = first_lsn

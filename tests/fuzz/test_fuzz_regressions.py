@@ -6,6 +6,8 @@ Each docstring describes the failure and gives the harness run that first showed
 from __future__ import annotations
 
 import errno
+import gc
+import os
 import signal
 import subprocess
 import sys
@@ -177,3 +179,71 @@ def test_client_fed_bytes_after_a_connection_error_frame_stays_broken():
     if events is not None:
         assert any(isinstance(e, ProtocolErrorEvent) and e.fatal for e in events), events
     assert client.broken
+
+
+def _fds_under(path) -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if str(path) in target:
+            out.append(target)
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_an_open_that_dies_after_the_segment_log_opened_keeps_no_descriptor(tmp_path):
+    """Found by CI's ``test_random_workloads_crashed_at_random_points`` (run seed 1039856952467,
+    point 8) on a loaded machine.
+
+    ``tairstore.open`` failed after the segment log had created its head segment; the teardown
+    closed the log, whose final sync died of something that is not a ``FatalIOError`` and
+    returned before closing any file. The store object was garbage, its files with it, and each
+    such failed open leaked a descriptor (in a daemon that retries opening, until it runs out).
+    Every crash point of a store's creation and first open must leave nothing open once the
+    crashed store's garbage is collected (the harness closes only files still referenced).
+    """
+    for point in range(1, 40):
+        path = tmp_path / f"p{point}"
+        fs = FaultFS(str(path), seed=point)
+        fs.arm_crash(point)
+        store = None
+        try:
+            store = tairstore.open(str(path), fs=fs, dram_bytes=64 << 10, ssd_bytes=2 << 20,
+                                   durability="sync", background=False)
+        except BaseException:  # noqa: BLE001 - the simulated crash
+            assert fs.crashed
+        if store is not None:
+            # The open survived this point: this is the end of the creation phase.
+            abandon(store)
+            break
+        gc.collect()
+        assert _fds_under(path) == [], f"crash point {point}"
+    else:
+        raise AssertionError("the open never got past 40 crash points")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_closes_whose_final_sync_dies_still_close_their_files(tmp_path):
+    """The same bug at its root: ``SegmentLog.close`` and ``WalWriter.close`` close their files
+    even when the final sync raises something other than an I/O error."""
+    from tairstore.fuzz.faultfs import SimulatedCrash
+    from tairstore.tiers.ssd import SegmentLog
+    from tairstore.wal.log import WalWriter
+    from tairstore.wal.records import Abort
+
+    fs = FaultFS(str(tmp_path))
+    log = SegmentLog(fs, str(tmp_path / "segments"), capacity_bytes=1 << 20,
+                     segment_bytes=64 << 10).open()
+    res = log.reserve("default", b"k", 100)
+    log.write(res, "default", b"k", b"x" * 100, generation=1)
+    wal = WalWriter(fs, str(tmp_path / "wal"), durability="none", next_lsn=1)
+    wal.append(Abort(1))  # buffered: close() must write it, and that write dies
+    fs.crash()
+    with pytest.raises(SimulatedCrash):
+        log.close()
+    with pytest.raises((SimulatedCrash, FatalIOError)):
+        wal.close()
+    assert _fds_under(tmp_path) == []
