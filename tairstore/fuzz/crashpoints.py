@@ -146,7 +146,8 @@ def run_crash(base: str, run: CrashRun, tally: Tally) -> tuple[list[str], int]:
         tally.fsck_failures += 1
         failures.append(f"FSCK {report} ({where})")
     try:
-        failures += check_store(store, model, tally, where)
+        failures += check_store(store, model, tally, where,
+                                rebuilt=report.get("rebuilt_blocks") is not None)
     finally:
         store.close()
     shutil.rmtree(path, ignore_errors=True)

@@ -81,6 +81,9 @@ class _Key:
     since_sync: set = field(default_factory=lambda: {None})  # values held since the last sync
     inflight: set = field(default_factory=set)  # new values of operations not yet acknowledged
     maybe_back: set = field(default_factory=set)  # values dropped without an acknowledged DELETE
+    # Values the store removed on its own (R1's drop, an eviction, a reopen that found the key
+    # gone): no tombstone marks them, so `fsck --rebuild` may bring one back, byte-exact.
+    may_return: set = field(default_factory=set)
 
 
 @dataclass
@@ -134,6 +137,7 @@ class Expected:
         st = self._k(ns, key)
         if st.cur is not None:
             st.maybe_back.add(st.cur)
+            st.may_return.add(st.cur)
         st.cur = None
         st.since_sync.add(None)
 
@@ -144,10 +148,17 @@ class Expected:
         for st in self.keys.values():
             st.since_sync = {st.cur}
 
-    def allowed(self, ns: str, key: bytes) -> set:
-        """The values the key may show after a crash."""
+    def allowed(self, ns: str, key: bytes, *, rebuilt: bool = False) -> set:
+        """The values the key may show after a crash (``rebuilt``: and ``fsck --rebuild``).
+
+        A rebuild reads the segments alone, where only an explicit delete leaves a tombstone:
+        a version the store dropped on its own (a checksum drop whose bytes on disk are
+        intact, an eviction) may come back then, byte-exact, as a correct block of its key.
+        """
         st = self.keys.get((ns, key)) or _Key()
         out = {st.cur} | st.inflight | st.maybe_back
+        if rebuilt:
+            out |= st.may_return
         if self.durability != "sync":
             # since_sync holds None when the key was absent at some point since the last
             # acknowledged sync: a key synced and untouched since must be there ("batch").
@@ -166,6 +177,8 @@ class Expected:
         """After a reopen: what the store holds now is the new durable truth."""
         for k, value in observed.items():
             st = self._k(*k)
+            if value is None and st.cur is not None:
+                st.may_return.add(st.cur)  # gone without a tombstone the model knows of
             st.cur = value
             st.since_sync = {value}
             st.inflight.clear()

@@ -352,6 +352,7 @@ class FaultModel:
         from tairstore.engine.fsck import fsck
 
         self.fatal = False
+        rebuilt = False
         try:
             if fsck_first:
                 if not os.path.exists(os.path.join(self.root, MARKER)):
@@ -365,13 +366,14 @@ class FaultModel:
                     self.tally.fsck_failures += not report["ok"]
                     raise StatefulFailure(f"FSCK after the crash: {report} {refused} "
                                           f"({self._where()})")
+                rebuilt = report.get("rebuilt_blocks") is not None
             else:
                 self.store = self._open()
         except StatefulFailure:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure to reopen is the finding
             self._fail(f"REOPEN FAILED {type(exc).__name__}: {exc}", "reopen_failures")
-        failures = check_store(self.store, self.model, self.tally, self._where())
+        failures = check_store(self.store, self.model, self.tally, self._where(), rebuilt=rebuilt)
         if failures:
             raise StatefulFailure("\n".join(failures))
         self.model.restart(observe(self.store))
