@@ -166,9 +166,13 @@ def replay_dense(
 
     How it stays equal to :class:`LeafLRU`: the victim is, by that class's definition, the
     resident key with no resident child whose last insert or hit is oldest (ticks are unique).
-    Here too, with the heap entries packed into one int (``tick << shift | key``) and one
-    deviation in bookkeeping only: the key touched last is not pushed until another key is
-    touched (its tick is the newest, so it is the victim only when no other leaf exists).
+    Here too, with the heap entries packed into one int (``tick << shift | key``) and two
+    leaves kept out of the heap (bookkeeping only, the order is the same): the key touched last
+    is not pushed until another key is touched (its tick is the newest, so it is the victim only
+    when no other leaf exists), and the parent that became a leaf when its last child left is
+    held aside, compared with the heap's top at the next eviction, and pushed only when
+    another parent takes its place (chains are mostly evicted tail first, so that parent is
+    usually the next victim: no heap operation at all).
     """
     shift = max(n_keys, 1).bit_length()
     mask = (1 << shift) - 1
@@ -182,6 +186,8 @@ def replay_dense(
     clock = 0
     size = 0
     pending = -1  # the key touched last, when it was a leaf then: not yet in the heap
+    held = -1  # a leaf not in the heap (a parent whose last child just left), while it is one
+    held_tick = 0
     out_hits: list[int] = []
     out_ins: list[int] = []
     out_ev: list[int] = []
@@ -201,22 +207,31 @@ def replay_dense(
                 prefix = False
                 inserts += 1
                 if size >= capacity:
-                    # Evict the oldest leaf: the heap's first live entry, else the pending key.
+                    # The oldest leaf: the heap's first live entry or the held leaf, whichever
+                    # is older; else the pending key; else none, when parents form a cycle
+                    # (keys reused in another order), and then, as in the reference replay,
+                    # the insert goes ahead over capacity.
                     victim = -1
                     while heap:
-                        e = pop(heap)
+                        e = heap[0]
                         v = e & mask
                         t = e >> shift
                         if resident[v] and tick_of[v] == t and heap_tick[v] == t:
-                            if children[v]:
-                                heap_tick[v] = 0
-                                continue
-                            victim = v
-                            break
-                    if victim < 0:
-                        # No leaf in the heap: the pending key, or none at all when parents
-                        # form a cycle (keys reused in another order); then, as the reference
-                        # replay does, the insert goes ahead over capacity.
+                            if not children[v]:
+                                victim = v
+                                break
+                            heap_tick[v] = 0
+                        pop(heap)
+                    if held >= 0 and not (
+                        resident[held] and tick_of[held] == held_tick and not children[held]
+                    ):
+                        held = -1
+                    if victim >= 0 and (held < 0 or t < held_tick):
+                        pop(heap)
+                    elif held >= 0:
+                        victim = held
+                        held = -1
+                    else:
                         victim = pending
                     if victim >= 0:
                         if victim == pending:
@@ -232,8 +247,16 @@ def replay_dense(
                             if not left and resident[p] and p != pending:
                                 t = tick_of[p]
                                 if heap_tick[p] != t:
-                                    heap_tick[p] = t
-                                    push(heap, t << shift | p)
+                                    # p just became a leaf, with an old tick: most often the
+                                    # next victim. Hold it out of the heap; push the leaf held
+                                    # before if it still is one.
+                                    if held >= 0 and resident[held] and not children[held]:
+                                        ht = tick_of[held]
+                                        if ht == held_tick and heap_tick[held] != ht:
+                                            heap_tick[held] = ht
+                                            push(heap, ht << shift | held)
+                                    held = p
+                                    held_tick = t
                 if parent == k:
                     parent = -1
                 resident[k] = 1

@@ -140,7 +140,9 @@ def run_grid(trace: Trace, grid: Grid, workers: int | None = None) -> list[Repla
     # A DRAM tier that holds every distinct block never evicts, so every policy keeps every
     # block and replays alike (and no SSD is ever written): those configurations are read
     # off the LRU sweep instead of replayed.
-    distinct = len(set(itertools.chain.from_iterable(trace.chains)))
+    dense = (densify(trace) if 0 in ssds and any(p in DENSE_REPLAYS for p in grid.policies)
+             else None)
+    distinct = dense.n_keys if dense is not None else len(set(itertools.chain.from_iterable(trace.chains)))
     unbounded = [c for c in caps if c >= distinct]
     sweep_caps = sorted(set(unbounded) | (set(caps) if "lru" in grid.policies and 0 in ssds
                                           else set()))
@@ -148,7 +150,7 @@ def run_grid(trace: Trace, grid: Grid, workers: int | None = None) -> list[Repla
             if c < distinct and not (p == "lru" and s == 0)]
     workers = workers or os.cpu_count() or 1
     _TRACE = trace
-    _DENSE = densify(trace) if any(_dense_job(p, s) for p, _, s in jobs) else None
+    _DENSE = dense
     try:
         results: dict[tuple[str, int, int], list[ReplayStats]] = {}
         swept: list[list[ReplayStats]] = []
