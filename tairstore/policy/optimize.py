@@ -142,7 +142,8 @@ def run_grid(trace: Trace, grid: Grid, workers: int | None = None) -> list[Repla
     # off the LRU sweep instead of replayed.
     dense = (densify(trace) if 0 in ssds and any(p in DENSE_REPLAYS for p in grid.policies)
              else None)
-    distinct = dense.n_keys if dense is not None else len(set(itertools.chain.from_iterable(trace.chains)))
+    distinct = (dense.n_keys if dense is not None
+                else len(set(itertools.chain.from_iterable(trace.chains))))
     unbounded = [c for c in caps if c >= distinct]
     sweep_caps = sorted(set(unbounded) | (set(caps) if "lru" in grid.policies and 0 in ssds
                                           else set()))
