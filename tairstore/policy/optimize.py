@@ -1,9 +1,11 @@
 """The optimizer: replay a trace over a grid of (policy, DRAM size, SSD size) and tabulate it.
 
 LRU over DRAM alone is computed for every capacity in one pass (:mod:`.stackdist`); every other
-configuration is one replay through the store's policy objects (:mod:`.prefixreplay`), and the
-replays run in parallel processes (fork: the workers inherit the loaded trace, nothing is
-pickled but the results). A capacity that holds every distinct block of the trace evicts
+configuration is one replay (:mod:`.prefixreplay`): over DRAM alone through the policy's tight
+loop on the trace's keys numbered densely once (``replay_prefix_dense``, the same counts as the
+policy objects), with an SSD tier through the store's policy objects. The replays run in
+parallel processes (fork: the workers inherit the loaded trace, nothing is pickled but the
+results). A capacity that holds every distinct block of the trace evicts
 nothing under any policy, so it is read off the LRU sweep, not replayed.
 """
 
@@ -21,7 +23,16 @@ from dataclasses import dataclass
 
 from tairstore.errors import InvalidArgumentError
 from tairstore.policy import POLICIES
-from tairstore.policy.prefixreplay import ALL_GROUPS, ReplayStats, check_capacity, replay_prefix
+from tairstore.policy.prefixreplay import (
+    ALL_GROUPS,
+    DENSE_REPLAYS,
+    DenseChains,
+    ReplayStats,
+    check_capacity,
+    densify,
+    replay_prefix,
+    replay_prefix_dense,
+)
 from tairstore.policy.stackdist import lru_sweep
 from tairstore.policy.traces import Trace
 
@@ -94,12 +105,20 @@ class Grid:
                 check_capacity(c, s)
 
 
-# The trace the workers replay; set before the pool forks, so it is shared, not pickled.
+# The trace the workers replay, and its dense form when a job uses it; set before the pool
+# forks, so they are shared, not pickled.
 _TRACE: Trace | None = None
+_DENSE: DenseChains | None = None
+
+
+def _dense_job(policy: str, ssd: int) -> bool:
+    return ssd == 0 and policy in DENSE_REPLAYS
 
 
 def _job(policy: str, capacity: int, ssd: int, promote: bool) -> list[ReplayStats]:
     assert _TRACE is not None
+    if _dense_job(policy, ssd):
+        return replay_prefix_dense(_TRACE, policy, capacity, _DENSE)
     return replay_prefix(_TRACE, policy, capacity, ssd, promote)
 
 
@@ -114,14 +133,17 @@ def run_grid(trace: Trace, grid: Grid, workers: int | None = None) -> list[Repla
     Args:
         workers: processes; None uses every CPU, 1 replays in this process.
     """
-    global _TRACE
+    global _TRACE, _DENSE
     grid.check()
     caps = sorted(set(grid.capacities))
     ssds = sorted(set(grid.ssd_capacities))
     # A DRAM tier that holds every distinct block never evicts, so every policy keeps every
     # block and replays alike (and no SSD is ever written): those configurations are read
     # off the LRU sweep instead of replayed.
-    distinct = len(set(itertools.chain.from_iterable(trace.chains)))
+    dense = (densify(trace) if 0 in ssds and any(p in DENSE_REPLAYS for p in grid.policies)
+             else None)
+    distinct = (dense.n_keys if dense is not None
+                else len(set(itertools.chain.from_iterable(trace.chains))))
     unbounded = [c for c in caps if c >= distinct]
     sweep_caps = sorted(set(unbounded) | (set(caps) if "lru" in grid.policies and 0 in ssds
                                           else set()))
@@ -129,6 +151,7 @@ def run_grid(trace: Trace, grid: Grid, workers: int | None = None) -> list[Repla
             if c < distinct and not (p == "lru" and s == 0)]
     workers = workers or os.cpu_count() or 1
     _TRACE = trace
+    _DENSE = dense
     try:
         results: dict[tuple[str, int, int], list[ReplayStats]] = {}
         swept: list[list[ReplayStats]] = []
@@ -146,7 +169,7 @@ def run_grid(trace: Trace, grid: Grid, workers: int | None = None) -> list[Repla
                 for j, f in futs.items():
                     results[j] = f.result()
     finally:
-        _TRACE = None
+        _TRACE = _DENSE = None
     by_cap = dict(zip(sweep_caps, swept))
     for p in grid.policies:
         for s in ssds:

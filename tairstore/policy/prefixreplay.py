@@ -20,18 +20,38 @@ Sizes are in blocks: every block of a trace has the same size, so the policies r
 and capacities in blocks; bytes are blocks times the block size, applied by the caller.
 Token hits weigh each hit block by the tokens it holds (the last block of a request holds the
 remainder of its input).
+
+:func:`replay_prefix` is the reference: it drives the policy objects one operation at a time.
+:func:`replay_prefix_dense` is the optimizer's fast path for one tier: the trace's keys mapped
+once to dense ints (:func:`densify`) and each policy's own tight replay loop
+(``replay_dense`` in :mod:`.leaf_lru` and :mod:`.s3fifo`), which makes the same decisions as
+the policy objects; the tests hold it to the reference, count for count.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 from tairstore.errors import InvalidArgumentError
 from tairstore.policy import make_policy
+from tairstore.policy import leaf_lru, s3fifo
 from tairstore.policy.base import PolicyBase
 from tairstore.policy.traces import Trace
 
-__all__ = ["ReplayStats", "replay_prefix", "ALL_GROUPS"]
+__all__ = [
+    "ReplayStats", "replay_prefix", "replay_prefix_dense", "densify", "DenseChains",
+    "DENSE_REPLAYS", "ALL_GROUPS",
+]
+
+#: ``replay_dense(chains, n_keys, capacity) -> (prefix hits, inserts, evictions) per request``.
+DenseReplay = Callable[[list[list[int]], int, int], tuple[list[int], list[int], list[int]]]
+
+#: Policies with a one-tier tight replay loop (LRU has the one-pass sweep, :mod:`.stackdist`).
+DENSE_REPLAYS: dict[str, DenseReplay] = {
+    "leaf_lru": leaf_lru.replay_dense,
+    "s3fifo": s3fifo.replay_dense,
+}
 
 #: The group name of the row that sums every group.
 ALL_GROUPS = "*"
@@ -180,4 +200,56 @@ def replay_prefix(
             else:
                 put_dram(key, parent, st)
             parent = key
+    return with_total(rows)
+
+
+@dataclass(frozen=True)
+class DenseChains:
+    """A trace's chains with every block key replaced by a dense int in ``0..n_keys-1``."""
+
+    chains: list[list[int]]
+    n_keys: int
+
+
+def densify(trace: Trace) -> DenseChains:
+    """Number the trace's distinct blocks in order of first appearance (done once per trace,
+    shared by every replay of it)."""
+    ids: dict[int, int] = {}
+    number = ids.setdefault
+    chains = [[number(k, len(ids)) for k in chain] for chain in trace.chains]
+    return DenseChains(chains, len(ids))
+
+
+def replay_prefix_dense(
+    trace: Trace, policy: str, capacity_blocks: int, dense: DenseChains | None = None
+) -> list[ReplayStats]:
+    """:func:`replay_prefix` over DRAM alone (no SSD tier), through ``policy``'s tight loop.
+
+    Same rows, same counts as ``replay_prefix(trace, policy, capacity_blocks)``.
+
+    Args:
+        dense: ``densify(trace)``, when the caller replays the trace more than once.
+
+    Raises:
+        InvalidArgumentError: a policy without a dense replay, or a capacity that is not positive.
+    """
+    check_capacity(capacity_blocks)
+    try:
+        run = DENSE_REPLAYS[policy]
+    except KeyError:
+        raise InvalidArgumentError(
+            f"no dense replay for policy {policy!r}; these have one: {', '.join(DENSE_REPLAYS)}"
+        ) from None
+    if dense is None:
+        dense = densify(trace)
+    hits, inserts, evictions = run(dense.chains, dense.n_keys, capacity_blocks)
+    rows = [ReplayStats(policy, capacity_blocks, 0, name) for name in trace.group_names]
+    for toks, g, h, i, e in zip(trace.tokens, trace.groups, hits, inserts, evictions):
+        st = rows[g]
+        st.block_accesses += len(toks)
+        st.token_accesses += sum(toks)
+        st.dram_hits += h
+        st.dram_token_hits += sum(toks[:h])
+        st.dram_writes += i
+        st.dram_evictions += e
     return with_total(rows)

@@ -33,7 +33,7 @@ hole at its tail. A call stops when every key left in both queues has answered "
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Hashable
 from typing import ClassVar
 
@@ -178,3 +178,113 @@ class S3FIFO(PolicyBase):
                 self._main[key] = freq - 1
                 continue
             return key
+
+
+def replay_dense(
+    chains: list[list[int]],
+    n_keys: int,
+    capacity: int,
+    small_ratio: float = DEFAULT_SMALL_RATIO,
+    move_to_main_freq: int = DEFAULT_MOVE_TO_MAIN_FREQ,
+) -> tuple[list[int], list[int], list[int]]:
+    """The prefix-cache replay of :mod:`.prefixreplay` (one tier, unit-size blocks) through
+    S3-FIFO, as one tight loop: the same decisions as :class:`S3FIFO` built with
+    ``capacity_bytes=capacity`` and driven per operation, at several times the speed. The
+    optimizer's fast path; the tests hold it to the per-operation replay on random and Mooncake
+    traces.
+
+    Args:
+        chains: each request's blocks as dense ints in ``0..n_keys-1``.
+        n_keys: the number of distinct blocks.
+        capacity: the tier's capacity in blocks (> 0).
+
+    Returns:
+        Per request: the prefix-hit blocks (leading run of blocks resident before the request),
+        the blocks inserted, the evictions it caused.
+
+    With no pinned keys and no removals the queues are plain FIFOs (a hit only bumps a
+    frequency in place; a reinsertion goes to the tail), so they are deques of keys, with the
+    frequencies and queue membership in arrays. The ghost queue drops entries lazily: an entry
+    is live while the key's recorded ghost position is the entry's own.
+    """
+    if not 0.0 < small_ratio < 1.0:
+        raise InvalidArgumentError(f"small_ratio must be in (0, 1), got {small_ratio}")
+    small: deque[int] = deque()
+    main: deque[int] = deque()
+    ghost: deque[int] = deque()
+    small_append, small_popleft = small.append, small.popleft
+    main_append, main_popleft = main.append, main.popleft
+    ghost_append, ghost_popleft = ghost.append, ghost.popleft
+    where = bytearray(n_keys)  # 0: not resident, 1: small queue, 2: main queue
+    freq = bytearray(n_keys)
+    ghost_pos = [-1] * n_keys  # position of the key's live ghost entry; -1: none
+    ghost_head = ghost_tail = ghost_live = 0
+    small_min = capacity * small_ratio  # evict from S while it holds at least this much
+    ghost_limit = capacity - int(capacity * small_ratio)
+    n_small = 0
+    size = 0
+    out_hits: list[int] = []
+    out_ins: list[int] = []
+    out_ev: list[int] = []
+    for chain in chains:
+        # Hits only bump frequencies, so the leading hits are the prefix found before the request.
+        hits = 0
+        inserts = 0
+        evictions = 0
+        prefix = True
+        for k in chain:
+            if where[k]:
+                hits += prefix
+                f = freq[k]
+                if f < MAX_FREQ:
+                    freq[k] = f + 1
+                continue
+            prefix = False
+            inserts += 1
+            if size >= capacity:
+                while True:
+                    if n_small and (not main or n_small >= small_min):
+                        v = small_popleft()
+                        n_small -= 1
+                        if freq[v] >= move_to_main_freq:
+                            freq[v] = 0
+                            where[v] = 2
+                            main_append(v)
+                            continue
+                        where[v] = 0
+                        ghost_pos[v] = ghost_tail
+                        ghost_append(v)
+                        ghost_tail += 1
+                        ghost_live += 1
+                        while ghost_live > ghost_limit:
+                            g = ghost_popleft()
+                            if ghost_pos[g] == ghost_head:
+                                ghost_pos[g] = -1
+                                ghost_live -= 1
+                            ghost_head += 1
+                        break
+                    v = main_popleft()
+                    f = freq[v]
+                    if f:
+                        freq[v] = f - 1
+                        main_append(v)
+                        continue
+                    where[v] = 0
+                    break
+                size -= 1
+                evictions += 1
+            size += 1
+            freq[k] = 0
+            if ghost_pos[k] >= 0:
+                ghost_pos[k] = -1
+                ghost_live -= 1
+                where[k] = 2
+                main_append(k)
+            else:
+                where[k] = 1
+                small_append(k)
+                n_small += 1
+        out_hits.append(hits)
+        out_ins.append(inserts)
+        out_ev.append(evictions)
+    return out_hits, out_ins, out_ev
