@@ -69,7 +69,7 @@ COUNTERS = ("hits", "misses", "hits_dram", "hits_ssd", "checksum_errors", "read_
             "puts", "deletes", "trimmed", "expired", "bytes_written", "evictions_dram",
             "evictions_ssd", "watermark_evictions", "promotions", "leases_expired",
             "recovered_blocks", "recovery_dropped", "recovery_read_errors", "recovery_dangling",
-            "recovery_oversize", "hits_remote", "demotions", "demotion_failures",
+            "recovery_oversize", "hits_remote", "misses_remote", "demotions", "demotion_failures",
             "demotions_missed", "demotions_dropped")
 
 
