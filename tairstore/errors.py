@@ -5,6 +5,8 @@ and what to do next (the idea of py-lmdb's and trio's small exception sets):
 
 - the caller passed something wrong: :class:`InvalidArgumentError`, :class:`SessionError`;
 - the store is full: :class:`CapacityError` (and :class:`DiskFullError` for a full disk);
+- a namespace's ``always:<tier>`` strategy names a tier that is missing or unhealthy:
+  :class:`TierUnavailableError`;
 - the bytes on disk are damaged: :class:`CorruptionError`; the store's metadata (index, WAL)
   cannot account for its data and ``open`` refuses: :class:`MetadataMismatchError` (its message
   names the fix, ``tairstore fsck DIR --rebuild``);
@@ -31,6 +33,7 @@ __all__ = [
     "LeaseExpiredError",
     "CapacityError",
     "DiskFullError",
+    "TierUnavailableError",
     "CorruptionError",
     "MetadataMismatchError",
     "StoreIOError",
@@ -78,6 +81,19 @@ class CapacityError(StoreError):
 
 class DiskFullError(CapacityError):
     """The file system returned ENOSPC; the write failed cleanly and reads keep working."""
+
+
+class TierUnavailableError(StoreError):
+    """A namespace's ``always:<tier>`` strategy names a tier that cannot take the write now:
+    the store has no such tier, or (the remote tier) it is unhealthy. Nothing was stored.
+
+    Attributes:
+        tier: the tier asked for (``"dram"``, ``"ssd"``, ``"remote"``).
+    """
+
+    def __init__(self, message: str, tier: str = "") -> None:
+        super().__init__(message)
+        self.tier = tier
 
 
 class CorruptionError(StoreError):

@@ -35,9 +35,10 @@ from tairstore.errors import (
     SessionError,
     StoreError,
     StoreLockedError,
+    TierUnavailableError,
 )
 from tairstore.daemon.auth import ALL_NAMESPACES, Authenticator, Unauthenticated
-from tairstore.daemon.control import ConflictError, ControlPlane, UnsupportedError, check_namespace
+from tairstore.daemon.control import KEEP, ConflictError, ControlPlane, UnsupportedError, check_namespace
 from tairstore.daemon.events import ConnectionEvents
 from tairstore.daemon.httpserver import Request, Response
 from tairstore.daemon.metrics import Metrics
@@ -57,6 +58,7 @@ ERROR_STATUS: list[tuple[type[BaseException], int]] = [
     (SessionError, 409),
     (InvalidArgumentError, 400),
     (CapacityError, 507),
+    (TierUnavailableError, 503),
     (UnsupportedError, 501),
     (ClosedError, 503),
     (FatalIOError, 503),
@@ -288,7 +290,8 @@ class HttpApi:
         body = parse_json(req.body)
         name = check_namespace(body.get("name"))
         self.check(req, name, admin=True)
-        return json_response(await self.run(self.control.create_namespace, name, body.get("quota")), 201)
+        return json_response(await self.run(self.control.create_namespace, name, body.get("quota"),
+                                            body.get("strategy")), 201)
 
     async def namespaces_get(self, req: Request, name: str) -> Response:
         self.check(req, check_namespace(name))
@@ -297,9 +300,11 @@ class HttpApi:
     async def namespaces_update(self, req: Request, name: str) -> Response:
         self.check(req, check_namespace(name), admin=True)
         body = parse_json(req.body)
-        if "quota" not in body:
-            raise InvalidArgumentError('give the new quota: {"quota": {"total_bytes": ..., "tier_bytes": {...}}}')
-        return json_response(await self.run(self.control.update_namespace, name, body["quota"]))
+        if "quota" not in body and "strategy" not in body:
+            raise InvalidArgumentError('give the new quota, strategy or both: {"quota": {"total_bytes": ..., '
+                                       '"tier_bytes": {...}}, "strategy": "prefer:remote"}')
+        return json_response(await self.run(self.control.update_namespace, name, body.get("quota", KEEP),
+                                            body.get("strategy", KEEP)))
 
     # ------------------------------------------------------------------------- instances
     async def instances_list(self, req: Request) -> Response:

@@ -25,6 +25,7 @@ subset::
     [namespaces.team-a]
     total_bytes = "10GiB"
     tier_bytes = { dram = "2GiB", ssd = "8GiB" }
+    strategy = "prefer:dram"    # optional: always:/prefer: dram, ssd or remote
 
 Anything unknown or invalid is refused at start with ``FILE: [section] key: reason`` (an
 :class:`~tairstore.errors.InvalidArgumentError`), because a typo in a capacity or durability
@@ -126,10 +127,12 @@ class LimitsConfig:
 
 @dataclass
 class NamespaceQuota:
-    """A namespace to create at start, with its quota (None: unlimited)."""
+    """A namespace to create at start, with its quota (None: unlimited) and backend strategy
+    (None: none; see tairstore.engine.strategy)."""
 
     total_bytes: int | None = None
     tier_bytes: dict[str, int] = field(default_factory=dict)
+    strategy: str | None = None
 
 
 @dataclass
@@ -327,8 +330,15 @@ def _namespaces(where: _Where, cfg: DaemonConfig, table: Any) -> None:
             check_namespace(name)
         except InvalidArgumentError as exc:
             raise where.error(sec, None, str(exc)) from None
-        t = _check_keys(where, sec, t, ("total_bytes", "tier_bytes"))
+        t = _check_keys(where, sec, t, ("total_bytes", "tier_bytes", "strategy"))
         q = NamespaceQuota()
+        if "strategy" in t:
+            from tairstore.engine.strategy import STRATEGIES
+
+            if t["strategy"] not in STRATEGIES:
+                raise where.error(sec, "strategy", f"must be one of {', '.join(STRATEGIES)}, "
+                                  f"got {t['strategy']!r}")
+            q.strategy = t["strategy"]
         if "total_bytes" in t:
             q.total_bytes = _size(where, sec, "total_bytes", t["total_bytes"])
         if "tier_bytes" in t:
@@ -464,6 +474,9 @@ def load_config(path: str | os.PathLike | None) -> DaemonConfig:
         if parse is None:
             raise where.error(section, None, f"unknown section (known: {', '.join(_SECTIONS)})")
         parse(where, cfg, value)
+    for name, q in cfg.namespaces.items():
+        if q.strategy is not None and q.strategy.endswith(":remote") and not cfg.store.get("remote"):
+            raise where.error(f"namespaces.{name}", "strategy", f"{q.strategy!r} needs a [remote] section")
     return cfg
 
 

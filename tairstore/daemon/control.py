@@ -49,6 +49,8 @@ __all__ = [
 ]
 
 DEFAULT_LEASE_S = 30.0
+#: ``update_namespace``'s default: leave that setting as it is.
+KEEP = object()
 MAX_SESSIONS = 4096  # open HTTP write sessions; each holds reserved space, so bound them
 
 
@@ -173,7 +175,9 @@ class ControlPlane:
         if name not in self.namespaces():
             raise NotFoundError(f"no namespace {name!r}; create it with POST /namespaces")
         usage = self.store.stats()["namespaces"].get(name, {"blocks": 0, "bytes": 0})
-        return {"name": name, "blocks": usage["blocks"], "bytes": usage["bytes"], "quota": self.quota(name)}
+        quota = self.quota(name)
+        return {"name": name, "blocks": usage["blocks"], "bytes": usage["bytes"], "quota": quota,
+                "strategy": quota.get("strategy")}
 
     def quota(self, name: str) -> dict:
         """The store's quota report, or the daemon's record with the store's usage."""
@@ -188,39 +192,62 @@ class ControlPlane:
         return {"total_bytes": q.get("total_bytes"), "used_bytes": used,
                 "tiers": {t: {"limit": tiers.get(t), "used": None} for t in TIERS}}
 
-    def create_namespace(self, name: str, quota: Any = None) -> dict:
-        """Create a namespace, with an optional quota.
+    def create_namespace(self, name: str, quota: Any = None, strategy: Any = None) -> dict:
+        """Create a namespace, with an optional quota and backend strategy.
 
         Raises:
             ConflictError: it exists already (use :meth:`update_namespace`).
+            InvalidArgumentError: a bad quota or strategy.
         """
         check_namespace(name)
         total, tiers = parse_quota(quota)
+        strategy = self._check_strategy(strategy)
         with self._lock:
             if name in self.namespaces():
                 raise ConflictError(f"namespace {name!r} exists; change its quota with PUT /namespaces/{name}")
             self._set_quota(name, total, tiers, created=True)
+            self._set_strategy(name, strategy)
         return self.namespace_info(name)
 
-    def update_namespace(self, name: str, quota: Any) -> dict:
-        """Replace a namespace's quota.
+    def update_namespace(self, name: str, quota: Any = KEEP, strategy: Any = KEEP) -> dict:
+        """Replace a namespace's quota, its strategy, or both (:data:`KEEP`: leave it).
 
         Raises:
             NotFoundError: no such namespace (create it with :meth:`create_namespace`).
+            InvalidArgumentError: a bad quota or strategy.
         """
         check_namespace(name)
-        total, tiers = parse_quota(quota)
+        limits = None if quota is KEEP else parse_quota(quota)
+        strategy = strategy if strategy is KEEP else self._check_strategy(strategy)
         with self._lock:
             if name not in self.namespaces():
                 raise NotFoundError(f"no namespace {name!r}; create it with POST /namespaces")
-            self._set_quota(name, total, tiers, created=False)
+            if limits is not None:
+                self._set_quota(name, *limits, created=False)
+            if strategy is not KEEP:
+                self._set_strategy(name, strategy)
         return self.namespace_info(name)
 
-    def ensure_namespace(self, name: str, total: int | None, tiers: dict[str, int]) -> None:
+    def ensure_namespace(self, name: str, total: int | None, tiers: dict[str, int],
+                         strategy: str | None = None) -> None:
         """Create or update (the config file's ``[namespaces.NAME]`` at start)."""
         check_namespace(name)
+        strategy = self._check_strategy(strategy)
         with self._lock:
             self._set_quota(name, total, tiers, created=name not in self.namespaces())
+            self._set_strategy(name, strategy)
+
+    def _check_strategy(self, strategy: Any) -> str | None:
+        from tairstore.engine.strategy import check_strategy
+
+        strategy = check_strategy(strategy)
+        if strategy is not None and not callable(getattr(self.store, "set_strategy", None)):
+            raise UnsupportedError("this store has no backend strategies")
+        return strategy
+
+    def _set_strategy(self, name: str, strategy: str | None) -> None:
+        if callable(getattr(self.store, "set_strategy", None)):
+            self.store.set_strategy(name, strategy)
 
     def _set_quota(self, name: str, total: int | None, tiers: dict[str, int], *, created: bool) -> None:
         if self.store_has_quotas:

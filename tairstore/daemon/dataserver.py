@@ -572,6 +572,17 @@ class DataServer:
         return self._ops[op](conn, req)
 
     # --------------------------------------------------------- PUT straight into the store
+    def _routes_auto(self, ns: Any) -> bool:
+        """Whether a put of ``ns`` without a tier goes to the local tiers as usual (no namespace
+        strategy says otherwise); write sessions cannot follow a strategy."""
+        route = getattr(self.store, "route", None)
+        if route is None:
+            return True
+        try:
+            return route(ns) == "auto"
+        except StoreError:
+            return False  # a bad namespace, or an always:<tier> that fails: put answers it
+
     def _payload_sinks(self, conn: _Conn, rid: int, op: Op, fields: dict) -> list | None:
         """The codec's ``payload_sinks``: where each block of a PUT is to be received.
 
@@ -585,6 +596,8 @@ class DataServer:
         keys, sizes = fields["keys"], fields["sizes"]
         if len(keys) == 1 and sizes[0] < INPLACE_MIN_BYTES:
             return None  # a small block: store.put's copy costs less than a write session
+        if not self._routes_auto(fields.get("ns", DEFAULT_NAMESPACE)):
+            return None  # a namespace strategy places the blocks: store.put / put_many do that
         rec = _InPlace()
         conn.inplace[rid] = rec
         try:

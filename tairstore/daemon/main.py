@@ -224,7 +224,8 @@ async def run_daemon(config: DaemonConfig, *, handle_signals: bool = True,
             access_log = AccessLogWriter(config.access_log)
         control = ControlPlane(store, DaemonState(os.path.join(data_dir, STATE_FILE)))
         for name, q in config.namespaces.items():
-            await trio.to_thread.run_sync(control.ensure_namespace, name, q.total_bytes, q.tier_bytes)
+            await trio.to_thread.run_sync(control.ensure_namespace, name, q.total_bytes, q.tier_bytes,
+                                         q.strategy)
         metrics = Metrics(store)
         api = HttpApi(control, auth, metrics, http_max_body_bytes=config.limits.http_max_body_bytes,
                       worker_threads=config.limits.worker_threads or 4)

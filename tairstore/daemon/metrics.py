@@ -77,6 +77,7 @@ class _StoreCollector:
         yield from self._tiers(st)
         yield from self._namespaces(st)
         yield from self._counters(st)
+        yield from self._remote(st)
         yield from self._optional(st)
 
     def _tiers(self, st: dict) -> Iterable[Metric]:
@@ -163,6 +164,45 @@ class _StoreCollector:
                 fam = families[name] = CounterMetricFamily(f"{PREFIX}_{name}", help_, labels=list(labels))
             fam.add_metric(list(labels.values()), counters[src])
         yield from families.values()
+
+    def _remote(self, st: dict) -> Iterable[Metric]:
+        """The remote tier (Mooncake / 3FS), when the store has one: health, usage, traffic."""
+        r = (st.get("tiers") or {}).get("remote")
+        if not isinstance(r, dict):
+            return
+        kind = str(r.get("kind", ""))
+        healthy = GaugeMetricFamily(f"{PREFIX}_remote_healthy",
+                                    "1 while the remote tier is in rotation, 0 while it is skipped.",
+                                    labels=["kind"])
+        healthy.add_metric([kind], 1 if r.get("healthy") else 0)
+        yield healthy
+        for key, name, help_ in (("used_bytes", "remote_used_bytes", "Bytes the remote tier holds, as this "
+                                  "store can tell (Mooncake: what it put; 3FS: the directory's total)."),
+                                 ("capacity_bytes", "remote_capacity_bytes", "Capacity of the remote tier "
+                                  "(Mooncake: the segment this store lends; 3FS: capacity_bytes or its files).")):
+            if isinstance(r.get(key), (int, float)):
+                g = GaugeMetricFamily(f"{PREFIX}_{name}", help_, labels=["kind"])
+                g.add_metric([kind], r[key])
+                yield g
+        counters = st.get("counters") or {}
+        for value, name, help_ in (
+                (counters.get("hits_remote"), "remote_hits", "Local misses the remote tier answered "
+                 "with a verified block."),
+                (counters.get("misses_remote"), "remote_misses", "Local misses the remote tier did not "
+                 "answer (absent, damaged, or the tier skipped while unhealthy)."),
+                (r.get("corruptions"), "remote_corruptions", "Remote blocks that failed their checksum "
+                 "(misses; removed)."),
+                (r.get("puts"), "remote_puts", "Blocks stored on the remote tier."),
+                (r.get("put_failures"), "remote_put_failures", "Blocks the remote tier did not store "
+                 "(unreachable, full)."),
+                (counters.get("demotions"), "remote_demotions", "Blocks evicted from SSD and put to the "
+                 "remote tier."),
+                (counters.get("demotion_failures"), "remote_demotion_failures",
+                 "Evicted blocks the remote tier refused.")):
+            if isinstance(value, (int, float)):
+                c = CounterMetricFamily(f"{PREFIX}_{name}", help_, labels=["kind"])
+                c.add_metric([kind], value)
+                yield c
 
     def _optional(self, st: dict) -> Iterable[Metric]:
         """Watermark crossings and compaction, exported when (and as) the store reports them."""

@@ -38,6 +38,8 @@ class Namespace:
     total_bytes: int | None = None
     tier_bytes: dict[str, int] = field(default_factory=dict)
     ttl_s: float | None = None
+    #: The backend strategy for puts without a tier (tairstore.engine.strategy); None: "auto".
+    strategy: str | None = None
     used_total: int = 0
     used: dict[str, int] = field(default_factory=lambda: {t: 0 for t in TIERS})
     blocks: int = 0
@@ -57,8 +59,9 @@ class Namespace:
         return lim is not None and self.used[tier] + extra > lim
 
     def settings(self) -> dict:
-        """The persisted part: limits and TTL."""
-        return {"total_bytes": self.total_bytes, "tier_bytes": dict(self.tier_bytes), "ttl_s": self.ttl_s}
+        """The persisted part: limits, TTL and strategy."""
+        return {"total_bytes": self.total_bytes, "tier_bytes": dict(self.tier_bytes), "ttl_s": self.ttl_s,
+                "strategy": self.strategy}
 
     def quota_report(self) -> dict:
         """The shape ``Store.quota()`` returns."""
@@ -66,6 +69,7 @@ class Namespace:
             "total_bytes": self.total_bytes,
             "used_bytes": self.used_total,
             "ttl_s": self.ttl_s,
+            "strategy": self.strategy,
             "blocks": self.blocks,
             "tiers": {t: {"limit": self.tier_bytes.get(t), "used": self.used[t]} for t in TIERS},
         }

@@ -93,6 +93,7 @@ class Reads:
         with self._lock:
             if view is None:
                 self._counters["misses"] += 1
+                self._counters["misses_remote"] += 1
                 return None
             self._count_hit("remote")
         if self.promote is not None and self.config.promote_on != "never":

@@ -16,7 +16,9 @@ the durable copy: its blocks are not in the local catalog or index. So:
   lock and puts them to the remote tier. The record is dead once evicted, so compaction may have
   removed it first: that block is simply not demoted (counted). The queue is bounded.
 - **An unreachable tier** is skipped at once (its health tracker says so): local reads and
-  writes never wait on it, and remote-only blocks are misses, never exceptions.
+  writes never wait on it, and remote-only blocks are misses, never exceptions. The
+  maintenance pass (:meth:`maintain`) probes it every ``retry_s`` until it answers, which puts
+  it back in rotation even when no request comes.
 """
 
 from __future__ import annotations
@@ -87,15 +89,40 @@ class RemotePart:
     # -- writes ---------------------------------------------------------------------------
     def put(self, ns: str, key: bytes, mv: memoryview) -> bool:
         """Store one block on the remote tier only; False if it could not (unhealthy, full)."""
+        return self.put_many(ns, [key], [mv])[0]
+
+    def put_many(self, ns: str, keys: list[bytes], mvs: list[memoryview]) -> list[bool]:
+        """Store blocks on the remote tier only (one batch); per key whether it holds it now."""
+        if not keys:
+            return []
         if not self._usable():
-            return False
+            return [False] * len(keys)
         try:
-            return bool(self.tier.put(ns, [key], [mv])[0])
+            return [bool(s) for s in self.tier.put(ns, keys, mvs)]
         except InvalidArgumentError:
             raise
         except (StoreError, OSError) as exc:
             log.warning("remote put failed: %s", exc)
-            return False
+            return [False] * len(keys)
+
+    def usage_ratio(self) -> float:
+        """The tier's used fraction, for ``prefer:remote`` (0.0 when it cannot tell)."""
+        try:
+            return float(self.tier.usage_ratio())
+        except (StoreError, OSError) as exc:
+            log.warning("remote usage failed: %s", exc)
+            return 0.0
+
+    # -- maintenance ----------------------------------------------------------------------
+    def maintain(self) -> int:
+        """One maintenance step: probe an unhealthy tier when a retry is due (so a recovered
+        tier is back in rotation without a request touching it), then demote; returns the
+        blocks demoted."""
+        try:
+            self.tier.probe()
+        except (StoreError, OSError) as exc:
+            log.warning("remote probe failed: %s", exc)
+        return self.demote()
 
     def delete(self, ns: str, keys: list[bytes]) -> int:
         """Delete from the remote tier too; returns how many it held (0 while unhealthy)."""

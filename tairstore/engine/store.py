@@ -47,6 +47,7 @@ from tairstore.engine.placement import Placement
 from tairstore.engine.reads import Reads
 from tairstore.engine.remote import RemotePart
 from tairstore.engine.session import WriteSession
+from tairstore.engine.strategy import Router, build_router, check_strategy
 from tairstore.engine.ssd_space import SsdSpace, segment_size
 from tairstore.engine.writes import Writes
 from tairstore.errors import CapacityError, FatalIOError, InvalidArgumentError, NotFoundError, SessionError
@@ -68,7 +69,7 @@ COUNTERS = ("hits", "misses", "hits_dram", "hits_ssd", "checksum_errors", "read_
             "puts", "deletes", "trimmed", "expired", "bytes_written", "evictions_dram",
             "evictions_ssd", "watermark_evictions", "promotions", "leases_expired",
             "recovered_blocks", "recovery_dropped", "recovery_read_errors", "recovery_dangling",
-            "recovery_oversize", "hits_remote", "demotions", "demotion_failures",
+            "recovery_oversize", "hits_remote", "misses_remote", "demotions", "demotion_failures",
             "demotions_missed", "demotions_dropped")
 
 
@@ -103,6 +104,7 @@ class Store:
         self.compactor: Compactor | None = None
         self._maintenance: Maintenance | None = None
         self._remote: RemotePart | None = None
+        self._router: Router | None = None
         self._dir = DataDir(self.path, self._fs, create=config.create)
         try:
             self._open()
@@ -137,6 +139,11 @@ class Store:
                           "set_quota", name, exc)
                 limits = (None, {}, None)
             self._catalog.set_limits(name, *limits)
+            try:
+                self._catalog.ns(name).strategy = check_strategy(settings.get("strategy"))
+            except InvalidArgumentError as exc:
+                log.error("namespace %r: ignoring its saved strategy (%s); set it again with "
+                          "set_strategy", name, exc)
         if self._durable:
             self._ssd = SegmentLog(
                 self._fs, self._dir.sub("segments"), capacity_bytes=cfg.ssd_bytes,
@@ -148,6 +155,8 @@ class Store:
         self._build_parts()
         if cfg.remote is not None:
             self._open_remote(cfg.remote)
+        self._router = build_router(self._dram, self._ssd, self._remote, self._placement, self._life,
+                                    cfg.remote)
         if not self._durable:
             # A volatile cache: nothing on disk describes blocks, so nothing to recover.
             return
@@ -202,7 +211,7 @@ class Store:
         self._reads.remote = remote
         self._reads.promote = lambda ns, key, view: self._writes.put(ns, key, view, "auto", None)
         self._placement.on_evict = remote.note_evicted
-        self._maintenance.demote = remote.demote
+        self._maintenance.demote = remote.maintain
 
     def _before_index_commit(self, lsn: int) -> None:
         """Runs in the index writer before each LMDB commit (which LMDB itself fsyncs).
@@ -269,6 +278,38 @@ class Store:
                 raise NotFoundError(f"namespace {ns!r} has no blocks and no quota")
             return st.quota_report()
 
+    def set_strategy(self, namespace: str, strategy: str | None) -> dict:
+        """Set the namespace's backend strategy (``"prefer:remote"``, ``"always:remote"``,
+        ``"prefer:dram"``, ``"prefer:ssd"``, ``"always:dram"``, ``"always:ssd"``, or None for
+        none); persisted beside its quota. :meth:`put` / :meth:`put_many` without ``tier``
+        follow it (:mod:`tairstore.engine.strategy`).
+
+        Returns:
+            the namespace's quota report, as :meth:`quota` (``strategy`` in it).
+
+        Raises:
+            InvalidArgumentError: not one of the strategies above.
+        """
+        ns = self._ns(namespace)
+        strategy = check_strategy(strategy)
+        with self._lock:
+            self._life.check_writable()
+            st = self._catalog.ns(ns)
+            st.strategy = strategy
+            settings = st.settings()
+        self._index.set_namespace(ns, settings)
+        return self.quota(ns)
+
+    def route(self, namespace: str = DEFAULT_NAMESPACE) -> str:
+        """The tier a put without ``tier`` goes to now: ``"auto"``, ``"dram"``, ``"ssd"`` or
+        ``"remote"``, from the namespace's strategy, the tiers' health and usage.
+
+        Raises:
+            TierUnavailableError: an ``always:<tier>`` strategy whose tier is missing or unhealthy.
+        """
+        st = self._catalog.namespaces.get(self._ns(namespace))
+        return self._router.route(None if st is None else st.strategy)
+
     def namespaces(self) -> list[str]:
         """Namespaces that hold blocks or have settings."""
         with self._lock:
@@ -314,6 +355,9 @@ class Store:
         sizes = [self._check_size(s) for s in sizes]
         lease_s = check_lease(lease_s)
         tier = self._check_tier(tier)
+        if tier == "remote":
+            raise InvalidArgumentError("write sessions are local: write remote-only blocks with "
+                                       "put / put_many(tier='remote')")
         parent = None if parent is None else self._key(parent)
         parents = ([parent] + keys[:-1]) if chain else [None] * len(keys)
         return self._writes.start_write(ns, keys, sizes, float(lease_s), tier, parents)
@@ -370,18 +414,22 @@ class Store:
         _check_session_type(session)
         self._writes.abort_write(session)
 
-    def put(self, key: bytes, data: Any, *, namespace: str = DEFAULT_NAMESPACE, tier: str = "auto",
+    def put(self, key: bytes, data: Any, *, namespace: str = DEFAULT_NAMESPACE, tier: str | None = None,
             parent: bytes | None = None) -> bool:
         """Store one block; False if the key already exists (or is being written).
 
         Equivalent to ``start_write`` + ``write`` + ``finish_write`` of one key, without the
-        session object or a PREPARE record.
+        session object or a PREPARE record. Without ``tier`` the namespace's strategy decides
+        (:meth:`route`; ``"auto"`` when it has none).
+
+        Raises:
+            TierUnavailableError: no ``tier`` and an ``always:<tier>`` strategy that cannot be met.
         """
         ns = self._ns(namespace)
         key = self._key(key)
         mv = check_data(data)
         self._check_size(len(mv))
-        tier = self._check_tier(tier)
+        tier = self.route(ns) if tier is None else self._check_tier(tier)
         if tier == "remote":
             # Straight to the remote tier; no local copy (False: unreachable or full).
             self._life.check_writable()
@@ -389,7 +437,7 @@ class Store:
         return self._writes.put(ns, key, mv, tier, None if parent is None else self._key(parent))
 
     def put_many(self, keys: list[bytes], blocks: list[Any], *, namespace: str = DEFAULT_NAMESPACE,
-                 tier: str = "auto", parent: bytes | None = None, chain: bool = False) -> list[bool]:
+                 tier: str | None = None, parent: bytes | None = None, chain: bool = False) -> list[bool]:
         """Store many blocks at once; per key, True if this call stored it.
 
         One admission under the store lock, one ``pwritev`` per run of adjacent SSD records,
@@ -400,9 +448,13 @@ class Store:
             chain: the keys are consecutive blocks of one sequence (``parent`` precedes the
                 first), as for :meth:`start_write`.
 
+            tier: as for :meth:`put` (None: the namespace's strategy); ``"remote"`` stores the
+                batch on the remote tier only, no local copy.
+
         Raises:
             InvalidArgumentError: bad or duplicate keys, blocks not matching keys, bad tier.
             CapacityError: a block cannot fit (nothing of the batch is stored then).
+            TierUnavailableError: no ``tier`` and an ``always:<tier>`` strategy that cannot be met.
         """
         ns = self._ns(namespace)
         keys = self._keys(keys)
@@ -413,11 +465,15 @@ class Store:
             raise InvalidArgumentError("duplicate keys in one put_many")
         for mv in mvs:
             self._check_size(len(mv))
-        tier = self._check_tier(tier)
+        tier = self.route(ns) if tier is None else self._check_tier(tier)
         parent = None if parent is None else self._key(parent)
         parents = ([parent] + keys[:-1]) if chain else [None] * len(keys)
         if not keys:
             return []
+        if tier == "remote":
+            # As put(tier="remote"): the remote tier only, no local copy.
+            self._life.check_writable()
+            return self._remote.put_many(ns, keys, mvs)
         return self._writes.put_many(ns, keys, mvs, tier, parents)
 
     def delete(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE) -> int:
@@ -584,7 +640,7 @@ class Store:
             if remote is not None:
                 tiers["remote"] = remote
             namespaces = {
-                name: {"blocks": st.blocks, "bytes": st.used_total,
+                name: {"blocks": st.blocks, "bytes": st.used_total, "strategy": st.strategy,
                        "tiers": {t: st.used[t] for t in TIERS}, "quota": st.quota_report()}
                 for name, st in catalog.namespaces.items()}
             return {

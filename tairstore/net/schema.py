@@ -71,6 +71,7 @@ class Code(enum.IntEnum):
     FATAL_IO = 11
     PERMISSION_DENIED = 12
     NOT_FOUND = 13
+    TIER_UNAVAILABLE = 14
     #: The server failed in a way it did not expect (a bug); re-raised as StoreError.
     INTERNAL = 99
     PROTOCOL = 100
@@ -103,6 +104,7 @@ ERROR_CLASSES: dict[int, type[StoreError]] = {
     Code.FATAL_IO: errors.FatalIOError,
     Code.PERMISSION_DENIED: errors.PermissionDeniedError,
     Code.NOT_FOUND: errors.NotFoundError,
+    Code.TIER_UNAVAILABLE: errors.TierUnavailableError,
     Code.PROTOCOL: ProtocolError,
 }
 _CODE_OF = {cls: code for code, cls in ERROR_CLASSES.items()}

@@ -40,7 +40,7 @@ def test_quota_api_and_persistence(tmp_path):
         with pytest.raises(NotFoundError):
             s.quota("nobody")
         q = s.set_quota("a", total_bytes=2 * MiB, tier_bytes={"dram": MiB, "ssd": 2 * MiB}, ttl_s=3600)
-        assert q == {"total_bytes": 2 * MiB, "used_bytes": 0, "ttl_s": 3600, "blocks": 0,
+        assert q == {"total_bytes": 2 * MiB, "used_bytes": 0, "ttl_s": 3600, "strategy": None, "blocks": 0,
                      "tiers": {"dram": {"limit": MiB, "used": 0}, "ssd": {"limit": 2 * MiB, "used": 0}}}
         s.put(k(1), content("a", k(1), 64 * KiB), namespace="a")
         assert s.quota("a")["used_bytes"] == 64 * KiB

@@ -81,6 +81,24 @@ class RemoteTier(abc.ABC):
         """Whether the remote holds each block."""
         return [s is not None for s in self.sizes(namespace, keys)]
 
+    def probe(self) -> bool:
+        """While unhealthy and a retry is due, make one cheap call to the remote (its answer
+        feeds the health tracker); returns whether the tier is healthy now. Costs nothing
+        while healthy. The store's maintenance pass calls it, off the request path."""
+        if self.health.probe_due():
+            self._probe()
+        return self.health.healthy
+
+    def _probe(self) -> None:
+        """One cheap call through the health gate (default: the size of an absent block)."""
+        self.sizes("tairstore-probe", [b"probe"])
+
+    def usage_ratio(self) -> float:
+        """Used bytes over capacity (0.0 when the capacity is unknown or unlimited)."""
+        u = self.usage()
+        cap = u.get("capacity_bytes") or 0
+        return u.get("used_bytes", 0) / cap if cap > 0 else 0.0
+
     @property
     def healthy(self) -> bool:
         """False while the tier is skipped after failures (see :class:`HealthTracker`)."""

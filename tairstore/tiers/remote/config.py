@@ -49,6 +49,9 @@ _COMMON = {
                    "up to 64 of [A-Za-z0-9_.-/]"),
     "retry_s": _Key((int, float), DEFAULT_RETRY_S, _positive, "seconds > 0"),
     "failure_threshold": _Key((int,), DEFAULT_FAILURE_THRESHOLD, _positive, "an int >= 1"),
+    # The usage ratio at which a namespace with strategy "prefer:<tier>" falls back to the
+    # local tiers (tairstore.engine.strategy).
+    "prefer_max_usage": _Key((int, float), 0.9, lambda v: 0 < v <= 1, "a ratio in (0, 1]"),
 }
 
 KINDS: dict[str, dict[str, _Key]] = {

@@ -8,7 +8,9 @@ against a dead master waits about 4 s for its RPC to time out. The tier therefor
 ``failure_threshold`` consecutive failed calls the tier is *unhealthy*: calls are refused at once
 (the caller treats them as misses, or as puts that did not happen) and counted in ``skipped``.
 Every ``retry_s`` one call is let through as a probe; its success puts the tier back in
-rotation, its failure waits another ``retry_s``. Only one caller gets the probe (the next probe
+rotation, its failure waits another ``retry_s``. A store's maintenance pass asks
+:meth:`probe_due` and sends a cheap probe itself (``RemoteTier.probe``), so an idle store puts a
+recovered tier back in rotation without waiting for a request. Only one caller gets the probe (the next probe
 time moves forward when it is handed out), so a burst of requests never stacks up timeouts.
 
 The clock is a parameter so tests drive time by hand instead of sleeping.
@@ -68,6 +70,12 @@ class HealthTracker:
                 return True
             self.skipped += 1
             return False
+
+    def probe_due(self) -> bool:
+        """Whether the tier is unhealthy and a probe would be let through now (takes nothing:
+        the probe itself still asks :meth:`allow`)."""
+        with self._lock:
+            return not self._healthy and self._clock() >= self._next_probe
 
     def success(self) -> None:
         """A call reached the remote and got an answer: back in rotation."""

@@ -299,6 +299,25 @@ class Hf3fsTier(RemoteTier):
         self._count(deletes=removed)
         return removed
 
+    def _probe(self) -> None:
+        """A cheap probe: the data directory answers ``stat`` and the index a read."""
+        if not self.health.allow():
+            return
+        try:
+            os.stat(self._data)
+            with self._env.begin() as txn:
+                txn.get(_USED, db=self._meta)
+        except (OSError, lmdb.Error) as exc:
+            _log.warning("hf3fs probe of %s failed: %s", self._dir, exc)
+            self.health.failure()
+        else:
+            self.health.success()
+
+    def usage_ratio(self) -> float:
+        """Used over ``capacity_bytes``; 0.0 without a limit (files grow as needed)."""
+        cap = self.config["capacity_bytes"]
+        return self.usage()["used_bytes"] / cap if cap else 0.0
+
     def usage(self) -> dict[str, int]:
         """Bytes of payload stored by every process on the directory, and the size of its files
         (or ``capacity_bytes`` when set)."""

@@ -105,3 +105,32 @@ def test_two_processes_share_blocks(config, peers):
         assert t.stats()["used_bytes"] == 3 * count * size
     finally:
         t.close()
+
+
+def test_probe_puts_a_recovered_directory_back_in_rotation(config):
+    import shutil
+    import time
+
+    t = make_remote_tier({**config, "retry_s": 0.05})
+    try:
+        assert t.probe() is True and t.usage_ratio() == 0.0  # no capacity_bytes: no limit
+        shutil.rmtree(os.path.join(config["path"], "data"))   # the mount's files vanish
+        assert t.put(NS, [b"k"], [b"x" * 1000]) == [False] and not t.healthy
+        os.makedirs(os.path.join(config["path"], "data"))     # and come back
+        deadline = time.monotonic() + 60
+        while not t.probe() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert t.healthy and t.stats()["health_transitions"] == 2
+        assert t.put(NS, [b"k"], [b"x" * 1000]) == [True]
+    finally:
+        t.close()
+
+
+def test_usage_ratio_against_capacity_bytes(tmp_path):
+    t = make_remote_tier({"kind": "hf3fs", "path": str(tmp_path / "h"), "file_bytes": 256 << 10,
+                          "capacity_bytes": 256 << 10})
+    try:
+        assert t.put(NS, [b"a", b"b"], [bytes(64 << 10), bytes(64 << 10)]) == [True, True]
+        assert t.usage_ratio() == 0.5
+    finally:
+        t.close()

@@ -139,6 +139,22 @@ def test_master_killed_then_restarted(master):
         t.close()
 
 
+def test_probe_alone_brings_a_restarted_master_back(master):
+    t = make_remote_tier(small(master, retry_s=0.2))
+    try:
+        assert t.probe() is True
+        master.kill()
+        assert t.get_into(NS, [b"k"], [bytearray(10)]) == [None] and not t.healthy
+        master.start()
+        for _ in range(_RECOVERY_TRIES):
+            if t.probe():      # no put or get: only the cheap probe
+                break
+            time.sleep(0.1)
+        assert t.healthy and t.stats()["health_transitions"] == 2
+    finally:
+        t.close()
+
+
 @pytest.mark.skipif(not os.environ.get("TAIRSTORE_REMOTE_SLOW"),
                     reason="about 90 s: Mooncake's setup against a dead master; set TAIRSTORE_REMOTE_SLOW=1")
 def test_open_with_master_down_then_up():
