@@ -114,20 +114,6 @@ def test_blocks_evicted_from_a_tiny_store_are_demoted_and_readable_elsewhere(tmp
 
 
 # -------------------------------------------------------------------------------- Mooncake
-@pytest.fixture
-def master():
-    try:
-        import mooncake.store  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"Mooncake wheel not importable (pip install '.[mooncake]'; needs libibverbs1): {exc}")
-    from tairstore.tiers.remote.master import MooncakeMaster, find_master_binary
-
-    if find_master_binary() is None:
-        pytest.skip("mooncake_master not found beside the interpreter or on PATH")
-    with MooncakeMaster() as m:
-        yield m
-
-
 def test_mooncake_shared_between_stores_then_master_killed_and_restarted(tmp_path, master):
     remote = master.config(retry_s=0.5)
     peer = Peer(tmp_path / "b", remote)

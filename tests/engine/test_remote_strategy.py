@@ -7,8 +7,6 @@ on 127.0.0.1 (skipped, with the reason, only where its wheel cannot be imported)
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -17,8 +15,6 @@ from tairstore.engine.strategy import STRATEGIES
 from tairstore.errors import InvalidArgumentError, TierUnavailableError
 
 KiB, MiB = 1 << 10, 1 << 20
-#: Generous bound on waiting for a restarted master to be seen again; never asserted as a time.
-RECOVERY_DEADLINE_S = 120.0
 
 
 def key(i: int) -> bytes:
@@ -151,30 +147,7 @@ def test_put_many_to_remote_keeps_no_local_copy_like_put(tmp_path):
 
 
 # ------------------------------------------------------------------------ Mooncake health
-@pytest.fixture
-def master():
-    try:
-        import mooncake.store  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"Mooncake wheel not importable (pip install '.[mooncake]'; needs libibverbs1): {exc}")
-    from tairstore.tiers.remote.master import MooncakeMaster, find_master_binary
-
-    if find_master_binary() is None:
-        pytest.skip("mooncake_master not found beside the interpreter or on PATH")
-    with MooncakeMaster() as m:
-        yield m
-
-
-def _wait_for(cond, deadline_s: float = RECOVERY_DEADLINE_S) -> bool:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return cond()
-
-
-def test_maintenance_puts_a_recovered_remote_back_in_rotation_without_requests(tmp_path, master):
+def test_maintenance_puts_a_recovered_remote_back_in_rotation_without_requests(tmp_path, master, wait_for):
     remote = master.config(retry_s=0.2, segment_bytes=64 * MiB, buffer_bytes=16 * MiB)
     with open_store(tmp_path / "s", remote, background=True, maintenance_interval_s=0.05) as s:
         s.set_strategy("p", "prefer:remote")
@@ -183,7 +156,7 @@ def test_maintenance_puts_a_recovered_remote_back_in_rotation_without_requests(t
         assert s.put(key(1), block(1), namespace="r") is True
         master.kill()
         # The first call that reaches the dead master marks the tier unhealthy; a miss, no error.
-        assert _wait_for(lambda: s.get(key(1), namespace="r") is None
+        assert wait_for(lambda: s.get(key(1), namespace="r") is None
                          and not s.stats()["tiers"]["remote"]["healthy"])
         assert s.route("p") == "auto"
         assert s.put(key(2), block(2), namespace="p") is True and s.tier_of(key(2), namespace="p")
@@ -192,10 +165,10 @@ def test_maintenance_puts_a_recovered_remote_back_in_rotation_without_requests(t
         assert s.put_many([key(3)], [block(3)], tier="remote") == [False]
         master.start()
         # Nothing but stats() is asked from here on: the maintenance thread's probe does it.
-        assert _wait_for(lambda: s.stats()["tiers"]["remote"]["healthy"]), "never back in rotation"
+        assert wait_for(lambda: s.stats()["tiers"]["remote"]["healthy"]), "never back in rotation"
         assert s.stats()["tiers"]["remote"]["health_transitions"] >= 2
         assert s.route("p") == "remote"
         # The client re-mounts its segment on the new master on its own schedule: until then a
         # put may be refused (False), never an exception.
-        assert _wait_for(lambda: s.put(key(4), block(4), namespace="r")), "puts never resumed"
+        assert wait_for(lambda: s.put(key(4), block(4), namespace="r")), "puts never resumed"
         assert bytes(s.get(key(4), namespace="r")) == block(4)

@@ -1,4 +1,4 @@
-"""Fixtures for the remote-tier tests: a real ``mooncake_master`` on 127.0.0.1, and peers."""
+"""Fixtures for the remote-tier tests: peers (the ``master`` fixture is in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -9,31 +9,9 @@ import sys
 
 import pytest
 
-from tairstore.tiers.remote.master import MooncakeMaster, find_master_binary
-
 PEER = os.path.join(os.path.dirname(__file__), "peer.py")
 #: Generous bound on any one step of a peer on a loaded machine; tests never assert timing.
 STEP_TIMEOUT_S = 60
-
-
-def _mooncake_missing() -> str | None:
-    try:
-        import mooncake.store  # noqa: F401
-    except ImportError as exc:
-        return f"Mooncake wheel not importable (pip install '.[mooncake]'; needs libibverbs1): {exc}"
-    if find_master_binary() is None:
-        return "mooncake_master not found beside the interpreter or on PATH"
-    return None
-
-
-@pytest.fixture
-def master():
-    """A fresh master (no objects) for one test."""
-    reason = _mooncake_missing()
-    if reason:
-        pytest.skip(reason)
-    with MooncakeMaster() as m:
-        yield m
 
 
 class Peer:
