@@ -307,7 +307,11 @@ class Store:
         Raises:
             TierUnavailableError: an ``always:<tier>`` strategy whose tier is missing or unhealthy.
         """
-        st = self._catalog.namespaces.get(self._ns(namespace))
+        return self._route(self._ns(namespace))
+
+    def _route(self, ns: str) -> str:
+        """:meth:`route` of a checked namespace name (the put path's: no second check)."""
+        st = self._catalog.namespaces.get(ns)
         return self._router.route(None if st is None else st.strategy)
 
     def namespaces(self) -> list[str]:
@@ -429,7 +433,7 @@ class Store:
         key = self._key(key)
         mv = check_data(data)
         self._check_size(len(mv))
-        tier = self.route(ns) if tier is None else self._check_tier(tier)
+        tier = self._route(ns) if tier is None else self._check_tier(tier)
         if tier == "remote":
             # Straight to the remote tier; no local copy (False: unreachable or full).
             self._life.check_writable()
@@ -465,7 +469,7 @@ class Store:
             raise InvalidArgumentError("duplicate keys in one put_many")
         for mv in mvs:
             self._check_size(len(mv))
-        tier = self.route(ns) if tier is None else self._check_tier(tier)
+        tier = self._route(ns) if tier is None else self._check_tier(tier)
         parent = None if parent is None else self._key(parent)
         parents = ([parent] + keys[:-1]) if chain else [None] * len(keys)
         if not keys:
