@@ -30,9 +30,10 @@ most space comes back without copying anything.
    never points at bytes a power loss could take away — and the old file is deleted only after
    the relocation is durable: a crash at any point leaves the index pointing at a record that
    exists (the old one, or the durable new one).
-6. Delete the old segment (``delete_segment`` waits for its readers, then unlinks and fsyncs
-   the directory). A crash before the unlink leaves a segment with no live record, which the
-   next pass reclaims.
+6. Delete the old segment: ``doom_segment`` under the store lock (no new reads), then, with
+   the lock let go, the unlink and the directory fsync (a segment's last reader does them
+   instead, if it is still being read). A crash before the unlink leaves a segment with no live
+   record, which the next pass reclaims.
 
 Requests never wait for compaction, except a write that finds the SSD files full of dead
 records (the background could not keep up): it compacts in its own thread before reserving.
@@ -229,7 +230,10 @@ class Compactor:
                 if space.busy(seg) or self._life.closed:
                     return 0
                 space.forget(seg)
-                ssd.delete_segment(seg)
+                doomed = ssd.doom_segment(seg)
+            # Unlinking frees the file's cached pages: done after the store lock is let go,
+            # so writers do not wait on it.
+            ssd.finish_delete(doomed)
             self._counters["segments"] += 1
             self._counters["bytes_reclaimed"] += size
             return size

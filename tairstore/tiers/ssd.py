@@ -755,20 +755,35 @@ class SegmentLog:
         New reads of it fail with :class:`SegmentGoneError` from now on. The file is closed,
         unlinked and the directory fsynced by the last reader out (or here, if none).
         """
+        self.finish_delete(self.doom_segment(segment))
+
+    def doom_segment(self, segment: int) -> "_Segment | None":
+        """The first half of :meth:`delete_segment`: from now on new reads of ``segment`` fail
+        with :class:`SegmentGoneError`. Returns what :meth:`finish_delete` must be given (None
+        when a reader will remove the file, or it is gone already).
+
+        The halves let a caller mark a segment deleted under its own lock and leave the unlink
+        (which frees the file's cached pages: milliseconds for a large segment) and the
+        directory fsync to after it lets go of that lock.
+        """
         with self._lock:
             self._check_open_locked()
             seg = self._segments.get(segment)
             if seg is None or seg.doomed:
-                return
+                return None
             if seg is self._head:
                 raise InvalidArgumentError("cannot delete the head segment")
             seg.doomed = True
             self._dirty.pop(segment, None)
-            retire = seg.pins == 0 and not seg.retired
-            if retire:
-                seg.retired = True
-        if retire:
-            self._retire(seg)
+            if seg.pins != 0 or seg.retired:
+                return None  # the last reader out retires it
+            seg.retired = True
+            return seg
+
+    def finish_delete(self, doomed: "_Segment | None") -> None:
+        """Close and unlink a segment :meth:`doom_segment` returned, then fsync the directory."""
+        if doomed is not None:
+            self._retire(doomed)
 
     def _retire(self, seg: _Segment) -> None:
         """Close a segment's file and, when doomed, remove it. Runs outside the lock."""

@@ -270,6 +270,32 @@ def test_compaction_reclaims_and_accounting_is_exact(tmp_path, compression):
     assert report["rebuilt_blocks"] == 40 and report["ok"]
 
 
+def test_compaction_unlinks_a_segment_without_holding_the_store_lock(tmp_path):
+    # Unlinking a large segment frees its cached pages (milliseconds); writers must not wait
+    # for it. The file system records, at each unlink, whether the unlinking thread holds the
+    # store's lock.
+    from tairstore.fileio import OsFileSystem
+
+    held: list[bool] = []
+
+    class Recording(OsFileSystem):
+        def unlink(self, path: str) -> None:
+            held.append(store._lock._is_owned())
+            super().unlink(path)
+
+    store = tairstore.open(tmp_path / "s", dram_bytes=MiB, ssd_bytes=32 * MiB, segment_bytes=MiB,
+                           durability="batch", background=False, fs=Recording())
+    with store:
+        for i in range(60):
+            store.put(k(i), content("default", k(i), 32 * KiB))
+        store.delete([k(i) for i in range(60) if i % 2])
+        store.compact(wait=True, full=True)
+        assert store.stats()["compaction"]["segments_compacted"] > 0
+        for i in range(0, 60, 2):
+            assert_exact(store, "default", k(i), 32 * KiB)
+    assert held and not any(held)
+
+
 def test_maintenance_compacts_dead_space_under_churn_instead_of_evicting(tmp_path):
     # Each delete is followed by a maintenance pass, as the background thread would run one
     # every few puts; driven here, so a starved thread cannot turn reclaiming into evicting.
