@@ -134,9 +134,12 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=8, help="pages per batch call")
     ap.add_argument("--layout", choices=["page_first", "layer_first"], default="page_first")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--backends", default="file,embedded,embedded-none,daemon,daemon-batch",
-                    help="embedded, daemon: durability sync (the default); embedded-none: no fsync, "
-                         "as the file backend; daemon-batch: durability batch")
+    ap.add_argument("--backends", default="file,embedded,embedded-sync,daemon,daemon-batch,daemon-shm",
+                    help="embedded: the adapter's default embedded store (durability batch); "
+                         "embedded-sync, embedded-none: durability sync / none; daemon: "
+                         "tairstore serve's defaults (durability sync); daemon-batch: durability "
+                         "batch; daemon-shm: durability batch, its arena shared ([shm]) and read "
+                         "in place through shm+tcp://")
     ap.add_argument("--dir", default=".", help="where the file backend and embedded store write")
     ap.add_argument("--json", help="write every sample to this file")
     ap.add_argument("--h2d", action="store_true",
@@ -184,29 +187,34 @@ def main() -> int:
                 "file", config({"file_storage_path": os.path.join(tmp, "file")}), pool)
             b.register_mem_pool_host(pool)
             runners.append(Runner("sglang file", b, pool, v1=False))
-        for name, durability in (("embedded", "sync"), ("embedded-none", "none")):
+        for name, durability in (("embedded", "batch"), ("embedded-sync", "sync"), ("embedded-none", "none")):
             if name not in names:
                 continue
             # Prefaulted, as a long-running engine's arena is: first-touch faults are start-up cost.
-            # "none" promises what the file backend does: bytes handed to the OS, no fsync.
+            # "batch" (the adapter's default) fsyncs on a timer, "sync" every commit, "none"
+            # never: it promises what the file backend does, bytes handed to the OS.
             opts = {"dram_bytes": 2 * total + (64 * MIB), "ssd_bytes": 2 * total + (256 * MIB),
                     "prefault_dram": True, "durability": durability}
             path = os.path.join(tmp, name)
             embedded_dirs.append(path)
             runners.append(Runner(f"tairstore embedded {durability}",
                                   tairstore_backend(path, store_options=opts), pool, v1=True))
-        for name in ("daemon", "daemon-batch"):
+        for name in ("daemon", "daemon-batch", "daemon-shm"):
             if name not in names:
                 continue
             data_dir = os.path.join(tmp, name)
-            store = None
-            if name == "daemon-batch":
+            store = extra = None
+            if name != "daemon":
                 store = {"durability": "batch", "dram_bytes": 2 * total + 64 * MIB, "prefault_dram": True}
+            if name == "daemon-shm":
+                extra = {"shm": {"enabled": True}}
             # Started as users start it: tairstore serve --config C --data-dir D --port 0 ....
-            d = Daemon(data_dir, store)
+            d = Daemon(data_dir, store, extra=extra)
             daemons.append(d)
-            label = "tairstore daemon" + (" batch" if name == "daemon-batch" else " sync")
-            runners.append(Runner(label, tairstore_backend(d.url), pool, v1=True, client_url=d.url))
+            label = "tairstore " + {"daemon": "daemon sync", "daemon-batch": "daemon batch",
+                                    "daemon-shm": "daemon shm"}[name]
+            url = d.url.replace("tcp://", "shm+tcp://") if name == "daemon-shm" else d.url
+            runners.append(Runner(label, tairstore_backend(url), pool, v1=True, client_url=d.url))
 
         samples = []
         for rnd in range(args.rounds):

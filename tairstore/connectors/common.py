@@ -40,11 +40,12 @@ DEFAULT_RETRY_AFTER_S = 1.0
 EMBEDDED_DEFAULTS = {"dram_bytes": 4 << 30, "ssd_bytes": 64 << 30, "durability": "batch"}
 #: A namespace's readable part is capped so a long model path cannot push it past 255 bytes.
 NAMESPACE_PREFIX_CHARS = 160
-DAEMON_SCHEMES = ("tcp://", "tairstore://")
+DAEMON_SCHEMES = ("tcp://", "shm+tcp://", "tairstore://")
 
 
 def is_daemon_url(url: str) -> bool:
-    """True for ``tcp://`` / ``tairstore://`` addresses, False for a directory path."""
+    """True for ``tcp://`` / ``shm+tcp://`` / ``tairstore://`` addresses, False for a directory
+    path."""
     return url.startswith(DAEMON_SCHEMES)
 
 
@@ -217,6 +218,39 @@ class Backend:
             self.stats.bytes_read += view.nbytes
         return view
 
+    def get_many(self, keys: Sequence[bytes]) -> list[memoryview | None]:
+        """Per key, the block's bytes (read-only) or None, with one call to the store; all None
+        on a failure."""
+        if not keys or self._skipping():
+            return [None] * len(keys)
+        try:
+            views = list(self.target.get_many(list(keys), namespace=self.namespace))
+        except (StoreError, OSError) as exc:
+            self._fail("get", exc)
+            return [None] * len(keys)
+        for view in views:
+            if view is None:
+                self.stats.misses += 1
+            else:
+                self.stats.pages_read += 1
+                self.stats.bytes_read += view.nbytes
+        return views
+
+    def reads_in_place(self) -> bool:
+        """Whether the target hands out views of a daemon's shared arena (``shm+tcp://``, or a
+        loopback daemon whose arena this process maps) rather than copies off a socket."""
+        if not self.remote:
+            return True
+        if self._skipping():
+            return False
+        try:
+            target = self.target
+        except (StoreError, OSError):
+            return False  # not connected: the read path reports the failure
+        from ..net.shmclient import ShmClient
+
+        return isinstance(target, ShmClient)
+
     def put(self, key: bytes, data: Any) -> bool:
         """Store one block; True when it is stored (now or already)."""
         return self.put_many([key], lambda _i, _k: data, memoryview(data).nbytes)[0]
@@ -283,10 +317,16 @@ class Backend:
         """Start loading ``keys[i]`` into page ``pages[i]`` of a
         :class:`tairstore.tiers.gpu.KVTransfer`; the :class:`~tairstore.tiers.gpu.LayerLoad`."""
         nbytes = transfer.kv.block_bytes
-        # An embedded store hands out views of its DRAM tier: pages are copied from there
-        # straight into the KV tensors. A daemon's blocks arrive over a socket, better received
-        # into reused staging buffers than into a fresh allocation per block.
-        fetch = None if self.remote else (lambda i: self.get(keys[i]))
+        # An embedded store hands out views of its DRAM tier, and so does a daemon on this host
+        # whose arena is shared (shm+tcp://: one round trip leases the whole batch): pages are
+        # copied from there straight into the KV tensors. Over a plain socket, blocks are
+        # better received into reused staging buffers than into a fresh allocation per block.
+        fetch = None
+        if not self.remote:
+            fetch = lambda i: self.get(keys[i])  # noqa: E731
+        elif not transfer.cuda and self.reads_in_place():
+            views = self.get_many(keys)
+            fetch = views.__getitem__
         return transfer.load(pages, read=lambda i, buf: self.get_into(keys[i], buf, nbytes), fetch=fetch)
 
     def save_pages(self, transfer: Any, keys: Sequence[bytes], pages: Sequence[int]) -> list[bool]:
@@ -376,7 +416,7 @@ def open_backend(url: str, namespace: str, *, timeout_s: float = DEFAULT_TIMEOUT
     if not isinstance(url, str) or not url:
         raise InvalidArgumentError("tairstore_url must be tcp://host:port or a directory path")
     if is_daemon_url(url):
-        parse_url(url)  # a malformed address is a configuration error, raised now
+        parse_url(url.removeprefix("shm+"))  # a malformed address is a configuration error, raised now
         return Backend(None, namespace, remote=True,
                        connect=lambda: Client(url, token=token, timeout=timeout_s))
     path = os.path.abspath(os.path.expanduser(url))

@@ -98,8 +98,8 @@ class Daemon(DaemonProcess):
     ``url`` is the data address the daemon prints (``tcp://127.0.0.1:P``).
     """
 
-    def __init__(self, data_dir: str, store: dict | None = None) -> None:
-        super().__init__(data_dir, store=store)
+    def __init__(self, data_dir: str, store: dict | None = None, extra: dict | None = None) -> None:
+        super().__init__(data_dir, store=store, extra=extra)
         self.start()
         self.url = self.data_url
 

@@ -157,6 +157,32 @@ def test_through_a_daemon_and_a_stopped_daemon_is_a_miss(own_daemon):
     assert reader.tairstore_stats()["failures"] >= 1
 
 
+def test_a_shared_arena_daemon_is_read_in_place_and_its_leases_come_back(tmp_path):
+    from connsupport import Daemon
+
+    d = Daemon(str(tmp_path / "daemon"), extra={"shm": {"enabled": True}})
+    try:
+        url = d.url.replace("tcp://", "shm+tcp://")
+        src = HostPool(layout="page_first", pages=4, page_size=PS, layers=3, seed=7)
+        keys = _keys(3, "shm")
+        assert _backend(url, src).batch_set_v1(keys, _idx(0, 1, 2)) == [True] * 3
+        dst = HostPool(layout="page_first", pages=4, page_size=PS, layers=3, seed=8)
+        reader = _backend(url, dst, timeout_s=5)
+        assert reader.backend.reads_in_place()
+        # The third page's key is unknown: a miss that leaves its page as it was.
+        before = dst.page(3 * PS).clone()
+        assert reader.batch_get_v1(keys[:2] + _keys(1, "absent"), _idx(1, 2, 3)) == [True, True, False]
+        assert torch.equal(dst.page(PS), src.page(0)) and torch.equal(dst.page(2 * PS), src.page(PS))
+        assert torch.equal(dst.page(3 * PS), before)
+        # Both leased views were dropped once the pages were copied: their returns are queued.
+        assert reader.backend.target.release_leases() == 2
+        d.stop()
+        assert reader.batch_get_v1(keys, _idx(0, 1, 2)) == [False] * 3
+        assert reader.tairstore_stats()["failures"] >= 1
+    finally:
+        d.stop()
+
+
 def test_a_full_store_refuses_pages_without_raising(tmp_path):
     d = str(tmp_path / "tiny")
     pool = HostPool(layout="layer_first", pages=8, page_size=PS, layers=8, heads=8, head_dim=128)
