@@ -443,7 +443,13 @@ class WalWriter:
     def _background(self, interval: float) -> None:
         while not self._stop.wait(interval):
             try:
-                self._group(self._next_lsn - 1, durable=self._fsync_data)
+                # Written as write_through writes (no pre_sync while leading the write phase),
+                # so acknowledgements arriving meanwhile never wait behind the segment fsync:
+                # the sync phase pays that fsync, under its own lock, before the WAL's.
+                lsn = self._next_lsn - 1
+                self._write_phase(lsn, pre_sync=False)
+                if self._fsync_data:
+                    self._sync_phase(lsn)
             except (FatalIOError, ClosedError):
                 return  # poisoned: the next append or sync reports it to a caller
 

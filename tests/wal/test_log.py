@@ -434,6 +434,45 @@ def test_pre_sync_runs_before_the_wal_write_and_fsync(tmp_path):
     assert kinds.index("pre_sync") < kinds.index("pwrite") < kinds.index("fsync")
 
 
+def test_batch_acknowledgements_never_wait_behind_the_background_segment_fsync(tmp_path):
+    # The background flush of batch mode pays the segment fsync (pre_sync) in its sync phase;
+    # a write_through (what a batch-mode commit acknowledges after) arriving meanwhile hands
+    # its records to the OS without waiting for it. pre_sync blocks here until released; the
+    # 60 s bounds are only there so a regression fails instead of hanging.
+    fs = HookFS()
+    entered, release = threading.Event(), threading.Event()
+    calls = []
+
+    def pre_sync() -> None:
+        calls.append(threading.current_thread().name)
+        fs.events.append(("pre_sync", ""))
+        entered.set()
+        release.wait(60)
+
+    w = WalWriter(fs, str(tmp_path), next_lsn=1, durability="batch", batch_interval_s=0.001,
+                  pre_sync=pre_sync)
+    try:
+        w.append(rec(1))
+        assert entered.wait(60), "the background flush never ran"
+        lsn = w.append(rec(2))
+        done = threading.Thread(target=w.write_through, args=(lsn,))
+        done.start()
+        done.join(60)
+        blocked = done.is_alive()
+        release.set()
+        done.join()
+        assert not blocked, "write_through waited for the background segment fsync"
+        assert w.written_lsn >= 2
+        assert calls and set(calls) == {"tairstore-wal"}
+    finally:
+        release.set()
+        w.close()
+    # The fsync that made records durable still came after the segment fsync that covers them.
+    kinds = [k for k, _ in fs.events]
+    assert kinds.index("pre_sync") < kinds.index("fsync")
+    assert [lsn for lsn, _ in replay(tmp_path)[0]] == [1, 2]
+
+
 def test_roll_fsyncs_the_old_file_and_the_directory_first(tmp_path):
     fs = HookFS()
     with WalWriter(fs, str(tmp_path), next_lsn=1, file_bytes=100) as w:
