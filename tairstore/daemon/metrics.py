@@ -248,6 +248,7 @@ class Metrics:
         self._latency = Histogram(f"{PREFIX}_request_duration_seconds",
                                   "Time to serve a request, by operation.", ["op"],
                                   buckets=LATENCY_BUCKETS, registry=self.registry)
+        self._children: dict[tuple[str, bool], list] = {}
         # Connection-level trouble, reported by ConnectionEvents (see tairstore.daemon.events).
         self._errors = {
             category: Counter(f"{PREFIX}_{name}", help_, ["server", "kind"], registry=self.registry)
@@ -279,10 +280,20 @@ class Metrics:
             nbytes: payload bytes read or written (0 for metadata-only requests).
             ok: False when it was answered with an error.
         """
-        self._requests.labels(op, "ok" if ok else "error").inc()
+        children = self._children.get((op, ok))
+        if children is None:
+            # labels() costs a few microseconds a call (it builds and checks a label tuple):
+            # each (op, outcome)'s children are looked up once and kept. The bytes series of
+            # an op appears with its first payload, as before.
+            children = [self._requests.labels(op, "ok" if ok else "error"), None,
+                        self._latency.labels(op)]
+            self._children[(op, ok)] = children
+        children[0].inc()
         if nbytes:
-            self._bytes.labels(op).inc(nbytes)
-        self._latency.labels(op).observe(seconds)
+            if children[1] is None:
+                children[1] = self._bytes.labels(op)
+            children[1].inc(nbytes)
+        children[2].observe(seconds)
 
     def observe_error(self, category: str, server: str, kind: str) -> None:
         """Count one connection-level error.
