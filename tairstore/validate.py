@@ -68,6 +68,13 @@ def check_keys(keys: Any) -> list[bytes]:
     """A list of keys; a single key (or a str) is refused rather than iterated bytewise."""
     if isinstance(keys, (bytes, bytearray, memoryview, str)):
         raise InvalidArgumentError("pass a list of keys, not a single key")
+    if type(keys) is list and keys and set(map(type, keys)) == {bytes}:
+        # The common case (a chain of page hashes), checked by C-level loops: a 1,024-key
+        # match spent most of its time in per-key calls of check_key. Keys of one chain
+        # mostly share a length, so the set of lengths is tiny.
+        lengths = set(map(len, keys))
+        if 1 <= min(lengths) and max(lengths) <= MAX_KEY_BYTES:
+            return list(keys)
     try:
         return [check_key(k) for k in keys]
     except TypeError:

@@ -16,6 +16,8 @@ Each check raises :class:`ProtocolError` (``remote=True``) with ``BAD_HEADER`` o
 from __future__ import annotations
 
 import enum
+import operator
+from itertools import repeat
 from typing import Any, Callable
 
 from tairstore import errors
@@ -158,7 +160,8 @@ def _batch(v: Any, max_batch: int | None) -> None:
 
 
 def _keys(v: Any, max_batch: int | None) -> bool:
-    if not isinstance(v, list) or not all(isinstance(k, bytes) for k in v):
+    # set(map(type, v)): a C-level pass (msgpack decodes binary as exactly bytes).
+    if not isinstance(v, list) or (v and set(map(type, v)) != {bytes}):
         return False
     _batch(v, max_batch)
     return True
@@ -281,18 +284,23 @@ _TIER_NAMES = {v: k for k, v in TIER_CODES.items()}
 
 def match_to_fields(result: MatchResult) -> dict:
     """A :class:`MatchResult` as OK-response fields (hits are implied by the tiers)."""
-    tiers = bytes(TIER_CODES.get(t, TIER_CODES["dram"]) if h else 0
-                  for h, t in zip(result.hits, result.tiers))
+    # Per key: its tier's code (an unknown tier counts as DRAM), 0 where it is not a hit.
+    # Built with C-level maps: a MATCH carries up to a batch of keys.
+    codes = map(TIER_CODES.get, result.tiers, repeat(TIER_CODES["dram"]))
+    tiers = bytes(map(operator.mul, codes, result.hits))  # hits are bools: code or 0
     return {"mode": result.mode, "tiers": tiers, "ws": result.window_start, "wl": result.window_len}
 
 
 def match_from_fields(fields: dict) -> MatchResult:
     """The :class:`MatchResult` an OK response to MATCH carries."""
+    raw = fields["tiers"]
     try:
-        tiers = [_TIER_NAMES[b] for b in fields["tiers"]]
+        tiers = list(map(_TIER_NAMES.__getitem__, raw))
     except KeyError:
         raise _bad("unknown tier code in a match answer") from None
-    hits = [t is not None for t in tiers]
-    prefix = next((i for i, h in enumerate(hits) if not h), len(hits))
+    hits = list(map(bool, raw))  # code 0 is "not stored"
+    prefix = raw.find(0)
+    if prefix < 0:
+        prefix = len(raw)
     return MatchResult(mode=fields["mode"], prefix_len=prefix, hits=hits, tiers=tiers,
                        window_start=fields.get("ws"), window_len=fields.get("wl", 0))
