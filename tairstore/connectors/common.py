@@ -211,12 +211,15 @@ class Backend:
         except (StoreError, OSError) as exc:
             self._fail("get", exc)
             return None
+        self._count_read(view)
+        return view
+
+    def _count_read(self, view: memoryview | None) -> None:
         if view is None:
             self.stats.misses += 1
         else:
             self.stats.pages_read += 1
             self.stats.bytes_read += view.nbytes
-        return view
 
     def get_many(self, keys: Sequence[bytes]) -> list[memoryview | None]:
         """Per key, the block's bytes (read-only) or None, with one call to the store; all None
@@ -229,11 +232,7 @@ class Backend:
             self._fail("get", exc)
             return [None] * len(keys)
         for view in views:
-            if view is None:
-                self.stats.misses += 1
-            else:
-                self.stats.pages_read += 1
-                self.stats.bytes_read += view.nbytes
+            self._count_read(view)
         return views
 
     def reads_in_place(self) -> bool:
