@@ -15,6 +15,13 @@ Durability modes, and what an acknowledged write (``put`` / ``finish_write`` ret
                power loss may lose anything not yet written back.
 =============  ==================================================================================
 
+``write_back=True`` (with ``batch`` or ``none``, and both tiers) acknowledges a write once its
+bytes are in the DRAM arena and checksummed: the SSD record and its COMMIT follow from the
+maintenance thread (every ``maintenance_interval_s``), from ``sync()`` and from ``close()``. Until
+then the block is readable but not durable: a crash takes it back whole (it is absent after
+recovery, never torn), as the page cache does for a file system. At most half of ``dram_bytes`` is
+waiting at any time; past that, writes go through to SSD as without the option.
+
 With ``ssd_bytes=0`` there is no SSD tier and the store is a volatile cache: nothing survives
 ``close()``; ``stats()["volatile"]`` is True.
 """
@@ -85,6 +92,8 @@ class StoreConfig:
     #: pages without writing them), so puts do not pay first-touch page faults. The arena's
     #: memory is then resident from the start. See :meth:`DramArena.prefault`.
     prefault_dram: bool = False
+    #: Acknowledge writes from DRAM and write them to SSD in the background (see above).
+    write_back: bool = False
     #: Run the maintenance thread. ``False`` (fsck, tools) leaves the store exactly as opened:
     #: no reaping, watermark eviction, TTL expiry or compaction unless called explicitly.
     background: bool = True
@@ -124,8 +133,15 @@ class StoreConfig:
             setattr(self, name, check_int(name, getattr(self, name), 4096))
         self.batch_interval_ms = check_real("batch_interval_ms", self.batch_interval_ms, 0, 60_000)
         self.zstd_level = check_int("zstd_level", self.zstd_level, 1, 22)
-        for name in ("verify_dram_reads", "prefault_dram", "background", "create"):
+        for name in ("verify_dram_reads", "prefault_dram", "background", "create", "write_back"):
             check_bool(name, getattr(self, name))
+        if self.write_back and (self.dram_bytes == 0 or self.ssd_bytes == 0):
+            raise InvalidArgumentError("write_back needs a DRAM and an SSD tier (dram_bytes and "
+                                       "ssd_bytes > 0)")
+        if self.write_back and self.durability == "sync":
+            raise InvalidArgumentError("write_back acknowledges writes before they are durable; "
+                                       "it cannot be combined with durability='sync' (use "
+                                       "'batch' or 'none')")
         check_choice("promote_on", self.promote_on, PROMOTE_ON)
         if isinstance(self.policy, str):
             self.policy = {"dram": self.policy, "ssd": self.policy}

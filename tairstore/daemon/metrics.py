@@ -53,6 +53,11 @@ _COUNTERS: dict[str, tuple[str, str, dict[str, str]]] = {
     "watermark_evictions": ("watermark_evictions", "Blocks evicted by the high-watermark task.", {}),
     "trimmed": ("blocks_trimmed", "Blocks deleted by namespace trims.", {}),
     "expired": ("blocks_expired", "Blocks dropped because their namespace TTL ran out.", {}),
+    "writeback_deferred": ("writeback_deferred", "Writes acknowledged from DRAM (write_back), their "
+                           "SSD write to follow.", {}),
+    "writeback_flushed": ("writeback_flushed", "Write-back blocks written to SSD and committed.", {}),
+    "writeback_failed": ("writeback_failed", "Write-back blocks whose SSD write failed (kept in DRAM "
+                         "only).", {}),
 }
 
 
@@ -118,6 +123,12 @@ class _StoreCollector:
         sessions = GaugeMetricFamily(f"{PREFIX}_write_sessions_open", "Write sessions holding reservations.")
         sessions.add_metric([], st.get("sessions_open", 0))
         yield sessions
+        dirty = (st.get("tiers", {}).get("dram") or {}).get("dirty_bytes")
+        if isinstance(dirty, int):
+            g = GaugeMetricFamily(f"{PREFIX}_writeback_dirty_bytes",
+                                  "Bytes acknowledged from DRAM and not yet written to SSD (write_back).")
+            g.add_metric([], dirty)
+            yield g
         writable = GaugeMetricFamily(f"{PREFIX}_store_writable",
                                      "0 once the store refuses writes after an I/O failure.")
         writable.add_metric([], 1 if st.get("writable", True) else 0)

@@ -172,6 +172,12 @@ class Catalog:
         self.namespaces[k[0]].policies["dram"].on_insert(k[1], b.size, b.parent)
         self.tier_blocks["dram"] += 1
 
+    def add_ssd_copy(self, k: Key, b: Block, place: tuple[int, int, int]) -> None:
+        """A write-back block reached the SSD tier (its usage was counted at admission)."""
+        b.ssd = place
+        self.namespaces[k[0]].policies["ssd"].on_insert(k[1], b.size, b.parent)
+        self.tier_blocks["ssd"] += 1
+
     def drop_dram_copy(self, k: Key, b: Block) -> Any:
         """Forget a block's DRAM copy (it keeps its SSD copy); returns the slot to release."""
         st = self.namespaces[k[0]]

@@ -1,6 +1,7 @@
 """Maintenance: the background thread's work.
 
-One pass reaps expired write sessions, expires TTLs, keeps every tier between its watermarks,
+One pass reaps expired write sessions, expires TTLs, writes write-back blocks to SSD, keeps
+every tier between its watermarks,
 demotes evicted blocks to the remote tier (when there is one) and takes one background
 compaction step (:mod:`tairstore.engine.compaction`). The thread runs
 a pass every ``maintenance_interval_s``; :meth:`Maintenance.run_pass` runs one now, which is
@@ -57,6 +58,8 @@ class Maintenance:
         self._compactor = compactor
         #: Demotes blocks the SSD tier evicted to the remote tier (None without one).
         self.demote: Callable[[], int] | None = None
+        #: Writes write-back blocks to SSD (None unless the store has ``write_back``).
+        self.flush: Callable[[], int] | None = None
         self._last_truncate = 0.0
         self._last_ttl_sweep = 0.0
         self.wake = threading.Event()
@@ -95,6 +98,9 @@ class Maintenance:
         if ttl_now or now - self._last_ttl_sweep >= TTL_SWEEP_EVERY_S:
             self._last_ttl_sweep = now
             self.sweep_ttl()
+        if self.flush is not None:
+            # Before the watermarks: a flushed block's DRAM copy becomes evictable.
+            self.flush()
         self.enforce_watermarks()
         if self.demote is not None:
             self.demote()

@@ -58,6 +58,7 @@ class PendingBlock:
     generation: int = 0
     location: Any = None  # SSD location once written
     parent: bytes | None = None  # previous key of its chain (for leaf-aware eviction)
+    deferred: bool = False  # write-back: committed from DRAM, its SSD write comes later
 
 
 @dataclass(eq=False)

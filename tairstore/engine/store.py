@@ -70,7 +70,8 @@ COUNTERS = ("hits", "misses", "hits_dram", "hits_ssd", "checksum_errors", "read_
             "evictions_ssd", "watermark_evictions", "promotions", "leases_expired",
             "recovered_blocks", "recovery_dropped", "recovery_read_errors", "recovery_dangling",
             "recovery_oversize", "hits_remote", "misses_remote", "demotions", "demotion_failures",
-            "demotions_missed", "demotions_dropped")
+            "demotions_missed", "demotions_dropped", "writeback_deferred", "writeback_flushed",
+            "writeback_failed")
 
 
 def _check_session_type(session: Any) -> None:
@@ -200,6 +201,8 @@ class Store:
             placement=placement, watermarks=WatermarkTracker(parse_watermarks(cfg.watermarks)),
             journal=self._journal, counters=counters, reap=writes.reap_expired,
             remove=writes.remove, compactor=lambda: self.compactor)
+        if cfg.write_back:
+            self._maintenance.flush = writes.flush_dirty
 
     def _open_remote(self, config: dict) -> None:
         """Open the remote tier and hook it into the parts: reads fall through to it, evicted
@@ -636,6 +639,7 @@ class Store:
                     "blocks": catalog.tier_blocks["dram"],
                     "bytes": ns_totals["dram"], "capacity": self._dram.capacity_bytes,
                     "used_bytes": self._dram.used_bytes, "pinned_bytes": self._dram.pinned_bytes,
+                    "dirty_bytes": self._writes.dirty_bytes,
                     "usage": frac, "watermark": marks.state["dram"],
                 }
             if self._space is not None:
@@ -675,8 +679,10 @@ class Store:
 
     # ----------------------------------------------------------------------- lifecycle
     def sync(self) -> None:
-        """Make everything acknowledged so far durable now (whatever the durability mode)."""
+        """Make everything acknowledged so far durable now (whatever the durability mode),
+        write-back blocks included."""
         self._life.check_open()
+        self._writes.flush_dirty()
         if self._journal.enabled:
             self._journal.wal.sync(self._journal.wal.last_lsn)
 
@@ -695,6 +701,9 @@ class Store:
             self._maintenance.shutdown()
             if self.compactor is not None:
                 self.compactor.wait_idle()
+            # Write-back blocks reach SSD before the log and index close (a clean close loses
+            # nothing it acknowledged).
+            self._writes.flush_dirty(closing=True)
             if self._remote is not None:
                 self._remote.close()
         finally:

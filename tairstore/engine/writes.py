@@ -12,7 +12,13 @@ the catalog (W1: make durable, then publish). Keys not committed are released. `
 same three steps without a session object.
 
 Every block of a store with an SSD tier is written through to SSD; the DRAM copy is a cache in
-front of it. A write that finds the SSD files full of dead records compacts in its own thread
+front of it. With ``write_back`` a block that got a DRAM slot may instead be committed from DRAM
+alone (*deferred*, while the deferred bytes stay under half the arena): it is published with its
+SSD reservation kept and its slot pinned (never evicted, never reused), and no COMMIT is logged.
+:meth:`Writes.flush_dirty` (the maintenance thread, ``sync``, ``close``) later writes the
+records, logs their COMMIT and adds the SSD copy, all under the store lock in one critical
+section, so a delete either finds the block dirty (the reservation is abandoned, nothing was
+logged) or flushed (a plain delete). A crash before the flush leaves the key absent (W2). A write that finds the SSD files full of dead records compacts in its own thread
 (never under the store lock) and retries, bounded by :data:`ADMIT_DEADLINE_S`.
 
 Arguments arrive checked by the store facade. The store lock is held for metadata only; payload
@@ -23,6 +29,7 @@ store lock.
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -35,7 +42,7 @@ from tairstore.engine.lifecycle import Journal, Lifecycle
 from tairstore.engine.placement import NeedSsdRoom, Placement
 from tairstore.engine.session import OPEN, PendingBlock, WriteSession
 from tairstore.engine.ssd_space import SsdSpace
-from tairstore.errors import CapacityError, ClosedError, FatalIOError, SessionError
+from tairstore.errors import CapacityError, ClosedError, DiskFullError, FatalIOError, SessionError
 from tairstore.format.checksum import crc32c
 from tairstore.format.segment import FLAG_COMMITTED
 from tairstore.index.records import BlockRecord
@@ -78,6 +85,19 @@ class _Admission:
         self.fruitless += 1
 
 
+class _Dirty:
+    """A write-back block waiting for its SSD record (store lock guards it)."""
+
+    __slots__ = ("res", "slot", "token", "block", "cancelled")
+
+    def __init__(self, res: Any, slot: Any, token: object, block: Block) -> None:
+        self.res = res  # its SSD reservation
+        self.slot = slot  # its DRAM slot, pinned by `token`
+        self.token = token
+        self.block = block
+        self.cancelled = False  # removed while its record was being written
+
+
 class Writes:
     """Write sessions, puts, deletes, trims and block removal.
 
@@ -102,6 +122,13 @@ class Writes:
         self.sessions: dict[int, WriteSession] = {}
         self._session_ids = itertools.count(1)
         self.generation = 0
+        # Write-back (config.write_back): blocks committed from DRAM, oldest first, and the batch
+        # a flush is writing; their bytes, and the most that may wait.
+        self._dirty: dict[Key, _Dirty] = {}
+        self._flushing: dict[Key, _Dirty] = {}
+        self.dirty_bytes = 0
+        self._dirty_limit = config.dram_bytes // 2 if config.write_back else 0
+        self._flush_lock = threading.Lock()
 
     def next_generation(self) -> int:
         """Monotonic across restarts: wall-clock nanoseconds, never below the last issued."""
@@ -326,6 +353,9 @@ class Writes:
         """Release one uncommitted block: reservations, usage, in-flight mark (store lock held)."""
         self.placement.unreserve(st, p)
         st.used_total -= p.size
+        if p.deferred:
+            p.deferred = False
+            self.dirty_bytes -= p.size
         self._catalog.end_inflight((ns, key), p.parent)
 
     # ---------------------------------------------------------------------------- payloads
@@ -368,7 +398,8 @@ class Writes:
             p.crc = crc32c(mv)
         with self._lock:
             p.generation = self.next_generation()
-        if p.ssd is not None:
+            self._defer(p)
+        if p.ssd is not None and not p.deferred:
             try:
                 p.location = self._ssd.write(p.ssd, ns, key, mv, generation=p.generation, crc=p.crc,
                                              committed=committed)
@@ -378,28 +409,36 @@ class Writes:
             with self._lock:
                 self._space.note_written(p.location, p.generation)
 
+    def _defer(self, p: PendingBlock) -> None:
+        """Write-back: commit ``p`` from DRAM if it has a slot and room is left (store lock held)."""
+        if (self._dirty_limit and p.dram is not None and p.ssd is not None
+                and self.dirty_bytes + p.size <= self._dirty_limit):
+            p.deferred = True
+            self.dirty_bytes += p.size
+
     def _commit(self, ns: str, items: list[tuple[bytes, PendingBlock]], sid: int) -> int:
         """Log COMMIT for written blocks, wait for durability, then publish them.
 
         On failure every reservation of ``items`` is released.
         """
+        located = [(k, p) for k, p in items if p.location is not None]
         try:
-            for k, p in items:
-                if p.location is not None and not p.location.flags & FLAG_COMMITTED:
+            for k, p in located:
+                if not p.location.flags & FLAG_COMMITTED:
                     # Before COMMIT is logged, so a rebuild from segments never knows a block the
                     # WAL does not (the same sync makes both durable).
                     self._ssd.mark_committed(p.location, ns, k, p.generation)
             lsn = None
             with self._lock:
                 self._life.check_writable()
-                if self._journal.enabled and items:
+                if self._journal.enabled and located:
                     now = time.time_ns()
                     entries = tuple(CommitEntry(ns, k, p.size, p.crc, p.generation,
                                                 (p.location.segment, p.location.offset, p.location.length))
-                                    for k, p in items)
+                                    for k, p in located)
                     ops = [(ns, k, BlockRecord(p.size, p.crc, p.generation, now, p.location.segment,
                                                p.location.offset, p.location.length))
-                           for k, p in items]
+                           for k, p in located]
                     lsn = self._journal.log(Commit(sid, entries), ops)
             if lsn is not None:
                 self._journal.make_durable(lsn)
@@ -420,8 +459,14 @@ class Writes:
                 place = (loc.segment, loc.offset, loc.length) if loc is not None else None
                 if place is not None:
                     self._space.commit(kk, p.ssd, place)
-                self._catalog.publish(kk, Block(p.size, p.crc, p.generation, now, place, p.dram, p.parent),
-                                      p.parent)
+                b = Block(p.size, p.crc, p.generation, now, place, p.dram, p.parent)
+                self._catalog.publish(kk, b, p.parent)
+                if p.deferred:
+                    # Its reservation and its dirty bytes pass to the flush (C1: the SSD
+                    # usage stays counted); the pin keeps its copy from eviction and reuse.
+                    self._dirty[kk] = _Dirty(p.ssd, p.dram, self._dram.pin(p.dram), b)
+                    p.deferred = False
+                    self._counters["writeback_deferred"] += 1
                 p.ssd = None
                 p.dram = None
                 self._catalog.end_inflight(kk, p.parent)
@@ -489,7 +534,8 @@ class Writes:
         with self._lock:
             for _, p, _ in batch:
                 p.generation = self.next_generation()
-        on_ssd = [(k, p, mv) for k, p, mv in batch if p.ssd is not None]
+                self._defer(p)
+        on_ssd = [(k, p, mv) for k, p, mv in batch if p.ssd is not None and not p.deferred]
         if on_ssd:
             try:
                 locations = self._ssd.write_many(
@@ -531,6 +577,119 @@ class Writes:
             self._make_room(need_bytes, admit)
         raise CapacityError("SSD tier full: compaction could not free room for this write",
                             dimension="tier:ssd")
+
+    # -------------------------------------------------------------------------- write-back
+    def _drop_dirty(self, k: Key, b: Block, tombstone: bool) -> None:
+        """A removed block had no SSD copy yet: give back its reservation (store lock held).
+
+        Nothing about it was logged, so no DELETE is. A block whose record a flush is writing
+        right now is marked for the flush to abandon; an explicit delete also leaves a
+        tombstone, so a rebuild from the segments cannot bring that record back.
+        """
+        d = self._dirty.pop(k, None)
+        if d is not None:
+            self._space.abandon(d.res)
+            self.dirty_bytes -= b.size
+            self._dram.unpin(d.token)
+        else:
+            d = self._flushing.get(k)
+            if d is None or d.block is not b:
+                return  # a DRAM-only block (its flush failed): nothing reserved
+            d.cancelled = True
+            if tombstone and self._life.fatal is None:
+                try:
+                    loc = self._ssd.write_tombstone(k[0], k[1], self.next_generation())
+                except (CapacityError, FatalIOError):
+                    pass  # only a rebuild could bring the record back
+                else:
+                    self._space.note_tombstone(loc)
+        self._catalog.namespaces[k[0]].used["ssd"] -= b.size
+
+    def flush_dirty(self, *, closing: bool = False) -> int:
+        """Write every write-back block's SSD record and log its COMMIT; returns how many.
+
+        The records are written outside the store lock (the dirty pins keep the DRAM bytes);
+        then, under it, the blocks still present get their COMMIT and their SSD copy, and the
+        reservations of those removed meanwhile are abandoned. If the SSD write fails, the
+        blocks stay readable from DRAM without an SSD copy (a cache entry the DRAM tier may
+        evict), and the failure is counted. ``closing``: run by ``close`` after the store
+        stopped taking writes.
+        """
+        if not self._dirty:
+            return 0
+        with self._flush_lock:
+            with self._lock:
+                if self._life.fatal is not None or (self._life.closed and not closing):
+                    return 0
+                batch = list(self._dirty.items())
+                self._dirty.clear()
+                self._flushing.update(batch)
+            try:
+                locations = self._ssd.write_many(
+                    [(d.res, k[0], k[1], self._dram.held_view(d.slot), d.block.generation,
+                      d.block.crc) for k, d in batch], committed=True)
+            except (DiskFullError, FatalIOError) as exc:
+                with self._lock:
+                    for k, d in batch:
+                        self._space.abandon(d.res)
+                        if not d.cancelled:
+                            self._catalog.namespaces[k[0]].used["ssd"] -= d.block.size
+                    self._end_flush(batch)
+                    self._counters["writeback_failed"] += len(batch)
+                if isinstance(exc, FatalIOError):
+                    self._life.fail(exc)
+                    raise
+                return 0
+            lsn = None
+            with self._lock:
+                present = []
+                for (k, d), loc in zip(batch, locations):
+                    self._space.note_written(loc, d.block.generation)
+                    if d.cancelled:
+                        self._space.abandon(d.res)
+                    else:
+                        present.append((k, d, (loc.segment, loc.offset, loc.length)))
+                try:
+                    lsn = self._log_flushed(present)
+                except BaseException as exc:
+                    # Nothing of the batch is published on SSD: the blocks stay DRAM-only.
+                    for k, d, _ in present:
+                        self._space.abandon(d.res)
+                        self._catalog.namespaces[k[0]].used["ssd"] -= d.block.size
+                    self._end_flush(batch)
+                    if isinstance(exc, FatalIOError):
+                        self._life.fail(exc)
+                    raise
+                for k, d, place in present:
+                    self._space.commit(k, d.res, place)
+                    self._catalog.add_ssd_copy(k, d.block, place)
+                self._end_flush(batch)
+                self._counters["writeback_flushed"] += len(present)
+        self._sync_if_asked(lsn)
+        return len(present)
+
+    def _log_flushed(self, present: list[tuple[Key, _Dirty, tuple[int, int, int]]]) -> int | None:
+        """Log the COMMIT of flushed write-back blocks, one record per namespace (store lock held)."""
+        if not present or not self._journal.enabled or self._life.fatal is not None:
+            return None
+        by_ns: dict[str, list] = {}
+        for k, d, place in present:
+            by_ns.setdefault(k[0], []).append((k[1], d.block, place))
+        lsn = None
+        for ns, group in by_ns.items():
+            entries = tuple(CommitEntry(ns, key, b.size, b.crc, b.generation, place)
+                            for key, b, place in group)
+            ops = [(ns, key, BlockRecord(b.size, b.crc, b.generation, b.created_ns, *place))
+                   for key, b, place in group]
+            lsn = self._journal.log(Commit(0, entries), ops)
+        return lsn
+
+    def _end_flush(self, batch: list[tuple[Key, _Dirty]]) -> None:
+        """The flush of ``batch`` is over: its dirty bytes and pins go (store lock held)."""
+        for k, d in batch:
+            self._flushing.pop(k, None)
+            self.dirty_bytes -= d.block.size
+            self._dram.unpin(d.token)
 
     # ------------------------------------------------------------------------------ delete
     def delete(self, ns: str, keys: list[bytes]) -> int:
@@ -577,6 +736,8 @@ class Writes:
             if b.ssd is not None:
                 self._space.remove(k, b.ssd)
                 logged.setdefault(k[0], []).append(k[1])
+            elif self._dirty_limit:
+                self._drop_dirty(k, b, tombstones)
         if not self._journal.enabled or not logged or self._life.fatal is not None:
             return None
         lsn = None

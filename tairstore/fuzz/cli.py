@@ -145,7 +145,7 @@ def add_parser(subparsers) -> None:
     c = sub.add_parser("crashpoints", help="simulated crashes at every persistence point")
     c.add_argument("--seed", type=int, default=0, help="seeds the post-crash images / random runs")
     c.add_argument("--point", type=int, default=None, help="replay only this crash point")
-    c.add_argument("--durability", default="sync", choices=("sync", "batch", "none"))
+    c.add_argument("--durability", default="sync", choices=("sync", "batch", "none", "writeback"))
     c.add_argument("--writes", action="store_true", help="every write is a crash point too")
     c.add_argument("--runs", type=int, default=0, help="random crash runs instead of the enumeration")
     c.add_argument("--random-seed", type=int, default=None, help="replay one random crash run")

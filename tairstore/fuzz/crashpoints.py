@@ -15,8 +15,9 @@ it and runs ``fsck``, which must report ``ok``.
   / unlink operations, then crashes after each of them in turn, in ``durability="sync"``:
   everything acknowledged before the crash point must be present and byte-exact.
 - :func:`random_runs` crashes random workloads after a random operation of any kind, writes
-  included (so the last write may be torn), in a random durability mode. In ``"batch"`` and
-  ``"none"`` only byte-exactness is required of what was not synced.
+  included (so the last write may be torn), in a random durability mode. In ``"batch"``,
+  ``"writeback"`` (batch with ``write_back``) and ``"none"`` only byte-exactness is required of
+  what was not synced.
 
 Every failure names the seed and the command that replays exactly that run.
 """
@@ -43,7 +44,7 @@ __all__ = ["CrashRun", "run_crash", "count_points", "enumerate_points", "random_
            "random_run_spec"]
 
 #: Durability modes of random runs, weighted towards the one that promises the most.
-_MODES = ("sync", "sync", "batch", "none")
+_MODES = ("sync", "sync", "batch", "none", "writeback")
 #: Operations per random workload: enough for rolls and a compaction, few enough for CI.
 _RANDOM_OPS = (8, 30)
 #: Counted operations per workload operation, roughly: the range a random crash point is drawn

@@ -20,6 +20,8 @@ What a key may show after a crash (:meth:`Expected.allowed`):
 - ``"batch"``: any value it held since the last acknowledged ``store.sync()``; absent only if
   it was absent at some point since then (a key synced and untouched since must be there).
 - ``"none"``: any value it held since the start (nothing is ever fsynced), or absent.
+- ``"writeback"`` (``"batch"`` with ``write_back``): as ``"batch"``; its ``store.sync()`` also
+  writes the blocks acknowledged from DRAM to SSD.
 """
 
 from __future__ import annotations

@@ -58,9 +58,13 @@ def store_options(durability: str = "sync", ssd_bytes: int = SSD_BYTES) -> dict:
 
     ``ssd_bytes`` of 2 MiB (the default) makes 64 KiB segments (the store's minimum); the
     default namespace holds at most 8 x 12 KiB, far below it, so it never evicts.
-    ``EVICTING_SSD_BYTES`` makes every namespace evict.
+    ``EVICTING_SSD_BYTES`` makes every namespace evict. ``"writeback"`` is ``"batch"`` with
+    ``write_back=True`` (its crash model is batch's: what was acknowledged since the last sync
+    may be lost, never torn).
     """
-    return dict(dram_bytes=64 << 10, ssd_bytes=ssd_bytes, durability=durability,
+    write_back = durability == "writeback"
+    return dict(dram_bytes=64 << 10, ssd_bytes=ssd_bytes,
+                durability="batch" if write_back else durability, write_back=write_back,
                 wal_file_bytes=4096, batch_interval_ms=2.0, maintenance_interval_s=0.02)
 
 

@@ -352,6 +352,24 @@ class DramArena:
         entry.pins += 1
         return entry
 
+    def pin(self, slot: Slot) -> object:
+        """Pin a live slot without a view; returns the token :meth:`unpin` takes.
+
+        A pinned slot is never evicted by the store (its policies skip pinned copies) and its
+        extent is not reused until the pin goes, even after :meth:`release`.
+        """
+        with self._lock:
+            return self._pin_locked(slot)
+
+    def unpin(self, token: object) -> None:
+        """Drop a pin taken by :meth:`pin` (a released slot is reclaimed with its last pin)."""
+        self._unpinned.append(token)  # type: ignore[arg-type]
+        self._try_drain()
+
+    def held_view(self, slot: Slot) -> memoryview:
+        """A read-only view of a slot whose pin the caller holds (no pin of its own)."""
+        return memoryview(self._buf[slot.offset : slot.offset + slot.size]).toreadonly()
+
     def _view(self, slot: Slot, *, readonly: bool) -> memoryview:
         with self._lock:
             entry = self._pin_locked(slot)
