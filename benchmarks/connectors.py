@@ -139,7 +139,8 @@ def main() -> int:
                          "embedded-sync, embedded-none: durability sync / none; daemon: "
                          "tairstore serve's defaults (durability sync); daemon-batch: durability "
                          "batch; daemon-shm: durability batch, its arena shared ([shm]) and read "
-                         "in place through shm+tcp://")
+                         "in place through shm+tcp://; embedded-wb, daemon-wb: as embedded and "
+                         "daemon-shm with write_back (writes acknowledged from DRAM)")
     ap.add_argument("--dir", default=".", help="where the file backend and embedded store write")
     ap.add_argument("--json", help="write every sample to this file")
     ap.add_argument("--h2d", action="store_true",
@@ -187,33 +188,37 @@ def main() -> int:
                 "file", config({"file_storage_path": os.path.join(tmp, "file")}), pool)
             b.register_mem_pool_host(pool)
             runners.append(Runner("sglang file", b, pool, v1=False))
-        for name, durability in (("embedded", "batch"), ("embedded-sync", "sync"), ("embedded-none", "none")):
+        for name, durability in (("embedded", "batch"), ("embedded-sync", "sync"), ("embedded-none", "none"),
+                                 ("embedded-wb", "batch")):
             if name not in names:
                 continue
             # Prefaulted, as a long-running engine's arena is: first-touch faults are start-up cost.
             # "batch" (the adapter's default) fsyncs on a timer, "sync" every commit, "none"
             # never: it promises what the file backend does, bytes handed to the OS.
             opts = {"dram_bytes": 2 * total + (64 * MIB), "ssd_bytes": 2 * total + (256 * MIB),
-                    "prefault_dram": True, "durability": durability}
+                    "prefault_dram": True, "durability": durability, "write_back": name == "embedded-wb"}
             path = os.path.join(tmp, name)
             embedded_dirs.append(path)
-            runners.append(Runner(f"tairstore embedded {durability}",
+            label = "tairstore embedded " + ("write-back" if opts["write_back"] else durability)
+            runners.append(Runner(label,
                                   tairstore_backend(path, store_options=opts), pool, v1=True))
-        for name in ("daemon", "daemon-batch", "daemon-shm"):
+        for name in ("daemon", "daemon-batch", "daemon-shm", "daemon-wb"):
             if name not in names:
                 continue
             data_dir = os.path.join(tmp, name)
             store = extra = None
             if name != "daemon":
                 store = {"durability": "batch", "dram_bytes": 2 * total + 64 * MIB, "prefault_dram": True}
-            if name == "daemon-shm":
+            if name in ("daemon-shm", "daemon-wb"):
                 extra = {"shm": {"enabled": True}}
+            if name == "daemon-wb":
+                store["write_back"] = True
             # Started as users start it: tairstore serve --config C --data-dir D --port 0 ....
             d = Daemon(data_dir, store, extra=extra)
             daemons.append(d)
             label = "tairstore " + {"daemon": "daemon sync", "daemon-batch": "daemon batch",
-                                    "daemon-shm": "daemon shm"}[name]
-            url = d.url.replace("tcp://", "shm+tcp://") if name == "daemon-shm" else d.url
+                                    "daemon-shm": "daemon shm", "daemon-wb": "daemon shm write-back"}[name]
+            url = d.url.replace("tcp://", "shm+tcp://") if name in ("daemon-shm", "daemon-wb") else d.url
             runners.append(Runner(label, tairstore_backend(url), pool, v1=True, client_url=d.url))
 
         samples = []

@@ -332,8 +332,45 @@ class Backend:
         """Store page ``pages[i]`` of a :class:`tairstore.tiers.gpu.KVTransfer` as ``keys[i]``
         (pages already stored are not gathered); per page, whether it is stored."""
         nbytes = transfer.kv.block_bytes
+        if self.remote and not transfer.cuda and self.reads_in_place():
+            staged = self._save_pages_staged(transfer, list(keys), list(pages), nbytes)
+            if staged is not None:
+                return staged
         return transfer.save(pages, lambda idx, fill: self.put_many(
             [keys[i] for i in idx], lambda j, _k: fill(idx[j]), nbytes))
+
+    def _save_pages_staged(self, transfer: Any, keys: list[bytes], pages: list[int],
+                           nbytes: int) -> list[bool] | None:
+        """save_pages to a same-host daemon: the missing pages are gathered straight into the
+        client's staging file (one copy, where a gather into a buffer then its copy into the
+        staging file makes two). None when the target cannot stage such a batch."""
+        import torch
+
+        from ..net.shmclient import MAX_STAGE_BYTES
+
+        per_call = MAX_STAGE_BYTES // nbytes
+        put = getattr(self.target, "put_many_staged", None)  # reads_in_place() connected it
+        if put is None or per_call < 1:
+            return None
+        present = [False] * len(keys)
+        try:
+            present = self.target.exists(keys, namespace=self.namespace)
+            todo = [i for i, hit in enumerate(present) if not hit]
+            n = 0
+            for start in range(0, len(todo), per_call):
+                chunk = todo[start:start + per_call]
+                stored = put([keys[i] for i in chunk], nbytes,
+                             lambda area, _c=chunk: transfer.kv.gather(
+                                 [pages[i] for i in _c], torch.from_numpy(area)),
+                             namespace=self.namespace)
+                n += sum(stored)
+        except (StoreError, OSError) as exc:
+            self._fail("put_many", exc)
+            return list(present)
+        # A False from the daemon: another writer stored (or is storing) it meanwhile.
+        self.stats.pages_written += n
+        self.stats.bytes_written += n * nbytes
+        return [True] * len(keys)
 
     def delete_all(self) -> bool:
         """Drop every block of this namespace (an engine's ``clear``)."""

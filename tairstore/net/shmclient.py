@@ -44,7 +44,7 @@ from tairstore.net.calls import DEFAULT_NAMESPACE, Call, _sized
 from tairstore.net.client import DEFAULT_TIMEOUT_S, Client, NetworkError, _raise_for, _SyncConn, parse_url
 from tairstore.net.schema import Op
 from tairstore.net.protocol import Response
-from tairstore.validate import check_data, check_key, check_keys, check_namespace, check_out
+from tairstore.validate import check_block_size, check_data, check_key, check_keys, check_namespace, check_out
 
 __all__ = ["ShmClient", "RETURN_BATCH", "SHM_SCHEME", "shm_reachable"]
 
@@ -278,6 +278,28 @@ class ShmClient(Client):
                 pos += d.nbytes
             r = self._call_shm(Op.PUT_SHM, {"ns": ns, "keys": ks, "sizes": [d.nbytes for d in datas],
                                             "offs": offs})
+        return _sized(r, "stored", len(ks))
+
+    def put_many_staged(self, keys: list[bytes], nbytes: int, fill: Any, *,
+                        namespace: str = DEFAULT_NAMESPACE) -> list[bool] | None:
+        """Store ``len(keys)`` blocks of ``nbytes`` each that ``fill`` writes in place.
+
+        ``fill(area)`` gets a writable uint8 array of ``len(keys) * nbytes`` bytes of the
+        staging file and writes the blocks into it one after another: a producer that must copy
+        its blocks anyway (a gather of KV pages) copies them straight into the staging file.
+        Returns, per key, whether it was stored; None when the batch cannot be staged (larger
+        than ``MAX_STAGE_BYTES``: use :meth:`put_many`).
+        """
+        ks, ns = check_keys(keys), check_namespace(namespace)
+        size = check_block_size(nbytes, None)
+        total = size * len(ks)
+        if not 0 < total <= MAX_STAGE_BYTES:
+            return None
+        with self._shm_lock:
+            area = self._staging(total)[:total]
+            fill(area)
+            r = self._call_shm(Op.PUT_SHM, {"ns": ns, "keys": ks, "sizes": [size] * len(ks),
+                                            "offs": [i * size for i in range(len(ks))]})
         return _sized(r, "stored", len(ks))
 
     # ------------------------------------------------------------------------ reads

@@ -12,6 +12,7 @@ storage, factory = sglang_modules()
 import torch  # noqa: E402
 
 from tairstore.connectors.common import close_embedded  # noqa: E402
+from tairstore import Client  # noqa: E402
 
 PS = 4
 
@@ -179,6 +180,34 @@ def test_a_shared_arena_daemon_is_read_in_place_and_its_leases_come_back(tmp_pat
         d.stop()
         assert reader.batch_get_v1(keys, _idx(0, 1, 2)) == [False] * 3
         assert reader.tairstore_stats()["failures"] >= 1
+    finally:
+        d.stop()
+
+
+def test_pages_are_gathered_into_a_write_back_daemons_staging_file(tmp_path):
+    # Layer-first pages are scattered over the pool: the gather writes them straight into the
+    # client's staging file; the daemon acknowledges from its arena (write_back) and a second
+    # replica reads the same bytes back.
+    from connsupport import Daemon
+
+    d = Daemon(str(tmp_path / "daemon"), {"durability": "batch", "write_back": True},
+               extra={"shm": {"enabled": True}})
+    try:
+        url = d.url.replace("tcp://", "shm+tcp://")
+        src = HostPool(layout="layer_first", pages=6, page_size=PS, layers=3, seed=11)
+        writer = _backend(url, src)
+        keys = _keys(5, "wb")
+        assert writer.batch_set_v1(keys[:2], _idx(0, 1)) == [True, True]
+        assert writer.batch_set_v1(keys, _idx(0, 1, 2, 3, 4)) == [True] * 5
+        assert writer.backend.stats.pages_written == 5  # the first two were not sent again
+        dst = HostPool(layout="layer_first", pages=6, page_size=PS, layers=3, seed=12)
+        reader = _backend(url, dst)
+        assert reader.batch_exists(keys) == 5
+        assert reader.batch_get_v1(keys, _idx(1, 2, 3, 4, 5)) == [True] * 5
+        for i in range(5):
+            assert torch.equal(dst.page((i + 1) * PS), src.page(i * PS))
+        with Client(d.url) as c:
+            assert c.stats()["counters"]["writeback_deferred"] == 5
     finally:
         d.stop()
 

@@ -305,6 +305,40 @@ def test_local_puts_go_through_a_private_staging_file(tmp_path):
             c.put_many([b"d", b"d"], [b"1", b"2"])
 
 
+def test_staged_puts_are_written_in_place_and_a_write_back_daemon_flushes_them(tmp_path):
+    # A write-back daemon acknowledges from its arena and writes SSD records in the background;
+    # a restart (a clean stop flushes) must find every acknowledged block.
+    with daemon(tmp_path, dram=32 * MiB, ssd=256 * MiB, durability="batch", write_back=True) as d:
+        with ShmClient("shm+" + d.data_url) as c:
+            keys = [b"s%d" % i for i in range(6)]
+
+            def fill(area):
+                for i in range(len(area) // MiB):
+                    area[i * MiB:(i + 1) * MiB] = block(i, MiB)
+
+            assert c.put_many_staged(keys, MiB, fill) == [True] * 6
+            assert c.put_many_staged(keys[:1], MiB, fill) == [False]  # already stored
+            assert all(is_block(c.get(k), i) for i, k in enumerate(keys))
+            # Too large for the staging file: the caller is told to use put_many.
+            assert c.put_many_staged([b"big"], 65 * MiB, fill) is None
+            with pytest.raises(InvalidArgumentError):
+                c.put_many_staged([b"z"], 0, fill)
+            st = c.stats()
+            assert st["counters"]["writeback_deferred"] == 6
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(d.http_url + "/metrics", timeout=60) as r:
+            families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+        assert families["tairstore_writeback_deferred"].samples[0].value == 6
+        assert "tairstore_writeback_dirty_bytes" in families
+    with daemon(tmp_path, dram=32 * MiB, ssd=256 * MiB, durability="batch", write_back=True) as d:
+        with tairstore.Client(d.data_url, shm=False) as plain:
+            assert plain.stats()["counters"]["recovered_blocks"] == 6
+            assert all(is_block(plain.get(k), i) for i, k in enumerate(keys))
+
+
 def test_group_backing_is_group_readable(tmp_path):
     backing = SharedBacking(str(tmp_path), group=os.getgid())
     DramArena(64 * KiB, backing=backing)
