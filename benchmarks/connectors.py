@@ -11,6 +11,8 @@ fresh page hashes:
   as the controller's backup thread writes them: tairstore through ``batch_set_v1`` (the
   zero-copy ``interface_v1`` path), ``file`` through ``batch_set`` of ``get_data_page`` pages
   (the generic path SGLang uses for it);
+- an untimed settle (:func:`settle`: a write-back store's DRAM backlog written, then
+  ``os.sync()``), the same for every backend;
 - ``get``: the same pages read back into the other half of the pool (tairstore:
   ``batch_get_v1``; ``file``: ``batch_get`` into dummy pages, then ``set_from_flat_data_page``),
   checked byte for byte once per backend.
@@ -20,7 +22,8 @@ tairstore's daemon is started as users start it (``tairstore serve --data-dir D 
 current directory, the file system the repository is on; never a tmpfs). Reads of the file
 backend come from the page cache (just written), as reads of tairstore's DRAM tier do.
 Backends alternate within each round; the table gives the best round in GB/s (10^9 bytes of
-page payload a second) and each tairstore row's ratio to ``file`` (>1.00: faster).
+page payload a second), each tairstore row's ratio to ``file`` (>1.00: faster), and
+``set+settle``: the bytes over the time of ``set`` and its settle (until they are on disk).
 
 Run: ``python benchmarks/connectors.py`` (needs torch and ``pip install --no-deps sglang``),
 ``--pages 16 --rounds 2`` for a quick look, ``--json out.json`` for every sample;
@@ -86,6 +89,22 @@ def timed(fn, keys: list[str], pages: list[int], batch: int) -> float:
     return time.perf_counter() - t0
 
 
+def settle(r: Runner) -> float:
+    """Untimed between ``set`` and ``get``, for every backend alike: wait until a write-back
+    store has written what it acknowledged from DRAM, then ``os.sync()`` (the page cache's
+    dirty pages, the file backend's included, go to disk), so a phase never pays for the
+    previous one's deferred work. Returns the seconds it took."""
+    t0 = time.perf_counter()
+    stats = getattr(getattr(r.backend, "backend", None), "store_stats", None)
+    deadline = t0 + 120
+    while stats is not None and time.perf_counter() < deadline:
+        if not stats().get("tiers", {}).get("dram", {}).get("dirty_bytes"):
+            break
+        time.sleep(0.005)
+    os.sync()
+    return time.perf_counter() - t0
+
+
 def h2d(pages: int, rounds: int) -> None:
     """``--h2d``: the GPU hooks' load (pinned staging, side stream, per-layer scatter) of
     Llama-3.1-8B pages into a paged KV cache on the device, beside one plain ``tensor.copy_``
@@ -134,7 +153,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=8, help="pages per batch call")
     ap.add_argument("--layout", choices=["page_first", "layer_first"], default="page_first")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--backends", default="file,embedded,embedded-sync,daemon,daemon-batch,daemon-shm",
+    ap.add_argument("--backends", default="file,embedded,embedded-wb,embedded-sync,daemon,daemon-batch,daemon-shm,daemon-wb",
                     help="embedded: the adapter's default embedded store (durability batch); "
                          "embedded-sync, embedded-none: durability sync / none; daemon: "
                          "tairstore serve's defaults (durability sync); daemon-batch: durability "
@@ -226,6 +245,7 @@ def main() -> int:
             for r in runners:
                 keys = [f"{r.name}-{rnd}-{i}".encode().hex() for i in range(args.pages)]
                 t_set = timed(r.set, keys, src_pages, args.batch)
+                t_settle = settle(r)
                 for d in dst_pages:
                     pool.page(d * args.page_size).zero_()
                 t_get = timed(r.get, keys, dst_pages, args.batch)
@@ -234,7 +254,7 @@ def main() -> int:
                         if not torch.equal(pool.page(s * args.page_size), pool.page(d * args.page_size)):
                             raise RuntimeError(f"{r.name}: page {s} read back different bytes")
                 samples.append({"backend": r.name, "round": rnd, "set_s": t_set, "get_s": t_get,
-                                "bytes": total})
+                                "settle_s": t_settle, "bytes": total})
                 # Drop the round's pages so every round writes into the same amount of room.
                 if not r.client_url:
                     r.backend.clear()
@@ -253,18 +273,22 @@ def main() -> int:
 
     best = {}
     for s in samples:
-        b = best.setdefault(s["backend"], {"set": 0.0, "get": 0.0})
+        b = best.setdefault(s["backend"], {"set": 0.0, "get": 0.0, "durable": 0.0})
         b["set"] = max(b["set"], s["bytes"] / s["set_s"] / GB)
+        b["durable"] = max(b["durable"], s["bytes"] / (s["set_s"] + s["settle_s"]) / GB)
         b["get"] = max(b["get"], s["bytes"] / s["get_s"] / GB)
     print(f"SGLang HiCache storage, Llama-3.1-8B pages: {pool.page_bytes / MIB:.0f} MiB/page "
           f"({args.page_size} tokens, {args.layout}), {args.pages} pages/round, batches of "
           f"{args.batch}, best of {args.rounds} rounds")
-    print(f"{'backend':<20} {'set GB/s':>9} {'get GB/s':>9} {'set x file':>11} {'get x file':>11}")
+    print(f"{'backend':<32} {'set GB/s':>9} {'get GB/s':>9} {'set x file':>11} {'get x file':>11} "
+          f"{'set+settle GB/s':>16} {'x file':>7}")
     base = best.get("sglang file")
     for name, b in best.items():
         rs = f"{b['set'] / base['set']:.2f}" if base else "-"
         rg = f"{b['get'] / base['get']:.2f}" if base else "-"
-        print(f"{name:<20} {b['set']:>9.2f} {b['get']:>9.2f} {rs:>11} {rg:>11}")
+        rd = f"{b['durable'] / base['durable']:.2f}" if base else "-"
+        print(f"{name:<32} {b['set']:>9.2f} {b['get']:>9.2f} {rs:>11} {rg:>11} "
+              f"{b['durable']:>16.2f} {rd:>7}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(samples, f, indent=1)
