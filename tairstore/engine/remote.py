@@ -151,7 +151,7 @@ class RemotePart:
             batch = []
             while self._queue and len(batch) < DEMOTION_BATCH:
                 batch.append(self._queue.popleft())
-            by_ns: dict[str, tuple[list[bytes], list[bytearray]]] = {}
+            by_ns: dict[str, tuple[list[bytes], list[bytearray], list[int]]] = {}
             for ns, key, size, crc, (seg, off, length) in batch:
                 buf = bytearray(size)
                 try:
@@ -159,12 +159,13 @@ class RemotePart:
                 except (StoreError, OSError):
                     self._counters["demotions_missed"] += 1  # compacted away, or unreadable
                     continue
-                keys, bufs = by_ns.setdefault(ns, ([], []))
+                keys, bufs, crcs = by_ns.setdefault(ns, ([], [], []))
                 keys.append(key)
                 bufs.append(buf)
-            for ns, (keys, bufs) in by_ns.items():
+                crcs.append(crc)  # read_into verified the bytes against it
+            for ns, (keys, bufs, crcs) in by_ns.items():
                 try:
-                    stored = self.tier.put(ns, keys, bufs)
+                    stored = self.tier.put(ns, keys, bufs, crcs)
                 except (StoreError, OSError) as exc:
                     log.warning("demotion to the remote tier failed: %s", exc)
                     stored = [False] * len(keys)

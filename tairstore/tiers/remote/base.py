@@ -18,17 +18,98 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from tairstore.errors import InvalidArgumentError
+from tairstore.format.checksum import crc32c
 from tairstore.tiers.remote.health import HealthTracker
 from tairstore.validate import check_data, check_keys, check_namespace, check_out
 
-__all__ = ["RemoteTier"]
+__all__ = ["RemoteTier", "ChecksumRun", "check_crcs"]
 
 _COUNTERS = ("puts", "put_bytes", "put_failures", "hits", "hit_bytes", "misses", "corruptions",
              "deletes")
+
+
+#: Bytes of buffers checksummed per task on the helper thread: large enough that the hand-off
+#: (a few µs) is small beside the crc32c it carries, small enough to overlap the next I/O.
+CRC_GROUP_BYTES = 1 << 20
+_crc_pool: ThreadPoolExecutor | None = None
+_crc_pool_lock = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _crc_pool
+    with _crc_pool_lock:
+        if _crc_pool is None:
+            _crc_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tairstore-crc")
+        return _crc_pool
+
+
+def _crc_group(group: list[tuple[Hashable, memoryview]]) -> list[tuple[Hashable, int]]:
+    return [(tag, crc32c(view)) for tag, view in group]
+
+
+class ChecksumRun:
+    """crc32c of a batch's buffers on a helper thread while the caller does the next I/O.
+
+    ``add(tag, view)`` queues a buffer the caller has finished filling (or is about to send);
+    :meth:`results` waits and returns ``{tag: crc32c}``. crc32c releases the GIL, so on two
+    cores reading block i+1 and checksumming block i overlap. Buffers are grouped into tasks
+    of about :data:`CRC_GROUP_BYTES`. The caller keeps every view alive and unchanged until
+    :meth:`results` returns (it always calls it, also on an error path).
+    """
+
+    __slots__ = ("_group", "_bytes", "_futures")
+
+    def __init__(self) -> None:
+        self._group: list[tuple[Hashable, memoryview]] = []
+        self._bytes = 0
+        self._futures: list[Future] = []
+
+    def add(self, tag: Hashable, view: memoryview) -> None:
+        self._group.append((tag, view))
+        self._bytes += len(view)
+        if self._bytes >= CRC_GROUP_BYTES:
+            self._submit()
+
+    def _submit(self) -> None:
+        if self._group:
+            self._futures.append(_pool().submit(_crc_group, self._group))
+            self._group, self._bytes = [], 0
+
+    def results(self) -> dict[Hashable, int]:
+        """Every queued buffer's crc32c (waits for the helper thread)."""
+        if not self._futures:  # one small group: not worth a hand-off
+            out = dict(_crc_group(self._group))
+            self._group, self._bytes = [], 0
+            return out
+        self._submit()
+        out: dict[Hashable, int] = {}
+        for f in self._futures:
+            out.update(f.result())
+        self._futures = []
+        return out
+
+
+def check_crcs(crcs: Sequence[Any] | None, n: int) -> list[int] | None:
+    """Checksums a caller already knows for a put (the store's demotion does): one crc32c per
+    block, ints in 0..2**32-1; None when not given.
+
+    Raises:
+        InvalidArgumentError: not one per block, or not such an int.
+    """
+    if crcs is None:
+        return None
+    crcs = list(crcs)
+    if len(crcs) != n:
+        raise InvalidArgumentError(f"{n} blocks but {len(crcs)} checksums")
+    for c in crcs:
+        if not isinstance(c, int) or isinstance(c, bool) or not 0 <= c <= 0xFFFFFFFF:
+            raise InvalidArgumentError(f"a crc32c is an int in 0..2**32-1, got {c!r}")
+    return crcs
 
 
 class RemoteTier(abc.ABC):
@@ -47,9 +128,15 @@ class RemoteTier(abc.ABC):
     # -- the interface -------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def put(self, namespace: str, keys: Sequence[bytes], blocks: Sequence[Any]) -> list[bool]:
+    def put(self, namespace: str, keys: Sequence[bytes], blocks: Sequence[Any],
+            crcs: Sequence[int] | None = None) -> list[bool]:
         """Store each block under ``(namespace, key)``; True where the remote holds it now
-        (also when it already did), False where it could not (unreachable, full)."""
+        (also when it already did), False where it could not (unreachable, full).
+
+        ``crcs``: each block's crc32c when the caller already verified it (the store's
+        demotion reads blocks back from SSD with their checksum); computed here otherwise. A
+        wrong one makes the block a counted corruption on read, never wrong bytes.
+        """
 
     @abc.abstractmethod
     def get_into(self, namespace: str, keys: Sequence[bytes], outs: Sequence[Any]) -> list[int | None]:

@@ -44,8 +44,7 @@ from typing import Any
 import lmdb
 
 from tairstore.errors import InvalidArgumentError
-from tairstore.format.checksum import crc32c
-from tairstore.tiers.remote.base import RemoteTier
+from tairstore.tiers.remote.base import ChecksumRun, RemoteTier, check_crcs
 from tairstore.tiers.remote.config import MIN_SLOT_BYTES
 
 __all__ = ["Hf3fsTier", "slot_class", "RECORD"]
@@ -169,9 +168,11 @@ class Hf3fsTier(RemoteTier):
 
     # -- the interface ---------------------------------------------------------------------------
 
-    def put(self, namespace: str, keys: Sequence[bytes], blocks: Sequence[Any]) -> list[bool]:
+    def put(self, namespace: str, keys: Sequence[bytes], blocks: Sequence[Any],
+            crcs: Sequence[int] | None = None) -> list[bool]:
         """See :meth:`RemoteTier.put`; a block over ``max_block_bytes`` raises InvalidArgumentError."""
         keys, views = self._check_put(namespace, keys, blocks)
+        known = check_crcs(crcs, len(views))
         limit = self.config["max_block_bytes"]
         for v in views:
             if len(v) > limit:
@@ -193,10 +194,17 @@ class Hf3fsTier(RemoteTier):
                     if where is not None:
                         placed[i] = (cls, *where)
             written = {}
-            for i, (cls, number, slot) in placed.items():                  # step 2
-                n = os.pwritev(self._fd(cls, number), [views[i]], slot * cls)
-                if n == len(views[i]):
-                    written[i] = crc32c(views[i])
+            run = ChecksumRun()  # checksums overlap the next block's write
+            try:
+                for i, (cls, number, slot) in placed.items():              # step 2
+                    n = os.pwritev(self._fd(cls, number), [views[i]], slot * cls)
+                    if n == len(views[i]):
+                        if known is None:
+                            run.add(i, views[i])
+                        written[i] = known[i] if known is not None else 0
+            finally:
+                got = run.results()
+            written.update((i, got[i]) for i in written if i in got)
             with self._env.begin(write=True) as txn:                       # step 3
                 for i, (cls, number, slot) in placed.items():
                     if i not in written or txn.get(ikeys[i], db=self._blocks) is not None:
@@ -229,13 +237,23 @@ class Hf3fsTier(RemoteTier):
                              if r is not None and RECORD.unpack(r)[3] > len(views[i])]
                 if too_small:
                     raise InvalidArgumentError(f"output buffer too small for remote block(s) {too_small[:4]}")
-                suspects = []
-                for i, raw in enumerate(records):
-                    if raw is None:
-                        continue
-                    cls, number, slot, length, crc = RECORD.unpack(raw)
-                    n = os.preadv(self._fd(cls, number), [views[i][:length]], slot * cls)
-                    if n == length and crc32c(views[i][:length]) == crc:
+                suspects, read = [], {}
+                run = ChecksumRun()  # block i is checksummed while block i+1 is read
+                try:
+                    for i, raw in enumerate(records):
+                        if raw is None:
+                            continue
+                        cls, number, slot, length, crc = RECORD.unpack(raw)
+                        n = os.preadv(self._fd(cls, number), [views[i][:length]], slot * cls)
+                        if n == length:
+                            run.add(i, views[i][:length])
+                            read[i] = (length, crc, raw)
+                        else:
+                            suspects.append((ikeys[i], raw))
+                finally:
+                    got = run.results()
+                for i, (length, crc, raw) in read.items():
+                    if got[i] == crc:
                         found[i] = length
                     else:
                         suspects.append((ikeys[i], raw))

@@ -35,7 +35,7 @@ import numpy as np
 
 from tairstore.errors import InvalidArgumentError
 from tairstore.format.checksum import crc32c
-from tairstore.tiers.remote.base import RemoteTier
+from tairstore.tiers.remote.base import ChecksumRun, RemoteTier, check_crcs
 from tairstore.validate import check_out
 
 __all__ = ["MooncakeTier", "TRAILER", "encode_trailer", "OBJECT_NOT_FOUND", "RPC_FAIL"]
@@ -61,9 +61,10 @@ def _unreachable(code: int) -> bool:
     return code == RPC_FAIL or code <= _SERVICE_ERRORS
 
 
-def encode_trailer(name: str, payload: memoryview) -> bytes:
+def encode_trailer(name: str, payload: memoryview, crc: int | None = None) -> bytes:
     """The trailer stored after ``payload`` in the object called ``name``."""
-    return TRAILER.pack(_MAGIC, crc32c(payload), len(payload), crc32c(name.encode()))
+    return TRAILER.pack(_MAGIC, crc32c(payload) if crc is None else crc, len(payload),
+                        crc32c(name.encode()))
 
 
 class MooncakeTier(RemoteTier):
@@ -186,10 +187,12 @@ class MooncakeTier(RemoteTier):
 
     # -- the interface ---------------------------------------------------------------------------
 
-    def put(self, namespace: str, keys: Sequence[bytes], blocks: Sequence[Any]) -> list[bool]:
+    def put(self, namespace: str, keys: Sequence[bytes], blocks: Sequence[Any],
+            crcs: Sequence[int] | None = None) -> list[bool]:
         """See :meth:`RemoteTier.put`; a block larger than ``buffer_bytes`` minus the trailer
         raises InvalidArgumentError."""
         keys, views = self._check_put(namespace, keys, blocks)
+        known = check_crcs(crcs, len(views))
         for v in views:
             if len(v) > self._max_payload:
                 raise InvalidArgumentError(
@@ -203,19 +206,29 @@ class MooncakeTier(RemoteTier):
             for rnd in self._rounds(staged):
                 if not self._ready():
                     break
-                names, parts, sizes, off = [], [], [], 0
-                for i in rnd:
-                    name, v = self.object_name(namespace, keys[i]), views[i]
-                    if ptrs[i] is None:
-                        self._staging[off:off + len(v)] = np.frombuffer(v, dtype=np.uint8)
-                        payload_ptr, off = self._staging_ptr + off, off + len(v)
-                    else:
-                        payload_ptr = ptrs[i]
-                    self._staging[off:off + TRAILER.size] = np.frombuffer(encode_trailer(name, v), dtype=np.uint8)
-                    names.append(name)
-                    parts.append([payload_ptr, self._staging_ptr + off])
-                    sizes.append([len(v), TRAILER.size])
-                    off += TRAILER.size
+                names, parts, sizes, trailers, off = [], [], [], [], 0
+                run = ChecksumRun()  # block i is checksummed while block i+1 is staged
+                try:
+                    for i in rnd:
+                        name, v = self.object_name(namespace, keys[i]), views[i]
+                        if ptrs[i] is None:
+                            self._staging[off:off + len(v)] = np.frombuffer(v, dtype=np.uint8)
+                            payload_ptr, off = self._staging_ptr + off, off + len(v)
+                        else:
+                            payload_ptr = ptrs[i]
+                        if known is None:
+                            run.add(i, v)
+                        names.append(name)
+                        parts.append([payload_ptr, self._staging_ptr + off])
+                        sizes.append([len(v), TRAILER.size])
+                        trailers.append((i, name, off))
+                        off += TRAILER.size
+                finally:
+                    got = run.results()
+                for i, name, at in trailers:
+                    crc = known[i] if known is not None else got[i]
+                    self._staging[at:at + TRAILER.size] = np.frombuffer(
+                        encode_trailer(name, views[i], crc), dtype=np.uint8)
                 codes = self._client.batch_put_from_multi_buffers(names, parts, sizes)
                 self._settle(codes)
                 for i, code in zip(rnd, codes):
@@ -244,21 +257,35 @@ class MooncakeTier(RemoteTier):
                     off += sizes[-1]
                 codes = self._client.batch_get_into(names, ptrs, sizes)
                 self._settle(codes)
-                for i, name, ptr, code in zip(rnd, names, ptrs, codes):
-                    if code < 0:
-                        if code != OBJECT_NOT_FOUND and not _unreachable(code):
-                            # e.g. the object is larger than the buffer offered for it.
-                            too_small.append(keys[i])
-                        continue
-                    n = self._verify(name, ptr - self._staging_ptr, code)
-                    if n is None:
-                        damaged.append(name)
-                    elif n > len(views[i]):
-                        too_small.append(keys[i])
-                    else:
+                # Each payload is copied out while the helper thread checksums it in the
+                # staging buffer; it counts as found only once its checksum matched.
+                run, copied = ChecksumRun(), []
+                try:
+                    for i, name, ptr, code in zip(rnd, names, ptrs, codes):
+                        if code < 0:
+                            if code != OBJECT_NOT_FOUND and not _unreachable(code):
+                                # e.g. the object is larger than the buffer offered for it.
+                                too_small.append(keys[i])
+                            continue
                         start = ptr - self._staging_ptr
-                        views[i][:n] = self._staging[start:start + n].data
+                        n, crc = self._trailer(name, start, code)
+                        if n is None:
+                            damaged.append(name)
+                        elif n > len(views[i]):
+                            too_small.append(keys[i])
+                        else:
+                            payload = self._staging[start:start + n].data
+                            run.add(i, payload)
+                            views[i][:n] = payload
+                            copied.append((i, name, n, crc))
+                finally:
+                    got = run.results()
+                for i, name, n, crc in copied:
+                    if got[i] == crc:
                         found[i] = n
+                    else:
+                        _log.warning("remote object %s failed its checksum; dropped", name)
+                        damaged.append(name)
             if damaged and self._client is not None:
                 self._client.batch_remove(damaged, True)
         self._count_reads(found, len(damaged))
@@ -267,18 +294,19 @@ class MooncakeTier(RemoteTier):
                 f"output buffer too small for remote block(s) {[k.hex() for k in too_small][:4]}")
         return found
 
-    def _verify(self, name: str, start: int, total: int) -> int | None:
-        """The payload length of the object staged at ``start``, or None if it is damaged."""
+    def _trailer(self, name: str, start: int, total: int) -> tuple[int | None, int]:
+        """The payload length and crc32c the trailer of the object staged at ``start`` gives,
+        ``(None, 0)`` if the trailer itself is damaged (the payload's crc is checked by the
+        caller)."""
         if total < TRAILER.size:
             _log.warning("remote object %s: %d bytes, shorter than its trailer", name, total)
-            return None
+            return None, 0
         n = total - TRAILER.size
         magic, crc, length, name_crc = TRAILER.unpack_from(self._staging, start + n)
-        payload = self._staging[start:start + n]
-        if magic != _MAGIC or length != n or name_crc != crc32c(name.encode()) or crc != crc32c(payload):
+        if magic != _MAGIC or length != n or name_crc != crc32c(name.encode()):
             _log.warning("remote object %s failed its checksum; dropped", name)
-            return None
-        return n
+            return None, 0
+        return n, crc
 
     def sizes(self, namespace: str, keys: Sequence[bytes]) -> list[int | None]:
         """See :meth:`RemoteTier.sizes`."""

@@ -34,3 +34,27 @@ def check_roundtrip_sizes_delete(tier) -> None:
     stats = tier.stats()
     # The too-small read may count as a miss too (Mooncake learns the size only by reading).
     assert (stats["hits"], stats["deletes"], stats["healthy"]) == (2, 1, True) and stats["misses"] >= 1, stats
+
+
+def check_known_checksums_and_many_blocks(tier) -> None:
+    """A put given the checksums (a demotion's) stores the same object as one that computes
+    them; a wrong one makes the block a counted corruption on read, never wrong bytes; a batch
+    large enough to be checksummed on the helper thread in several groups reads back exact."""
+    from tairstore.format.checksum import crc32c
+
+    blocks = [os.urandom(300_000 + i) for i in range(12)]  # 3.6 MB: several crc groups
+    keys = [b"many-%d" % i for i in range(12)]
+    assert tier.put(NS, keys[:6], blocks[:6], [crc32c(b) for b in blocks[:6]]) == [True] * 6
+    assert tier.put(NS, keys[6:], blocks[6:]) == [True] * 6
+    outs = [bytearray(len(b)) for b in blocks]
+    assert tier.get_into(NS, keys, outs) == [len(b) for b in blocks]
+    assert all(bytes(o) == b for o, b in zip(outs, blocks))
+    before = tier.stats()["corruptions"]
+    bad = os.urandom(200_000)
+    assert tier.put(NS, [b"lied"], [bad], [crc32c(bad) ^ 1]) == [True]
+    assert tier.get_into(NS, [b"lied"], [bytearray(200_000)]) == [None]
+    assert tier.stats()["corruptions"] == before + 1
+    assert tier.exists(NS, [b"lied"]) == [False], "a damaged block is removed"
+    for wrong in ([1, 2], [-1], [1 << 32], ["x"], [True]):  # not one per block, not a crc32c
+        with pytest.raises(InvalidArgumentError):
+            tier.put(NS, [b"k"], [bad], wrong)

@@ -11,7 +11,7 @@ from tairstore.errors import InvalidArgumentError
 from tairstore.tiers.remote import make_remote_tier
 from tairstore.tiers.remote.hf3fs import slot_class
 
-from .contract import NS, check_roundtrip_sizes_delete
+from .contract import NS, check_known_checksums_and_many_blocks, check_roundtrip_sizes_delete
 from .peer import block, keys_of
 
 
@@ -30,6 +30,10 @@ def tier(config):
 
 def test_roundtrip_sizes_delete(tier):
     check_roundtrip_sizes_delete(tier)
+
+
+def test_known_checksums_and_many_blocks(tier):
+    check_known_checksums_and_many_blocks(tier)
 
 
 def test_payload_is_stored_as_is_at_the_indexed_offset(tier):

@@ -12,7 +12,7 @@ from tairstore.errors import InvalidArgumentError
 from tairstore.tiers.remote import make_remote_tier
 from tairstore.tiers.remote.mooncake import TRAILER, encode_trailer
 
-from .contract import NS, check_roundtrip_sizes_delete
+from .contract import NS, check_known_checksums_and_many_blocks, check_roundtrip_sizes_delete
 from .peer import block, keys_of
 
 #: Bounded wait for a restarted master to be seen again (the tier probes every retry_s).
@@ -35,6 +35,10 @@ def tier(master):
 
 def test_roundtrip_sizes_delete(tier):
     check_roundtrip_sizes_delete(tier)
+
+
+def test_known_checksums_and_many_blocks(tier):
+    check_known_checksums_and_many_blocks(tier)
 
 
 def test_batch_larger_than_the_staging_buffer(tier):
