@@ -244,8 +244,11 @@ class Placement:
         return b.size
 
     def drop_dram(self, k: tuple[str, bytes], b: Block) -> None:
-        """Drop a block's DRAM copy; a block with no SSD copy goes with it."""
+        """Drop a block's DRAM copy; a block with no SSD copy goes with it (after the remote
+        tier, when there is one, has had the chance to demote it)."""
         if b.ssd is None:
+            if self.on_evict is not None:
+                self.on_evict(k, b)
             self.remove([k], tombstones=False)
             return
         self.dram.release(self.catalog.drop_dram_copy(k, b))

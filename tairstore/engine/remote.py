@@ -14,7 +14,10 @@ the durable copy: its blocks are not in the local catalog or index. So:
 - **Demotion.** A block that the SSD tier evicts (whole, by its policy) is queued here under the
   store lock (its place, size and checksum); :meth:`demote` then reads those records outside the
   lock and puts them to the remote tier. The record is dead once evicted, so compaction may have
-  removed it first: that block is simply not demoted (counted). The queue is bounded.
+  removed it first: that block is simply not demoted (counted). A block whose only copy is in
+  DRAM (a store without an SSD tier) is copied out of the arena when it is evicted, since its
+  slot is reused at once; those copies are bounded by :data:`MAX_DEMOTION_COPY_BYTES`. The queue
+  is bounded; past a bound the oldest entries are dropped (counted).
 - **An unreachable tier** is skipped at once (its health tracker says so): local reads and
   writes never wait on it, and remote-only blocks are misses, never exceptions. The
   maintenance pass (:meth:`maintain`) probes it every ``retry_s`` until it answers, which puts
@@ -38,6 +41,8 @@ log = logging.getLogger("tairstore.engine.store")
 MAX_DEMOTION_QUEUE = 4096
 #: Blocks per remote put when demoting.
 DEMOTION_BATCH = 16
+#: Bytes of evicted DRAM-only blocks held for demotion (copies: their slots are reused).
+MAX_DEMOTION_COPY_BYTES = 256 << 20
 
 
 class RemotePart:
@@ -49,11 +54,13 @@ class RemotePart:
         counters: the store's counters (``hits_remote``, ``demotions``, ...).
     """
 
-    def __init__(self, tier: Any, ssd: Any, counters: Counter) -> None:
+    def __init__(self, tier: Any, ssd: Any, counters: Counter, dram: Any = None) -> None:
         self.tier = tier
         self._ssd = ssd
+        self._dram = dram
         self._counters = counters
         self._queue: collections.deque = collections.deque()
+        self._copied_bytes = 0  # bytes of DRAM-only blocks copied into the queue
 
     # -- reads ----------------------------------------------------------------------------
     def _usable(self) -> bool:
@@ -136,13 +143,29 @@ class RemotePart:
 
     # -- demotion -------------------------------------------------------------------------
     def note_evicted(self, k: tuple[str, bytes], b: Any) -> None:
-        """Queue an evicted block's SSD record for demotion (store lock held)."""
-        if b.ssd is None or self._ssd is None:
+        """Queue an evicted block for demotion: its SSD record, or a copy of its only (DRAM)
+        copy (store lock held)."""
+        if b.ssd is not None and self._ssd is not None:
+            where: Any = b.ssd
+        elif b.dram is not None and self._dram is not None:
+            if b.size > MAX_DEMOTION_COPY_BYTES:
+                self._counters["demotions_dropped"] += 1
+                return
+            where = bytearray(self._dram.held_view(b.dram))  # its slot is reused at once
+            self._copied_bytes += b.size
+        else:
             return
-        if len(self._queue) >= MAX_DEMOTION_QUEUE:
-            self._queue.popleft()
+        # Without an SSD tier (and without verify_dram_reads) a block carries no checksum.
+        crc = b.crc if (self._ssd is not None or b.crc) else None
+        self._queue.append((k[0], k[1], b.size, crc, where))
+        while (len(self._queue) > MAX_DEMOTION_QUEUE
+               or self._copied_bytes > MAX_DEMOTION_COPY_BYTES):
+            self._forget(self._queue.popleft())
             self._counters["demotions_dropped"] += 1
-        self._queue.append((k[0], k[1], b.size, b.crc, b.ssd))
+
+    def _forget(self, entry: tuple) -> None:
+        if isinstance(entry[4], bytearray):
+            self._copied_bytes -= entry[2]
 
     def demote(self, limit: int = MAX_DEMOTION_QUEUE) -> int:
         """Put queued evicted blocks to the remote tier (no store lock); returns how many."""
@@ -150,22 +173,29 @@ class RemotePart:
         while self._queue and done < limit and self._usable():
             batch = []
             while self._queue and len(batch) < DEMOTION_BATCH:
-                batch.append(self._queue.popleft())
-            by_ns: dict[str, tuple[list[bytes], list[bytearray], list[int]]] = {}
-            for ns, key, size, crc, (seg, off, length) in batch:
-                buf = bytearray(size)
-                try:
-                    self._ssd.read_into(seg, off, length, buf, namespace=ns, key=key, expected_crc=crc)
-                except (StoreError, OSError):
-                    self._counters["demotions_missed"] += 1  # compacted away, or unreadable
-                    continue
-                keys, bufs, crcs = by_ns.setdefault(ns, ([], [], []))
+                entry = self._queue.popleft()
+                self._forget(entry)
+                batch.append(entry)
+            by_ns: dict[tuple[str, bool], tuple[list[bytes], list[bytearray], list[int]]] = {}
+            for ns, key, size, crc, where in batch:
+                if isinstance(where, bytearray):
+                    buf = where  # a DRAM-only block's copy
+                else:
+                    seg, off, length = where
+                    buf = bytearray(size)
+                    try:
+                        self._ssd.read_into(seg, off, length, buf, namespace=ns, key=key,
+                                            expected_crc=crc)
+                    except (StoreError, OSError):
+                        self._counters["demotions_missed"] += 1  # compacted away, or unreadable
+                        continue
+                keys, bufs, crcs = by_ns.setdefault((ns, crc is not None), ([], [], []))
                 keys.append(key)
                 bufs.append(buf)
                 crcs.append(crc)  # read_into verified the bytes against it
-            for ns, (keys, bufs, crcs) in by_ns.items():
+            for (ns, known), (keys, bufs, crcs) in by_ns.items():
                 try:
-                    stored = self.tier.put(ns, keys, bufs, crcs)
+                    stored = self.tier.put(ns, keys, bufs, crcs if known else None)
                 except (StoreError, OSError) as exc:
                     log.warning("demotion to the remote tier failed: %s", exc)
                     stored = [False] * len(keys)
@@ -190,4 +220,5 @@ class RemotePart:
     def close(self) -> None:
         """Close the tier (queued demotions are dropped: the remote tier is a cache)."""
         self._queue.clear()
+        self._copied_bytes = 0
         self.tier.close()

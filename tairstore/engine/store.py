@@ -210,7 +210,7 @@ class Store:
         from tairstore.tiers.remote import make_remote_tier
 
         tier = make_remote_tier(config)
-        remote = self._remote = RemotePart(tier, self._ssd, self._counters)
+        remote = self._remote = RemotePart(tier, self._ssd, self._counters, dram=self._dram)
         self._reads.remote = remote
         self._reads.promote = lambda ns, key, view: self._writes.put(ns, key, view, "auto", None)
         self._placement.on_evict = remote.note_evicted
