@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 from collections import Counter
 from typing import Any
 
-from tairstore.errors import InvalidArgumentError, StoreError
+from tairstore.engine.session import OPEN, RemoteTierSession
+from tairstore.errors import InvalidArgumentError, SessionError, StoreError
 
 __all__ = ["RemotePart", "MAX_DEMOTION_QUEUE"]
 
@@ -119,6 +121,74 @@ class RemotePart:
         except (StoreError, OSError) as exc:
             log.warning("remote usage failed: %s", exc)
             return 0.0
+
+    # -- write sessions of remote-strategy namespaces -------------------------------------
+    def start_session(self, sid: int, ns: str, keys: list[bytes], sizes: list[int],
+                      lease_s: float, local: set[bytes]) -> RemoteTierSession:
+        """A session whose blocks go to the remote tier at ``finish_write``; keys in ``local``
+        (stored here already) are not written."""
+        todo = [k for k in keys if k not in local]
+        session = RemoteTierSession(sid, ns, todo, lease_s, time.monotonic() + lease_s)
+        session.sizes = {k: n for k, n in zip(keys, sizes) if k not in local}
+        return session
+
+    @staticmethod
+    def _buffer(session: RemoteTierSession, key: bytes) -> bytearray:
+        """The payload buffer of an unwritten key of an open session (session lock held)."""
+        session.check_open()
+        size = session.sizes.get(key)
+        if size is None:
+            raise SessionError(f"key {key.hex()[:16]}… is not in write session {session.id}'s keys_to_write")
+        if key in session.written:
+            raise SessionError(f"key {key.hex()[:16]}… was already written in session {session.id}")
+        buf = session.buffers.get(key)
+        if buf is None:
+            buf = session.buffers[key] = bytearray(size)
+        return buf
+
+    def write(self, session: RemoteTierSession, key: bytes, mv: memoryview) -> None:
+        """Copy one payload into the session (its bytes go out at finish)."""
+        with session.lock:
+            buf = self._buffer(session, key)
+            if len(mv) != len(buf):
+                raise SessionError(f"block is {len(mv)} bytes but start_write reserved {len(buf)}")
+            buf[:] = mv
+            session.written.add(key)
+
+    def write_view(self, session: RemoteTierSession, key: bytes) -> memoryview:
+        """A writable view of the key's payload buffer (see :meth:`Store.write_view`)."""
+        with session.lock:
+            return memoryview(self._buffer(session, key))
+
+    def write_done(self, session: RemoteTierSession, key: bytes) -> None:
+        with session.lock:
+            self._buffer(session, key)
+            session.written.add(key)
+
+    def finish(self, session: RemoteTierSession, ok: list[bytes]) -> int:
+        """Put the ``ok`` keys to the remote tier in one batch; returns how many it holds now
+        (fewer when it is unreachable or full: those blocks are not stored anywhere)."""
+        with session.lock:
+            if session.state == OPEN and not session.keys_to_write and not ok:
+                session.transition("finish")
+                return 0
+            session.check_open()
+            for key in ok:
+                if key not in session.written:
+                    raise SessionError(f"key {key.hex()[:16]}… was not written in session {session.id}")
+            wanted = set(ok)
+            keys = [k for k in session.keys_to_write if k in wanted]
+            bufs = [session.buffers[k] for k in keys]
+            session.transition("finish")
+            session.buffers = {}
+        return sum(self.put_many(session.namespace, keys, [memoryview(b) for b in bufs])) if keys else 0
+
+    @staticmethod
+    def abort(session: RemoteTierSession) -> None:
+        with session.lock:
+            if session.state == OPEN:
+                session.transition("abort")
+            session.buffers.clear()
 
     # -- maintenance ----------------------------------------------------------------------
     def maintain(self) -> int:

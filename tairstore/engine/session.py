@@ -27,7 +27,7 @@ from typing import Any
 
 from tairstore.errors import LeaseExpiredError, SessionError
 
-__all__ = ["WriteSession", "PendingBlock", "TRANSITIONS"]
+__all__ = ["WriteSession", "RemoteTierSession", "PendingBlock", "TRANSITIONS"]
 
 OPEN, FINISHED, ABORTED, EXPIRED = "open", "finished", "aborted", "expired"
 
@@ -110,3 +110,25 @@ class WriteSession:
     def expired(self) -> bool:
         """True once the lease has run out."""
         return time.monotonic() > self.deadline
+
+
+@dataclass(eq=False)
+class RemoteTierSession(WriteSession):
+    """A write session of a namespace whose strategy sends its blocks to the remote tier.
+
+    It reserves nothing locally and logs nothing: ``write`` copies each payload into
+    :attr:`buffers` (``write_view`` hands out that buffer), and ``finish_write`` puts the
+    committed keys to the remote tier in one batch. Its lease is checked on every use, as a
+    local session's is; an abandoned one holds only its buffers.
+    """
+
+    sizes: dict[bytes, int] = field(default_factory=dict, repr=False)
+    buffers: dict[bytes, bytearray] = field(default_factory=dict, repr=False)
+    written: set[bytes] = field(default_factory=set, repr=False)
+
+    def check_open(self) -> None:
+        """Raise if the session cannot be used; expire it if its lease ran out (lock held)."""
+        if self.state == OPEN and self.expired:
+            self.transition("expire")
+            self.buffers.clear()
+        self.check_usable()

@@ -46,7 +46,7 @@ from tairstore.engine.match import MatchResult
 from tairstore.engine.placement import Placement
 from tairstore.engine.reads import Reads
 from tairstore.engine.remote import RemotePart
-from tairstore.engine.session import WriteSession
+from tairstore.engine.session import RemoteTierSession, WriteSession
 from tairstore.engine.strategy import Router, build_router, check_strategy
 from tairstore.engine.ssd_space import SsdSpace, segment_size
 from tairstore.engine.writes import Writes
@@ -325,7 +325,7 @@ class Store:
 
     # --------------------------------------------------------------------------- write path
     def start_write(self, keys: list[bytes], sizes: list[int], lease_s: float = 30.0, *,
-                    namespace: str = DEFAULT_NAMESPACE, tier: str = "auto",
+                    namespace: str = DEFAULT_NAMESPACE, tier: str | None = None,
                     parent: bytes | None = None, chain: bool = True) -> WriteSession:
         """Begin a two-phase write.
 
@@ -339,7 +339,9 @@ class Store:
             sizes: the exact byte size of each block.
             lease_s: seconds the reservation is held; after that the store aborts the session.
             tier: ``"auto"`` (DRAM copy when it fits, SSD always when present), ``"dram"``
-                (a DRAM copy is required) or ``"ssd"`` (no DRAM copy).
+                (a DRAM copy is required), ``"ssd"`` (no DRAM copy) or ``"remote"`` (the
+                blocks go to the remote tier at ``finish_write``, no local copy); None: the
+                namespace's strategy (:meth:`route`), ``"auto"`` without one.
             parent: the key preceding ``keys[0]`` in its chain, if stored.
             chain: the keys are consecutive blocks of one sequence, each the prefix of the
                 next (what ``leaf_lru`` eviction uses).
@@ -361,10 +363,14 @@ class Store:
             raise InvalidArgumentError("duplicate keys in one write session")
         sizes = [self._check_size(s) for s in sizes]
         lease_s = check_lease(lease_s)
-        tier = self._check_tier(tier)
+        tier = self._route(ns) if tier is None else self._check_tier(tier)
         if tier == "remote":
-            raise InvalidArgumentError("write sessions are local: write remote-only blocks with "
-                                       "put / put_many(tier='remote')")
+            # Nothing is reserved or logged locally: the blocks go out at finish_write.
+            self._life.check_writable()
+            with self._lock:
+                sid = self._writes.new_session_id()
+                local = {k for k in keys if self._catalog.busy((ns, k))}
+            return self._remote.start_session(sid, ns, keys, sizes, float(lease_s), local)
         parent = None if parent is None else self._key(parent)
         parents = ([parent] + keys[:-1]) if chain else [None] * len(keys)
         return self._writes.start_write(ns, keys, sizes, float(lease_s), tier, parents)
@@ -379,6 +385,8 @@ class Store:
             DiskFullError: the disk is full (the session stays open; abort or retry).
         """
         _check_session_type(session)
+        if type(session) is RemoteTierSession:
+            return self._remote.write(session, self._key(key), check_data(data))
         self._writes.write(session, self._key(key), check_data(data))
 
     def write_view(self, session: WriteSession, key: bytes) -> memoryview | None:
@@ -393,6 +401,8 @@ class Store:
             SessionError, LeaseExpiredError: as for :meth:`write`.
         """
         _check_session_type(session)
+        if type(session) is RemoteTierSession:
+            return self._remote.write_view(session, self._key(key))
         return self._writes.write_view(session, self._key(key))
 
     def write_done(self, session: WriteSession, key: bytes) -> None:
@@ -402,6 +412,8 @@ class Store:
         must have been released: bytes changed after this call would differ from the checksum.
         """
         _check_session_type(session)
+        if type(session) is RemoteTierSession:
+            return self._remote.write_done(session, self._key(key))
         self._writes.write_done(session, self._key(key))
 
     def finish_write(self, session: WriteSession, ok_keys: list[bytes]) -> int:
@@ -414,11 +426,16 @@ class Store:
             the number of keys committed.
         """
         _check_session_type(session)
+        if type(session) is RemoteTierSession:
+            self._life.check_writable()
+            return self._remote.finish(session, self._keys(ok_keys))
         return self._writes.finish_write(session, self._keys(ok_keys))
 
     def abort_write(self, session: WriteSession) -> None:
         """Abandon a session: release every reservation. A finished session is left alone."""
         _check_session_type(session)
+        if type(session) is RemoteTierSession:
+            return self._remote.abort(session)
         self._writes.abort_write(session)
 
     def put(self, key: bytes, data: Any, *, namespace: str = DEFAULT_NAMESPACE, tier: str | None = None,

@@ -130,6 +130,10 @@ class Writes:
         self._dirty_limit = config.dram_bytes // 2 if config.write_back else 0
         self._flush_lock = threading.Lock()
 
+    def new_session_id(self) -> int:
+        """A session id unique within the store's lifetime (store lock held)."""
+        return next(self._session_ids)
+
     def next_generation(self) -> int:
         """Monotonic across restarts: wall-clock nanoseconds, never below the last issued."""
         self.generation = max(self.generation + 1, time.time_ns())

@@ -115,17 +115,22 @@ def test_strategies_over_http_and_data_port_and_remote_metrics(tmp_path):
             assert stats["namespaces"]["r"]["blocks"] == 0, "remote-only: no local copies"
             assert bytes(d.get(b"two", namespace="r")) == payload[1]
             assert d.get(b"absent", namespace="r") is None
+            # So do write sessions: the committed block goes to the remote tier only.
+            w = d.start_write([b"four"], [len(payload[0])], namespace="r")
+            d.write(w, b"four", payload[0])
+            assert d.finish_write(w, [b"four"]) == 1
+            assert bytes(d.get(b"four", namespace="r")) == payload[0]
         st, stats = c.call("GET", "/stats")
         remote = stats["tiers"]["remote"]
-        assert remote["healthy"] is True and remote["puts"] == 3
+        assert remote["healthy"] is True and remote["puts"] == 4  # (reads promoted local copies)
 
         st, text = c.call("GET", "/metrics")
         assert st == 200
         m = _samples(text)
         assert m["tairstore_remote_healthy"] == 1
-        assert m["tairstore_remote_used_bytes"] == sum(len(p) for p in payload)
+        assert m["tairstore_remote_used_bytes"] == sum(len(p) for p in payload) + len(payload[0])
         assert m["tairstore_remote_capacity_bytes"] > 0
-        assert m["tairstore_remote_puts_total"] == 3 and m["tairstore_remote_put_failures_total"] == 0
+        assert m["tairstore_remote_puts_total"] == 4 and m["tairstore_remote_put_failures_total"] == 0
         assert m["tairstore_remote_hits_total"] >= 1 and m["tairstore_remote_misses_total"] >= 1
         assert m["tairstore_remote_corruptions_total"] == 0
         assert "tairstore_remote_demotions_total" in m and "tairstore_remote_demotion_failures_total" in m

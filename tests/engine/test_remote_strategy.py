@@ -83,6 +83,56 @@ def test_always_remote_stores_remote_only_and_explicit_tier_overrides(tmp_path):
         assert s.tier_of(key(4), namespace="r") == "ssd"
 
 
+def test_write_sessions_follow_the_strategy_to_the_remote_tier(tmp_path):
+    from tairstore.errors import LeaseExpiredError, SessionError
+
+    with open_store(tmp_path / "s", hf3fs(tmp_path)) as s:
+        s.set_strategy("r", "always:remote")
+        assert s.put(key(0), block(0), namespace="r", tier="ssd")  # one key held locally
+        w = s.start_write([key(0), key(1), key(2), key(3)], [64 * KiB] * 4, namespace="r")
+        assert w.keys_to_write == [key(1), key(2), key(3)]
+        s.write(w, key(1), block(1))
+        view = s.write_view(w, key(2))  # filled in place, as the daemon receives a payload
+        view[:] = block(2)
+        view.release()
+        s.write_done(w, key(2))
+        s.write(w, key(3), block(3))
+        with pytest.raises(SessionError, match="already written"):
+            s.write(w, key(1), block(1))
+        with pytest.raises(SessionError, match="reserved"):
+            s.write(s.start_write([key(9)], [10], namespace="r"), key(9), b"short")
+        with pytest.raises(SessionError, match="not written"):
+            s.finish_write(s.start_write([key(8)], [10], namespace="r"), [key(8)])
+        assert s.finish_write(w, [key(1), key(2)]) == 2  # key 3 written but not committed
+        with pytest.raises(SessionError):
+            s.write(w, key(3), block(3))
+        assert s.stats()["blocks"] == 1 and s.stats()["sessions_open"] == 0, "nothing new locally"
+        assert s.match([key(1), key(2), key(3)], namespace="r", mode="exact").tiers == ["remote", "remote", None]
+        assert bytes(s.get(key(1), namespace="r")) == block(1)
+        assert bytes(s.get(key(2), namespace="r")) == block(2)
+        # An aborted or expired session stores nothing.
+        a = s.start_write([key(5)], [64 * KiB], namespace="r")
+        s.write(a, key(5), block(5))
+        s.abort_write(a)
+        with pytest.raises(SessionError, match="aborted"):
+            s.finish_write(a, [key(5)])
+        e = s.start_write([key(6)], [64 * KiB], namespace="r")
+        e.deadline = 0.0  # its lease ran out
+        with pytest.raises(LeaseExpiredError):
+            s.write(e, key(6), block(6))
+        assert s.match([key(5), key(6)], namespace="r", mode="exact").tiers == [None, None]
+        # A namespace without a strategy still writes locally; an explicit tier wins.
+        local = s.start_write([key(7)], [64 * KiB], namespace="other")
+        s.write(local, key(7), block(7))
+        assert s.finish_write(local, [key(7)]) == 1 and s.tier_of(key(7), namespace="other")
+        x = s.start_write([key(10)], [64 * KiB], namespace="r", tier="ssd")
+        s.write(x, key(10), block(10))
+        assert s.finish_write(x, [key(10)]) == 1 and s.tier_of(key(10), namespace="r") == "ssd"
+    # Another store sharing the tier reads the session's blocks.
+    with open_store(tmp_path / "t", hf3fs(tmp_path)) as t:
+        assert bytes(t.get(key(2), namespace="r")) == block(2)
+
+
 def test_always_tier_that_is_missing_fails_typed_and_stores_nothing(tmp_path):
     with open_store(tmp_path / "s", dram_bytes=0) as s:  # SSD only, no remote tier
         s.set_strategy("d", "always:dram")
@@ -142,8 +192,9 @@ def test_put_many_to_remote_keeps_no_local_copy_like_put(tmp_path):
         assert [s.tier_of(k) for k in keys] == [None] * 4
         assert s.match(keys).tiers == ["remote"] * 4
         assert s.put_many([], [], tier="remote") == []
-        with pytest.raises(InvalidArgumentError, match="write sessions are local"):
-            s.start_write([key(9)], [10], tier="remote")
+        w = s.start_write([key(9)], [10], tier="remote")  # a session to the remote tier
+        s.write(w, key(9), b"0123456789")
+        assert s.finish_write(w, [key(9)]) == 1 and s.match([key(9)]).tiers == ["remote"]
 
 
 # ------------------------------------------------------------------------ Mooncake health
