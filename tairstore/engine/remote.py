@@ -43,6 +43,8 @@ log = logging.getLogger("tairstore.engine.store")
 MAX_DEMOTION_QUEUE = 4096
 #: Blocks per remote put when demoting.
 DEMOTION_BATCH = 16
+#: How often the maintenance pass refreshes the remote tier's usage (a pool-wide scrape).
+USAGE_REFRESH_S = 1.0
 #: Bytes of evicted DRAM-only blocks held for demotion (copies: their slots are reused).
 MAX_DEMOTION_COPY_BYTES = 256 << 20
 
@@ -63,6 +65,7 @@ class RemotePart:
         self._counters = counters
         self._queue: collections.deque = collections.deque()
         self._copied_bytes = 0  # bytes of DRAM-only blocks copied into the queue
+        self._usage_at = float("-inf")  # when the tier's usage was last refreshed
 
     # -- reads ----------------------------------------------------------------------------
     def _usable(self) -> bool:
@@ -199,6 +202,10 @@ class RemotePart:
             self.tier.probe()
         except (StoreError, OSError) as exc:
             log.warning("remote probe failed: %s", exc)
+        now = time.monotonic()
+        if self.tier.healthy and now - self._usage_at >= USAGE_REFRESH_S:
+            self._usage_at = now
+            self.tier.refresh_usage()
         return self.demote()
 
     def delete(self, ns: str, keys: list[bytes]) -> int:

@@ -160,6 +160,16 @@ def test_mooncake_shared_between_stores_then_master_killed_and_restarted(tmp_pat
             assert peer.ask(f"put {key(1).hex()} 1 {256 * KiB}") == "True"
             assert bytes(a.get(key(1))) == block(1, 256 * KiB).tobytes()
             assert a.match([key(1)]).tiers == ["remote"]
+            # The pool's usage, from the master's metrics: the peer's object counts here too.
+            assert a.stats()["tiers"]["remote"]["scope"] == "local"  # before a maintenance pass
+            a.maintain()
+            remote_stats = a.stats()["tiers"]["remote"]
+            assert remote_stats["scope"] == "cluster"
+            assert remote_stats["used_bytes"] >= 256 * KiB
+            from tairstore.tiers.remote.config import validate_remote_config
+
+            lent = validate_remote_config(remote)["segment_bytes"]
+            assert remote_stats["capacity_bytes"] >= 2 * lent  # both processes' segments
             a.put(key(2), block(2))  # a local block
             master.kill()
             # Local reads and writes go on; the remote-only block is a miss, never an error.

@@ -176,6 +176,11 @@ class RemoteTier(abc.ABC):
             self._probe()
         return self.health.healthy
 
+    def refresh_usage(self) -> bool:
+        """Refresh what :meth:`usage` reports from the remote (maintenance pass, off the
+        request path); False where the tier has nothing to refresh."""
+        return False
+
     def _probe(self) -> None:
         """One cheap call through the health gate (default: the size of an absent block)."""
         self.sizes("tairstore-probe", [b"probe"])

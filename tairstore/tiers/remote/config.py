@@ -69,6 +69,11 @@ KINDS: dict[str, dict[str, _Key]] = {
         "segment_bytes": _Key((int,), 1 << 30, _positive, "bytes > 0"),
         # Registered staging memory for one batch (payloads and their trailers).
         "buffer_bytes": _Key((int,), 64 << 20, lambda v: v >= (1 << 20), "bytes >= 1 MiB"),
+        # The master's Prometheus endpoint (mooncake_master --metrics_port): when set, usage is
+        # the whole pool's (master_allocated_bytes / master_total_capacity_bytes), refreshed by
+        # the maintenance pass; "" : this process's own puts and segment.
+        "metrics_url": _Key((str,), "", lambda v: v == "" or v.startswith(("http://", "https://")),
+                            "an http:// URL of the master's /metrics, or empty"),
     },
     "hf3fs": {
         **_COMMON,

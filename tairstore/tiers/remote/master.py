@@ -66,7 +66,8 @@ class MooncakeMaster:
     def config(self, **extra: object) -> dict:
         """A remote-tier config dict for a client of this master."""
         return {"kind": "mooncake", "master": self.master, "metadata_server": self.metadata_server,
-                "protocol": "tcp", "local_hostname": "127.0.0.1", **extra}
+                "protocol": "tcp", "local_hostname": "127.0.0.1",
+                "metrics_url": f"http://127.0.0.1:{self.metrics_port}/metrics", **extra}
 
     def start(self) -> "MooncakeMaster":
         """Start the process and wait until it answers its health check."""

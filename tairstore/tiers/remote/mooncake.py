@@ -26,8 +26,11 @@ cheap ``health_check()``; an unhealthy tier answers misses at once and is probed
 from __future__ import annotations
 
 import logging
+import re
 import struct
 import threading
+import time
+import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,6 +58,11 @@ _SERVICE_ERRORS = -1000
 #: How long opening the tier waits for the setup before answering misses (a live local master
 #: answers in about 0.1 s).
 _CONNECT_WAIT_S = 5.0
+#: The master's metrics: how long a scrape may take, and how long its figures stand.
+_METRICS_TIMEOUT_S = 1.0
+_CLUSTER_USAGE_MAX_AGE_S = 30.0
+_METRIC = re.compile(r"^(master_allocated_bytes|master_total_capacity_bytes)\s+([0-9.eE+]+)\s*$",
+                     re.MULTILINE)
 
 
 def _unreachable(code: int) -> bool:
@@ -86,6 +94,7 @@ class MooncakeTier(RemoteTier):
         self._staging_ptr = self._staging.ctypes.data
         self._max_payload = config["buffer_bytes"] - TRAILER.size
         self._used = 0
+        self._cluster: tuple[int, int, float] | None = None  # (used, capacity, when) of the pool
         self._client = None
         self._connector: threading.Thread | None = None
         self._closed = False
@@ -332,9 +341,37 @@ class MooncakeTier(RemoteTier):
         return removed
 
     def usage(self) -> dict[str, int]:
-        """``used_bytes``: payload this process put (the master's pool-wide figure is on its
-        metrics port); ``capacity_bytes``: the segment this process lends to the pool."""
-        return {"used_bytes": self._used, "capacity_bytes": self.config["segment_bytes"]}
+        """With ``metrics_url``: the whole pool as the master last reported it
+        (``scope: "cluster"``); else (or before the first report) ``used_bytes`` is what this
+        process put and ``capacity_bytes`` the segment it lends (``scope: "local"``). Never
+        calls the master: :meth:`refresh_usage` does, from the maintenance pass."""
+        cluster = self._cluster
+        if cluster is not None and time.monotonic() - cluster[2] <= _CLUSTER_USAGE_MAX_AGE_S:
+            return {"used_bytes": cluster[0], "capacity_bytes": cluster[1], "scope": "cluster"}
+        return {"used_bytes": self._used, "capacity_bytes": self.config["segment_bytes"],
+                "scope": "local"}
+
+    def refresh_usage(self) -> bool:
+        """Read the pool's usage from the master's metrics (``metrics_url``); False when not
+        configured or not answering (the last figure ages out, and usage falls back to local)."""
+        url = self.config.get("metrics_url")
+        if not url:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=_METRICS_TIMEOUT_S) as r:
+                text = r.read(1 << 20).decode("utf-8", "replace")
+        except (OSError, ValueError) as exc:
+            _log.debug("mooncake master metrics at %s: %s", url, exc)
+            return False
+        found = dict(_METRIC.findall(text))
+        try:
+            used = int(float(found["master_allocated_bytes"]))
+            cap = int(float(found["master_total_capacity_bytes"]))
+        except (KeyError, ValueError):
+            _log.warning("mooncake master metrics at %s lack the pool's usage", url)
+            return False
+        self._cluster = (used, cap, time.monotonic())
+        return True
 
     def close(self) -> None:
         """Leave the cluster: this process's segment, and the objects in it, go away."""

@@ -32,6 +32,8 @@ def test_defaults_filled_in():
     ({**MOONCAKE, "master": "nohost"}, "'master'"),
     ({**MOONCAKE, "segment_bytes": "1G"}, "'segment_bytes'"),
     ({"kind": "mooncake", "master": "127.0.0.1:1"}, "'metadata_server'"),
+    ({**MOONCAKE, "metrics_url": "127.0.0.1:9003"}, "'metrics_url'"),
+    ({**MOONCAKE, "metrics_url": 9003}, "'metrics_url'"),
 ])
 def test_bad_config_is_a_typed_error(config, word):
     with pytest.raises(InvalidArgumentError, match=word):

@@ -41,6 +41,28 @@ def test_known_checksums_and_many_blocks(tier):
     check_known_checksums_and_many_blocks(tier)
 
 
+def test_pool_usage_from_the_masters_metrics_and_a_silent_endpoint(master):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    tier = make_remote_tier(master.config(segment_bytes=32 << 20, buffer_bytes=8 << 20))
+    silent = make_remote_tier(master.config(segment_bytes=16 << 20, buffer_bytes=8 << 20,
+                                            metrics_url=f"http://127.0.0.1:{dead}/metrics"))
+    try:
+        assert tier.put(NS, [b"u"], [os.urandom(300_000)]) == [True]
+        assert tier.usage()["scope"] == "local" and tier.refresh_usage() is True
+        u = tier.usage()
+        assert u["scope"] == "cluster" and u["used_bytes"] >= 300_000
+        assert u["capacity_bytes"] == (32 << 20) + (16 << 20)  # both clients' segments
+        assert silent.refresh_usage() is False
+        assert silent.usage() == {"used_bytes": 0, "capacity_bytes": 16 << 20, "scope": "local"}
+    finally:
+        tier.close()
+        silent.close()
+
+
 def test_batch_larger_than_the_staging_buffer(tier):
     blocks = [os.urandom(4 << 20) for _ in range(6)]          # 24 MiB through a 16 MiB buffer
     keys = [b"%d" % i for i in range(6)]
