@@ -20,7 +20,7 @@ from tairstore.config import StoreConfig
 from tairstore.engine.catalog import Block, Catalog
 from tairstore.engine.lifecycle import Lifecycle
 from tairstore.engine.match import MatchResult, match_mask
-from tairstore.engine.session import PendingBlock
+from tairstore.engine.session import NO_SLOT, PendingBlock
 from tairstore.errors import CapacityError, CorruptionError, InvalidArgumentError, StoreError
 from tairstore.format.checksum import crc32c
 from tairstore.tiers.ssd import ReadIOError, SegmentGoneError
@@ -61,6 +61,9 @@ class Reads:
         self.remote: Any = None
         #: Copies a remote hit into the local tiers: ``promote(ns, key, view)``.
         self.promote: Callable[..., Any] | None = None
+        #: Reads a remote hit straight into a DRAM reservation and commits it:
+        #: ``promote_into(ns, key, size, produce)`` (:meth:`Writes.put_produced`).
+        self.promote_into: Callable[..., Any] | None = None
 
     # ---------------------------------------------------------------------------- read path
     def get(self, k: Key) -> memoryview | None:
@@ -90,7 +93,12 @@ class Reads:
 
     def _get_from_remote(self, k: Key) -> memoryview | None:
         """A local miss asked of the remote tier (verified there); a hit is copied into the
-        local tiers unless ``promote_on="never"``."""
+        local tiers unless ``promote_on="never"`` — read straight into a DRAM reservation when
+        one is to be had, else into a buffer and then copied."""
+        if self.promote_into is not None and self.config.promote_on != "never":
+            view = self._promote_from_remote(k)
+            if view is not NO_SLOT:
+                return view
         view = self.remote.read(k[0], k[1])
         with self._lock:
             if view is None:
@@ -104,6 +112,33 @@ class Reads:
             except StoreError as exc:  # full, or failed: the caller still gets its bytes
                 log.debug("promotion of a remote hit skipped: %s", exc)
         return view
+
+    def _promote_from_remote(self, k: Key) -> Any:
+        """The remote block read into its new DRAM copy and committed; a pinned view of that
+        copy, None on a miss, or ``NO_SLOT`` when this path cannot serve it (no DRAM
+        reservation, the key written meanwhile, the copy gone again): the caller reads into a
+        buffer instead."""
+        ns, key = k
+        size = self.remote.size(ns, key)
+        if size is not None:
+            try:
+                got = self.promote_into(ns, key, size, lambda view: self.remote.read_into(ns, key, view))
+            except StoreError as exc:  # full, or failed: the plain read may still serve it
+                log.debug("promotion of a remote hit into DRAM skipped: %s", exc)
+                return NO_SLOT
+            if got is NO_SLOT:
+                return NO_SLOT
+            if got == size:
+                with self._lock:
+                    b = self._catalog.blocks.get(k)
+                    if b is None or b.dram is None:
+                        return NO_SLOT
+                    self._count_hit("remote")
+                    return self._dram.pinned_view(b.dram)
+        with self._lock:
+            self._counters["misses"] += 1
+            self._counters["misses_remote"] += 1
+        return None
 
     def get_many(self, ns: str, keys: list[bytes], memory_only: bool) -> list[memoryview | None] | None:
         """:meth:`get` of many keys with one store-lock round for the lookups.

@@ -81,6 +81,24 @@ class RemotePart:
             log.warning("remote exists failed (a miss): %s", exc)
             return [False] * len(keys)
 
+    def size(self, ns: str, key: bytes) -> int | None:
+        """The remote block's length, or None (absent, an unhealthy tier, a failure)."""
+        if not self._usable():
+            return None
+        try:
+            return self.tier.sizes(ns, [key])[0]
+        except (StoreError, OSError) as exc:
+            log.warning("remote size failed (a miss): %s", exc)
+            return None
+
+    def read_into(self, ns: str, key: bytes, view: memoryview) -> int | None:
+        """Read the verified block into ``view``; its length, or None (a miss, a failure)."""
+        try:
+            return self.tier.get_into(ns, [key], [view])[0]
+        except (StoreError, OSError) as exc:
+            log.warning("remote read failed (a miss): %s", exc)
+            return None
+
     def read(self, ns: str, key: bytes) -> memoryview | None:
         """The block's verified bytes, or None (a miss, an unhealthy tier, a failure)."""
         if not self._usable():

@@ -27,7 +27,11 @@ from typing import Any
 
 from tairstore.errors import LeaseExpiredError, SessionError
 
-__all__ = ["WriteSession", "RemoteTierSession", "PendingBlock", "TRANSITIONS"]
+__all__ = ["WriteSession", "RemoteTierSession", "PendingBlock", "TRANSITIONS", "NO_SLOT"]
+
+#: "This path cannot take the block" (:meth:`Writes.put_produced`): no DRAM reservation, or
+#: the key stored or being written already.
+NO_SLOT = object()
 
 OPEN, FINISHED, ABORTED, EXPIRED = "open", "finished", "aborted", "expired"
 

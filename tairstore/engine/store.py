@@ -213,6 +213,14 @@ class Store:
         remote = self._remote = RemotePart(tier, self._ssd, self._counters, dram=self._dram)
         self._reads.remote = remote
         self._reads.promote = lambda ns, key, view: self._writes.put(ns, key, view, "auto", None)
+        # A hit lands straight in a DRAM reservation (zero-copy where the tier can read into
+        # registered memory: Mooncake once the arena is registered).
+        self._reads.promote_into = self._writes.put_produced
+        if self._dram is not None and hasattr(tier, "register"):
+            try:
+                tier.register(self._dram.memory)
+            except InvalidArgumentError as exc:
+                log.warning("remote tier: reads go through its staging buffer (%s)", exc)
         self._placement.on_evict = remote.note_evicted
         self._maintenance.demote = remote.maintain
 

@@ -40,7 +40,7 @@ from tairstore.config import StoreConfig
 from tairstore.engine.catalog import Block, Catalog
 from tairstore.engine.lifecycle import Journal, Lifecycle
 from tairstore.engine.placement import NeedSsdRoom, Placement
-from tairstore.engine.session import OPEN, PendingBlock, WriteSession
+from tairstore.engine.session import NO_SLOT, OPEN, PendingBlock, WriteSession
 from tairstore.engine.ssd_space import SsdSpace
 from tairstore.errors import CapacityError, ClosedError, DiskFullError, FatalIOError, SessionError
 from tairstore.format.checksum import crc32c
@@ -521,6 +521,40 @@ class Writes:
             raise
         stored = set(todo)
         return [k in stored for k in keys]
+
+    def put_produced(self, ns: str, key: bytes, size: int, produce: Callable[[memoryview], Any]) -> Any:
+        """Store one block of ``size`` bytes that ``produce(view)`` writes into its DRAM
+        reservation (a remote hit read straight into the arena), returning what ``produce``
+        returned; the block is committed only if that is ``size``.
+
+        Returns :data:`~tairstore.engine.session.NO_SLOT`, producing nothing, when the key is
+        stored or being written already or the block got no DRAM reservation (the caller reads
+        it some other way).
+        """
+        p = PendingBlock(size)
+        if not self._admit_one(ns, key, p, "auto"):
+            return NO_SLOT
+        try:
+            if p.dram is None:
+                with self._lock:
+                    self._forget(self._catalog.ns(ns), ns, key, p)
+                return NO_SLOT
+            view = self._dram.writable_view(p.dram)
+            try:
+                got = produce(view)
+            finally:
+                view.release()
+            if got != size:
+                with self._lock:
+                    self._forget(self._catalog.ns(ns), ns, key, p)
+                return got
+            self._fill(ns, key, p, None, committed=True)
+        except BaseException:
+            with self._lock:
+                self._forget(self._catalog.ns(ns), ns, key, p)
+            raise
+        self._commit(ns, [(key, p)], 0)
+        return got
 
     def _fill_many(self, ns: str, batch: list[tuple[bytes, PendingBlock, memoryview]]) -> None:
         """:meth:`_fill` for a batch: DRAM copies and checksums, then one ``write_many`` of the

@@ -475,6 +475,12 @@ class DramArena:
         return self.pin_count(slot) > 0
 
     @property
+    def memory(self) -> np.ndarray:
+        """The whole arena as a writable uint8 array (to register it with a transfer engine;
+        never to write blocks through: slots are written by their owners only)."""
+        return self._buf
+
+    @property
     def capacity_bytes(self) -> int:
         """The usable arena size in bytes (a multiple of the granularity)."""
         return self._capacity

@@ -151,6 +151,32 @@ def test_copies_of_evicted_dram_blocks_are_bounded(tmp_path, monkeypatch):
         assert a.stats()["counters"]["demotions"] >= 4
 
 
+def test_a_remote_hit_is_read_straight_into_its_new_dram_copy(tmp_path):
+    remote = {"kind": "hf3fs", "path": str(tmp_path / "3fs")}
+    with open_store(tmp_path / "w", remote) as w:
+        assert w.put_many([key(i) for i in range(4)], [block(i) for i in range(4)], tier="remote") == [True] * 4
+        assert w.put(key(9), block(9, 3 * MiB), tier="remote")
+    with open_store(tmp_path / "r", remote, dram_bytes=2 * MiB) as r:
+        view = r.get(key(0))
+        assert np.array_equal(np.frombuffer(view, np.uint8), block(0))
+        assert r.tier_of(key(0)) == "dram"  # committed locally, the view is of that copy
+        st = r.stats()["counters"]
+        assert st["hits_remote"] == 1 and st["puts"] == 1
+        view.release()
+        # Damaged on the remote tier: a counted miss there, nothing committed here.
+        where = r._remote.tier.locate("default", key(1))
+        with open(where[0], "r+b") as f:
+            f.seek(where[1] + 100)
+            f.write(b"\xff\xfe")
+        assert r.get(key(1)) is None and r.tier_of(key(1)) is None
+        assert r.stats()["tiers"]["remote"]["corruptions"] == 1
+        assert r.get(b"absent-key") is None
+        # A block larger than the DRAM tier gets no reservation there: read the other way.
+        assert np.array_equal(np.frombuffer(r.get(key(9)), np.uint8), block(9, 3 * MiB))
+        assert r.tier_of(key(9)) == "ssd"
+        assert r.check() == []
+
+
 # -------------------------------------------------------------------------------- Mooncake
 def test_mooncake_shared_between_stores_then_master_killed_and_restarted(tmp_path, master):
     remote = master.config(retry_s=0.5)
@@ -181,3 +207,23 @@ def test_mooncake_shared_between_stores_then_master_killed_and_restarted(tmp_pat
             assert a.put(key(4), block(4), tier="remote") is False
     finally:
         peer.close()
+
+
+def test_mooncake_hits_land_in_the_registered_arena(tmp_path, master):
+    # The store registers its DRAM arena with Mooncake: a remote hit's payload is read straight
+    # into its new DRAM copy (only the 20-byte trailer goes through the staging buffer).
+    remote = master.config(segment_bytes=64 * MiB, buffer_bytes=8 * MiB)
+    with open_store(tmp_path / "a", remote) as a:
+        tier = a._remote.tier
+        assert [r[0] for r in tier._regions] == [a._dram.memory.ctypes.data]
+        assert a.put_many([key(i) for i in range(3)], [block(i, 256 * KiB) for i in range(3)],
+                          tier="remote") == [True] * 3
+        for i in range(3):
+            view = a.get(key(i))
+            assert np.array_equal(np.frombuffer(view, np.uint8), block(i, 256 * KiB))
+            start = np.frombuffer(view, np.uint8).ctypes.data
+            arena = a._dram.memory.ctypes.data
+            assert arena <= start < arena + a._dram.capacity_bytes  # a view of the DRAM copy
+            view.release()
+        assert [a.tier_of(key(i)) for i in range(3)] == ["dram"] * 3
+        assert a.stats()["counters"]["hits_remote"] == 3 and a.check() == []

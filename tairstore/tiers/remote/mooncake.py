@@ -58,6 +58,8 @@ _SERVICE_ERRORS = -1000
 #: How long opening the tier waits for the setup before answering misses (a live local master
 #: answers in about 0.1 s).
 _CONNECT_WAIT_S = 5.0
+#: Bytes read in place per batch call, so the checksums of one call overlap the next transfer.
+DIRECT_ROUND_BYTES = 4 << 20
 #: The master's metrics: how long a scrape may take, and how long its figures stand.
 _METRICS_TIMEOUT_S = 1.0
 _CLUSTER_USAGE_MAX_AGE_S = 30.0
@@ -159,14 +161,17 @@ class MooncakeTier(RemoteTier):
         else:
             self.health.success()
 
-    def _rounds(self, lengths: Sequence[int]) -> list[range]:
-        """Split a batch into rounds whose staged bytes fit the staging buffer."""
-        rounds, start, used = [], 0, 0
+    def _rounds(self, lengths: Sequence[int], direct: Sequence[int] | None = None) -> list[range]:
+        """Split a batch into rounds whose staged bytes fit the staging buffer (and, with
+        ``direct``, whose bytes read in place stay under :data:`DIRECT_ROUND_BYTES`)."""
+        rounds, start, used, placed = [], 0, 0, 0
         for i, n in enumerate(lengths):
-            if used + n > self._staging.nbytes and i > start:
+            d = direct[i] if direct is not None else 0
+            if i > start and (used + n > self._staging.nbytes or placed + d > DIRECT_ROUND_BYTES):
                 rounds.append(range(start, i))
-                start, used = i, 0
+                start, used, placed = i, 0, 0
             used += n
+            placed += d
         if start < len(lengths):
             rounds.append(range(start, len(lengths)))
         return rounds
@@ -248,70 +253,146 @@ class MooncakeTier(RemoteTier):
         return done
 
     def get_into(self, namespace: str, keys: Sequence[bytes], outs: Sequence[Any]) -> list[int | None]:
-        """See :meth:`RemoteTier.get_into`."""
+        """See :meth:`RemoteTier.get_into`.
+
+        A buffer inside registered memory (:meth:`register`: the store's DRAM arena) receives
+        its payload straight from Mooncake, only the trailer landing in the staging buffer; any
+        other buffer gets the object through the staging buffer and one copy. Either way the
+        payload's crc32c is computed on the helper thread and a block counts as found only once
+        it matched.
+        """
         keys, views = self._check_get(namespace, keys, outs)
-        found: list[int | None] = [None] * len(keys)
-        too_small: list[bytes] = []
-        damaged: list[str] = []
-        cap = self._staging.nbytes
-        with self._lock:
-            for rnd in self._rounds([min(len(v) + TRAILER.size, cap) for v in views]):
-                if not self._ready():
-                    break
-                names, ptrs, sizes, off = [], [], [], 0
-                for i in rnd:
-                    names.append(self.object_name(namespace, keys[i]))
-                    ptrs.append(self._staging_ptr + off)
-                    sizes.append(min(len(views[i]) + TRAILER.size, cap))
-                    off += sizes[-1]
-                codes = self._client.batch_get_into(names, ptrs, sizes)
-                self._settle(codes)
-                # Each payload is copied out while the helper thread checksums it in the
-                # staging buffer; it counts as found only once its checksum matched.
-                run, copied = ChecksumRun(), []
-                try:
-                    for i, name, ptr, code in zip(rnd, names, ptrs, codes):
-                        if code < 0:
-                            if code != OBJECT_NOT_FOUND and not _unreachable(code):
-                                # e.g. the object is larger than the buffer offered for it.
-                                too_small.append(keys[i])
-                            continue
-                        start = ptr - self._staging_ptr
-                        n, crc = self._trailer(name, start, code)
-                        if n is None:
-                            damaged.append(name)
-                        elif n > len(views[i]):
-                            too_small.append(keys[i])
-                        else:
-                            payload = self._staging[start:start + n].data
-                            run.add(i, payload)
-                            views[i][:n] = payload
-                            copied.append((i, name, n, crc))
-                finally:
-                    got = run.results()
-                for i, name, n, crc in copied:
-                    if got[i] == crc:
-                        found[i] = n
-                    else:
-                        _log.warning("remote object %s failed its checksum; dropped", name)
-                        damaged.append(name)
-            if damaged and self._client is not None:
-                self._client.batch_remove(damaged, True)
-        self._count_reads(found, len(damaged))
+        direct = [self._registered_ptr(v) for v in views]
+        found, too_small, corrupt, retry = self._read(namespace, keys, views, direct)
+        if retry:
+            # Mooncake fills a direct read's buffers only if they add up to the object exactly:
+            # a buffer longer than its block is read again through the staging buffer.
+            again, small, bad, _ = self._read(namespace, [keys[i] for i in retry],
+                                              [views[i] for i in retry], [None] * len(retry))
+            for i, n in zip(retry, again):
+                found[i] = n
+            too_small += small
+            corrupt += bad
+        self._count_reads(found, corrupt)
         if too_small:
             raise InvalidArgumentError(
                 f"output buffer too small for remote block(s) {[k.hex() for k in too_small][:4]}")
         return found
 
-    def _trailer(self, name: str, start: int, total: int) -> tuple[int | None, int]:
-        """The payload length and crc32c the trailer of the object staged at ``start`` gives,
-        ``(None, 0)`` if the trailer itself is damaged (the payload's crc is checked by the
-        caller)."""
+    def _read(self, namespace: str, keys: list[bytes], views: list[memoryview],
+              direct: list[int | None]) -> tuple[list[int | None], list[bytes], int, list[int]]:
+        """One pass of :meth:`get_into`: found lengths, keys whose buffer is too small, damaged
+        objects (removed), and the direct reads to retry through the staging buffer."""
+        found: list[int | None] = [None] * len(keys)
+        too_small: list[bytes] = []
+        damaged: list[str] = []
+        retry: list[int] = []
+        cap = self._staging.nbytes
+        with self._lock:
+            staged = [TRAILER.size if direct[i] is not None else min(len(v) + TRAILER.size, cap)
+                      for i, v in enumerate(views)]
+            # Blocks read in place are checksummed on the helper thread while the next round
+            # is transferred: rounds of at most DIRECT_ROUND_BYTES of them.
+            run, landed = ChecksumRun(), []
+            for rnd in self._rounds(staged, [len(v) if d is not None else 0 for v, d in zip(views, direct)]):
+                if not self._ready():
+                    break
+                names, parts, sizes, at, off = [], [], [], [], 0
+                for i in rnd:
+                    names.append(self.object_name(namespace, keys[i]))
+                    if direct[i] is not None:  # payload in place, trailer staged
+                        parts.append([direct[i], self._staging_ptr + off])
+                        sizes.append([len(views[i]), TRAILER.size])
+                    else:
+                        parts.append([self._staging_ptr + off])
+                        sizes.append([staged[i]])
+                    at.append(off)
+                    off += staged[i]
+                if any(direct[i] is not None for i in rnd):
+                    codes = self._client.batch_get_into_multi_buffers(names, parts, sizes)
+                else:
+                    codes = self._client.batch_get_into(names, [p[0] for p in parts],
+                                                        [z[0] for z in sizes])
+                self._settle(codes)
+                try:
+                    for i, name, start, code in zip(rnd, names, at, codes):
+                        if code < 0:
+                            if code == OBJECT_NOT_FOUND or _unreachable(code):
+                                continue
+                            if direct[i] is not None:
+                                retry.append(i)
+                            else:
+                                # e.g. the object is larger than the buffer offered for it.
+                                too_small.append(keys[i])
+                            continue
+                        if direct[i] is not None:
+                            n, crc = self._trailer(name, self._direct_trailer(views[i], start, code), 0, code)
+                        else:
+                            n, crc = self._trailer(name, self._staging, start, code)
+                        if n is None:
+                            damaged.append(name)
+                        elif n > len(views[i]):
+                            too_small.append(keys[i])
+                        elif direct[i] is not None:
+                            run.add(i, views[i][:n])
+                            landed.append((i, name, n, crc))
+                        else:
+                            # Copied out while the helper thread checksums the staged bytes.
+                            payload = self._staging[start:start + n].data
+                            run.add(i, payload)
+                            views[i][:n] = payload
+                            landed.append((i, name, n, crc))
+                except BaseException:
+                    run.results()  # the helper thread lets go of the buffers first
+                    raise
+                if not all(direct[i] is not None for i in rnd):
+                    # The staging buffer is reused by the next round: its bytes are checked now.
+                    got = run.results()
+                    landed = self._settle_checks(landed, got, found, damaged)
+            landed = self._settle_checks(landed, run.results(), found, damaged)
+            if damaged and self._client is not None:
+                self._client.batch_remove(damaged, True)
+        return found, too_small, len(damaged), retry
+
+    @staticmethod
+    def _settle_checks(landed: list, got: dict, found: list, damaged: list) -> list:
+        """Mark each landed block found if its checksum matched, else damaged; returns the
+        blocks whose checksum is not in ``got`` yet."""
+        waiting = []
+        for i, name, n, crc in landed:
+            if i not in got:
+                waiting.append((i, name, n, crc))
+            elif got[i] == crc:
+                found[i] = n
+            else:
+                _log.warning("remote object %s failed its checksum; dropped", name)
+                damaged.append(name)
+        return waiting
+
+    def _direct_trailer(self, view: memoryview, start: int, total: int) -> bytes:
+        """The last ``TRAILER.size`` bytes of an object of ``total`` bytes read into ``view``
+        then the staging buffer at ``start`` (a payload shorter than ``view`` leaves its
+        trailer, or part of it, inside ``view``): ``total`` bytes, the trailer last."""
+        inside = len(view)
+        lo = max(total - TRAILER.size, 0)
+        head = bytes(view[lo:min(total, inside)]) if lo < inside else b""
+        spill = total - inside
+        if spill <= 0:
+            return head
+        tail_lo = max(lo - inside, 0)
+        return head + bytes(self._staging[start + tail_lo:start + spill])
+
+    def _trailer(self, name: str, buf: Any, start: int, total: int) -> tuple[int | None, int]:
+        """The payload length and crc32c the trailer of an object of ``total`` bytes gives
+        (its trailer is the ``TRAILER.size`` bytes ending at ``start + total`` of ``buf`` for a
+        staged object, or ``buf`` itself from :meth:`_direct_trailer`); ``(None, 0)`` if the
+        trailer is damaged (the payload's crc is checked by the caller)."""
         if total < TRAILER.size:
             _log.warning("remote object %s: %d bytes, shorter than its trailer", name, total)
             return None, 0
         n = total - TRAILER.size
-        magic, crc, length, name_crc = TRAILER.unpack_from(self._staging, start + n)
+        at = start + n if isinstance(buf, np.ndarray) else 0
+        magic, crc, length, name_crc = TRAILER.unpack_from(buf, at)
         if magic != _MAGIC or length != n or name_crc != crc32c(name.encode()):
             _log.warning("remote object %s failed its checksum; dropped", name)
             return None, 0

@@ -85,6 +85,33 @@ def test_put_from_registered_memory(tier):
         tier.register(b"read-only")
 
 
+def test_reads_into_registered_memory_land_in_place(master, tier):
+    # A registered destination (the store's arena) receives the payload straight from
+    # Mooncake, the trailer going to the staging buffer: exact sizes, larger buffers (the
+    # trailer then lands inside the buffer, wholly or in part), damage and misses alike.
+    src = [os.urandom(n) for n in (1 << 20, 300_000, 5_000, 77)]
+    keys = [b"in-place-%d" % i for i in range(len(src))]
+    assert tier.put(NS, keys, src) == [True] * len(src)
+    dst = np.zeros(4 << 20, dtype=np.uint8)
+    tier.register(dst)
+    outs = [dst[0:1 << 20], dst[(1 << 20):(1 << 20) + 300_010],  # 10 spare: trailer split
+            dst[(2 << 20):(2 << 20) + 9_000], dst[(3 << 20):(3 << 20) + 77]]
+    plain = bytearray(100)
+    assert tier.get_into(NS, keys + [b"absent"], outs + [plain]) == [len(b) for b in src] + [None]
+    assert all(bytes(o[:len(b)]) == b for o, b in zip(outs, src))
+    with pytest.raises(InvalidArgumentError, match="too small"):
+        tier.get_into(NS, [keys[1]], [dst[:299_000]])
+    # A damaged object read in place is a counted miss, and removed.
+    name = tier.object_name(NS, keys[2])
+    obj = bytearray(src[2]) + encode_trailer(name, memoryview(src[2]))
+    obj[10] ^= 1
+    before = tier.stats()["corruptions"]
+    assert tier.delete(NS, [keys[2]]) == 1
+    assert tier._client.put(name, bytes(obj)) == 0
+    assert tier.get_into(NS, [keys[2]], [outs[2]]) == [None]
+    assert tier.stats()["corruptions"] == before + 1 and tier.exists(NS, [keys[2]]) == [False]
+
+
 def test_object_is_payload_then_trailer(master, tier):
     from mooncake.store import MooncakeDistributedStore
     raw = MooncakeDistributedStore()
