@@ -153,13 +153,14 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=8, help="pages per batch call")
     ap.add_argument("--layout", choices=["page_first", "layer_first"], default="page_first")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--backends", default="file,embedded,embedded-wb,embedded-sync,daemon,daemon-batch,daemon-shm,daemon-wb",
-                    help="embedded: the adapter's default embedded store (durability batch); "
-                         "embedded-sync, embedded-none: durability sync / none; daemon: "
+    ap.add_argument("--backends", default="file,embedded,embedded-batch,embedded-sync,daemon,daemon-batch,daemon-shm,daemon-wb",
+                    help="embedded: the adapter's default embedded store (durability batch, "
+                         "write-back); embedded-batch, -sync, -none: durability batch / sync / "
+                         "none without write-back; daemon: "
                          "tairstore serve's defaults (durability sync); daemon-batch: durability "
                          "batch; daemon-shm: durability batch, its arena shared ([shm]) and read "
-                         "in place through shm+tcp://; embedded-wb, daemon-wb: as embedded and "
-                         "daemon-shm with write_back (writes acknowledged from DRAM)")
+                         "in place through shm+tcp://; daemon-wb: daemon-shm with write_back "
+                         "(writes acknowledged from DRAM)")
     ap.add_argument("--dir", default=".", help="where the file backend and embedded store write")
     ap.add_argument("--json", help="write every sample to this file")
     ap.add_argument("--h2d", action="store_true",
@@ -207,18 +208,20 @@ def main() -> int:
                 "file", config({"file_storage_path": os.path.join(tmp, "file")}), pool)
             b.register_mem_pool_host(pool)
             runners.append(Runner("sglang file", b, pool, v1=False))
-        for name, durability in (("embedded", "batch"), ("embedded-sync", "sync"), ("embedded-none", "none"),
-                                 ("embedded-wb", "batch")):
+        for name, durability in (("embedded", "batch"), ("embedded-batch", "batch"),
+                                 ("embedded-sync", "sync"), ("embedded-none", "none")):
             if name not in names:
                 continue
             # Prefaulted, as a long-running engine's arena is: first-touch faults are start-up cost.
             # "batch" (the adapter's default) fsyncs on a timer, "sync" every commit, "none"
             # never: it promises what the file backend does, bytes handed to the OS.
             opts = {"dram_bytes": 2 * total + (64 * MIB), "ssd_bytes": 2 * total + (256 * MIB),
-                    "prefault_dram": True, "durability": durability, "write_back": name == "embedded-wb"}
+                    "prefault_dram": True, "durability": durability}
+            if name != "embedded":  # "embedded": the adapter's defaults (batch, write-back)
+                opts["write_back"] = False
             path = os.path.join(tmp, name)
             embedded_dirs.append(path)
-            label = "tairstore embedded " + ("write-back" if opts["write_back"] else durability)
+            label = "tairstore embedded " + ("write-back" if name == "embedded" else durability)
             runners.append(Runner(label,
                                   tairstore_backend(path, store_options=opts), pool, v1=True))
         for name in ("daemon", "daemon-batch", "daemon-shm", "daemon-wb"):

@@ -36,7 +36,9 @@ DEFAULT_TIMEOUT_S = 5.0
 #: own connect timeout (an engine's prefetch thread would otherwise stall on every page).
 DEFAULT_RETRY_AFTER_S = 1.0
 #: Embedded-store defaults for an adapter: a cache, so "batch" durability (fsync every few ms)
-#: is enough; what survives a crash is still byte-exact.
+#: is enough, and writes are acknowledged from DRAM (write-back: the engine backs pages up in
+#: the background, and a page a crash loses is recomputed); what survives a crash is still
+#: byte-exact. ``write_back`` applies only where it can (both tiers, not "sync").
 EMBEDDED_DEFAULTS = {"dram_bytes": 4 << 30, "ssd_bytes": 64 << 30, "durability": "batch"}
 #: A namespace's readable part is capped so a long model path cannot push it past 255 bytes.
 NAMESPACE_PREFIX_CHARS = 160
@@ -461,9 +463,20 @@ def open_backend(url: str, namespace: str, *, timeout_s: float = DEFAULT_TIMEOUT
         if store is not None and not _is_open(store):
             store = None
         if store is None:
-            store = open_store(path, **{**EMBEDDED_DEFAULTS, **(store_options or {})})
+            store = open_store(path, **embedded_options(store_options))
             _EMBEDDED[path] = store
     return Backend(store, namespace, remote=False, owned=False)
+
+
+def embedded_options(store_options: dict | None) -> dict:
+    """An adapter's embedded-store options: :data:`EMBEDDED_DEFAULTS` under the caller's, with
+    ``write_back`` on unless the caller set it or the store cannot have it (no DRAM or no SSD
+    tier, or ``durability="sync"``)."""
+    opts = {**EMBEDDED_DEFAULTS, **(store_options or {})}
+    if "write_back" not in opts:
+        opts["write_back"] = bool(opts.get("dram_bytes") and opts.get("ssd_bytes")
+                                  and opts.get("durability") in ("batch", "none"))
+    return opts
 
 
 def close_embedded(url: str) -> None:

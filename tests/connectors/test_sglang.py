@@ -212,6 +212,21 @@ def test_pages_are_gathered_into_a_write_back_daemons_staging_file(tmp_path):
         d.stop()
 
 
+def test_an_embedded_store_writes_back_unless_it_cannot_or_is_told_not_to(store_dir, tmp_path):
+    from tairstore.connectors.common import embedded_options
+
+    pool = HostPool(layout="page_first", pages=4, page_size=PS, layers=3)
+    b = _backend(store_dir, pool)
+    assert b.batch_set_v1(_keys(2, "wb"), _idx(0, 1)) == [True, True]
+    st = b.backend.store_stats()
+    assert st["counters"]["writeback_deferred"] == 2 and st["durability"] == "batch"
+    assert embedded_options({"durability": "sync"})["write_back"] is False
+    assert embedded_options({"ssd_bytes": 0})["write_back"] is False
+    assert embedded_options({"write_back": False})["write_back"] is False
+    assert embedded_options(None) == {"dram_bytes": 4 << 30, "ssd_bytes": 64 << 30,
+                                      "durability": "batch", "write_back": True}
+
+
 def test_a_full_store_refuses_pages_without_raising(tmp_path):
     d = str(tmp_path / "tiny")
     pool = HostPool(layout="layer_first", pages=8, page_size=PS, layers=8, heads=8, head_dim=128)
