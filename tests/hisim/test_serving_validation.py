@@ -57,14 +57,15 @@ def test_vllm_within_its_regression_guards():
 
 
 def test_fits_never_simulate_a_test_row(monkeypatch):
-    """Both fit stages see fit rows only (a one-point grid keeps this instant)."""
+    """Both fit stages see fit rows only (a one-point grid keeps this instant); stage 1 runs on
+    its fixed settings, not the shipped ones."""
     rows = [SiliconRow(f"row{i}", "vllm", "qwen3-32b", "h100_sxm", dtype, 1024, 128, 8, 4,
                        100.0, 10.0) for i in range(40) for dtype in ("bfloat16", "fp8")]
     assert {r.fit for r in rows} == {True, False}
     seen = []
 
     def fake(row, overhead=None, warmup=1, measured=3, settings=None):
-        seen.append(row)
+        seen.append((row, overhead, settings))
         return 100.0, 10.0
 
     monkeypatch.setattr(serving_fit, "simulate_row", fake)
@@ -74,6 +75,8 @@ def test_fits_never_simulate_a_test_row(monkeypatch):
     monkeypatch.setattr(serving_fit, "SERVER_GRID", {"vllm": {}})
     kernel = serving_fit.fit_kernel_scales(rows, log=lambda *_: None)
     assert set(kernel["vllm"]) == {"bfloat16", "fp8"}
+    assert all(oh == serving_fit.STAGE1_OVERHEAD["vllm"]
+               and settings["chunked_prefill_size"] == 4096 for _, oh, settings in seen)
     serving_fit.fit_overheads(rows, log=lambda *_: None, grid=one_point)
-    assert seen and all(r.fit for r in seen)
+    assert seen and all(r.fit for r, _, _ in seen)
     assert len(seen) == 2 * sum(r.fit for r in rows)
