@@ -7,8 +7,9 @@ Usage (from the repo root, the data at ../shared/data)::
     python benchmarks/hisim_serving.py --rows     # also every test row
 
 Validation: the SGLang and vLLM rows of ``silicon_sample_dev.csv`` on H100 / H200 that the
-simulator covers; only *test* rows (``crc32(id) % 4 != 0``) are reported, the overhead having been
-fitted on the others (``tairstore.hisim.serving_fit``). Speed: the whole Mooncake conversation
+simulator covers; only *test* rows (``crc32(id) % 4 != 0``) are reported, the overhead, vLLM's
+scheduler settings and its kernel-efficiency factors having been fitted on the others
+(``tairstore.hisim.serving_fit``). Speed: the whole Mooncake conversation
 trace through the simulator, against the same trace through the bare eviction-policy replay
 (:func:`tairstore.policy.replay.replay`) measured in the same run.
 """

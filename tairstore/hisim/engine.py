@@ -47,7 +47,7 @@ from tairstore.errors import InvalidArgumentError
 
 from .cache import CacheConfig, HierCache
 from .hardware import GPU
-from .latency import PrefillChunk, Step, StepLatencyModel
+from .latency import COMM_CATEGORIES, PrefillChunk, Step, StepLatencyModel
 from .database import make_timer
 from .models import ModelConfig
 from .scheduler import (CLIP_MAX_NEW_TOKENS, INIT_NEW_TOKEN_RATIO, MIN_NEW_TOKEN_RATIO,
@@ -62,6 +62,8 @@ GRID_PER_OCTAVE = 32
 BLOCKED_RECHECK_STEPS = 16
 # Low-discrepancy spreading of the ingress delays (see ingress_delay_ms).
 INV_GOLDEN = (math.sqrt(5) - 1) / 2
+# Step-time categories a backend's kernel-efficiency factors leave alone (see _scaled_ms).
+UNSCALED_CATEGORIES = COMM_CATEGORIES + ("moe",)
 SUPPORTED_ATTENTION = "full softmax attention (dense GQA/MHA or MLA)"
 
 
@@ -160,6 +162,7 @@ class Simulator:
                  "ssd_read": gpu.ssd_gbps, "ssd_write": gpu.ssd_gbps}
         self.cache = HierCache(cache, block_bytes, links)
         self._memo: dict[tuple, float] = {}
+        self.prefill_scale, self.decode_scale = server.kernel_scales(model.weight_dtype)
 
     # ---- step times ------------------------------------------------------------------------
 
@@ -176,11 +179,32 @@ class Simulator:
             step = Step(tuple(PrefillChunk(_ungrid(n), _ungrid(p) if p else 0)
                               for n, p in key[0]),
                         (_ungrid(key[2]),) * b)
-            t = self.step_model.predict(step)
-            ms = self._memo[key] = t.step_ms - t.breakdown.get("scheduler", 0.0)
+            ms = self._memo[key] = self._scaled_ms(step)
         if graph is None:
             ms += self.server.overhead.eager_per_layer_ms * self.model.num_layers
         return ms
+
+    def _scaled_ms(self, step: Step) -> float:
+        """The step model's time of ``step`` (without its fixed scheduler term), its compute
+        scaled by the backend's kernel efficiency: the decode batch's compute by
+        ``decode_scale``, what the prefill chunks add to it by ``prefill_scale``. The TP
+        all-reduce (NCCL or custom all-reduce in both engines) and MoE layers (both engines run
+        the Triton fused-MoE kernel, SGLang's being derived from vLLM's) are not scaled."""
+        t = self.step_model.predict(step)
+        ms = t.step_ms - t.breakdown.get("scheduler", 0.0)
+        ps, ds = self.prefill_scale, self.decode_scale
+        if ps == 1.0 and ds == 1.0:
+            return ms
+        fixed = sum(t.breakdown.get(c, 0.0) for c in UNSCALED_CATEGORIES)
+        compute = ms - fixed
+        if not step.prefill:
+            return fixed + ds * compute
+        decode = 0.0
+        if step.decode_kv:
+            d = self.step_model.predict(Step((), step.decode_kv))
+            decode = d.step_ms - sum(d.breakdown.get(c, 0.0)
+                                     for c in UNSCALED_CATEGORIES + ("scheduler",))
+        return fixed + ds * decode + ps * max(0.0, compute - decode)
 
     def step_wall_ms(self, chunks: Sequence[tuple[int, int]], decode: int, kv: float) -> float:
         """Wall time of one step: GPU time and CPU overhead, overlapped or in series."""

@@ -23,6 +23,13 @@ the step does not replay a CUDA graph (a prefill, or a decode batch above the gr
 three parameters (and vLLM's token budget and ingress delay) are fitted per backend on development
 rows of measured serving results (:mod:`tairstore.hisim.serving_fit`) and shipped in
 ``data/serving_fit.json``.
+
+The step model's operator tables were measured under SGLang. For vLLM a step's GPU compute (TP
+all-reduce and MoE layers excepted) is scaled by per-weight-dtype kernel-efficiency factors,
+``prefill_scale`` on what the prefill chunks add and ``decode_scale`` on the decode batch: vLLM
+compiles its models (torch.compile fusions of RMSNorm / SiLU-and-mul with the FP8 activation
+quantisation, CUTLASS scaled-mm) where the tables time SGLang's kernels. They are fitted on the same
+development rows and shipped in the same file; SGLang has none (its factors are 1).
 """
 
 from __future__ import annotations
@@ -86,6 +93,12 @@ class ServerConfig:
     # spreads a closed loop's simultaneous sends over several steps.
     ingress_ms: float = 0.0
     overhead: Overhead = Overhead()
+    # Kernel efficiency of this engine against the step model's operator tables (SGLang's), as
+    # factors on a step's GPU compute time (TP all-reduce excluded): ``prefill_scale`` on the time
+    # the prefill tokens add, ``decode_scale`` on the time of the decode batch. None: the shipped
+    # fit for the backend and the model's weight dtype (:func:`fitted_kernel_scales`).
+    prefill_scale: float | None = None
+    decode_scale: float | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -95,6 +108,17 @@ class ServerConfig:
                                        "(0, 1]")
         if self.max_running_requests is not None and self.max_running_requests < 1:
             raise InvalidArgumentError("max_running_requests must be >= 1")
+        if any(s is not None and s <= 0 for s in (self.prefill_scale, self.decode_scale)):
+            raise InvalidArgumentError("prefill_scale and decode_scale must be > 0")
+
+    def kernel_scales(self, weight_dtype: str) -> tuple[float, float]:
+        """``(prefill, decode)`` compute-time factors for a model with ``weight_dtype`` weights:
+        the configured ones, else the shipped fit, else 1."""
+        fit = fitted_kernel_scales(self.backend).get(weight_dtype, {})
+        return (self.prefill_scale if self.prefill_scale is not None
+                else float(fit.get("prefill", 1.0)),
+                self.decode_scale if self.decode_scale is not None
+                else float(fit.get("decode", 1.0)))
 
     def graph_batch(self, batch: int) -> int | None:
         """The captured batch size a decode batch is padded to; None above the graph limit."""
@@ -122,6 +146,15 @@ def fitted_server(backend: str, path: Path = FIT_FILE) -> dict[str, float]:
     if not path.exists():
         return {}
     return dict(json.loads(path.read_text()).get("server", {}).get(backend, {}))
+
+
+@lru_cache(maxsize=None)
+def fitted_kernel_scales(backend: str, path: Path = FIT_FILE) -> dict[str, dict[str, float]]:
+    """The shipped fit's kernel-efficiency factors of ``backend``: weight dtype ->
+    ``{"prefill": x, "decode": y}``, empty where none ship."""
+    if not path.exists():
+        return {}
+    return dict(json.loads(path.read_text()).get("kernel", {}).get(backend, {}))
 
 
 def default_config(backend: str, tp: int = 1, **overrides: object) -> ServerConfig:

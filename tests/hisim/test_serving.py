@@ -11,6 +11,7 @@ from tairstore.hisim import get_gpu, get_model
 from tairstore.hisim.cache import CacheConfig
 from tairstore.hisim.cli import main as sim_main
 from tairstore.hisim.engine import Simulator, UnsupportedModelError
+from tairstore.hisim.latency import Step
 from tairstore.hisim.metrics import summarize, weighted_percentile
 from tairstore.hisim.models import ModelConfig
 from tairstore.hisim.scheduler import CapacityModelError, default_config
@@ -305,3 +306,41 @@ def test_ingress_delay_is_inside_ttft(sim8b):
     assert 0 < delay <= 10.0
     assert st.first_ms - st.req.arrival_ms == pytest.approx(
         delay + slow.step_wall_ms([(1024, 0)], 0, 0))
+
+
+def test_kernel_scales_apply_to_compute_not_to_allreduce_or_moe():
+    """vLLM's kernel-efficiency factors: the decode batch's compute by decode_scale, what the
+    prefill adds by prefill_scale; TP all-reduce and MoE layers untouched; 1 = the step model."""
+    gpu = get_gpu("h100")
+
+    def sim(model, tp, ps, ds):
+        cfg = default_config("vllm", tp, prefill_scale=ps, decode_scale=ds)
+        return Simulator(get_model(model), gpu, tp, cfg)
+
+    one, half = sim("qwen3-32b", 4, 1.0, 1.0), sim("qwen3-32b", 4, 0.5, 1.0)
+    t = one.step_model.predict(Step.of(prefill=[2048]))
+    eager = one.server.overhead.eager_per_layer_ms * one.model.num_layers
+    pre1 = one.gpu_ms([(2048, 0)], 0, 0) - eager
+    assert pre1 == pytest.approx(t.step_ms - t.breakdown["scheduler"])
+    ar = t.breakdown["tp_allreduce"]
+    assert half.gpu_ms([(2048, 0)], 0, 0) - eager == pytest.approx(ar + 0.5 * (pre1 - ar))
+    # A decode-only step follows decode_scale alone; a mixed step has both parts.
+    assert half.gpu_ms((), 16, 1000) == pytest.approx(one.gpu_ms((), 16, 1000))
+    slow = sim("qwen3-32b", 4, 1.0, 2.0)
+    assert slow.gpu_ms((), 16, 1000) > 1.5 * one.gpu_ms((), 16, 1000)
+    mixed_one, mixed_half = one.gpu_ms([(2048, 0)], 16, 1000), half.gpu_ms([(2048, 0)], 16, 1000)
+    assert half.gpu_ms([(2048, 0)], 0, 0) < mixed_half < mixed_one
+    # The expert layers of an MoE model are not scaled.
+    moe1, moe_half = sim("qwen3-30b-a3b", 1, 1.0, 1.0), sim("qwen3-30b-a3b", 1, 1.0, 0.5)
+    t = moe1.step_model.predict(Step.of(decode=8, kv_len=1000))
+    expected = (t.step_ms - t.breakdown["scheduler"]
+                - 0.5 * (t.step_ms - t.breakdown["scheduler"] - t.breakdown["moe"]))
+    assert moe_half.gpu_ms((), 8, 1000) == pytest.approx(expected, rel=1e-3)  # KV on the memo grid
+
+
+def test_kernel_scales_are_validated_and_sglang_ships_none():
+    with pytest.raises(InvalidArgumentError):
+        default_config("vllm", 1, prefill_scale=0.0)
+    # SGLang's kernels are the ones the operator tables measured.
+    for dtype in ("bfloat16", "fp8", "fp8_block"):
+        assert default_config("sglang", 1).kernel_scales(dtype) == (1.0, 1.0)

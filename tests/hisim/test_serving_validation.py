@@ -1,7 +1,8 @@
 """End-to-end validation against measured serving rows (skipped only without the data).
 
-Only test rows are checked (the CPU overhead was fitted on the declared fit rows,
-``crc32(id) % 4 == 0``; see tairstore.hisim.serving_fit). The closed loops are shortened (one
+Only test rows are checked (the CPU overhead, vLLM's scheduler settings and its kernel-efficiency
+factors were fitted on the declared fit rows, ``crc32(id) % 4 == 0``; see
+tairstore.hisim.serving_fit). The closed loops are shortened (one
 warm-up and three measured requests per client instead of two and ten) to keep the test quick;
 ``benchmarks/hisim_serving.py`` runs the full convention and prints the table in docs/HISIM.md.
 """
@@ -11,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tairstore.hisim.serving_fit import ape, load_rows, regime, simulate_row
+from tairstore.hisim import serving_fit
+from tairstore.hisim.serving_fit import SiliconRow, ape, load_rows, regime, simulate_row
 
 SILICON = (Path(__file__).resolve().parents[2].parent / "shared" / "data" / "aiconfigurator"
            / "silicon_sample_dev.csv")
@@ -20,9 +22,9 @@ needs_data = pytest.mark.skipif(not SILICON.exists(), reason="../shared/data not
 # The issue's targets, met by the SGLang rows in every regime.
 TTFT_TARGET_PCT = 15.0
 TPOT_TARGET_PCT = 10.0
-# vLLM misses the TTFT target (docs/HISIM.md says why); these guards only catch regressions.
-VLLM_TTFT_GUARD_PCT = 50.0
-VLLM_TPOT_GUARD_PCT = 14.0
+# vLLM meets the TPOT target (7.6% median on these shortened loops) but misses the TTFT target
+# (41%; docs/HISIM.md says why): the TTFT guard only catches regressions.
+VLLM_TTFT_GUARD_PCT = 45.0
 
 
 def _errors(backend, stride=1):
@@ -51,4 +53,30 @@ def test_sglang_meets_the_targets_per_regime():
 def test_vllm_within_its_regression_guards():
     ttft, tpot = _errors("vllm", stride=3)["all"]  # a third of the rows: the test stays quick
     assert ttft <= VLLM_TTFT_GUARD_PCT
-    assert tpot <= VLLM_TPOT_GUARD_PCT
+    assert tpot <= TPOT_TARGET_PCT
+
+
+def test_fits_never_simulate_a_test_row(monkeypatch):
+    """Both fit stages see fit rows only (a one-point grid keeps this instant); stage 1 runs on
+    its fixed settings, not the shipped ones."""
+    rows = [SiliconRow(f"row{i}", "vllm", "qwen3-32b", "h100_sxm", dtype, 1024, 128, 8, 4,
+                       100.0, 10.0) for i in range(40) for dtype in ("bfloat16", "fp8")]
+    assert {r.fit for r in rows} == {True, False}
+    seen = []
+
+    def fake(row, overhead=None, warmup=1, measured=3, settings=None):
+        seen.append((row, overhead, settings))
+        return 100.0, 10.0
+
+    monkeypatch.setattr(serving_fit, "simulate_row", fake)
+    monkeypatch.setattr(serving_fit, "KERNEL_GRID", {"prefill_scale": (1.0,),
+                                                     "decode_scale": (1.0,)})
+    one_point = {k: v[:1] for k, v in serving_fit.GRID.items()}
+    monkeypatch.setattr(serving_fit, "SERVER_GRID", {"vllm": {}})
+    kernel = serving_fit.fit_kernel_scales(rows, log=lambda *_: None)
+    assert set(kernel["vllm"]) == {"bfloat16", "fp8"}
+    assert all(oh == serving_fit.STAGE1_OVERHEAD["vllm"]
+               and settings["chunked_prefill_size"] == 4096 for _, oh, settings in seen)
+    serving_fit.fit_overheads(rows, log=lambda *_: None, grid=one_point)
+    assert seen and all(r.fit for r, _, _ in seen)
+    assert len(seen) == 2 * sum(r.fit for r in rows)
