@@ -8,7 +8,9 @@ the durable copy: its blocks are not in the local catalog or index. So:
 
 - **Reads fall through.** A key the catalog does not hold is asked of the remote tier (when it
   is healthy), which verifies the block's crc32c itself: a damaged block is a miss and a counted
-  corruption there (R1). A hit is copied into the local tiers unless ``promote_on="never"``.
+  corruption there (R1). Unless ``promote_on="never"`` a hit is read straight into a new DRAM
+  reservation and committed locally (:meth:`read_into`; the store registers its arena with a
+  tier that can land reads in registered memory), else into a buffer (:meth:`read`).
 - **match / exists** count a remote block as a hit, with tier ``"remote"``; one batched
   ``exists`` per call, for the keys the catalog lacks.
 - **Demotion.** A block that the SSD tier evicts (whole, by its policy) is queued here under the
