@@ -193,18 +193,18 @@ class Hf3fsTier(RemoteTier):
                     where = self._alloc(txn, cls)
                     if where is not None:
                         placed[i] = (cls, *where)
-            written = {}
+            landed = []
             run = ChecksumRun()  # checksums overlap the next block's write
             try:
                 for i, (cls, number, slot) in placed.items():              # step 2
                     n = os.pwritev(self._fd(cls, number), [views[i]], slot * cls)
                     if n == len(views[i]):
+                        landed.append(i)
                         if known is None:
                             run.add(i, views[i])
-                        written[i] = known[i] if known is not None else 0
             finally:
                 got = run.results()
-            written.update((i, got[i]) for i in written if i in got)
+            written = {i: known[i] if known is not None else got[i] for i in landed}
             with self._env.begin(write=True) as txn:                       # step 3
                 for i, (cls, number, slot) in placed.items():
                     if i not in written or txn.get(ikeys[i], db=self._blocks) is not None:

@@ -58,8 +58,6 @@ _SERVICE_ERRORS = -1000
 #: How long opening the tier waits for the setup before answering misses (a live local master
 #: answers in about 0.1 s).
 _CONNECT_WAIT_S = 5.0
-#: Bytes read in place per batch call, so the checksums of one call overlap the next transfer.
-DIRECT_ROUND_BYTES = 4 << 20
 #: The master's metrics: how long a scrape may take, and how long its figures stand.
 _METRICS_TIMEOUT_S = 1.0
 _CLUSTER_USAGE_MAX_AGE_S = 30.0
@@ -161,17 +159,14 @@ class MooncakeTier(RemoteTier):
         else:
             self.health.success()
 
-    def _rounds(self, lengths: Sequence[int], direct: Sequence[int] | None = None) -> list[range]:
-        """Split a batch into rounds whose staged bytes fit the staging buffer (and, with
-        ``direct``, whose bytes read in place stay under :data:`DIRECT_ROUND_BYTES`)."""
-        rounds, start, used, placed = [], 0, 0, 0
+    def _rounds(self, lengths: Sequence[int]) -> list[range]:
+        """Split a batch into rounds whose staged bytes fit the staging buffer."""
+        rounds, start, used = [], 0, 0
         for i, n in enumerate(lengths):
-            d = direct[i] if direct is not None else 0
-            if i > start and (used + n > self._staging.nbytes or placed + d > DIRECT_ROUND_BYTES):
+            if used + n > self._staging.nbytes and i > start:
                 rounds.append(range(start, i))
-                start, used, placed = i, 0, 0
+                start, used = i, 0
             used += n
-            placed += d
         if start < len(lengths):
             rounds.append(range(start, len(lengths)))
         return rounds
@@ -291,10 +286,7 @@ class MooncakeTier(RemoteTier):
         with self._lock:
             staged = [TRAILER.size if direct[i] is not None else min(len(v) + TRAILER.size, cap)
                       for i, v in enumerate(views)]
-            # Blocks read in place are checksummed on the helper thread while the next round
-            # is transferred: rounds of at most DIRECT_ROUND_BYTES of them.
-            run, landed = ChecksumRun(), []
-            for rnd in self._rounds(staged, [len(v) if d is not None else 0 for v, d in zip(views, direct)]):
+            for rnd in self._rounds(staged):
                 if not self._ready():
                     break
                 names, parts, sizes, at, off = [], [], [], [], 0
@@ -314,6 +306,9 @@ class MooncakeTier(RemoteTier):
                     codes = self._client.batch_get_into(names, [p[0] for p in parts],
                                                         [z[0] for z in sizes])
                 self._settle(codes)
+                # Each payload is checksummed on the helper thread while the next is handled
+                # (a staged one copied out); it counts as found only once its checksum matched.
+                run, landed = ChecksumRun(), []
                 try:
                     for i, name, start, code in zip(rnd, names, at, codes):
                         if code < 0:
@@ -326,73 +321,53 @@ class MooncakeTier(RemoteTier):
                                 too_small.append(keys[i])
                             continue
                         if direct[i] is not None:
-                            n, crc = self._trailer(name, self._direct_trailer(views[i], start, code), 0, code)
+                            n, crc = self._trailer(name, self._direct_trailer(views[i], start, code), code)
                         else:
-                            n, crc = self._trailer(name, self._staging, start, code)
+                            n, crc = self._trailer(name, self._staging[start + code - TRAILER.size:start + code], code)
                         if n is None:
                             damaged.append(name)
                         elif n > len(views[i]):
                             too_small.append(keys[i])
-                        elif direct[i] is not None:
-                            run.add(i, views[i][:n])
-                            landed.append((i, name, n, crc))
                         else:
-                            # Copied out while the helper thread checksums the staged bytes.
-                            payload = self._staging[start:start + n].data
+                            payload = views[i][:n] if direct[i] is not None else self._staging[start:start + n].data
                             run.add(i, payload)
-                            views[i][:n] = payload
+                            if direct[i] is None:
+                                views[i][:n] = payload
                             landed.append((i, name, n, crc))
-                except BaseException:
-                    run.results()  # the helper thread lets go of the buffers first
-                    raise
-                if not all(direct[i] is not None for i in rnd):
-                    # The staging buffer is reused by the next round: its bytes are checked now.
+                finally:
                     got = run.results()
-                    landed = self._settle_checks(landed, got, found, damaged)
-            landed = self._settle_checks(landed, run.results(), found, damaged)
+                for i, name, n, crc in landed:
+                    if got[i] == crc:
+                        found[i] = n
+                    else:
+                        _log.warning("remote object %s failed its checksum; dropped", name)
+                        damaged.append(name)
             if damaged and self._client is not None:
                 self._client.batch_remove(damaged, True)
         return found, too_small, len(damaged), retry
 
-    @staticmethod
-    def _settle_checks(landed: list, got: dict, found: list, damaged: list) -> list:
-        """Mark each landed block found if its checksum matched, else damaged; returns the
-        blocks whose checksum is not in ``got`` yet."""
-        waiting = []
-        for i, name, n, crc in landed:
-            if i not in got:
-                waiting.append((i, name, n, crc))
-            elif got[i] == crc:
-                found[i] = n
-            else:
-                _log.warning("remote object %s failed its checksum; dropped", name)
-                damaged.append(name)
-        return waiting
-
     def _direct_trailer(self, view: memoryview, start: int, total: int) -> bytes:
         """The last ``TRAILER.size`` bytes of an object of ``total`` bytes read into ``view``
         then the staging buffer at ``start`` (a payload shorter than ``view`` leaves its
-        trailer, or part of it, inside ``view``): ``total`` bytes, the trailer last."""
+        trailer, or part of it, inside ``view``)."""
         inside = len(view)
         lo = max(total - TRAILER.size, 0)
         head = bytes(view[lo:min(total, inside)]) if lo < inside else b""
         spill = total - inside
         if spill <= 0:
             return head
-        tail_lo = max(lo - inside, 0)
-        return head + bytes(self._staging[start + tail_lo:start + spill])
+        return head + bytes(self._staging[start + max(lo - inside, 0):start + spill])
 
-    def _trailer(self, name: str, buf: Any, start: int, total: int) -> tuple[int | None, int]:
-        """The payload length and crc32c the trailer of an object of ``total`` bytes gives
-        (its trailer is the ``TRAILER.size`` bytes ending at ``start + total`` of ``buf`` for a
-        staged object, or ``buf`` itself from :meth:`_direct_trailer`); ``(None, 0)`` if the
-        trailer is damaged (the payload's crc is checked by the caller)."""
+    @staticmethod
+    def _trailer(name: str, trailer: Any, total: int) -> tuple[int | None, int]:
+        """The payload length and crc32c that ``trailer`` (the last ``TRAILER.size`` bytes of an
+        object of ``total`` bytes) gives; ``(None, 0)`` if the trailer is damaged (the payload's
+        crc is checked by the caller)."""
         if total < TRAILER.size:
             _log.warning("remote object %s: %d bytes, shorter than its trailer", name, total)
             return None, 0
         n = total - TRAILER.size
-        at = start + n if isinstance(buf, np.ndarray) else 0
-        magic, crc, length, name_crc = TRAILER.unpack_from(buf, at)
+        magic, crc, length, name_crc = TRAILER.unpack(bytes(trailer))
         if magic != _MAGIC or length != n or name_crc != crc32c(name.encode()):
             _log.warning("remote object %s failed its checksum; dropped", name)
             return None, 0
