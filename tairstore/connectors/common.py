@@ -298,18 +298,23 @@ class Backend:
     def _put_many_remote(self, keys: list[bytes], fill: Any, nbytes: int) -> list[bool]:
         """put_many over a daemon: ``exists`` then one ``put_many`` of the missing blocks — two
         round trips, where a write session costs one per block."""
+        return self._put_missing(keys, nbytes, lambda t, todo: sum(t.put_many(
+            [keys[i] for i in todo], [fill(i, keys[i]) for i in todo], namespace=self.namespace)))
+
+    def _put_missing(self, keys: list[bytes], nbytes: int, store: Any) -> list[bool]:
+        """Ask the daemon which of ``keys`` it holds, then ``store(target, missing_indexes)``
+        (returning how many it stored); per key, whether it is stored (all False when the
+        daemon failed before answering ``exists``)."""
         present = [False] * len(keys)
         try:
             t = self.target  # connects on first use: inside the try, a daemon down is a miss
             present = t.exists(keys, namespace=self.namespace)
-            todo = [(i, k) for i, (k, hit) in enumerate(zip(keys, present)) if not hit]
-            stored = t.put_many([k for _, k in todo], [fill(i, k) for i, k in todo],
-                                namespace=self.namespace) if todo else []
+            todo = [i for i, hit in enumerate(present) if not hit]
+            n = store(t, todo) if todo else 0
         except (StoreError, OSError) as exc:
             self._fail("put_many", exc)
             return list(present)
-        # A False from put_many: another writer stored (or is storing) it meanwhile.
-        n = sum(stored)
+        # A block the daemon did not store: another writer stored (or is storing) it meanwhile.
         self.stats.pages_written += n
         self.stats.bytes_written += n * nbytes
         return [True] * len(keys)
@@ -351,28 +356,20 @@ class Backend:
         from ..net.shmclient import MAX_STAGE_BYTES
 
         per_call = MAX_STAGE_BYTES // nbytes
-        put = getattr(self.target, "put_many_staged", None)  # reads_in_place() connected it
-        if put is None or per_call < 1:
-            return None
-        present = [False] * len(keys)
-        try:
-            present = self.target.exists(keys, namespace=self.namespace)
-            todo = [i for i, hit in enumerate(present) if not hit]
+        if getattr(self.target, "put_many_staged", None) is None or per_call < 1:
+            return None  # (reads_in_place() connected the target)
+
+        def store(t: Any, todo: list[int]) -> int:
             n = 0
             for start in range(0, len(todo), per_call):
                 chunk = todo[start:start + per_call]
-                stored = put([keys[i] for i in chunk], nbytes,
-                             lambda area, _c=chunk: transfer.kv.gather(
-                                 [pages[i] for i in _c], torch.from_numpy(area)),
-                             namespace=self.namespace)
-                n += sum(stored)
-        except (StoreError, OSError) as exc:
-            self._fail("put_many", exc)
-            return list(present)
-        # A False from the daemon: another writer stored (or is storing) it meanwhile.
-        self.stats.pages_written += n
-        self.stats.bytes_written += n * nbytes
-        return [True] * len(keys)
+                n += sum(t.put_many_staged([keys[i] for i in chunk], nbytes,
+                                           lambda area, _c=chunk: transfer.kv.gather(
+                                               [pages[i] for i in _c], torch.from_numpy(area)),
+                                           namespace=self.namespace))
+            return n
+
+        return self._put_missing(keys, nbytes, store)
 
     def delete_all(self) -> bool:
         """Drop every block of this namespace (an engine's ``clear``)."""

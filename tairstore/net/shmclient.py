@@ -269,15 +269,24 @@ class ShmClient(Client):
         total = sum(d.nbytes for d in datas) if datas is not None else 0
         if datas is None or len(datas) != len(ks) or not 0 < total <= MAX_STAGE_BYTES:
             return super().put_many(keys, blocks, namespace=namespace)  # its checks and errors
-        with self._shm_lock:
-            stage = self._staging(total)
-            offs, pos = [], 0
+        def fill(area: np.ndarray) -> None:
+            pos = 0
             for d in datas:
-                np.copyto(stage[pos:pos + d.nbytes], np.frombuffer(d, np.uint8))
-                offs.append(pos)
+                np.copyto(area[pos:pos + d.nbytes], np.frombuffer(d, np.uint8))
                 pos += d.nbytes
-            r = self._call_shm(Op.PUT_SHM, {"ns": ns, "keys": ks, "sizes": [d.nbytes for d in datas],
-                                            "offs": offs})
+
+        return self._put_staged(ks, ns, [d.nbytes for d in datas], fill)
+
+    def _put_staged(self, ks: list[bytes], ns: str, sizes: list[int], fill: Any) -> list[bool]:
+        """``fill`` writes the blocks, one after another, into the staging file; one PUT_SHM."""
+        total = sum(sizes)
+        offs, pos = [], 0
+        for n in sizes:
+            offs.append(pos)
+            pos += n
+        with self._shm_lock:
+            fill(self._staging(total)[:total])
+            r = self._call_shm(Op.PUT_SHM, {"ns": ns, "keys": ks, "sizes": sizes, "offs": offs})
         return _sized(r, "stored", len(ks))
 
     def put_many_staged(self, keys: list[bytes], nbytes: int, fill: Any, *,
@@ -295,12 +304,7 @@ class ShmClient(Client):
         total = size * len(ks)
         if not 0 < total <= MAX_STAGE_BYTES:
             return None
-        with self._shm_lock:
-            area = self._staging(total)[:total]
-            fill(area)
-            r = self._call_shm(Op.PUT_SHM, {"ns": ns, "keys": ks, "sizes": [size] * len(ks),
-                                            "offs": [i * size for i in range(len(ks))]})
-        return _sized(r, "stored", len(ks))
+        return self._put_staged(ks, ns, [size] * len(ks), fill)
 
     # ------------------------------------------------------------------------ reads
     def get(self, key: bytes, *, namespace: str = DEFAULT_NAMESPACE) -> memoryview | None:
