@@ -58,10 +58,13 @@ class RemotePart:
         tier: the open :class:`~tairstore.tiers.remote.base.RemoteTier`.
         ssd: the segment log demoted records are read from (None without an SSD tier).
         counters: the store's counters (``hits_remote``, ``demotions``, ...).
+        life: the store's lifecycle (a remote session's finish refuses on a failed store).
+        dram: the DRAM arena evicted DRAM-only blocks are copied from (None without one).
     """
 
-    def __init__(self, tier: Any, ssd: Any, counters: Counter, dram: Any = None) -> None:
+    def __init__(self, tier: Any, ssd: Any, counters: Counter, life: Any, dram: Any = None) -> None:
         self.tier = tier
+        self._life = life
         self._ssd = ssd
         self._dram = dram
         self._counters = counters
@@ -188,9 +191,10 @@ class RemotePart:
             self._buffer(session, key)
             session.written.add(key)
 
-    def finish(self, session: RemoteTierSession, ok: list[bytes]) -> int:
+    def finish_write(self, session: RemoteTierSession, ok: list[bytes]) -> int:
         """Put the ``ok`` keys to the remote tier in one batch; returns how many it holds now
         (fewer when it is unreachable or full: those blocks are not stored anywhere)."""
+        self._life.check_writable()
         with session.lock:
             if session.state == OPEN and not session.keys_to_write and not ok:
                 session.transition("finish")
@@ -207,7 +211,7 @@ class RemotePart:
         return sum(self.put_many(session.namespace, keys, [memoryview(b) for b in bufs])) if keys else 0
 
     @staticmethod
-    def abort(session: RemoteTierSession) -> None:
+    def abort_write(session: RemoteTierSession) -> None:
         with session.lock:
             if session.state == OPEN:
                 session.transition("abort")
@@ -244,16 +248,16 @@ class RemotePart:
         copy (store lock held)."""
         if b.ssd is not None and self._ssd is not None:
             where: Any = b.ssd
+            crc = b.crc  # the SSD read verifies against it; the tier need not compute it
         elif b.dram is not None and self._dram is not None:
             if b.size > MAX_DEMOTION_COPY_BYTES:
                 self._counters["demotions_dropped"] += 1
                 return
             where = bytearray(self._dram.held_view(b.dram))  # its slot is reused at once
+            crc = None  # a DRAM copy is not verified on the way out: the tier checksums it
             self._copied_bytes += b.size
         else:
             return
-        # Without an SSD tier (and without verify_dram_reads) a block carries no checksum.
-        crc = b.crc if (self._ssd is not None or b.crc) else None
         self._queue.append((k[0], k[1], b.size, crc, where))
         while (len(self._queue) > MAX_DEMOTION_QUEUE
                or self._copied_bytes > MAX_DEMOTION_COPY_BYTES):

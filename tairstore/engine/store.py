@@ -210,7 +210,7 @@ class Store:
         from tairstore.tiers.remote import make_remote_tier
 
         tier = make_remote_tier(config)
-        remote = self._remote = RemotePart(tier, self._ssd, self._counters, dram=self._dram)
+        remote = self._remote = RemotePart(tier, self._ssd, self._counters, self._life, dram=self._dram)
         self._reads.remote = remote
         self._reads.promote = lambda ns, key, view: self._writes.put(ns, key, view, "auto", None)
         # A hit lands straight in a DRAM reservation (zero-copy where the tier can read into
@@ -392,10 +392,7 @@ class Store:
             LeaseExpiredError: the lease ran out.
             DiskFullError: the disk is full (the session stays open; abort or retry).
         """
-        _check_session_type(session)
-        if type(session) is RemoteTierSession:
-            return self._remote.write(session, self._key(key), check_data(data))
-        self._writes.write(session, self._key(key), check_data(data))
+        self._writer(session).write(session, self._key(key), check_data(data))
 
     def write_view(self, session: WriteSession, key: bytes) -> memoryview | None:
         """A writable view of ``key``'s DRAM reservation, to receive its payload in place.
@@ -408,10 +405,7 @@ class Store:
         Raises:
             SessionError, LeaseExpiredError: as for :meth:`write`.
         """
-        _check_session_type(session)
-        if type(session) is RemoteTierSession:
-            return self._remote.write_view(session, self._key(key))
-        return self._writes.write_view(session, self._key(key))
+        return self._writer(session).write_view(session, self._key(key))
 
     def write_done(self, session: WriteSession, key: bytes) -> None:
         """Declare the payload of ``key`` complete in its :meth:`write_view`.
@@ -419,10 +413,7 @@ class Store:
         Checksums it and writes it through to the SSD tier, as :meth:`write` would. The view
         must have been released: bytes changed after this call would differ from the checksum.
         """
-        _check_session_type(session)
-        if type(session) is RemoteTierSession:
-            return self._remote.write_done(session, self._key(key))
-        self._writes.write_done(session, self._key(key))
+        self._writer(session).write_done(session, self._key(key))
 
     def finish_write(self, session: WriteSession, ok_keys: list[bytes]) -> int:
         """Commit ``ok_keys`` of the session and release the rest.
@@ -433,18 +424,17 @@ class Store:
         Returns:
             the number of keys committed.
         """
-        _check_session_type(session)
-        if type(session) is RemoteTierSession:
-            self._life.check_writable()
-            return self._remote.finish(session, self._keys(ok_keys))
-        return self._writes.finish_write(session, self._keys(ok_keys))
+        return self._writer(session).finish_write(session, self._keys(ok_keys))
 
     def abort_write(self, session: WriteSession) -> None:
         """Abandon a session: release every reservation. A finished session is left alone."""
+        self._writer(session).abort_write(session)
+
+    def _writer(self, session: Any) -> Any:
+        """What carries a session out: the remote part for one routed to the remote tier (it
+        reserves nothing here), else the local write path. Both take the same calls."""
         _check_session_type(session)
-        if type(session) is RemoteTierSession:
-            return self._remote.abort(session)
-        self._writes.abort_write(session)
+        return self._remote if type(session) is RemoteTierSession else self._writes
 
     def put(self, key: bytes, data: Any, *, namespace: str = DEFAULT_NAMESPACE, tier: str | None = None,
             parent: bytes | None = None) -> bool:

@@ -534,26 +534,24 @@ class Writes:
         p = PendingBlock(size)
         if not self._admit_one(ns, key, p, "auto"):
             return NO_SLOT
+        got: Any = NO_SLOT
+        filled = False
         try:
-            if p.dram is None:
+            if p.dram is not None:
+                view = self._dram.writable_view(p.dram)
+                try:
+                    got = produce(view)
+                finally:
+                    view.release()
+                if got == size:
+                    self._fill(ns, key, p, None, committed=True)
+                    filled = True
+        finally:
+            if not filled:  # no slot, not produced, or an error: nothing of the block stays
                 with self._lock:
                     self._forget(self._catalog.ns(ns), ns, key, p)
-                return NO_SLOT
-            view = self._dram.writable_view(p.dram)
-            try:
-                got = produce(view)
-            finally:
-                view.release()
-            if got != size:
-                with self._lock:
-                    self._forget(self._catalog.ns(ns), ns, key, p)
-                return got
-            self._fill(ns, key, p, None, committed=True)
-        except BaseException:
-            with self._lock:
-                self._forget(self._catalog.ns(ns), ns, key, p)
-            raise
-        self._commit(ns, [(key, p)], 0)
+        if filled:
+            self._commit(ns, [(key, p)], 0)
         return got
 
     def _fill_many(self, ns: str, batch: list[tuple[bytes, PendingBlock, memoryview]]) -> None:
