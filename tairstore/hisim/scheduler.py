@@ -35,6 +35,7 @@ development rows and shipped in the same file; SGLang has none (its factors are 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -108,8 +109,9 @@ class ServerConfig:
                                        "(0, 1]")
         if self.max_running_requests is not None and self.max_running_requests < 1:
             raise InvalidArgumentError("max_running_requests must be >= 1")
-        if any(s is not None and s <= 0 for s in (self.prefill_scale, self.decode_scale)):
-            raise InvalidArgumentError("prefill_scale and decode_scale must be > 0")
+        if any(s is not None and (isinstance(s, bool) or not (isinstance(s, (int, float)) and 0 < s < math.inf))
+               for s in (self.prefill_scale, self.decode_scale)):
+            raise InvalidArgumentError("prefill_scale and decode_scale must be finite numbers > 0")
 
     def kernel_scales(self, weight_dtype: str) -> tuple[float, float]:
         """``(prefill, decode)`` compute-time factors for a model with ``weight_dtype`` weights:

@@ -339,8 +339,9 @@ def test_kernel_scales_apply_to_compute_not_to_allreduce_or_moe():
 
 
 def test_kernel_scales_are_validated_and_sglang_ships_none():
-    with pytest.raises(InvalidArgumentError):
-        default_config("vllm", 1, prefill_scale=0.0)
+    for bad in (0.0, -1.0, float("nan"), float("inf"), "0.7", True):
+        with pytest.raises(InvalidArgumentError):
+            default_config("vllm", 1, prefill_scale=bad)
     # SGLang's kernels are the ones the operator tables measured.
     for dtype in ("bfloat16", "fp8", "fp8_block"):
         assert default_config("sglang", 1).kernel_scales(dtype) == (1.0, 1.0)
