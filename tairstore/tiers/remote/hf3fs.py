@@ -44,7 +44,8 @@ from typing import Any
 import lmdb
 
 from tairstore.errors import InvalidArgumentError
-from tairstore.tiers.remote.base import ChecksumRun, RemoteTier, check_crcs
+from tairstore.format.checksum import crc32c
+from tairstore.tiers.remote.base import RemoteTier, check_crcs, split_run
 from tairstore.tiers.remote.config import MIN_SLOT_BYTES
 
 __all__ = ["Hf3fsTier", "slot_class", "RECORD"]
@@ -163,6 +164,8 @@ class Hf3fsTier(RemoteTier):
         txn.put(_FREE.pack(cls, number, slot), b"", db=self._free)
 
     def _add_used(self, txn: lmdb.Transaction, delta: int) -> None:
+        if not delta:
+            return
         used = _U64.unpack(txn.get(_USED, _U64.pack(0), db=self._meta))[0]
         txn.put(_USED, _U64.pack(max(0, used + delta)), db=self._meta)
 
@@ -193,27 +196,27 @@ class Hf3fsTier(RemoteTier):
                     where = self._alloc(txn, cls)
                     if where is not None:
                         placed[i] = (cls, *where)
-            landed = []
-            run = ChecksumRun()  # checksums overlap the next block's write
-            try:
-                for i, (cls, number, slot) in placed.items():              # step 2
-                    n = os.pwritev(self._fd(cls, number), [views[i]], slot * cls)
-                    if n == len(views[i]):
-                        landed.append(i)
-                        if known is None:
-                            run.add(i, views[i])
-            finally:
-                got = run.results()
-            written = {i: known[i] if known is not None else got[i] for i in landed}
+            order = list(placed.items())
+            fds = [self._fd(cls, number) for _, (cls, number, _) in order]
+
+            def write(j: int) -> int | None:  # on two threads: checksum, then write it out
+                i, (cls, _, slot) = order[j]
+                crc = known[i] if known is not None else crc32c(views[i])
+                return crc if os.pwritev(fds[j], [views[i]], slot * cls) == len(views[i]) else None
+
+            written = {i: crc for (i, _), crc in zip(order, split_run(write, [len(views[i]) for i, _ in order]))
+                       if crc is not None}
             with self._env.begin(write=True) as txn:                       # step 3
+                added = 0
                 for i, (cls, number, slot) in placed.items():
                     if i not in written or txn.get(ikeys[i], db=self._blocks) is not None:
                         self._release(txn, cls, number, slot)
                         done[i] = i in written
                         continue
                     txn.put(ikeys[i], RECORD.pack(cls, number, slot, len(views[i]), written[i]), db=self._blocks)
-                    self._add_used(txn, len(views[i]))
+                    added += len(views[i])
                     done[i] = True
+                self._add_used(txn, added)
         except (OSError, lmdb.Error) as exc:
             _log.warning("hf3fs put under %s failed: %s", self._dir, exc)
             self.health.failure()
@@ -237,23 +240,20 @@ class Hf3fsTier(RemoteTier):
                              if r is not None and RECORD.unpack(r)[3] > len(views[i])]
                 if too_small:
                     raise InvalidArgumentError(f"output buffer too small for remote block(s) {too_small[:4]}")
-                suspects, read = [], {}
-                run = ChecksumRun()  # block i is checksummed while block i+1 is read
-                try:
-                    for i, raw in enumerate(records):
-                        if raw is None:
-                            continue
+                todo = []  # (index, fd, offset, record, length, crc)
+                for i, raw in enumerate(records):
+                    if raw is not None:
                         cls, number, slot, length, crc = RECORD.unpack(raw)
-                        n = os.preadv(self._fd(cls, number), [views[i][:length]], slot * cls)
-                        if n == length:
-                            run.add(i, views[i][:length])
-                            read[i] = (length, crc, raw)
-                        else:
-                            suspects.append((ikeys[i], raw))
-                finally:
-                    got = run.results()
-                for i, (length, crc, raw) in read.items():
-                    if got[i] == crc:
+                        todo.append((i, self._fd(cls, number), slot * cls, raw, length, crc))
+
+                def read(j: int) -> bool:  # on two threads: each checksums what it just read
+                    i, fd, offset, _, length, crc = todo[j]
+                    view = views[i][:length]
+                    return os.preadv(fd, [view], offset) == length and crc32c(view) == crc
+
+                suspects = []
+                for (i, _, _, raw, length, _), ok in zip(todo, split_run(read, [t[4] for t in todo])):
+                    if ok:
                         found[i] = length
                     else:
                         suspects.append((ikeys[i], raw))
@@ -303,7 +303,7 @@ class Hf3fsTier(RemoteTier):
     def delete(self, namespace: str, keys: Sequence[bytes]) -> int:
         """See :meth:`RemoteTier.delete`; the slots go back to the free lists."""
         keys = self._check_keys(namespace, keys)
-        removed = 0
+        removed = freed = 0
         with self._env.begin(write=True) as txn:
             for k in keys:
                 ik = _index_key(namespace, k)
@@ -312,8 +312,9 @@ class Hf3fsTier(RemoteTier):
                     continue
                 cls, number, slot, length, _ = RECORD.unpack(raw)
                 self._release(txn, cls, number, slot)
-                self._add_used(txn, -length)
+                freed += length
                 removed += 1
+            self._add_used(txn, -freed)
         self._count(deletes=removed)
         return removed
 

@@ -38,7 +38,7 @@ import numpy as np
 
 from tairstore.errors import InvalidArgumentError
 from tairstore.format.checksum import crc32c
-from tairstore.tiers.remote.base import ChecksumRun, RemoteTier, check_crcs
+from tairstore.tiers.remote.base import ChecksumRun, RemoteTier, check_crcs, half_cut as _half_cut, split_run
 from tairstore.validate import check_out
 
 __all__ = ["MooncakeTier", "TRAILER", "encode_trailer", "OBJECT_NOT_FOUND", "RPC_FAIL"]
@@ -289,62 +289,77 @@ class MooncakeTier(RemoteTier):
             for rnd in self._rounds(staged):
                 if not self._ready():
                     break
-                names, parts, sizes, at, off = [], [], [], [], 0
+                items, off = [], 0  # (index, object name, buffers, sizes, offset in staging)
                 for i in rnd:
-                    names.append(self.object_name(namespace, keys[i]))
                     if direct[i] is not None:  # payload in place, trailer staged
-                        parts.append([direct[i], self._staging_ptr + off])
-                        sizes.append([len(views[i]), TRAILER.size])
+                        bufs, lens = [direct[i], self._staging_ptr + off], [len(views[i]), TRAILER.size]
                     else:
-                        parts.append([self._staging_ptr + off])
-                        sizes.append([staged[i]])
-                    at.append(off)
+                        bufs, lens = [self._staging_ptr + off], [staged[i]]
+                    items.append((i, self.object_name(namespace, keys[i]), bufs, lens, off))
                     off += staged[i]
-                if any(direct[i] is not None for i in rnd):
-                    codes = self._client.batch_get_into_multi_buffers(names, parts, sizes)
-                else:
-                    codes = self._client.batch_get_into(names, [p[0] for p in parts],
-                                                        [z[0] for z in sizes])
-                self._settle(codes)
-                # Each payload is checksummed on the helper thread while the next is handled
-                # (a staged one copied out); it counts as found only once its checksum matched.
-                run, landed = ChecksumRun(), []
-                try:
-                    for i, name, start, code in zip(rnd, names, at, codes):
-                        if code < 0:
-                            if code == OBJECT_NOT_FOUND or _unreachable(code):
-                                continue
-                            if direct[i] is not None:
-                                retry.append(i)
-                            else:
-                                # e.g. the object is larger than the buffer offered for it.
-                                too_small.append(keys[i])
-                            continue
-                        if direct[i] is not None:
-                            n, crc = self._trailer(name, self._direct_trailer(views[i], start, code), code)
-                        else:
-                            n, crc = self._trailer(name, self._staging[start + code - TRAILER.size:start + code], code)
-                        if n is None:
-                            damaged.append(name)
-                        elif n > len(views[i]):
-                            too_small.append(keys[i])
-                        else:
-                            payload = views[i][:n] if direct[i] is not None else self._staging[start:start + n].data
-                            run.add(i, payload)
-                            if direct[i] is None:
-                                views[i][:n] = payload
-                            landed.append((i, name, n, crc))
-                finally:
-                    got = run.results()
-                for i, name, n, crc in landed:
-                    if got[i] == crc:
-                        found[i] = n
+
+                def fetch(part: list) -> list[tuple[int, str, str, int]]:
+                    # One thread's share of the round: fetch its objects, then check each
+                    # payload while it is still in this core's cache.
+                    names = [it[1] for it in part]
+                    if any(direct[it[0]] is not None for it in part):
+                        codes = self._client.batch_get_into_multi_buffers(
+                            names, [it[2] for it in part], [it[3] for it in part])
                     else:
-                        _log.warning("remote object %s failed its checksum; dropped", name)
+                        codes = self._client.batch_get_into(
+                            names, [it[2][0] for it in part], [it[3][0] for it in part])
+                    return [(it[0], it[1], code, *self._check(it[0], it[1], it[4], code, views, direct))
+                            for it, code in zip(part, codes)]
+
+                # The round in two halves (by bytes) on two threads: both fetch and checksum
+                # side by side.
+                weights = [sum(it[3]) for it in items]
+                cut = _half_cut(weights)
+                halves = [items[:cut], items[cut:]]
+                results = [r for half in split_run(lambda h: fetch(halves[h]) if halves[h] else [],
+                                                   [sum(weights[:cut]), sum(weights[cut:])])
+                           for r in half]
+                self._settle([code for _, _, code, _, _ in results])
+                for i, name, _, outcome, n in results:
+                    if outcome == "found":
+                        found[i] = n
+                    elif outcome == "retry":
+                        retry.append(i)
+                    elif outcome == "small":
+                        too_small.append(keys[i])
+                    elif outcome == "damaged":
                         damaged.append(name)
             if damaged and self._client is not None:
                 self._client.batch_remove(damaged, True)
         return found, too_small, len(damaged), retry
+
+    def _check(self, i: int, name: str, start: int, code: int, views: list[memoryview],
+               direct: list[int | None]) -> tuple[str, int]:
+        """What one fetched object is: ``("found", length)`` once its payload is in ``views[i]``
+        and its crc32c matched, else ``("missing" | "retry" | "small" | "damaged", 0)``."""
+        if code < 0:
+            if code == OBJECT_NOT_FOUND or _unreachable(code):
+                return "missing", 0
+            # A direct read retries through the staging buffer; a staged one failed because the
+            # object is larger than the buffer offered for it.
+            return ("retry" if direct[i] is not None else "small"), 0
+        if direct[i] is not None:
+            n, crc = self._trailer(name, self._direct_trailer(views[i], start, code), code)
+        else:
+            n, crc = self._trailer(name, self._staging[start + code - TRAILER.size:start + code], code)
+        if n is None:
+            return "damaged", 0
+        if n > len(views[i]):
+            return "small", 0
+        if direct[i] is not None:
+            payload = views[i][:n]
+        else:
+            views[i][:n] = self._staging[start:start + n].data
+            payload = views[i][:n]
+        if crc32c(payload) != crc:
+            _log.warning("remote object %s failed its checksum; dropped", name)
+            return "damaged", 0
+        return "found", n
 
     def _direct_trailer(self, view: memoryview, start: int, total: int) -> bytes:
         """The last ``TRAILER.size`` bytes of an object of ``total`` bytes read into ``view``

@@ -55,6 +55,16 @@ def check_known_checksums_and_many_blocks(tier) -> None:
     assert tier.get_into(NS, [b"lied"], [bytearray(200_000)]) == [None]
     assert tier.stats()["corruptions"] == before + 1
     assert tier.exists(NS, [b"lied"]) == [False], "a damaged block is removed"
+    # A batch large enough to be read and checked on two threads: a damaged block at each end
+    # (one in each thread's half) is a counted miss; the others read back exact.
+    lied = [b"lied-first", b"lied-last"]
+    assert tier.put(NS, lied, [bad, bad], [crc32c(bad) ^ 1, crc32c(bad) ^ 2]) == [True, True]
+    batch = [lied[0], *keys, lied[1]]
+    outs = [bytearray(300_100) for _ in batch]
+    assert tier.get_into(NS, batch, outs) == [None, *[len(b) for b in blocks], None]
+    assert all(bytes(o[:len(b)]) == b for o, b in zip(outs[1:-1], blocks))
+    assert tier.stats()["corruptions"] == before + 3
+    assert tier.exists(NS, lied) == [False, False]
     for wrong in ([1, 2], [-1], [1 << 32], ["x"], [True]):  # not one per block, not a crc32c
         with pytest.raises(InvalidArgumentError):
             tier.put(NS, [b"k"], [bad], wrong)
