@@ -485,8 +485,12 @@ class Store:
             raise InvalidArgumentError(f"{len(keys)} keys but {len(mvs)} blocks")
         if len(set(keys)) != len(keys):
             raise InvalidArgumentError("duplicate keys in one put_many")
-        for mv in mvs:
-            self._check_size(len(mv))
+        if mvs:
+            sizes = [len(mv) for mv in mvs]
+            limit = self.config.max_block_bytes
+            if min(sizes) < 1 or (limit is not None and max(sizes) > limit):
+                for n in sizes:  # the first bad one raises its own error
+                    self._check_size(n)
         tier = self._route(ns) if tier is None else self._check_tier(tier)
         parent = None if parent is None else self._key(parent)
         parents = ([parent] + keys[:-1]) if chain else [None] * len(keys)

@@ -46,7 +46,8 @@ from tairstore.errors import CapacityError, ClosedError, DiskFullError, FatalIOE
 from tairstore.format.checksum import crc32c
 from tairstore.format.segment import FLAG_COMMITTED
 from tairstore.index.records import BlockRecord
-from tairstore.tiers.dram import DramArena
+from tairstore.parallel import split_run
+from tairstore.tiers.dram import COPY_RELEASES_GIL_BYTES, DramArena
 from tairstore.wal import Abort, Commit, CommitEntry, Delete, Prepare
 
 __all__ = ["Writes", "ADMIT_DEADLINE_S"]
@@ -168,12 +169,13 @@ class Writes:
         neither logged (PREPARE) nor listed for the reaper.
         """
         catalog = self._catalog
-        with self._lock:
-            self._life.check_writable()
-            todo = [(key, size) for key, size in zip(keys, sizes) if not catalog.busy((ns, key))]
-            need_bytes = self.placement.ssd_room_needed(ns, todo)
-        if need_bytes:
-            return need_bytes
+        if self._space is not None:  # a volatile store has no SSD room to make
+            with self._lock:
+                self._life.check_writable()
+                todo = [(key, size) for key, size in zip(keys, sizes) if not catalog.busy((ns, key))]
+                need_bytes = self.placement.ssd_room_needed(ns, todo)
+            if need_bytes:
+                return need_bytes
         with self._lock:
             self._life.check_writable()
             sid = next(self._session_ids)
@@ -455,6 +457,7 @@ class Writes:
                     self._forget(st, ns, k, p)
             raise
         # W1: only now, with the COMMIT as durable as promised, do readers see the keys.
+        publish = self._catalog.publish
         with self._lock:
             now = time.time_ns()
             for k, p in items:
@@ -464,7 +467,7 @@ class Writes:
                 if place is not None:
                     self._space.commit(kk, p.ssd, place)
                 b = Block(p.size, p.crc, p.generation, now, place, p.dram, p.parent)
-                self._catalog.publish(kk, b, p.parent)
+                publish(kk, b, p.parent)
                 if p.deferred:
                     # Its reservation and its dirty bytes pass to the flush (C1: the SSD
                     # usage stays counted); the pin keeps its copy from eviction and reuse.
@@ -555,22 +558,41 @@ class Writes:
         return got
 
     def _fill_many(self, ns: str, batch: list[tuple[bytes, PendingBlock, memoryview]]) -> None:
-        """:meth:`_fill` for a batch: DRAM copies and checksums, then one ``write_many`` of the
-        SSD records, written committed (the whole payload is at hand, as for ``put``)."""
+        """:meth:`_fill` for a batch: DRAM copies and checksums (split across two threads when
+        the batch is large: :func:`~tairstore.parallel.split_run`), then one ``write_many`` of
+        the SSD records, written committed (the whole payload is at hand, as for ``put``)."""
         self._life.check_writable()
         need_crc = self._space is not None or self.config.verify_dram_reads
         dram = self._dram
-        for _, p, mv in batch:
+
+        def fill(j: int) -> None:  # on two threads for a large batch: disjoint slots
+            _, p, mv = batch[j]
             if p.dram is not None:
                 dram.copy_in(p.dram, mv)
-                if need_crc:
+                if need_crc:  # the copy just landed: checksummed from this core's cache
                     p.crc = dram.crc32c(p.dram)
             elif need_crc:
                 p.crc = crc32c(mv)
+
+        sizes = [len(mv) for _, _, mv in batch]
+        if min(sizes) >= COPY_RELEASES_GIL_BYTES:
+            split_run(fill, sizes)
+        else:  # small copies hold the GIL: a second thread would only wait for it
+            for _, p, mv in batch:
+                if p.dram is not None:
+                    dram.copy_in(p.dram, mv)
+                    if need_crc:
+                        p.crc = dram.crc32c(p.dram)
+                elif need_crc:
+                    p.crc = crc32c(mv)
         with self._lock:
+            # One clock read for the batch: generations stay unique and increasing.
+            gen = self.next_generation()
             for _, p, _ in batch:
-                p.generation = self.next_generation()
+                p.generation = gen
+                gen += 1
                 self._defer(p)
+            self.generation = gen - 1
         on_ssd = [(k, p, mv) for k, p, mv in batch if p.ssd is not None and not p.deferred]
         if on_ssd:
             try:

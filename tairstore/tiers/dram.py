@@ -72,6 +72,10 @@ __all__ = ["DEFAULT_GRANULARITY", "DramArena", "SharedBacking", "Slot"]
 # One OS page: slots start page-aligned (usable for O_DIRECT I/O to the SSD tier) and the
 # rounding waste stays small next to the 64 KiB minimum typical block.
 DEFAULT_GRANULARITY = 4096
+#: From this size on a slot is filled with ``np.copyto``, which releases the GIL while it copies;
+#: below it with a ``memoryview`` assignment, which holds the GIL but costs about 1 µs less.
+COPY_RELEASES_GIL_BYTES = 256 * 1024
+
 #: Linux madvise advice values (uapi/asm-generic/mman-common.h).
 MADV_HUGEPAGE = 14
 MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault pages in writable without touching their bytes
@@ -245,6 +249,7 @@ class DramArena:
         if self.backing is not None:
             self.backing.shift, self.backing.capacity = shift, capacity
         self._base = self._buf.ctypes.data
+        self._bytes = memoryview(self._buf)  # slice assignment: the cheapest copy into a slot
 
         self._lock = threading.Lock()
         self._unpinned: collections.deque[_Entry] = collections.deque()
@@ -290,11 +295,19 @@ class DramArena:
             if i == len(self._free_by_size):
                 return None
             length, start = self._free_by_size[i]
-            self._remove_free(start, length)
-            if length > reserved:
-                # The tail's neighbours are this slot and a live slot (free extents are always
-                # coalesced), so it needs no merging.
-                self._insert_free(start + reserved, length - reserved)
+            rest = length - reserved
+            if rest and (i == 0 or self._free_by_size[i - 1] < (rest, start + reserved)):
+                # The tail keeps its place in the size order (the common case: carving from
+                # the largest extent): update it in place. Its neighbours are this slot and a
+                # live slot (free extents are always coalesced), so it needs no merging.
+                self._free_by_size[i] = (rest, start + reserved)
+                del self._free_by_start[start]
+                self._free_by_start[start + reserved] = rest
+                self._free_by_end[start + length] = start + reserved
+            else:
+                self._remove_free(start, length)
+                if rest:
+                    self._insert_free(start + reserved, rest)
             slot = Slot(start, size, reserved, next(self._generations))
             self._live[start] = _Entry(slot)
             self._used += reserved
@@ -383,6 +396,13 @@ class DramArena:
         No view and no pin: the caller guarantees nobody can release the slot meanwhile (the
         store holds the write session's lock, which an abort also takes).
         """
+        if slot.size < COPY_RELEASES_GIL_BYTES:
+            try:  # a flat byte buffer (what the store passes): one memcpy, little call overhead
+                self._bytes[slot.offset : slot.offset + slot.size] = src
+                return
+            except (TypeError, ValueError):  # another format or shape: numpy sorts it out
+                pass
+        # numpy releases the GIL while it copies: another thread can copy or checksum meanwhile.
         np.copyto(self._buf[slot.offset : slot.offset + slot.size], np.frombuffer(src, np.uint8))
 
     def copy_out(self, slot: Slot, dst) -> int:

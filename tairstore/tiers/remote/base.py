@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Hashable, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 from tairstore.errors import InvalidArgumentError
 from tairstore.format.checksum import crc32c
+from tairstore.parallel import helper_pool
 from tairstore.tiers.remote.health import HealthTracker
 from tairstore.validate import check_data, check_keys, check_namespace, check_out
 
-__all__ = ["RemoteTier", "ChecksumRun", "check_crcs", "split_run"]
+__all__ = ["RemoteTier", "ChecksumRun", "check_crcs"]
 
 _COUNTERS = ("puts", "put_bytes", "put_failures", "hits", "hit_bytes", "misses", "corruptions",
              "deletes")
@@ -36,59 +37,10 @@ _COUNTERS = ("puts", "put_bytes", "put_failures", "hits", "hit_bytes", "misses",
 #: Bytes of buffers checksummed per task on the helper thread: large enough that the hand-off
 #: (a few µs) is small beside the crc32c it carries, small enough to overlap the next I/O.
 CRC_GROUP_BYTES = 1 << 20
-_crc_pool: ThreadPoolExecutor | None = None
-_crc_pool_lock = threading.Lock()
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _crc_pool
-    with _crc_pool_lock:
-        if _crc_pool is None:
-            _crc_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tairstore-crc")
-        return _crc_pool
 
 
 def _crc_group(group: list[tuple[Hashable, memoryview]]) -> list[tuple[Hashable, int]]:
     return [(tag, crc32c(view)) for tag, view in group]
-
-
-#: Below this many bytes a batch is not split across two threads (the hand-off costs more).
-SPLIT_MIN_BYTES = 1 << 20
-
-
-def half_cut(sizes: Sequence[int]) -> int:
-    """Where to cut a list of sizes into two parts of about equal bytes (1 <= cut < len, for
-    two or more sizes)."""
-    n, total = len(sizes), sum(sizes)
-    cut, acc = 0, 0
-    while cut < n - 1 and acc + sizes[cut] <= total // 2:
-        acc += sizes[cut]
-        cut += 1
-    return max(cut, 1) if n > 1 else n
-
-
-def split_run(fn: Callable[[int], Any], sizes: Sequence[int]) -> list[Any]:
-    """``[fn(i) for i in range(len(sizes))]``, the later items (about half the bytes) on the
-    helper thread while the caller does the earlier ones.
-
-    For I/O that releases the GIL followed by its crc32c (``preadv`` then the checksum, or the
-    checksum then ``pwritev``): each thread checksums bytes it has just moved, while they are
-    still in its core's cache, and the two halves' copies run side by side. ``fn`` must be safe
-    to call from two threads at once. If either half raises, both halves finish first and the
-    first error raised is re-raised.
-    """
-    n = len(sizes)
-    if n < 2 or sum(sizes) < SPLIT_MIN_BYTES:
-        return [fn(i) for i in range(n)]
-    cut = half_cut(sizes)
-    later = _pool().submit(lambda: [fn(i) for i in range(cut, n)])
-    try:
-        first = [fn(i) for i in range(cut)]
-    finally:
-        rest = later.result() if later.exception() is None else None
-    if rest is None:
-        raise later.exception()
-    return first + rest
 
 
 class ChecksumRun:
@@ -116,7 +68,7 @@ class ChecksumRun:
 
     def _submit(self) -> None:
         if self._group:
-            self._futures.append(_pool().submit(_crc_group, self._group))
+            self._futures.append(helper_pool().submit(_crc_group, self._group))
             self._group, self._bytes = [], 0
 
     def results(self) -> dict[Hashable, int]:

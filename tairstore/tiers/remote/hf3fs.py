@@ -45,7 +45,8 @@ import lmdb
 
 from tairstore.errors import InvalidArgumentError
 from tairstore.format.checksum import crc32c
-from tairstore.tiers.remote.base import RemoteTier, check_crcs, split_run
+from tairstore.parallel import split_run
+from tairstore.tiers.remote.base import RemoteTier, check_crcs
 from tairstore.tiers.remote.config import MIN_SLOT_BYTES
 
 __all__ = ["Hf3fsTier", "slot_class", "RECORD"]

@@ -38,7 +38,8 @@ import numpy as np
 
 from tairstore.errors import InvalidArgumentError
 from tairstore.format.checksum import crc32c
-from tairstore.tiers.remote.base import ChecksumRun, RemoteTier, check_crcs, half_cut as _half_cut, split_run
+from tairstore.parallel import half_cut, split_run
+from tairstore.tiers.remote.base import ChecksumRun, RemoteTier, check_crcs
 from tairstore.validate import check_out
 
 __all__ = ["MooncakeTier", "TRAILER", "encode_trailer", "OBJECT_NOT_FOUND", "RPC_FAIL"]
@@ -314,7 +315,7 @@ class MooncakeTier(RemoteTier):
                 # The round in two halves (by bytes) on two threads: both fetch and checksum
                 # side by side.
                 weights = [sum(it[3]) for it in items]
-                cut = _half_cut(weights)
+                cut = half_cut(weights)
                 halves = [items[:cut], items[cut:]]
                 results = [r for half in split_run(lambda h: fetch(halves[h]) if halves[h] else [],
                                                    [sum(weights[:cut]), sum(weights[cut:])])

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from tairstore.tiers.remote.base import SPLIT_MIN_BYTES, half_cut, split_run
+from tairstore.parallel import SPLIT_MIN_BYTES, half_cut, split_run
 
 
 def test_results_keep_their_order_and_large_batches_use_two_threads():

@@ -1,0 +1,68 @@
+"""Work split across the calling thread and one shared helper thread.
+
+Copies (``memoryview`` assignment, ``np.copyto``), ``preadv`` / ``pwritev`` and crc32c all
+release the GIL, so on a machine with a spare core two threads moving and checksumming halves
+of a batch run side by side. One helper thread serves the whole process: its tasks never wait
+on each other, so sharing it cannot deadlock, and a second caller's half simply queues.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+__all__ = ["SPLIT_MIN_BYTES", "half_cut", "helper_pool", "split_run"]
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def helper_pool() -> ThreadPoolExecutor:
+    """The process's one helper thread (started on first use)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tairstore-helper")
+        return _pool
+
+
+#: Below this many bytes a batch is not split across two threads (the hand-off costs more).
+SPLIT_MIN_BYTES = 1 << 20
+
+
+def half_cut(sizes: Sequence[int]) -> int:
+    """Where to cut a list of sizes into two parts of about equal bytes (1 <= cut < len, for
+    two or more sizes)."""
+    n, total = len(sizes), sum(sizes)
+    cut, acc = 0, 0
+    while cut < n - 1 and acc + sizes[cut] <= total // 2:
+        acc += sizes[cut]
+        cut += 1
+    return max(cut, 1) if n > 1 else n
+
+
+def split_run(fn: Callable[[int], Any], sizes: Sequence[int]) -> list[Any]:
+    """``[fn(i) for i in range(len(sizes))]``, the later items (about half the bytes) on the
+    helper thread while the caller does the earlier ones.
+
+    For copies and I/O that release the GIL, each followed or preceded by its crc32c (``preadv``
+    then the checksum, a copy into the DRAM arena then the checksum, the checksum then
+    ``pwritev``): each thread checksums bytes it has just moved, while they are still in its
+    core's cache, and the two halves' copies run side by side. ``fn`` must be safe
+    to call from two threads at once. If either half raises, both halves finish first and the
+    first error raised is re-raised.
+    """
+    n = len(sizes)
+    if n < 2 or sum(sizes) < SPLIT_MIN_BYTES:
+        return [fn(i) for i in range(n)]
+    cut = half_cut(sizes)
+    later = helper_pool().submit(lambda: [fn(i) for i in range(cut, n)])
+    try:
+        first = [fn(i) for i in range(cut)]
+    finally:
+        rest = later.result() if later.exception() is None else None
+    if rest is None:
+        raise later.exception()
+    return first + rest
