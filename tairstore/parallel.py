@@ -17,6 +17,11 @@ __all__ = ["SPLIT_MIN_BYTES", "half_cut", "helper_pool", "split_run"]
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
+_on_helper = threading.local()  # .yes on the helper thread
+
+
+def _mark_helper() -> None:
+    _on_helper.yes = True
 
 
 def helper_pool() -> ThreadPoolExecutor:
@@ -24,7 +29,8 @@ def helper_pool() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tairstore-helper")
+            _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tairstore-helper",
+                                       initializer=_mark_helper)
         return _pool
 
 
@@ -55,7 +61,8 @@ def split_run(fn: Callable[[int], Any], sizes: Sequence[int]) -> list[Any]:
     first error raised is re-raised.
     """
     n = len(sizes)
-    if n < 2 or sum(sizes) < SPLIT_MIN_BYTES:
+    if n < 2 or sum(sizes) < SPLIT_MIN_BYTES or getattr(_on_helper, "yes", False):
+        # Small, or already on the helper thread (waiting there for itself would deadlock).
         return [fn(i) for i in range(n)]
     cut = half_cut(sizes)
     later = helper_pool().submit(lambda: [fn(i) for i in range(cut, n)])

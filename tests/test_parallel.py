@@ -53,3 +53,12 @@ def test_half_cut_balances_bytes():
     assert half_cut([1, 1, 1, 10]) == 3
     assert half_cut([5]) == 1
     assert half_cut([5, 5]) == 1
+
+
+def test_a_split_run_started_on_the_helper_thread_runs_there_without_waiting_on_itself():
+    from tairstore.parallel import helper_pool
+
+    def outer() -> list[int]:
+        return split_run(lambda i: i + 1, [SPLIT_MIN_BYTES] * 4)
+
+    assert helper_pool().submit(outer).result(timeout=60) == [1, 2, 3, 4]
