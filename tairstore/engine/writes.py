@@ -180,14 +180,18 @@ class Writes:
             self._life.check_writable()
             sid = next(self._session_ids)
             session = WriteSession(sid, ns, [], lease_s, time.monotonic() + lease_s)
+            pending, to_write = session.pending, session.keys_to_write
+            blocks, inflight = catalog.blocks, catalog.inflight
+            admit = self._admit_inflight
             try:
                 for key, size, par in zip(keys, sizes, parents):
-                    if catalog.busy((ns, key)):
+                    k = (ns, key)
+                    if k in blocks or k in inflight:  # catalog.busy, inline: once per key
                         continue
                     p = PendingBlock(size, parent=par)
-                    self._admit_inflight(ns, key, p, tier, sid)
-                    session.pending[key] = p
-                    session.keys_to_write.append(key)
+                    admit(ns, key, p, tier, sid)
+                    pending[key] = p
+                    to_write.append(key)
             except NeedSsdRoom as need:
                 self._release_pending(session, session.pending)
                 return need.nbytes

@@ -115,6 +115,9 @@ class Slot(NamedTuple):
     generation: int
 
 
+_new_tuple = tuple.__new__
+
+
 class SharedBacking:
     """Where a shared arena lives: a file others on the host may map (see the module doc).
 
@@ -308,7 +311,8 @@ class DramArena:
                 self._remove_free(start, length)
                 if rest:
                     self._insert_free(start + reserved, rest)
-            slot = Slot(start, size, reserved, next(self._generations))
+            # tuple.__new__ skips the NamedTuple's Python-level constructor (one per put).
+            slot = _new_tuple(Slot, (start, size, reserved, next(self._generations)))
             self._live[start] = _Entry(slot)
             self._used += reserved
             return slot
