@@ -200,13 +200,16 @@ class Hf3fsTier(RemoteTier):
             order = list(placed.items())
             fds = [self._fd(cls, number) for _, (cls, number, _) in order]
 
-            def write(j: int) -> int | None:  # on two threads: checksum, then write it out
+            def write(j: int) -> int | None:  # checksum (unless given), then write it out
                 i, (cls, _, slot) = order[j]
                 crc = known[i] if known is not None else crc32c(views[i])
                 return crc if os.pwritev(fds[j], [views[i]], slot * cls) == len(views[i]) else None
 
-            written = {i: crc for (i, _), crc in zip(order, split_run(write, [len(views[i]) for i, _ in order]))
-                       if crc is not None}
+            # Checksums to compute: two threads, each checksumming then writing its half. Given
+            # (a demotion's): one thread, as two writers of one file only queue on its lock.
+            crcs_out = (split_run(write, [len(views[i]) for i, _ in order]) if known is None
+                        else [write(j) for j in range(len(order))])
+            written = {i: crc for (i, _), crc in zip(order, crcs_out) if crc is not None}
             with self._env.begin(write=True) as txn:                       # step 3
                 added = 0
                 for i, (cls, number, slot) in placed.items():
