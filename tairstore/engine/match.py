@@ -52,11 +52,10 @@ def match_mask(hits: list[bool], tiers: list[str | None], mode: str = "prefix",
     """Build a :class:`MatchResult` from a hit mask."""
     if mode not in MATCH_MODES:
         raise InvalidArgumentError(f"unknown match mode {mode!r}; use one of {', '.join(MATCH_MODES)}")
-    prefix = 0
-    for h in hits:
-        if not h:
-            break
-        prefix += 1
+    try:  # C-level scans: a chain of a thousand keys is a common request
+        prefix = hits.index(False)
+    except ValueError:
+        prefix = len(hits)
     result = MatchResult(mode=mode, prefix_len=prefix, hits=hits, tiers=tiers)
     if mode == "sliding_window":
         if window is None or not isinstance(window, int) or window < 1:
