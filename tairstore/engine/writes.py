@@ -569,8 +569,7 @@ class Writes:
         need_crc = self._space is not None or self.config.verify_dram_reads
         dram = self._dram
 
-        def fill(j: int) -> None:  # on two threads for a large batch: disjoint slots
-            _, p, mv = batch[j]
+        def fill(p: PendingBlock, mv: memoryview) -> None:
             if p.dram is not None:
                 dram.copy_in(p.dram, mv)
                 if need_crc:  # the copy just landed: checksummed from this core's cache
@@ -579,16 +578,11 @@ class Writes:
                 p.crc = crc32c(mv)
 
         sizes = [len(mv) for _, _, mv in batch]
-        if min(sizes) >= COPY_RELEASES_GIL_BYTES:
-            split_run(fill, sizes)
+        if min(sizes) >= COPY_RELEASES_GIL_BYTES:  # on two threads: disjoint slots
+            split_run(lambda j: fill(batch[j][1], batch[j][2]), sizes)
         else:  # small copies hold the GIL: a second thread would only wait for it
             for _, p, mv in batch:
-                if p.dram is not None:
-                    dram.copy_in(p.dram, mv)
-                    if need_crc:
-                        p.crc = dram.crc32c(p.dram)
-                elif need_crc:
-                    p.crc = crc32c(mv)
+                fill(p, mv)
         with self._lock:
             # One clock read for the batch: generations stay unique and increasing.
             gen = self.next_generation()

@@ -299,7 +299,7 @@ class MooncakeTier(RemoteTier):
                     items.append((i, self.object_name(namespace, keys[i]), bufs, lens, off))
                     off += staged[i]
 
-                def fetch(part: list) -> list[tuple[int, str, str, int]]:
+                def fetch(part: list) -> list[tuple[int, str, int, str, int]]:
                     # One thread's share of the round: fetch its objects, then check each
                     # payload while it is still in this core's cache.
                     names = [it[1] for it in part]
