@@ -29,7 +29,10 @@ When the KV pool cannot hold one more token per decoding request, requests are r
 recomputed (prompt plus the tokens already generated).
 
 A request reaches the engine ``ServerConfig.ingress_ms`` (mean, uniformly spread) after it is
-sent; TTFT counts from the send. ITL samples are the gaps between a measured request's tokens: a
+sent; TTFT counts from the send. A closed loop's clients send their first requests at once, or
+spread over a window of ``ServerConfig.loop_spread`` prefill times per client
+(:func:`first_send_offsets_ms`): with identical requests the simulated loop keeps the phases it
+starts with, and this sets them. ITL samples are the gaps between a measured request's tokens: a
 decoder's gap runs from its previous token to the end of the next step it decodes in, so the
 prefill steps it waited through and a retraction's recompute fall into it, and a request's gaps
 add up to ``E2E - TTFT``.
@@ -40,7 +43,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 from tairstore.errors import InvalidArgumentError
@@ -226,6 +229,21 @@ def ingress_delay_ms(mean_ms: float, rid: int) -> float:
     return 2.0 * mean_ms * ((rid * INV_GOLDEN) % 1.0) if mean_ms else 0.0
 
 
+def first_send_offsets_ms(sim: Simulator, first: Sequence[Request]) -> list[float]:
+    """When each client of a closed loop sends its first request, relative to the loop's start.
+
+    With ``ServerConfig.loop_spread`` = s > 0 the ``c`` clients start spread over a window of
+    ``c x s x`` the wall time of one prefill of the first wave's mean prompt length (the engine
+    alone), client ``i`` at ``window x frac(i x 0.618...)``: a low-discrepancy sequence, so the
+    offsets are uniform-looking but reproducible. 0: every client at once."""
+    spread = sim.server.loop_spread
+    if not spread or not first:
+        return [0.0] * len(first)
+    isl = max(1, round(sum(r.input_len for r in first) / len(first)))
+    window = len(first) * spread * sim.step_wall_ms([(isl, 0)], 0, 0.0)
+    return [window * ((i * INV_GOLDEN) % 1.0) for i in range(len(first))]
+
+
 def _grid(x: float) -> int:
     return int(round(math.log2(max(x, 1.0)) * GRID_PER_OCTAVE))
 
@@ -245,8 +263,11 @@ class _Run:
             self.closed = workload.concurrency
             self.pending = deque(workload.requests)
             self.arrivals: list[tuple[float, int, Request]] = []
-            for _ in range(min(self.closed, len(self.pending))):
-                self.send(self.pending.popleft())
+            first = [self.pending.popleft()
+                     for _ in range(min(self.closed, len(self.pending)))]
+            for r, offset in zip(first, first_send_offsets_ms(sim, first)):
+                # A copy: the caller's workload is not shifted (it may be run again).
+                self.send(replace(r, arrival_ms=r.arrival_ms + offset) if offset else r)
         else:
             self.closed = None
             self.pending = deque()

@@ -20,9 +20,9 @@ The KV pool is what is left of ``mem_fraction`` of every GPU's memory after the 
 (a token's KV is split over the TP group, replicated where there are fewer KV heads than GPUs).
 The CPU time of a step is ``base + per_seq x sequences``, plus ``eager_per_layer x layers`` when
 the step does not replay a CUDA graph (a prefill, or a decode batch above the graph limit): the
-three parameters (and vLLM's token budget and ingress delay) are fitted per backend on development
-rows of measured serving results (:mod:`tairstore.hisim.serving_fit`) and shipped in
-``data/serving_fit.json``.
+three parameters (and vLLM's token budget, ingress delay and closed-loop start spread) are fitted
+per backend on development rows of measured serving results (:mod:`tairstore.hisim.serving_fit`)
+and shipped in ``data/serving_fit.json``.
 
 The step model's operator tables were measured under SGLang. For vLLM a step's GPU compute (TP
 all-reduce and MoE layers excepted) is scaled by per-weight-dtype kernel-efficiency factors,
@@ -93,6 +93,11 @@ class ServerConfig:
     # tokenisation, the hop from the API server to the engine core. It is inside TTFT, and it
     # spreads a closed loop's simultaneous sends over several steps.
     ingress_ms: float = 0.0
+    # Closed loops only: the clients' first requests are sent spread over ``concurrency x
+    # loop_spread x`` the time of one prompt's prefill alone (low-discrepancy offsets), instead of
+    # all at once. A simulated loop of identical requests keeps the phases it starts with; this
+    # sets them (see engine.first_send_offsets_ms). 0: all at once.
+    loop_spread: float = 0.0
     overhead: Overhead = Overhead()
     # Kernel efficiency of this engine against the step model's operator tables (SGLang's), as
     # factors on a step's GPU compute time (TP all-reduce excluded): ``prefill_scale`` on the time
@@ -107,6 +112,9 @@ class ServerConfig:
         if self.chunked_prefill_size < 1 or not 0 < self.mem_fraction <= 1:
             raise InvalidArgumentError("chunked_prefill_size must be >= 1 and mem_fraction in "
                                        "(0, 1]")
+        if isinstance(self.loop_spread, bool) or not (
+                isinstance(self.loop_spread, (int, float)) and 0 <= self.loop_spread < math.inf):
+            raise InvalidArgumentError("loop_spread must be a finite number >= 0")
         if self.max_running_requests is not None and self.max_running_requests < 1:
             raise InvalidArgumentError("max_running_requests must be >= 1")
         if any(s is not None and (isinstance(s, bool) or not (isinstance(s, (int, float)) and 0 < s < math.inf))
@@ -144,7 +152,7 @@ def fitted_overheads(path: Path = FIT_FILE) -> dict[str, Overhead]:
 @lru_cache(maxsize=None)
 def fitted_server(backend: str, path: Path = FIT_FILE) -> dict[str, float]:
     """The shipped fit's scheduler settings of ``backend`` (``chunked_prefill_size``,
-    ``ingress_ms``), empty where none ship."""
+    ``ingress_ms``, ``loop_spread``), empty where none ship."""
     if not path.exists():
         return {}
     return dict(json.loads(path.read_text()).get("server", {}).get(backend, {}))

@@ -345,3 +345,55 @@ def test_kernel_scales_are_validated_and_sglang_ships_none():
     # SGLang's kernels are the ones the operator tables measured.
     for dtype in ("bfloat16", "fp8", "fp8_block"):
         assert default_config("sglang", 1).kernel_scales(dtype) == (1.0, 1.0)
+
+
+def test_loop_spread_staggers_first_sends_and_stays_out_of_ttft(sim8b):
+    """A closed loop's clients start spread over concurrency x loop_spread prefill times (at
+    once with 0); TTFT still counts from each request's own send."""
+    from tairstore.hisim.engine import first_send_offsets_ms
+
+    def first_sends(spread):
+        cfg = default_config("vllm", 1, loop_spread=spread, ingress_ms=0.0)
+        sim = Simulator(sim8b.model, sim8b.gpu, 1, cfg, step_model=sim8b.step_model)
+        res = sim.run(closed_loop(8, 1024, 16, num_prompts=8, warmup=8))
+        warm = sorted(st.req.arrival_ms for st in res.requests if st.req.warmup)
+        return sim, res, warm
+
+    _, _, at_once = first_sends(0.0)
+    assert at_once == [0.0] * 8
+    sim, res, spread = first_sends(1.0)
+    window = 8 * sim.step_wall_ms([(1024, 0)], 0, 0)
+    offsets = first_send_offsets_ms(sim, closed_loop(8, 1024, 16, num_prompts=8,
+                                                     warmup=0).requests[:8])
+    assert spread == sorted(offsets)
+    assert spread[0] == 0.0 and len(set(spread)) == 8 and spread[-1] < window
+    # Offsets are spread over the window (no two closer than an eighth of a prefill).
+    assert min(b - a for a, b in zip(spread, spread[1:])) > window / 64
+    for st in res.requests:
+        assert st.req.arrival_ms <= st.first_ms <= st.finish_ms
+    # Started one at a time, every first request prefills alone: TTFT is one prefill.
+    alone = sim.step_wall_ms([(1024, 0)], 0, 0)
+    first_ttfts = [st.first_ms - st.req.arrival_ms for st in res.requests if st.req.warmup]
+    assert min(first_ttfts) == pytest.approx(alone)
+
+
+def test_loop_spread_is_validated_and_sglang_ships_none():
+    for bad in (-0.5, float("nan"), float("inf"), "1", True):
+        with pytest.raises(InvalidArgumentError):
+            default_config("vllm", 1, loop_spread=bad)
+    assert default_config("sglang", 1).loop_spread == 0.0
+
+
+def test_loop_spread_leaves_the_workload_unchanged(sim8b):
+    """The same closed loop run twice (on fresh simulators: the prefix cache persists within one)
+    gives the same result: the start offsets are applied to copies of the first requests."""
+    cfg = default_config("vllm", 1, loop_spread=0.75)
+
+    def fresh():
+        return Simulator(sim8b.model, sim8b.gpu, 1, cfg, step_model=sim8b.step_model)
+
+    wl = closed_loop(4, 512, 8, num_prompts=8, warmup=4)
+    before = [r.arrival_ms for r in wl.requests[:4]]
+    a, b = summarize(fresh().run(wl)), summarize(fresh().run(wl))
+    assert [r.arrival_ms for r in wl.requests[:4]] == before
+    assert a["mean_ttft_ms"] == b["mean_ttft_ms"]
