@@ -3,7 +3,8 @@
 Copies (``memoryview`` assignment, ``np.copyto``), ``preadv`` / ``pwritev`` and crc32c all
 release the GIL, so on a machine with a spare core two threads moving and checksumming halves
 of a batch run side by side. One helper thread serves the whole process: its tasks never wait
-on each other, so sharing it cannot deadlock, and a second caller's half simply queues.
+on each other, so sharing it cannot deadlock; a caller that finds the helper taken by another
+caller's half does all its work itself rather than queue behind it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ __all__ = ["SPLIT_MIN_BYTES", "half_cut", "helper_pool", "split_run"]
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 _on_helper = threading.local()  # .yes on the helper thread
+_split_free = threading.Lock()  # held while a split_run's half is on the helper
 
 
 def _mark_helper() -> None:
@@ -61,11 +63,25 @@ def split_run(fn: Callable[[int], Any], sizes: Sequence[int]) -> list[Any]:
     first error raised is re-raised.
     """
     n = len(sizes)
-    if n < 2 or sum(sizes) < SPLIT_MIN_BYTES or getattr(_on_helper, "yes", False):
-        # Small, or already on the helper thread (waiting there for itself would deadlock).
+    if (n < 2 or sum(sizes) < SPLIT_MIN_BYTES or getattr(_on_helper, "yes", False)
+            or not _split_free.acquire(blocking=False)):
+        # Small; or already on the helper thread (waiting there for itself would deadlock); or
+        # the helper is taken by another caller's half (queueing behind it could make this
+        # call slower than doing it all here).
         return [fn(i) for i in range(n)]
     cut = half_cut(sizes)
-    later = helper_pool().submit(lambda: [fn(i) for i in range(cut, n)])
+
+    def run_later() -> list[Any]:
+        try:
+            return [fn(i) for i in range(cut, n)]
+        finally:
+            _split_free.release()
+
+    try:
+        later = helper_pool().submit(run_later)
+    except BaseException:
+        _split_free.release()
+        raise
     try:
         first = [fn(i) for i in range(cut)]
     finally:

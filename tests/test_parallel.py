@@ -62,3 +62,30 @@ def test_a_split_run_started_on_the_helper_thread_runs_there_without_waiting_on_
         return split_run(lambda i: i + 1, [SPLIT_MIN_BYTES] * 4)
 
     assert helper_pool().submit(outer).result(timeout=60) == [1, 2, 3, 4]
+
+
+def test_a_caller_that_finds_the_helper_busy_does_everything_itself():
+    started, release = threading.Event(), threading.Event()
+    threads: dict[int, int] = {}
+
+    def held(i: int) -> int:  # another caller's batch: its helper half waits for the test
+        if i == 1:
+            started.set()
+            release.wait(60)
+        return i
+
+    def fn(i: int) -> int:
+        threads[i] = threading.get_ident()
+        return i
+
+    blocker = threading.Thread(target=split_run, args=(held, [SPLIT_MIN_BYTES] * 2))
+    blocker.start()
+    try:
+        assert started.wait(60), "the other caller's half reached the helper"
+        assert split_run(fn, [SPLIT_MIN_BYTES] * 6) == list(range(6))
+        assert set(threads.values()) == {threading.get_ident()}, "all of it on the caller"
+    finally:
+        release.set()
+        blocker.join(60)
+    assert split_run(fn, [SPLIT_MIN_BYTES] * 2) == [0, 1]
+    assert threads[1] != threading.get_ident(), "the helper is free again"
