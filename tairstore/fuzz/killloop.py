@@ -52,6 +52,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from tairstore.engine.datadir import MARKER
 from tairstore.fuzz.check import check_store, observe
 from tairstore.fuzz.model import Expected, Tally
 from tairstore.fuzz.workload import (
@@ -217,8 +218,12 @@ class KillLoop:
         from tairstore.engine.fsck import fsck
 
         failures: list[str] = []
-        if not os.path.exists(self.path):
-            # Killed before the store's directory existed: nothing was acknowledged.
+        if not os.path.exists(self.path) or (
+                not model.keys and not os.path.exists(os.path.join(self.path, MARKER))):
+            # Killed before the store's directory existed, or inside its very first open before
+            # the marker was written (nothing was ever written, let alone acknowledged): nothing
+            # to check, and the next open initialises it. A marker missing after any write
+            # began is checked below, and is a failure.
             model.dump(self.state_file)
             return failures
         try:

@@ -125,3 +125,25 @@ def test_writer_reports_a_stale_read_as_bad():
     with pytest.raises(Exited, match=str(EXIT_BAD_READ)):
         hooks.served("default", b"k000", 7)  # deleted, yet served
     assert out.getvalue().splitlines()[-1].startswith("X read of default/")
+
+
+def test_a_kill_inside_the_first_open_before_the_marker_is_not_a_failure_but_later_it_is(tmp_path):
+    """A writer killed inside the store's very first open may leave its directory without the
+    TAIRSTORE marker (created, locked, not yet initialised): nothing was written, so there is
+    nothing to check and the next open initialises it. Once any write began, a missing marker
+    is a reopen failure."""
+    from tairstore.engine.datadir import LOCK
+    from tairstore.fuzz.killloop import KillLoop
+
+    loop = KillLoop(str(tmp_path / "run"), seed=1)
+    os.makedirs(loop.path)
+    open(os.path.join(loop.path, LOCK), "w").close()
+    model = loop._load()
+    tally = Tally()
+    assert loop._reopen_and_check(random.Random(1), model, "sync", tally, "first open") == []
+    assert tally.reopen_failures == 0
+
+    model.begin([(QUOTA_NS, b"k", 1)])
+    model.ack([(QUOTA_NS, b"k", 1)])
+    failures = loop._reopen_and_check(random.Random(1), model, "sync", tally, "after a write")
+    assert failures and "REOPEN FAILED" in failures[0] and tally.reopen_failures == 1
