@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["SPLIT_MIN_BYTES", "half_cut", "helper_pool", "split_run"]
+__all__ = ["SPLIT_MIN_BYTES", "half_cut", "helper_pool", "split_parts", "split_run"]
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -51,29 +51,29 @@ def half_cut(sizes: Sequence[int]) -> int:
     return max(cut, 1) if n > 1 else n
 
 
-def split_run(fn: Callable[[int], Any], sizes: Sequence[int]) -> list[Any]:
-    """``[fn(i) for i in range(len(sizes))]``, the later items (about half the bytes) on the
-    helper thread while the caller does the earlier ones.
+def split_parts(fn: Callable[[int, int], list], sizes: Sequence[int]) -> list:
+    """``fn(0, n)`` as two parts, ``fn(0, cut) + fn(cut, n)`` (about half the bytes each), the
+    later part on the helper thread while the caller does the first.
 
-    For copies and I/O that release the GIL, each followed or preceded by its crc32c (``preadv``
-    then the checksum, a copy into the DRAM arena then the checksum, the checksum then
-    ``pwritev``): each thread checksums bytes it has just moved, while they are still in its
-    core's cache, and the two halves' copies run side by side. ``fn`` must be safe
-    to call from two threads at once. If either half raises, both halves finish first and the
-    first error raised is re-raised.
+    ``fn(lo, hi)`` handles items ``lo`` to ``hi - 1`` and returns a list. For copies and I/O that
+    release the GIL, each followed or preceded by its crc32c (``preadv`` then the checksum, a
+    copy into the DRAM arena then the checksum, the checksum then ``pwritev``): each thread
+    checksums bytes it has just moved, while they are still in its core's cache, and the two
+    parts' copies run side by side. ``fn`` must be safe to call from two threads at once. If
+    either part raises, both parts finish first and the first error raised is re-raised.
     """
     n = len(sizes)
     if (n < 2 or sum(sizes) < SPLIT_MIN_BYTES or getattr(_on_helper, "yes", False)
             or not _split_free.acquire(blocking=False)):
         # Small; or already on the helper thread (waiting there for itself would deadlock); or
-        # the helper is taken by another caller's half (queueing behind it could make this
+        # the helper is taken by another caller's part (queueing behind it could make this
         # call slower than doing it all here).
-        return [fn(i) for i in range(n)]
+        return fn(0, n)
     cut = half_cut(sizes)
 
-    def run_later() -> list[Any]:
+    def run_later() -> list:
         try:
-            return [fn(i) for i in range(cut, n)]
+            return fn(cut, n)
         finally:
             _split_free.release()
 
@@ -83,9 +83,14 @@ def split_run(fn: Callable[[int], Any], sizes: Sequence[int]) -> list[Any]:
         _split_free.release()
         raise
     try:
-        first = [fn(i) for i in range(cut)]
+        first = fn(0, cut)
     finally:
         rest = later.result() if later.exception() is None else None
     if rest is None:
         raise later.exception()
     return first + rest
+
+
+def split_run(fn: Callable[[int], Any], sizes: Sequence[int]) -> list[Any]:
+    """``[fn(i) for i in range(len(sizes))]`` split as :func:`split_parts` splits."""
+    return split_parts(lambda lo, hi: [fn(i) for i in range(lo, hi)], sizes)

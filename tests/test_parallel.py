@@ -89,3 +89,17 @@ def test_a_caller_that_finds_the_helper_busy_does_everything_itself():
         blocker.join(60)
     assert split_run(fn, [SPLIT_MIN_BYTES] * 2) == [0, 1]
     assert threads[1] != threading.get_ident(), "the helper is free again"
+
+
+def test_split_parts_hands_each_part_its_range():
+    from tairstore.parallel import split_parts
+
+    calls = []
+
+    def part(lo: int, hi: int) -> list[tuple[int, int]]:
+        calls.append((lo, hi))
+        return [(lo, hi)]
+
+    assert split_parts(part, [SPLIT_MIN_BYTES] * 4) == [(0, 2), (2, 4)]
+    assert sorted(calls) == [(0, 2), (2, 4)]
+    assert split_parts(part, [10, 10]) == [(0, 2)], "small: one part on the caller"

@@ -181,12 +181,10 @@ class Writes:
             sid = next(self._session_ids)
             session = WriteSession(sid, ns, [], lease_s, time.monotonic() + lease_s)
             pending, to_write = session.pending, session.keys_to_write
-            blocks, inflight = catalog.blocks, catalog.inflight
-            admit = self._admit_inflight
+            busy, admit = catalog.busy, self._admit_inflight
             try:
                 for key, size, par in zip(keys, sizes, parents):
-                    k = (ns, key)
-                    if k in blocks or k in inflight:  # catalog.busy, inline: once per key
+                    if busy((ns, key)):
                         continue
                     p = PendingBlock(size, parent=par)
                     admit(ns, key, p, tier, sid)

@@ -38,7 +38,7 @@ import numpy as np
 
 from tairstore.errors import InvalidArgumentError
 from tairstore.format.checksum import crc32c
-from tairstore.parallel import half_cut, split_run
+from tairstore.parallel import split_parts
 from tairstore.tiers.remote.base import ChecksumRun, RemoteTier, check_crcs
 from tairstore.validate import check_out
 
@@ -312,14 +312,9 @@ class MooncakeTier(RemoteTier):
                     return [(it[0], it[1], code, *self._check(it[0], it[1], it[4], code, views, direct))
                             for it, code in zip(part, codes)]
 
-                # The round in two halves (by bytes) on two threads: both fetch and checksum
+                # The round in two parts (by bytes) on two threads: both fetch and checksum
                 # side by side.
-                weights = [sum(it[3]) for it in items]
-                cut = half_cut(weights)
-                halves = [items[:cut], items[cut:]]
-                results = [r for half in split_run(lambda h: fetch(halves[h]) if halves[h] else [],
-                                                   [sum(weights[:cut]), sum(weights[cut:])])
-                           for r in half]
+                results = split_parts(lambda lo, hi: fetch(items[lo:hi]), [sum(it[3]) for it in items])
                 self._settle([code for _, _, code, _, _ in results])
                 for i, name, _, outcome, n in results:
                     if outcome == "found":
