@@ -253,9 +253,9 @@ class MooncakeTier(RemoteTier):
 
         A buffer inside registered memory (:meth:`register`: the store's DRAM arena) receives
         its payload straight from Mooncake, only the trailer landing in the staging buffer; any
-        other buffer gets the object through the staging buffer and one copy. Either way the
-        payload's crc32c is computed on the helper thread and a block counts as found only once
-        it matched.
+        other buffer gets the object through the staging buffer and one copy. A large batch is
+        fetched in two parts on two threads (:func:`~tairstore.parallel.split_parts`), each
+        checksumming what it fetched; a block counts as found only once its crc32c matched.
         """
         keys, views = self._check_get(namespace, keys, outs)
         direct = [self._registered_ptr(v) for v in views]
