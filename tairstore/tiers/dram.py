@@ -40,6 +40,14 @@ owner-only ``0600``, or ``0640`` with a configured group), mapped ``MAP_SHARED``
 the same file read-only and read slots in place. The daemon passes it to the store as
 ``StoreConfig.dram_backing``.
 
+Partitions: an arena may be cut into partitions, each its own range of offsets with its own
+free extents, so blocks of one partition never take memory of another (the store maps each
+namespace to one partition: ``StoreConfig.dram_partitions``). Partition 0 is the default one.
+Between two partitions lies a gap of at least one page that belongs to neither, so free extents
+never coalesce across a boundary. A shared arena with partitions is one file per partition,
+each mapped at its partition's offset into one reserved address range (``MAP_FIXED``), so
+offsets stay arena-wide while a client maps only the files of the partitions it may read.
+
 Locking: one ``threading.Lock`` guards everything. An exporter's ``__del__`` may run in any
 thread at any allocation point, including inside this module while the lock is held (the cyclic
 GC can collect a view there). So ``__del__`` never blocks on the lock: it appends its slot to a
@@ -127,7 +135,9 @@ class SharedBacking:
             only (``0600``).
 
     Attributes (once an arena uses it): ``path``, ``mapped_bytes`` (the file's size),
-    ``shift`` (where the arena's offset 0 is in the file) and ``capacity``.
+    ``shift`` (where the arena's offset ``base`` is in the file), ``capacity`` (bytes of the
+    arena in the file) and ``base`` (the arena offset of the file's first arena byte: 0 unless
+    the file holds a partition other than the first).
     """
 
     def __init__(self, directory: str = "/dev/shm", group: str | int | None = None) -> None:
@@ -137,9 +147,22 @@ class SharedBacking:
         self.mapped_bytes = 0
         self.shift = 0
         self.capacity = 0
+        self.base = 0
 
     def map(self, nbytes: int) -> np.ndarray:
         """Create the file (O_EXCL, owner-only), size it, and map it shared read-write."""
+        fd = self.create(nbytes)
+        try:
+            mm = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            self.unlink()
+            raise
+        os.close(fd)  # the mapping keeps the pages; clients open the file by its path
+        return np.frombuffer(mm, dtype=np.uint8)
+
+    def create(self, nbytes: int) -> int:
+        """Create the file (O_EXCL, owner-only or the group's), size it; returns its open fd."""
         if self.path:
             raise InvalidArgumentError("a shared backing holds one arena")
         try:
@@ -151,14 +174,12 @@ class SharedBacking:
                 os.fchown(fd, -1, _gid(self.group))
                 os.fchmod(fd, 0o640)
             os.ftruncate(fd, nbytes)
-            mm = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
             os.unlink(path)
             raise
-        os.close(fd)  # the mapping keeps the pages; clients open the file by its path
         self.path, self.mapped_bytes = path, nbytes
-        return np.frombuffer(mm, dtype=np.uint8)
+        return fd
 
     def unlink(self) -> None:
         """Remove the file (mappings stay valid until unmapped); clients can no longer attach."""
@@ -179,6 +200,45 @@ def _gid(group: str | int) -> int:
         return grp.getgrnam(group).gr_gid
     except KeyError:
         raise InvalidArgumentError(f"no such group {group!r} for the shared arena") from None
+
+
+class _FixedMapping:
+    """One reserved address range with a shared file mapped at each partition's offset.
+
+    numpy keeps this object as the base of every array made from it; the range is unmapped
+    when the last of them is gone (never while a view could still read it).
+    """
+
+    def __init__(self, span: int, align: int, backings: list, starts: list[int], caps: list[int]) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        mmap_fn, munmap = libc.mmap, libc.munmap
+        mmap_fn.restype, mmap_fn.argtypes = ctypes.c_void_p, [
+            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        munmap.restype, munmap.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t]
+        total = span + align
+        noreserve = getattr(mmap, "MAP_NORESERVE", 0x4000)
+        # PROT_NONE (0): the gaps between the partitions stay unreadable.
+        raw = mmap_fn(None, total, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | noreserve, -1, 0)
+        if raw in (None, ctypes.c_void_p(-1).value):
+            raise InvalidArgumentError(f"cannot reserve {total} bytes of address space for the "
+                                       f"DRAM arena: errno {ctypes.get_errno()}")
+        import weakref
+
+        weakref.finalize(self, munmap, raw, total)
+        base = -(-raw // align) * align
+        for backing, start, cap in zip(backings, starts, caps):
+            fd = backing.create(cap)
+            try:
+                got = mmap_fn(base + start, cap, mmap.PROT_READ | mmap.PROT_WRITE,
+                              mmap.MAP_SHARED | 0x10, fd, 0)  # 0x10: MAP_FIXED
+            finally:
+                os.close(fd)
+            if got != base + start:
+                raise InvalidArgumentError(f"cannot map the DRAM arena file {backing.path!r}: "
+                                           f"errno {ctypes.get_errno()}")
+            backing.shift, backing.capacity, backing.base = 0, cap, start
+        self.__array_interface__ = {"shape": (span,), "typestr": "|u1", "data": (base, False),
+                                    "version": 3}
 
 
 class _Entry:
@@ -221,14 +281,19 @@ class DramArena:
         capacity_bytes: the arena size; rounded down to a multiple of ``granularity``.
         granularity: allocation unit and alignment in bytes; a power of two.
         backing: a :class:`SharedBacking` to map the arena from (the store passes
-            ``StoreConfig.dram_backing``); None: anonymous private memory.
+            ``StoreConfig.dram_backing``), or with ``partitions`` one per partition (the
+            default partition's first); None: anonymous private memory.
+        partitions: the sizes of partitions 1, 2, ... (see the module doc); partition 0, the
+            default, holds the rest of ``capacity_bytes``. None or empty: one partition.
 
     Raises:
-        InvalidArgumentError: granularity not a positive power of two, or capacity below it.
+        InvalidArgumentError: granularity not a positive power of two, a capacity below it,
+            or partitions that leave the default one less than a granule.
     """
 
     def __init__(self, capacity_bytes: int, *, granularity: int = DEFAULT_GRANULARITY,
-                 backing: SharedBacking | None = None) -> None:
+                 backing: "SharedBacking | list[SharedBacking] | None" = None,
+                 partitions: "list[int] | None" = None) -> None:
         capacity_bytes = _as_int(capacity_bytes, "capacity_bytes")
         granularity = _as_int(granularity, "granularity")
         if granularity < 1 or granularity & (granularity - 1):
@@ -239,17 +304,41 @@ class DramArena:
                 f"capacity_bytes {capacity_bytes} is below the granularity {granularity}"
             )
         self._granularity = granularity
-        self._capacity = capacity
+        caps = [0] + [_as_int(n, "partition bytes") // granularity * granularity for n in partitions or ()]
+        if any(n < granularity for n in caps[1:]):
+            raise InvalidArgumentError(f"every DRAM partition needs at least {granularity} bytes")
+        caps[0] = capacity - sum(caps[1:])
+        if caps[0] < granularity:
+            raise InvalidArgumentError(
+                f"the DRAM partitions ({sum(caps[1:])} bytes) leave the default partition less "
+                f"than {granularity} of the {capacity} bytes")
+        # Partition i starts at _starts[i]; a gap of at least a page (and a granule) follows
+        # each, so no free extent can reach into the next.
+        align = max(granularity, mmap.PAGESIZE)
+        starts, pos = [], 0
+        for n in caps:
+            starts.append(pos)
+            pos = -(-(pos + n + align) // align) * align
+        span = starts[-1] + caps[-1]
+        self._capacity = capacity = sum(caps)
+        self._caps, self._starts = caps, starts
         # np.zeros maps pages lazily, so a large arena costs memory only once written. One
         # extra granule lets the usable part start on a granularity boundary.
-        self.backing = backing
-        if self.backing is None:
-            raw = np.zeros(capacity + granularity, dtype=np.uint8)
-        else:  # a fresh file reads as zeros too, and is paged in as lazily
+        backings = list(backing) if isinstance(backing, (list, tuple)) else [backing]
+        if backing is not None and len(backings) != len(caps):
+            raise InvalidArgumentError(f"{len(caps)} DRAM partitions need as many shared backings, "
+                                       f"got {len(backings)}")
+        self.backing = backings[0]
+        self.backings = backings if backing is not None else []
+        if backing is None:
+            raw = np.zeros(span + granularity, dtype=np.uint8)
+        elif len(caps) == 1:  # a fresh file reads as zeros too, and is paged in as lazily
             raw = self.backing.map(capacity + granularity)
+        else:
+            raw = np.asarray(_FixedMapping(span, align, backings, starts, caps))
         shift = -raw.ctypes.data % granularity
-        self._buf = raw[shift : shift + capacity]
-        if self.backing is not None:
+        self._buf = raw[shift : shift + span]
+        if backing is not None and len(caps) == 1:
             self.backing.shift, self.backing.capacity = shift, capacity
         self._base = self._buf.ctypes.data
         self._bytes = memoryview(self._buf)  # slice assignment: the cheapest copy into a slot
@@ -261,24 +350,28 @@ class DramArena:
         self._used = 0
         self._pinned = 0
         self._pending = 0
-        self._free_by_size: list[tuple[int, int]] = []
+        self._used_in = [0] * len(caps)  # reserved bytes per partition
+        # (length, start) of free extents, sorted, one list per partition.
+        self._free_lists: list[list[tuple[int, int]]] = [[] for _ in caps]
+        self._free_by_size = self._free_lists[0]
         self._free_by_start: dict[int, int] = {}
         self._free_by_end: dict[int, int] = {}
-        self._insert_free(0, capacity)
+        for start, n in zip(starts, caps):
+            self._insert_free(start, n)
         self._prefault_stop: threading.Event | None = None
 
     # ----------------------------------------------------------------------------- allocation
 
-    def alloc(self, size: int) -> Slot | None:
-        """Reserve a slot of at least ``size`` bytes.
+    def alloc(self, size: int, part: int = 0) -> Slot | None:
+        """Reserve a slot of at least ``size`` bytes in partition ``part``.
 
         Returns:
             the slot, or None when no free extent is large enough (evict, then retry).
 
         Raises:
             InvalidArgumentError: ``size`` is not a positive integer.
-            CapacityError: ``size`` exceeds the whole arena (``dimension="block_size"``), so no
-                amount of eviction would help.
+            CapacityError: ``size`` exceeds the whole partition (``dimension="block_size"``),
+                so no amount of eviction would help.
         """
         if type(size) is not int:  # the store passes checked ints: skip the conversion then
             size = _as_int(size, "size")
@@ -286,24 +379,26 @@ class DramArena:
             raise InvalidArgumentError(f"size must be positive, got {size}")
         g = self._granularity
         reserved = (size + g - 1) // g * g
-        if reserved > self._capacity:
+        if reserved > self._caps[part]:
+            what = "DRAM arena" if len(self._caps) == 1 else f"DRAM partition {part}"
             raise CapacityError(
-                f"block of {size} bytes exceeds the DRAM arena ({self._capacity} bytes)",
+                f"block of {size} bytes exceeds the {what} ({self._caps[part]} bytes)",
                 dimension="block_size",
             )
+        free = self._free_lists[part]
         with self._lock:
             if self._unpinned:
                 self._drain()
-            i = bisect.bisect_left(self._free_by_size, (reserved,))
-            if i == len(self._free_by_size):
+            i = bisect.bisect_left(free, (reserved,))
+            if i == len(free):
                 return None
-            length, start = self._free_by_size[i]
+            length, start = free[i]
             rest = length - reserved
-            if rest and (i == 0 or self._free_by_size[i - 1] < (rest, start + reserved)):
+            if rest and (i == 0 or free[i - 1] < (rest, start + reserved)):
                 # The tail keeps its place in the size order (the common case: carving from
                 # the largest extent): update it in place. Its neighbours are this slot and a
                 # live slot (free extents are always coalesced), so it needs no merging.
-                self._free_by_size[i] = (rest, start + reserved)
+                free[i] = (rest, start + reserved)
                 del self._free_by_start[start]
                 self._free_by_start[start + reserved] = rest
                 self._free_by_end[start + length] = start + reserved
@@ -315,6 +410,7 @@ class DramArena:
             slot = _new_tuple(Slot, (start, size, reserved, next(self._generations)))
             self._live[start] = _Entry(slot)
             self._used += reserved
+            self._used_in[part] += reserved
             return slot
 
     def release(self, slot: Slot) -> bool:
@@ -450,6 +546,17 @@ class DramArena:
         """
         madvise = _madvise()
         page = mmap.PAGESIZE
+        if len(self._caps) > 1:
+            # Partition by partition (the gaps between them are not mapped), in this thread.
+            if madvise is None:
+                return self._prefault_by_writing(page)
+            for pstart, n in zip(self._starts, self._caps):
+                start = -(-(self._base + pstart) // page) * page
+                end = (self._base + pstart + n) // page * page
+                madvise(start, end - start, MADV_HUGEPAGE)
+                if end > start and madvise(start, end - start, MADV_POPULATE_WRITE) != 0:
+                    return self._prefault_by_writing(page)
+            return "done"
         start = -(-self._base // page) * page
         end = (self._base + self._capacity) // page * page
         if madvise is not None and end > start:
@@ -465,10 +572,14 @@ class DramArena:
                 threading.Thread(target=self._populate, args=(madvise, first, end),
                                  name="tairstore-dram-prefault", daemon=True).start()
                 return "background"
+        return self._prefault_by_writing(page)
+
+    def _prefault_by_writing(self, page: int) -> str:
         with self._lock:
             if self._live or self._used or self._pending:
                 return "skipped"  # writing pages now could overwrite a block's bytes
-            self._buf[:: page] = 0
+            for start, n in zip(self._starts, self._caps):
+                self._buf[start : start + n : page] = 0
         return "done"
 
     def _populate(self, madvise, start: int, end: int) -> None:
@@ -530,10 +641,33 @@ class DramArena:
 
     @property
     def largest_free_extent(self) -> int:
-        """The largest size ``alloc`` can satisfy right now (after rounding)."""
+        """The largest size ``alloc`` can satisfy right now in any partition (after rounding)."""
         with self._lock:
             self._drain()
-            return self._free_by_size[-1][0] if self._free_by_size else 0
+            return max((free[-1][0] for free in self._free_lists if free), default=0)
+
+    @property
+    def partitions(self) -> int:
+        """The number of partitions (1: the arena is not partitioned)."""
+        return len(self._caps)
+
+    def partition_bytes(self, part: int) -> int:
+        """The usable size of partition ``part``."""
+        return self._caps[part]
+
+    def partition_offset(self, part: int) -> int:
+        """The arena offset where partition ``part`` starts."""
+        return self._starts[part]
+
+    def partition_used(self, part: int) -> int:
+        """Reserved bytes of partition ``part`` (``used_bytes`` counts all of them)."""
+        with self._lock:
+            self._drain()
+            return self._used_in[part]
+
+    def partition_of(self, offset: int) -> int:
+        """The partition an arena offset lies in (the one before it, for an offset in a gap)."""
+        return bisect.bisect_right(self._starts, offset) - 1
 
     @property
     def pinned_bytes(self) -> int:
@@ -557,16 +691,24 @@ class DramArena:
                 [(e.slot.offset, e.slot.reserved, "live") for e in self._live.values()]
                 + [(s, n, "free") for s, n in self._free_by_start.items()]
             )
-            pos = 0
-            prev_kind = ""
-            for start, length, kind in extents:
-                # Live and free extents tile the arena exactly: no gap, no overlap.
-                assert start == pos, f"{kind} extent at {start}, expected {pos}"
-                # Free space is always coalesced.
-                assert not (kind == prev_kind == "free"), f"uncoalesced free extent at {start}"
-                pos, prev_kind = start + length, kind
-            assert pos == self._capacity, f"extents end at {pos}, capacity {self._capacity}"
-            assert sorted((n, s) for s, n in self._free_by_start.items()) == self._free_by_size
+            # Live and free extents tile each partition exactly: no gap, no overlap.
+            for pstart, cap in zip(self._starts, self._caps):
+                pos, prev_kind = pstart, ""
+                for start, length, kind in extents:
+                    if not pstart <= start < pstart + cap:
+                        continue
+                    assert start == pos, f"{kind} extent at {start}, expected {pos}"
+                    # Free space is always coalesced.
+                    assert not (kind == prev_kind == "free"), f"uncoalesced free extent at {start}"
+                    pos, prev_kind = start + length, kind
+                assert pos == pstart + cap, f"extents end at {pos}, partition ends at {pstart + cap}"
+            assert all(any(s <= start < s + n for s, n in zip(self._starts, self._caps))
+                       for start, _, _ in extents), "an extent outside every partition"
+            for part, free in enumerate(self._free_lists):
+                assert sorted((n, s) for s, n in self._free_by_start.items()
+                              if self.partition_of(s) == part) == free
+                assert self._used_in[part] == sum(e.slot.reserved for e in self._live.values()
+                                                  if self.partition_of(e.slot.offset) == part)
             assert {s + n: s for s, n in self._free_by_start.items()} == self._free_by_end
             assert self._used == sum(e.slot.reserved for e in self._live.values())
             assert self._pinned == sum(e.slot.reserved for e in self._live.values() if e.pins)
@@ -575,7 +717,7 @@ class DramArena:
     def __repr__(self) -> str:
         return (
             f"DramArena(capacity={self._capacity}, used={self._used}, "
-            f"slots={len(self._live)}, free_extents={len(self._free_by_size)})"
+            f"slots={len(self._live)}, free_extents={sum(map(len, self._free_lists))})"
         )
 
     # ------------------------------------------------------------------------------- internals
@@ -613,6 +755,7 @@ class DramArena:
         start, length = entry.slot.offset, entry.slot.reserved
         del self._live[start]
         self._used -= length
+        self._used_in[0 if len(self._caps) == 1 else self.partition_of(start)] -= length
         before = self._free_by_end.get(start)
         if before is not None:
             self._remove_free(before, start - before)
@@ -624,14 +767,18 @@ class DramArena:
             length += after_len
         self._insert_free(start, length)
 
+    def _free_list(self, start: int) -> list[tuple[int, int]]:
+        return self._free_by_size if len(self._caps) == 1 else self._free_lists[self.partition_of(start)]
+
     def _insert_free(self, start: int, length: int) -> None:
-        bisect.insort(self._free_by_size, (length, start))
+        bisect.insort(self._free_list(start), (length, start))
         self._free_by_start[start] = length
         self._free_by_end[start + length] = start
 
     def _remove_free(self, start: int, length: int) -> None:
-        i = bisect.bisect_left(self._free_by_size, (length, start))
-        del self._free_by_size[i]
+        free = self._free_list(start)
+        i = bisect.bisect_left(free, (length, start))
+        del free[i]
         del self._free_by_start[start]
         del self._free_by_end[start + length]
 

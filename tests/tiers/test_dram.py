@@ -446,3 +446,107 @@ def test_store_with_prefault_serves_and_closes(tmp_path):
         data = np.random.default_rng(1).bytes(MIB)
         assert s.put(b"k", data)
         assert bytes(s.get(b"k")) == data
+
+
+# ----------------------------------------------------------------------------- partitions
+
+
+def test_partitions_never_lend_each_other_memory():
+    arena = DramArena(1 * MIB, partitions=[256 * KIB, 128 * KIB])
+    assert arena.partitions == 3
+    assert [arena.partition_bytes(p) for p in range(3)] == [640 * KIB, 256 * KIB, 128 * KIB]
+    assert arena.capacity_bytes == 1 * MIB
+    got = {p: [] for p in range(3)}
+    for p in range(3):
+        while (slot := arena.alloc(64 * KIB, p)) is not None:
+            got[p].append(slot)
+    # Each partition filled exactly, from its own range, and full does not borrow.
+    assert [len(got[p]) for p in range(3)] == [10, 4, 2]
+    for p, slots in got.items():
+        lo = arena.partition_offset(p)
+        assert all(lo <= s.offset < lo + arena.partition_bytes(p) for s in slots)
+        assert all(arena.partition_of(s.offset) == p for s in slots)
+        assert arena.partition_used(p) == arena.partition_bytes(p)
+    # Bytes written in one partition are read back intact after every other one is written.
+    for p, slots in got.items():
+        for s in slots:
+            fill(arena, s, p + 1)
+    for p, slots in got.items():
+        assert all(np.all(np.frombuffer(arena.pinned_view(s), np.uint8) == p + 1) for s in slots)
+    arena.check_invariants()
+    # Freeing in partition 1 makes room there only; freed neighbours coalesce within it.
+    for s in got[1]:
+        arena.release(s)
+    assert arena.alloc(64 * KIB, 2) is None and arena.alloc(64 * KIB, 0) is None
+    assert arena.alloc(256 * KIB, 1) is not None
+    arena.check_invariants()
+
+
+def test_a_block_larger_than_its_partition_is_a_capacity_error():
+    arena = DramArena(1 * MIB, partitions=[128 * KIB])
+    with pytest.raises(CapacityError):
+        arena.alloc(256 * KIB, 1)
+    assert arena.alloc(256 * KIB, 0) is not None
+
+
+@pytest.mark.parametrize("parts", [[1 * MIB], [600 * KIB, 500 * KIB], [0], [100]])
+def test_partitions_that_do_not_fit_are_refused(parts):
+    with pytest.raises(InvalidArgumentError):
+        DramArena(1 * MIB, partitions=parts)
+
+
+def test_shared_partitions_are_one_file_each_mapped_in_place(tmp_path):
+    import mmap
+    import os
+
+    from tairstore.tiers.dram import SharedBacking
+
+    backings = [SharedBacking(str(tmp_path)) for _ in range(3)]
+    arena = DramArena(1 * MIB, backing=backings, partitions=[256 * KIB, 128 * KIB])
+    assert len({b.path for b in backings}) == 3
+    slots = []
+    for p in range(3):
+        s = arena.alloc(100_000, p)
+        fill(arena, s, 10 + p)
+        slots.append(s)
+    for p, (b, s) in enumerate(zip(backings, slots)):
+        assert b.base == arena.partition_offset(p) and b.capacity == arena.partition_bytes(p)
+        assert os.stat(b.path).st_mode & 0o777 == 0o600
+        # What a client of this partition alone sees: its file, read-only, at offset - base.
+        with open(b.path, "rb") as f:
+            m = mmap.mmap(f.fileno(), b.mapped_bytes, prot=mmap.PROT_READ)
+        local = s.offset - b.base + b.shift
+        assert m[local:local + s.size] == bytes([10 + p]) * s.size
+        m.close()
+    assert arena.prefault() == "done"  # partition by partition: the gaps are not mapped
+    for s, p in zip(slots, range(3)):
+        assert bytes(arena.pinned_view(s)) == bytes([10 + p]) * s.size
+    arena.check_invariants()
+    for b in backings:
+        b.unlink()
+
+
+class PartitionedArenaMachine(ArenaMachine):
+    """The same random sequences over three partitions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arena = DramArena(64 * PAGE, granularity=PAGE, partitions=[16 * PAGE, 8 * PAGE])
+
+    @rule(target=ArenaMachine.slots, size=st.integers(1, 20 * PAGE), part=st.integers(0, 2))
+    def alloc(self, size, part):
+        if -(-size // PAGE) * PAGE > self.arena.partition_bytes(part):
+            with pytest.raises(CapacityError):
+                self.arena.alloc(size, part)
+            return multiple()
+        slot = self.arena.alloc(size, part)
+        if slot is None:
+            return multiple()
+        assert self.arena.partition_of(slot.offset) == part
+        self.fill_byte = self.fill_byte % 250 + 1
+        fill(self.arena, slot, self.fill_byte)
+        return (slot, self.fill_byte)
+
+
+PartitionedArenaMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=40, deadline=None)
+TestPartitionedArenaMachine = PartitionedArenaMachine.TestCase
