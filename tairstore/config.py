@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from tairstore.errors import InvalidArgumentError
 from tairstore.fileio import REAL_FS, FileSystem
@@ -40,6 +41,7 @@ from tairstore.validate import (  # noqa: F401 - the limits are part of this mod
     check_bool,
     check_choice,
     check_int,
+    check_namespace,
     check_real,
 )
 
@@ -61,6 +63,43 @@ def physical_memory() -> int | None:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def check_dram_partitions(parts: Any, dram_bytes: int) -> dict | None:
+    """``StoreConfig.dram_partitions``, checked; a namespace may be in one partition only."""
+    if parts is None or parts == {}:
+        return None
+    if not isinstance(parts, dict):
+        raise InvalidArgumentError(f"dram_partitions must be a dict of name -> settings, got {parts!r}")
+    if not dram_bytes:
+        raise InvalidArgumentError("dram_partitions need a DRAM tier (dram_bytes > 0)")
+    out: dict[str, dict] = {}
+    owner: dict[str, str] = {}
+    for name, spec in parts.items():
+        where = f"dram_partitions[{name!r}]"
+        if not isinstance(name, str) or not name or name == "default":
+            raise InvalidArgumentError(f"{where}: a partition's name is a non-empty str other than 'default'")
+        if not isinstance(spec, dict) or not set(spec) <= {"bytes", "namespaces", "group"}:
+            raise InvalidArgumentError(f"{where} must be a dict with 'bytes', 'namespaces' and "
+                                       f"optionally 'group', got {spec!r}")
+        nbytes = check_int(f"{where}['bytes']", spec.get("bytes"), 4096)
+        names = spec.get("namespaces")
+        if not isinstance(names, (list, tuple)) or not names:
+            raise InvalidArgumentError(f"{where}['namespaces'] must be a non-empty list of namespaces")
+        for ns in names:
+            check_namespace(ns)
+            if ns in owner:
+                raise InvalidArgumentError(f"dram_partitions: namespace {ns!r} is in both {owner[ns]!r} and {name!r}")
+            owner[ns] = name
+        group = spec.get("group")
+        if group is not None and (isinstance(group, bool) or not isinstance(group, (str, int)) or group == ""):
+            raise InvalidArgumentError(f"{where}['group'] must be a group name or id, got {group!r}")
+        out[name] = {"bytes": nbytes, "namespaces": list(names), "group": group}
+    if sum(p["bytes"] for p in out.values()) >= dram_bytes:
+        raise InvalidArgumentError(
+            f"dram_partitions take {sum(p['bytes'] for p in out.values())} bytes, which leaves nothing "
+            f"of dram_bytes={dram_bytes} for the default partition (every other namespace)")
+    return out
 
 
 @dataclass
@@ -102,6 +141,13 @@ class StoreConfig:
     remote: dict | None = None
     create: bool = True
     fs: FileSystem = field(default=REAL_FS, repr=False)
+    #: DRAM partitions, ``{name: {"bytes": n, "namespaces": [ns, ...], "group": g}}``: each
+    #: holds the DRAM copies of its namespaces only, which never take DRAM of another
+    #: partition nor lose theirs to another's puts; the rest of ``dram_bytes`` is the default
+    #: partition, of every other namespace. ``group`` (optional) is the group that may map the
+    #: partition's file when the arena is shared (the daemon's ``[shm]``: docs/PROTOCOL.md,
+    #: isolation). None: one arena for every namespace.
+    dram_partitions: dict | None = None
     #: Map the DRAM arena from this :class:`tairstore.tiers.dram.SharedBacking` (a file in
     #: ``/dev/shm`` or hugetlbfs that local clients map read-only); None: private memory. Set
     #: by the daemon's ``[shm]`` section, not a config-file key of ``[store]``.
@@ -142,6 +188,7 @@ class StoreConfig:
             raise InvalidArgumentError("write_back acknowledges writes before they are durable; "
                                        "it cannot be combined with durability='sync' (use "
                                        "'batch' or 'none')")
+        self.dram_partitions = check_dram_partitions(self.dram_partitions, self.dram_bytes)
         check_choice("promote_on", self.promote_on, PROMOTE_ON)
         if isinstance(self.policy, str):
             self.policy = {"dram": self.policy, "ssd": self.policy}

@@ -56,6 +56,9 @@ class Placement:
         self.remove = remove
         #: Called with ``(key, block)`` before a block is evicted whole (demotion to remote).
         self.on_evict: Callable[..., None] | None = None
+        #: namespace -> its DRAM partition (absent: the default partition, 0).
+        self.dram_part = {ns: i for i, spec in enumerate((config.dram_partitions or {}).values(), 1)
+                          for ns in spec["namespaces"]}
 
     # -- admission (store lock held) -------------------------------------------------------
     def ssd_room_needed(self, ns: str, todo: list[tuple[bytes, int]]) -> int:
@@ -135,7 +138,8 @@ class Placement:
         is not an error."""
         size = p.size
         arena = self.dram
-        if size > arena.capacity_bytes:
+        part = self.dram_part.get(st.name, 0) if self.dram_part else 0
+        if size > arena.partition_bytes(part):
             if required:
                 raise CapacityError(f"block of {size} bytes is larger than the DRAM tier",
                                     dimension="tier:dram")
@@ -147,11 +151,11 @@ class Placement:
                     raise CapacityError(f"namespace {st.name!r} DRAM quota is full",
                                         dimension=f"quota:{st.name}:dram")
                 return
-        slot = arena.alloc(size)
+        slot = arena.alloc(size, part)
         while slot is None:
-            if not self.evict_global("dram", size, one=True):
+            if not self.evict_global("dram", size, one=True, part=part):
                 break
-            slot = arena.alloc(size)
+            slot = arena.alloc(size, part)
         if slot is None:
             if required:
                 raise CapacityError(
@@ -196,14 +200,18 @@ class Placement:
             return 0.0, 0
         return self.space.usage(), self.space.live_limit
 
-    def evict_global(self, tier: str, nbytes: int, *, one: bool = False) -> int:
+    def evict_global(self, tier: str, nbytes: int, *, one: bool = False, part: int | None = None) -> int:
         """Evict from the namespaces furthest over their fair share of ``tier``.
 
         Returns the bytes freed (0 when nothing is evictable). With ``one``, stops after one
-        block (the DRAM allocator retries its allocation in between).
+        block (the DRAM allocator retries its allocation in between). With ``part``, only
+        namespaces of that DRAM partition, over their shares of it (``dram_partitions``).
         """
         capacity = self.config.dram_bytes if tier == "dram" else self.space.live_limit
         namespaces = self.catalog.namespaces
+        if part is not None and self.dram_part:
+            capacity = self.dram.partition_bytes(part)
+            namespaces = {ns: st for ns, st in namespaces.items() if self.dram_part.get(ns, 0) == part}
         freed = 0
         exhausted: set[str] = set()
         while freed < nbytes:

@@ -119,7 +119,9 @@ class Store:
     def _open(self) -> None:
         cfg = self.config
         if cfg.dram_bytes:
-            self._dram = DramArena(cfg.dram_bytes, backing=cfg.dram_backing)
+            parts = cfg.dram_partitions or {}
+            self._dram = DramArena(cfg.dram_bytes, backing=cfg.dram_backing,
+                                   partitions=[p["bytes"] for p in parts.values()] or None)
             if cfg.prefault_dram:
                 self._dram.prefault()
         # M1: refuse a store whose index, WAL and segments do not agree, before any file is
@@ -218,7 +220,10 @@ class Store:
         self._reads.promote_into = self._writes.put_produced
         if self._dram is not None and hasattr(tier, "register"):
             try:
-                tier.register(self._dram.memory)
+                mem = self._dram.memory
+                for part in range(self._dram.partitions):  # each partition's range (no gaps)
+                    start = self._dram.partition_offset(part)
+                    tier.register(mem[start:start + self._dram.partition_bytes(part)])
             except InvalidArgumentError as exc:
                 log.warning("remote tier: reads go through its staging buffer (%s)", exc)
         self._placement.on_evict = remote.note_evicted
@@ -661,6 +666,14 @@ class Store:
                     "dirty_bytes": self._writes.dirty_bytes,
                     "usage": frac, "watermark": marks.state["dram"],
                 }
+                if self._dram.partitions > 1:
+                    names = ["default", *self.config.dram_partitions]
+                    tiers["dram"]["partitions"] = {
+                        name: {"capacity": self._dram.partition_bytes(i),
+                               "used_bytes": self._dram.partition_used(i),
+                               "namespaces": (["*"] if i == 0 else
+                                              self.config.dram_partitions[name]["namespaces"])}
+                        for i, name in enumerate(names)}
             if self._space is not None:
                 tiers["ssd"] = {"blocks": catalog.tier_blocks["ssd"], "bytes": ns_totals["ssd"],
                                 **self._space.stats(), "watermark": marks.state["ssd"]}

@@ -227,3 +227,22 @@ def test_mooncake_hits_land_in_the_registered_arena(tmp_path, master):
             view.release()
         assert [a.tier_of(key(i)) for i in range(3)] == ["dram"] * 3
         assert a.stats()["counters"]["hits_remote"] == 3 and a.check() == []
+
+
+def test_mooncake_hits_land_in_their_namespaces_dram_partition(tmp_path, master):
+    # With DRAM partitions each partition's range is registered (not the gaps between them),
+    # and a remote hit is promoted into its own namespace's partition.
+    remote = master.config(segment_bytes=64 * MiB, buffer_bytes=8 * MiB)
+    parts = {"p": {"bytes": 1 * MiB, "namespaces": ["a"]}}
+    with open_store(tmp_path / "a", remote, dram_partitions=parts) as s:
+        arena = s._dram
+        assert [r[0] for r in s._remote.tier._regions] == [
+            arena.memory.ctypes.data + arena.partition_offset(p) for p in range(2)]
+        for ns in ("a", "b"):
+            assert s.put(key(1), block(1, 256 * KiB), namespace=ns, tier="remote")
+        for part, ns in enumerate(("b", "a")):
+            view = s.get(key(1), namespace=ns)
+            assert np.array_equal(np.frombuffer(view, np.uint8), block(1, 256 * KiB))
+            view.release()
+            assert s.tier_of(key(1), namespace=ns) == "dram"
+            assert arena.partition_used(part) == 256 * KiB

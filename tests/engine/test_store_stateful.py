@@ -248,6 +248,19 @@ class VolatileMachine(StoreMachine):
     volatile = True
 
 
+class PartitionedMachine(StoreMachine):
+    """The default namespace in a DRAM partition of its own (not partition 0), beside another."""
+
+    durability = "batch"
+
+    def _open(self) -> tairstore.Store:
+        parts = {"other": {"bytes": 1 << 20, "namespaces": ["other"]},
+                 "mine": {"bytes": 2 << 20, "namespaces": ["default"]}}
+        return tairstore.open(self.path, dram_bytes=4 << 20, ssd_bytes=256 << 20,
+                              segment_bytes=4 << 20, durability=self.durability,
+                              dram_partitions=parts)
+
+
 TestStoreSync = SyncMachine.TestCase
 TestStoreSync.settings = STATEFUL
 TestStoreBatch = BatchMachine.TestCase
@@ -256,3 +269,5 @@ TestStoreNone = NoneMachine.TestCase
 TestStoreNone.settings = STATEFUL
 TestStoreVolatile = VolatileMachine.TestCase
 TestStoreVolatile.settings = STATEFUL
+TestStorePartitioned = PartitionedMachine.TestCase
+TestStorePartitioned.settings = settings(STATEFUL, max_examples=max(STATEFUL.max_examples // 3, 1))
