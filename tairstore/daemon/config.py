@@ -245,6 +245,13 @@ def _store(where: _Where, cfg: DaemonConfig, table: Any) -> None:
         default = getattr(defaults, key)
         if key in _STORE_SIZES:
             out[key] = _size(where, "store", key, v)
+        elif key == "dram_partitions":
+            # [store.dram_partitions.NAME] tables: bytes = "2GiB", namespaces = [...], group = "..."
+            if not isinstance(v, dict) or not all(isinstance(p, dict) for p in v.values()):
+                raise where.error("store", key, "must hold one table per partition "
+                                  "([store.dram_partitions.NAME] with bytes and namespaces)")
+            out[key] = {name: {**p, **({"bytes": _size(where, "store", f"{key}.{name}.bytes", p["bytes"])}
+                                       if "bytes" in p else {})} for name, p in v.items()}
         elif key == "compression":
             # TOML has no null: "none" (or "") spells no compression.
             v = None if v in ("none", "") else v
@@ -271,7 +278,8 @@ def _store(where: _Where, cfg: DaemonConfig, table: Any) -> None:
                 raise where.error("store", key, f"must be a number, got {v!r}")
             out[key] = v
     # Check the values the way the store will, so a bad one is refused with this file's name.
-    probe = {"dram_bytes": 1 << 20, "ssd_bytes": 1 << 30, **out}
+    probe = {"dram_bytes": defaults.dram_bytes if "dram_partitions" in out else 1 << 20,
+             "ssd_bytes": 1 << 30, **out}
     try:
         StoreConfig.from_kwargs(**probe)
     except InvalidArgumentError as exc:

@@ -779,7 +779,7 @@ class DataServer:
     def _shm_stage(self, conn: _Conn, req: Request) -> Result:
         if conn.staging is not None:
             conn.staging.unlink()
-        conn.staging = self.shm.stage(req.fields["size"], self.limits.max_frame_bytes)
+        conn.staging = self.shm.stage(req.fields["size"], self.limits.max_frame_bytes, conn.token)
         conn.staging_named = True
         return {"path": conn.staging.path, "size": conn.staging.size}, [], 0
 

@@ -207,14 +207,18 @@ async def run_daemon(config: DaemonConfig, *, handle_signals: bool = True,
                     "write and delete cached blocks; add tokens to the config file", config.host)
     backing = None
     if config.shm is not None and options.get("dram_bytes"):
-        backing = SharedBacking(config.shm.dir, config.shm.group or None)
+        # One file per DRAM partition (the default one first), each with its own group.
+        group = config.shm.group or None
+        parts = (options.get("dram_partitions") or {}).values()
+        backing = [SharedBacking(config.shm.dir, group)] + [
+            SharedBacking(config.shm.dir, p.get("group") or group) for p in parts]
     try:
         # The store maps its DRAM arena from the backing (None: private memory).
         store = await trio.to_thread.run_sync(
             partial(tairstore.open, data_dir, dram_backing=backing, **options))
     except BaseException:
-        if backing is not None:
-            backing.unlink()
+        for b in backing or ():
+            b.unlink()
         raise
     access_log = None
     try:
@@ -273,6 +277,6 @@ async def run_daemon(config: DaemonConfig, *, handle_signals: bool = True,
             if access_log is not None:
                 access_log.close()
             await trio.to_thread.run_sync(store.close)
-            if backing is not None:
-                backing.unlink()
+            for b in backing or ():
+                b.unlink()
     log.info("tairstore serve: stopped cleanly")

@@ -28,11 +28,15 @@ the connection closes). The client copies blocks into it and PUT_SHM names them 
 of those bytes (one copy, into the arena), so the socket carries no payload. The client must
 not touch a staged range until PUT_SHM is answered.
 
-Isolation: a client that maps the arena can read every byte of it, whatever namespace it was
-given offsets for. So when auth is on, shared memory is offered only to tokens that cover
-every namespace (``auth.check(token, "*")``); other tokens are refused (PermissionDenied) and
-their clients fall back to the socket. Which processes can open the file at all is the file's
-mode: owner-only ``0600`` by default, ``0640`` with a configured group.
+Isolation: a client that maps an arena file can read every byte of it, whatever namespace it
+was given offsets for. With DRAM partitions (``StoreConfig.dram_partitions``) the arena is one
+file per partition, each holding its namespaces' blocks only. When auth is on (isolation is
+then always on), a token may map a partition's file only if it covers every namespace of that
+partition (the default partition holds every other namespace, so only tokens that cover all
+namespaces, ``auth.check(token, "*")``, map it): SHM_HELLO names just those files, and GET_SHM
+for a namespace whose partition the token may not map is refused (PermissionDenied), its
+client reading over the socket instead. Which processes can open a file at all is its mode:
+owner-only ``0600`` by default, ``0640`` with its partition's (or ``[shm]``'s) group.
 """
 
 from __future__ import annotations
@@ -170,38 +174,65 @@ class ShmService:
 
     def __init__(self, store: Any, backing: Any, auth: Any = None, lease_s: float = DEFAULT_LEASE_S) -> None:
         self.store = store
-        self.backing = backing if backing is not None and getattr(backing, "path", "") else None
+        backings = list(backing) if isinstance(backing, (list, tuple)) else [backing]
+        self.backings = backings if backings[0] is not None and getattr(backings[0], "path", "") else []
+        self.backing = self.backings[0] if self.backings else None
         self.auth = auth
         self.lease_s = lease_s
+        parts = getattr(getattr(store, "config", None), "dram_partitions", None) or {}
+        #: Per partition, the namespaces it holds (None: the default one, every other namespace).
+        self.part_namespaces: list[list[str] | None] = [None] + [p["namespaces"] for p in parts.values()]
+        self.part_names = ["default", *parts]
+        self._part_of = {ns: i for i, names in enumerate(self.part_namespaces) if names for ns in names}
 
-    def _check(self, token: str | None) -> None:
-        """One arena holds every namespace: only a token that covers them all may map it."""
-        if self.auth is not None and self.auth.enabled:
-            try:
-                self.auth.check(token, "*")
-            except PermissionDeniedError as exc:
-                raise PermissionDeniedError(
-                    f"shared memory is offered only to tokens that cover every namespace ({exc}); "
-                    "read over the socket instead") from None
+    def may_map(self, token: str | None, part: int) -> bool:
+        """Whether ``token`` may read partition ``part``'s file: it covers all its namespaces."""
+        if self.auth is None or not self.auth.enabled:
+            return True
+        try:
+            for ns in self.part_namespaces[part] or ["*"]:
+                self.auth.check(token, ns)
+        except PermissionDeniedError:
+            return False
+        return True
+
+    def _mappable(self, token: str | None) -> list[int]:
+        """The partitions ``token`` may map; PermissionDenied when there is none."""
+        parts = [i for i in range(len(self.backings)) if self.may_map(token, i)]
+        if not parts:
+            raise PermissionDeniedError(
+                "shared memory is offered only to tokens that cover every namespace of a DRAM "
+                "partition (this one covers none: read over the socket instead)")
+        return parts
 
     def hello(self, token: str | None) -> dict:
-        """SHM_HELLO's answer: where the arena is, or an empty path when there is none."""
+        """SHM_HELLO's answer: where the arena files this token may map are (``parts``: path,
+        file size, shift, capacity, arena offset ``base`` and ``namespaces`` (``["*"]``: every
+        namespace of no other partition) of each; the first one also at the top level), or an
+        empty path when there is none."""
         if self.backing is None:
-            return {"path": "", "size": 0, "shift": 0, "cap": 0}
-        self._check(token)
-        b = self.backing
-        return {"path": b.path, "size": b.mapped_bytes, "shift": b.shift, "cap": b.capacity}
+            return {"path": "", "size": 0, "shift": 0, "cap": 0, "base": 0, "parts": []}
+        parts = [{"path": b.path, "size": b.mapped_bytes, "shift": b.shift, "cap": b.capacity,
+                  "base": b.base, "name": self.part_names[i],
+                  "namespaces": self.part_namespaces[i] or ["*"]}
+                 for i, b in ((i, self.backings[i]) for i in self._mappable(token))]
+        return {**{k: parts[0][k] for k in ("path", "size", "shift", "cap", "base")}, "parts": parts}
 
     def get(self, leases: LeaseTable, token: str | None, fields: dict) -> dict:
         """GET_SHM: give back ``rel_o``/``rel_g`` first, then lease each key's slot."""
         if self.backing is None:
             raise InvalidArgumentError("this daemon's arena is not in shared memory")
-        self._check(token)
+        ns = fields.get("ns", "default")
+        part = self._part_of.get(ns, 0)
+        if not self.may_map(token, part):
+            raise PermissionDeniedError(
+                f"namespace {ns!r} is in DRAM partition {self.part_names[part]!r}, whose memory "
+                "this token may not map (it must cover every namespace of the partition): read "
+                "over the socket instead")
         now = time.monotonic()
         leases.expire(now)
         if "rel_o" in fields or "rel_g" in fields:
             leases.release(fields.get("rel_o", []), fields.get("rel_g", []))
-        ns = fields.get("ns", "default")
         sizes: list[int] = []
         offs: list[int] = []
         gens: list[int] = []
@@ -227,13 +258,15 @@ class ShmService:
             raise
         return {"sizes": sizes, "offs": offs, "gens": gens}
 
-    def stage(self, size: int, max_bytes: int) -> Staging:
-        """SHM_STAGE: a staging file of ``size`` bytes (at most ``max_bytes``, a frame's limit)."""
+    def stage(self, size: int, max_bytes: int, token: str | None = None) -> Staging:
+        """SHM_STAGE: a staging file of ``size`` bytes (at most ``max_bytes``, a frame's limit),
+        with the group of the first partition ``token`` may map."""
         if self.backing is None:
             raise InvalidArgumentError("this daemon's arena is not in shared memory")
         if not 0 < size <= max_bytes:
             raise InvalidArgumentError(f"a staging file holds 1 to {max_bytes} bytes, not {size}")
-        return Staging(self.backing.directory, size, self.backing.group)
+        b = self.backings[self._mappable(token)[0]]
+        return Staging(b.directory, size, b.group)
 
     def release(self, leases: LeaseTable, fields: dict) -> dict:
         """RELEASE: give leases back (all or nothing, see :meth:`LeaseTable.release`)."""

@@ -174,6 +174,13 @@ def _ints(v: Any, max_batch: int | None) -> bool:
     return True
 
 
+def _parts(v: Any, _: int | None) -> bool:
+    return isinstance(v, list) and all(
+        isinstance(p, dict) and isinstance(p.get("path"), str) and isinstance(p.get("name", ""), str)
+        and all(_is_int(p.get(k)) and p.get(k) >= 0 for k in ("size", "shift", "cap", "base"))
+        for p in v)
+
+
 def _bools(v: Any, _: int | None) -> bool:
     return isinstance(v, list) and all(isinstance(b, bool) for b in v)
 
@@ -218,9 +225,11 @@ RESPONSE_FIELDS: dict[Op, tuple] = {
     Op.FINISH_WRITE: (("count", _uint, REQ),),
     Op.ABORT_WRITE: (),
     Op.STATS: (("stats", _map, REQ),),
-    # path: the arena file ("" when the daemon has no shared arena); shift: where offset 0 is
-    # in it; size: its mapped bytes; cap: the arena's usable bytes.
-    Op.SHM_HELLO: (("path", _str, REQ), ("size", _uint, REQ), ("shift", _uint, REQ), ("cap", _uint, REQ)),
+    # path: the arena file ("" when the daemon has no shared arena); shift: where arena offset
+    # base is in it; size: its mapped bytes; cap: the usable bytes in it. parts: the same for
+    # every file (one per DRAM partition) the connection's token may map, the first one too.
+    Op.SHM_HELLO: (("path", _str, REQ), ("size", _uint, REQ), ("shift", _uint, REQ), ("cap", _uint, REQ),
+                   ("base", _uint, OPT), ("parts", _parts, OPT)),
     # Per key: size -1 a miss, -2 stored but not in DRAM (read it with GET); else its slot.
     Op.GET_SHM: (("sizes", _ints, REQ), ("offs", _ints, REQ), ("gens", _ints, REQ)),
     Op.RELEASE: (("count", _uint, REQ),),

@@ -17,7 +17,9 @@ under a lease (see :mod:`tairstore.daemon.shm`), so a get moves no payload throu
   file only this client and the daemon map) and send PUT_SHM with their offsets: the daemon
   stores them from there (one copy into the arena), and no payload crosses the socket;
 - a block that is stored but not in DRAM (SSD only) is read over the socket, as by
-  :class:`~tairstore.net.client.Client`.
+  :class:`~tairstore.net.client.Client`, and so is every block of a namespace whose DRAM
+  partition this client's token may not map (``StoreConfig.dram_partitions``: the daemon
+  offers a token only the arena files of partitions whose namespaces it all covers).
 
 The mapping is ``PROT_READ``: a client cannot change a byte of the arena. A view must not be
 used past its lease (``lease_s`` of the daemon, 60 s by default) or after its connection to the
@@ -30,6 +32,7 @@ operations use the ordinary pool.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import mmap
 import os
@@ -132,13 +135,14 @@ class ShmClient(Client):
     Args:
         url: ``shm+tcp://host:port`` or ``tcp://host:port`` (the daemon must run on this host
             with ``[shm]``).
-        token: bearer token; with auth on, it must cover every namespace (see docs/PROTOCOL.md).
+        token: bearer token; with auth on, it must cover every namespace of at least one DRAM
+            partition (without partitions: every namespace; see docs/PROTOCOL.md).
         timeout: seconds one socket operation may block; None waits forever.
 
     Raises:
         InvalidArgumentError: the daemon has no shared arena, or its file cannot be opened here
             (another host, or no permission).
-        PermissionDeniedError: the token does not cover every namespace.
+        PermissionDeniedError: the token covers no DRAM partition whole.
     """
 
     def __init__(self, url: str, token: str | None = None, timeout: float | None = DEFAULT_TIMEOUT_S,
@@ -169,26 +173,61 @@ class ShmClient(Client):
             return _raise_for(self._conn.call(Call(op, fields, lambda r: r)))
 
     def _map(self) -> np.ndarray:
+        """Map every arena file SHM_HELLO names (one per DRAM partition this token may read).
+
+        ``self._parts`` holds ``(base, cap, buf)`` per file, by arena offset: a slot at arena
+        offset ``off`` is ``buf[off - base:]`` of the file whose range holds it. Returns the
+        first file's array (with one file, base 0: arena offsets index it directly).
+        """
         with self._shm_lock:
             info = self._call_shm(Op.SHM_HELLO, {}).fields
-        path, size, shift, cap = info["path"], info["size"], info["shift"], info["cap"]
-        if not path:
+        if not info["path"]:
             raise InvalidArgumentError("the daemon's arena is not in shared memory (configure [shm])")
-        if shift + cap > size:
-            raise ProtocolError("the daemon described an arena larger than its file", remote=True)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as exc:
-            raise InvalidArgumentError(f"cannot open the daemon's arena {path!r} here: {exc.strerror}; "
-                                       "use tcp:// (another host, or not in the arena's group)") from None
-        try:
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
-        finally:
-            os.close(fd)
-        buf = np.frombuffer(mm, np.uint8)[shift:shift + cap]
+        parts = []
+        described = info.get("parts") or [{**info, "base": info.get("base", 0), "namespaces": ["*"]}]
+        # Namespaces whose blocks are in a mapped file. "*" (the default partition's file) comes
+        # only with every other file: only a token covering every namespace may map it.
+        self._ns_mapped = {ns for p in described for ns in p.get("namespaces", ["*"])}
+        for p in described:
+            path, size, shift, cap = p["path"], p["size"], p["shift"], p["cap"]
+            if shift + cap > size:
+                raise ProtocolError("the daemon described an arena larger than its file", remote=True)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise InvalidArgumentError(f"cannot open the daemon's arena {path!r} here: {exc.strerror}; "
+                                           "use tcp:// (another host, or not in the arena's group)") from None
+            try:
+                mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+            finally:
+                os.close(fd)
+            parts.append((p["base"], cap, np.frombuffer(mm, np.uint8)[shift:shift + cap]))
+        parts.sort(key=lambda t: t[0])
+        self._parts = parts
+        self._bases = [base for base, _, _ in parts]
+        base, cap, buf = parts[0]
+        self._one = len(parts) == 1 and base == 0  # arena offsets index buf directly
         self._base = buf.ctypes.data
         self._cap = cap
         return buf
+
+    def _mapped(self, ns: str) -> bool:
+        """Whether ``ns``'s blocks are in a file this client maps (else: the socket serves it)."""
+        return "*" in self._ns_mapped or ns in self._ns_mapped
+
+    def _locate(self, off: int, size: int) -> tuple[np.ndarray, int]:
+        """The mapped file holding arena bytes ``off .. off + size`` and their index in it."""
+        if self._one:
+            if off < 0 or off + size > self._cap:
+                raise ProtocolError(f"the daemon lent a slot outside its arena ({off}+{size})", remote=True)
+            return self._buf, off
+        i = bisect.bisect_right(self._bases, off) - 1
+        if i >= 0:
+            base, cap, buf = self._parts[i]
+            if off + size <= base + cap:
+                return buf, off - base
+        raise ProtocolError(f"the daemon lent a slot outside the arena files this client maps "
+                            f"({off}+{size})", remote=True)
 
     # ---------------------------------------------------------------------------- leases
     def _lease(self, keys: list[bytes], ns: str) -> tuple[list[tuple], int]:
@@ -212,8 +251,8 @@ class ShmClient(Client):
         sizes, offs, gens = (_sized(r, name, n) for name in ("sizes", "offs", "gens"))
         out = []
         for size, off, gen in zip(sizes, offs, gens):
-            if size >= 0 and (off < 0 or off + size > self._cap):
-                raise ProtocolError(f"the daemon lent a slot outside its arena ({off}+{size})", remote=True)
+            if size >= 0:
+                self._locate(off, size)  # ProtocolError unless it lies inside a mapped file
             out.append((size, off, gen))
         return out, epoch
 
@@ -236,7 +275,12 @@ class ShmClient(Client):
         return 0
 
     def _view(self, size: int, off: int, gen: int, epoch: int) -> memoryview:
-        pin = _Lease(self, self._base + off, size, (epoch, off, gen))
+        if self._one:
+            address = self._base + off
+        else:
+            buf, at = self._locate(off, size)
+            address = buf.ctypes.data + at
+        pin = _Lease(self, address, size, (epoch, off, gen))
         return memoryview(np.asarray(pin))
 
     def _maybe_flush(self) -> None:
@@ -267,7 +311,8 @@ class ShmClient(Client):
         ks, ns = check_keys(keys), check_namespace(namespace)
         datas = [check_data(b) for b in blocks] if isinstance(blocks, (list, tuple)) else None
         total = sum(d.nbytes for d in datas) if datas is not None else 0
-        if datas is None or len(datas) != len(ks) or not 0 < total <= MAX_STAGE_BYTES:
+        if (datas is None or len(datas) != len(ks) or not 0 < total <= MAX_STAGE_BYTES
+                or not self._mapped(ns)):
             return super().put_many(keys, blocks, namespace=namespace)  # its checks and errors
         def fill(area: np.ndarray) -> None:
             pos = 0
@@ -302,7 +347,7 @@ class ShmClient(Client):
         ks, ns = check_keys(keys), check_namespace(namespace)
         size = check_block_size(nbytes, None)
         total = size * len(ks)
-        if not 0 < total <= MAX_STAGE_BYTES:
+        if not 0 < total <= MAX_STAGE_BYTES or not self._mapped(ns):
             return None
         return self._put_staged(ks, ns, [size] * len(ks), fill)
 
@@ -314,6 +359,8 @@ class ShmClient(Client):
     def get_many(self, keys: list[bytes], *, namespace: str = DEFAULT_NAMESPACE) -> list[memoryview | None]:
         """Views of many blocks with one round trip (SSD-only blocks come over the socket)."""
         ks, ns = check_keys(keys), check_namespace(namespace)
+        if not self._mapped(ns):
+            return super().get_many(ks, namespace=ns)
         self._maybe_flush()
         slots, epoch = self._lease(ks, ns)
         out: list[memoryview | None] = []
@@ -329,6 +376,8 @@ class ShmClient(Client):
     def get_into(self, key: bytes, out: Any, *, namespace: str = DEFAULT_NAMESPACE) -> int:
         """Copy the block from the shared arena into ``out``; the bytes copied, 0 on a miss."""
         k, ns, dst = check_key(key), check_namespace(namespace), check_out(out)
+        if not self._mapped(ns):
+            return super().get_into(k, dst, namespace=ns)
         self._maybe_flush()
         ((size, off, gen),), epoch = self._lease([k], ns)
         if size == _MISS:
@@ -338,7 +387,8 @@ class ShmClient(Client):
         try:
             if size > dst.nbytes:
                 raise InvalidArgumentError(f"out holds {dst.nbytes} bytes; the block has {size}")
-            np.copyto(np.frombuffer(dst, np.uint8, count=size), self._buf[off:off + size])
+            buf, at = self._locate(off, size)
+            np.copyto(np.frombuffer(dst, np.uint8, count=size), buf[at:at + size])
         finally:
             self._returns.append((epoch, off, gen))
         return size

@@ -140,6 +140,12 @@ def test_bad_sizes(text):
     ("[namespaces.a]\ntotal = 1\n", "[namespaces.a] total", "unknown option"),
     ("[namespaces.a]\ntier_bytes = { tape = 1 }\n", "[namespaces.a] tier_bytes.tape", "unknown tier"),
     ("[namespaces.a]\ntotal_bytes = \"1 lot\"\n", "[namespaces.a] total_bytes", "size"),
+    ("[store]\ndram_partitions = 1\n", "[store] dram_partitions", "one table per partition"),
+    ("[store.dram_partitions.a]\nbytes = \"1 lot\"\nnamespaces = [\"x\"]\n",
+     "[store] dram_partitions.a.bytes", "size"),
+    ("[store]\ndram_bytes = \"1GiB\"\n[store.dram_partitions.a]\nbytes = \"2GiB\"\nnamespaces = [\"x\"]\n",
+     "[store] dram_partitions", "leaves nothing"),
+    ("[store.dram_partitions.a]\nbytes = \"1MiB\"\n", "[store] dram_partitions", "namespaces"),
 ])
 def test_refusals_name_file_key_and_reason(tmp_path, body, where, reason):
     p = write(tmp_path, body)
@@ -148,6 +154,14 @@ def test_refusals_name_file_key_and_reason(tmp_path, body, where, reason):
     msg = str(exc.value)
     assert msg.startswith(f"{p}: {where}:"), msg
     assert reason in msg, msg
+
+
+def test_dram_partitions_take_sizes_and_groups(tmp_path):
+    cfg = load_config(write(tmp_path, '[store]\ndram_bytes = "8GiB"\n'
+                                      '[store.dram_partitions.team-a]\nbytes = "2GiB"\n'
+                                      'namespaces = ["a1", "a2"]\ngroup = "gpu-a"\n'))
+    assert cfg.store["dram_partitions"] == {"team-a": {"bytes": 2 << 30, "namespaces": ["a1", "a2"],
+                                                       "group": "gpu-a"}}
 
 
 def test_not_toml_and_missing_file(tmp_path):

@@ -284,6 +284,79 @@ def test_isolation_only_tokens_covering_every_namespace_get_shared_memory(tmp_pa
             assert bytes(s.get(b"secret", namespace="team-b")) == b"b-data"
 
 
+def test_partitions_isolate_shared_memory_per_token(tmp_path):
+    """With DRAM partitions and auth, each token maps only the files of the partitions whose
+    namespaces it covers, and is never lent an offset of another partition."""
+    tokens = {"tokens": [{"token": ALL_TOKEN, "namespaces": "*"},
+                         {"token": TEAM_A, "namespaces": ["team-a", "team-a2", "shared"]}]}
+    parts = {"a": {"bytes": 2 * MiB, "namespaces": ["team-a", "team-a2"]}}
+    before = set(os.listdir(SHM_DIR))
+    with daemon(tmp_path, dram=8 * MiB, extra=tokens, dram_partitions=parts) as d:
+        files = set(os.listdir(SHM_DIR)) - before
+        assert len([f for f in files if f.startswith("tairstore-arena-")]) == 2
+        with tairstore.Client(d.data_url, token=ALL_TOKEN) as admin:
+            admin.put(b"secret", block(1, 300 * KiB), namespace="team-b")
+            admin.put(b"mine", block(2, 300 * KiB), namespace="team-a")
+        with ShmClient("shm+" + d.data_url, token=TEAM_A) as a:
+            assert len(a._parts) == 1 and a._parts[0][0] > 0  # team-a's file only
+            assert a._parts[0][1] == 2 * MiB
+            view = a.get(b"mine", namespace="team-a")
+            assert is_block(view, 2)
+            view.release()
+            assert a.get_into(b"mine", np.empty(300 * KiB, np.uint8), namespace="team-a") == 300 * KiB
+            # Local puts into its partition work, and read back in place.
+            assert a.put(b"a-put", block(3, 200 * KiB), namespace="team-a2") is True
+            assert is_block(a.get(b"a-put", namespace="team-a2"), 3)
+            # A namespace it may use in another partition ("shared", in the default one) is
+            # served over the socket; asked directly, the daemon lends no offset of it.
+            assert a.put(b"s", block(4, 100 * KiB), namespace="shared") is True
+            assert is_block(a.get(b"s", namespace="shared"), 4)
+            out = np.empty(100 * KiB, np.uint8)
+            assert a.get_into(b"s", out, namespace="shared") == 100 * KiB and is_block(out, 4)
+            with pytest.raises(PermissionDeniedError, match="partition 'default'"):
+                a._call_shm(Op.GET_SHM, {"ns": "shared", "keys": [b"s"]})
+            # A namespace it may not use at all: refused, as over the socket.
+            with pytest.raises(PermissionDeniedError):
+                a.get(b"secret", namespace="team-b")
+            with pytest.raises(PermissionDeniedError):
+                a._call_shm(Op.GET_SHM, {"ns": "team-b", "keys": [b"secret"]})
+        with ShmClient("shm+" + d.data_url, token=ALL_TOKEN) as s:
+            assert len(s._parts) == 2  # both files, offsets arena-wide
+            assert is_block(s.get(b"secret", namespace="team-b"), 1)
+            assert is_block(s.get(b"mine", namespace="team-a"), 2)
+            out = np.empty(300 * KiB, np.uint8)
+            assert s.get_into(b"mine", out, namespace="team-a") == 300 * KiB and is_block(out, 2)
+            stats = s.stats()["tiers"]["dram"]["partitions"]
+            assert stats["a"]["capacity"] == 2 * MiB and stats["a"]["namespaces"] == ["team-a", "team-a2"]
+    assert not (set(os.listdir(SHM_DIR)) - before)  # every partition's file removed at stop
+
+
+def test_a_token_covering_no_partition_gets_no_shared_memory(tmp_path):
+    tokens = {"tokens": [{"token": ALL_TOKEN, "namespaces": "*"},
+                         {"token": TEAM_A, "namespaces": ["team-a"]}]}
+    parts = {"a": {"bytes": 2 * MiB, "namespaces": ["team-a", "team-a2"]}}
+    with daemon(tmp_path, dram=8 * MiB, extra=tokens, dram_partitions=parts) as d:
+        # team-a alone does not cover partition a (team-a2 too), nor the default partition.
+        with pytest.raises(PermissionDeniedError):
+            tairstore.Client("shm+" + d.data_url, token=TEAM_A)
+        with tairstore.Client(d.data_url, token=TEAM_A) as c:  # the socket still serves it
+            assert not isinstance(c, ShmClient)
+            assert c.put(b"k", b"v", namespace="team-a") and bytes(c.get(b"k", namespace="team-a")) == b"v"
+
+
+def test_partitions_without_auth_map_every_file(tmp_path):
+    parts = {"a": {"bytes": 1 * MiB, "namespaces": ["na"]}, "b": {"bytes": 1 * MiB, "namespaces": ["nb"]}}
+    with daemon(tmp_path, dram=8 * MiB, dram_partitions=parts) as d, ShmClient("shm+" + d.data_url) as c:
+        assert len(c._parts) == 3
+        for i, ns in enumerate(("na", "nb", "other")):
+            assert c.put(b"k", block(i, 600 * KiB), namespace=ns)
+        for i, ns in enumerate(("na", "nb", "other")):
+            assert is_block(c.get(b"k", namespace=ns), i)
+        # na's partition holds one such block: a second one evicts the first, not nb's.
+        assert c.put(b"k2", block(9, 600 * KiB), namespace="na")
+        assert c.get(b"k", namespace="na") is None and is_block(c.get(b"k", namespace="nb"), 1)
+
+
 def test_local_puts_go_through_a_private_staging_file(tmp_path):
     before = set(os.listdir(SHM_DIR))
     with daemon(tmp_path, dram=16 * MiB) as d, ShmClient("shm+" + d.data_url) as c:
