@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import random
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
@@ -259,10 +258,6 @@ class _Run:
     def __init__(self, sim: Simulator, workload: Sequence[Request] | ClosedLoop,
                  progress: Callable[[int, int], None] | None) -> None:
         self.sim, self.server, self.progress = sim, sim.server, progress
-        # Step-time and client jitter (ServerConfig.step_jitter / client_jitter_ms): no draws
-        # at all when both are 0, so such runs are exactly what they were without them.
-        self.rng = (random.Random(self.server.jitter_seed)
-                    if self.server.step_jitter or self.server.client_jitter_ms else None)
         self.sent = 0  # requests sent so far: orders equal arrival times
         if isinstance(workload, ClosedLoop):
             self.closed = workload.concurrency
@@ -358,8 +353,6 @@ class _Run:
         if self.closed is not None and self.pending:
             nxt = self.pending.popleft()
             nxt.arrival_ms = self.now
-            if self.server.client_jitter_ms:
-                nxt.arrival_ms += self.rng.expovariate(1.0 / self.server.client_jitter_ms)
             self.send(nxt)
         if self.progress is not None:
             self.progress(len(self.res.requests), self.total)
@@ -467,23 +460,13 @@ class _Run:
         if sglang:
             self.ratio = INIT_NEW_TOKEN_RATIO
 
-    def jitter(self, k: int = 1) -> float:
-        """The factor on the wall time of ``k`` consecutive steps: 1 without step jitter, else
-        lognormal of mean 1 whose variance is that of the mean of ``k`` independent per-step
-        factors of log-sd ``step_jitter``."""
-        sigma = self.server.step_jitter
-        if not sigma:
-            return 1.0
-        s2 = math.log1p(math.expm1(sigma * sigma) / k)
-        return math.exp(self.rng.gauss(0.0, math.sqrt(s2)) - s2 / 2)
-
     def prefill_step(self, chunks: list[tuple[ReqState, int]]) -> None:
         sim = self.sim
         shapes = [(n, st.done) for st, n in chunks]
         mixed = self.server.mixed_chunk and self.decoders
         b = len(self.decoders) if mixed else 0
         kv = (self.kv_used() - self.prefill_kv) / b if b else 0.0
-        t = sim.step_wall_ms(shapes, b, kv) * self.jitter()
+        t = sim.step_wall_ms(shapes, b, kv)
         self.now += t
         self.res.steps += 1
         if mixed:
@@ -511,9 +494,6 @@ class _Run:
             k = min(k, max(1, math.ceil((self.arrivals[0][0] - self.now) / t0)))
         k = max(k, 1)
         t1 = self.sim.step_wall_ms((), n, kv0 + k - 1) if k > 1 else t0
-        if self.server.step_jitter:
-            f = self.jitter(k)
-            t0, t1 = t0 * f, t1 * f
         self.add_itl(self.now + t0, (t0 + t1) / 2, k)
         self.now += t0 + (k - 1) * (t0 + t1) / 2
         self.res.steps += k

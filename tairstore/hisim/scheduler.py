@@ -98,16 +98,6 @@ class ServerConfig:
     # all at once. A simulated loop of identical requests keeps the phases it starts with; this
     # sets them (see engine.first_send_offsets_ms). 0: all at once.
     loop_spread: float = 0.0
-    # Run-to-run variability, both 0 (off) unless fitted. ``step_jitter``: each step's wall time
-    # is multiplied by a lognormal factor of mean 1 and log-sd ``step_jitter`` (kernel timing,
-    # host scheduling, GC); a run of k decode steps taken together gets the factor of their sum.
-    # ``client_jitter_ms``: a closed loop's client sends its next request an exponentially
-    # distributed time of this mean after its previous one finished (the benchmark client's own
-    # work; outside TTFT). Both are drawn from a generator seeded with ``jitter_seed``, so a run
-    # is reproducible.
-    step_jitter: float = 0.0
-    client_jitter_ms: float = 0.0
-    jitter_seed: int = 0
     overhead: Overhead = Overhead()
     # Kernel efficiency of this engine against the step model's operator tables (SGLang's), as
     # factors on a step's GPU compute time (TP all-reduce excluded): ``prefill_scale`` on the time
@@ -125,10 +115,6 @@ class ServerConfig:
         if isinstance(self.loop_spread, bool) or not (
                 isinstance(self.loop_spread, (int, float)) and 0 <= self.loop_spread < math.inf):
             raise InvalidArgumentError("loop_spread must be a finite number >= 0")
-        for name in ("step_jitter", "client_jitter_ms"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not (isinstance(v, (int, float)) and 0 <= v < math.inf):
-                raise InvalidArgumentError(f"{name} must be a finite number >= 0")
         if self.max_running_requests is not None and self.max_running_requests < 1:
             raise InvalidArgumentError("max_running_requests must be >= 1")
         if any(s is not None and (isinstance(s, bool) or not (isinstance(s, (int, float)) and 0 < s < math.inf))

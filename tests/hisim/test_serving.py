@@ -397,35 +397,3 @@ def test_loop_spread_leaves_the_workload_unchanged(sim8b):
     a, b = summarize(fresh().run(wl)), summarize(fresh().run(wl))
     assert [r.arrival_ms for r in wl.requests[:4]] == before
     assert a["mean_ttft_ms"] == b["mean_ttft_ms"]
-
-
-def test_jitter_off_by_default_seeded_and_breaks_exact_lock_step(sim8b):
-    """Step-time and client jitter are 0 unless configured (then no draw is made: identical
-    results), reproducible for a seed, and different across seeds."""
-    from collections import Counter
-
-    def run(**kw):
-        cfg = default_config("vllm", 1, loop_spread=0.0, ingress_ms=0.0, **kw)
-        sim = Simulator(sim8b.model, sim8b.gpu, 1, cfg, step_model=sim8b.step_model)
-        res = sim.run(closed_loop(8, 512, 32, num_prompts=32, warmup=8))
-        return res, summarize(res)
-
-    assert default_config("vllm", 1).step_jitter == default_config("sglang", 1).step_jitter == 0
-    base, m0 = run()
-    same, m1 = run(step_jitter=0.0, client_jitter_ms=0.0, jitter_seed=7)
-    assert m0 == m1 and base.steps == same.steps
-    a, ma = run(step_jitter=0.1, jitter_seed=1)
-    b, mb = run(step_jitter=0.1, jitter_seed=1)
-    c, mc = run(step_jitter=0.1, jitter_seed=2)
-    assert ma == mb and ma != mc and ma != m0
-    # Client jitter delays the sends (outside TTFT) and so splits the clients' first-token
-    # groups, which stay whole without it.
-    groups = Counter(st.first_ms for st in base.requests if not st.req.warmup)
-    cj, _ = run(client_jitter_ms=50.0, jitter_seed=1)
-    groups_cj = Counter(st.first_ms for st in cj.requests if not st.req.warmup)
-    assert len(groups_cj) > len(groups)
-    for bad in (-0.1, float("inf"), True, "1"):
-        with pytest.raises(InvalidArgumentError):
-            default_config("vllm", 1, step_jitter=bad)
-        with pytest.raises(InvalidArgumentError):
-            default_config("vllm", 1, client_jitter_ms=bad)
