@@ -369,15 +369,21 @@ class ShmConfig:
         dir: where the arena file is created (``/dev/shm``, or a hugetlbfs mount).
         group: a group allowed to map it (mode 0640); empty: owner only (0600).
         lease_s: how long a client's read lease lasts unless given back.
+        partitions: ``"auto"``: with ``[[tokens]]`` and no ``[store.dram_partitions]``, give the
+            namespaces of each token limited to some namespaces a DRAM partition (a file) of
+            their own, so such a token maps only its own namespaces' memory
+            (:func:`tairstore.daemon.shm.partitions_from_tokens`); ``"none"``: one arena file,
+            mapped only by tokens that cover every namespace.
     """
 
     dir: str = "/dev/shm"
     group: str = ""
     lease_s: float = 60.0
+    partitions: str = "auto"
 
 
 def _shm(where: _Where, cfg: DaemonConfig, table: Any) -> None:
-    t = _check_keys(where, "shm", table, ("enabled", "dir", "group", "lease_s"))
+    t = _check_keys(where, "shm", table, ("enabled", "dir", "group", "lease_s", "partitions"))
     if not isinstance(t.get("enabled", True), bool):
         raise where.error("shm", "enabled", "must be true or false")
     out = ShmConfig()
@@ -386,6 +392,10 @@ def _shm(where: _Where, cfg: DaemonConfig, table: Any) -> None:
             if not isinstance(t[key], str):
                 raise where.error("shm", key, "must be a string")
             setattr(out, key, t[key])
+    if "partitions" in t:
+        if t["partitions"] not in ("auto", "none"):
+            raise where.error("shm", "partitions", f'must be "auto" or "none", got {t["partitions"]!r}')
+        out.partitions = t["partitions"]
     if "lease_s" in t:
         v = t["lease_s"]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:

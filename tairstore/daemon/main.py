@@ -206,6 +206,16 @@ async def run_daemon(config: DaemonConfig, *, handle_signals: bool = True,
         log.warning("binding %s with no [[tokens]] configured: anyone who can reach this host can read, "
                     "write and delete cached blocks; add tokens to the config file", config.host)
     backing = None
+    if (config.shm is not None and options.get("dram_bytes") and config.shm.partitions == "auto"
+            and config.tokens and not options.get("dram_partitions")):
+        # Isolation by default with auth: each limited token's namespaces get a file of their own.
+        from tairstore.daemon.shm import partitions_from_tokens
+
+        derived = partitions_from_tokens(config.tokens, config.namespaces, options["dram_bytes"])
+        if derived:
+            options["dram_partitions"] = derived
+            log.info("shared memory: DRAM partitions from the tokens: %s", ", ".join(
+                f"{name} {p['bytes'] >> 20} MiB {p['namespaces']}" for name, p in derived.items()))
     if config.shm is not None and options.get("dram_bytes"):
         # One file per DRAM partition (the default one first), each with its own group.
         group = config.shm.group or None

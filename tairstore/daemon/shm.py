@@ -46,7 +46,8 @@ from typing import Any
 
 from tairstore.errors import CapacityError, InvalidArgumentError, PermissionDeniedError
 
-__all__ = ["LeaseTable", "ShmService", "Staging", "DEFAULT_LEASE_S", "MAX_LEASES", "NOT_IN_DRAM", "MISS"]
+__all__ = ["LeaseTable", "ShmService", "Staging", "DEFAULT_LEASE_S", "MAX_LEASES", "NOT_IN_DRAM", "MISS",
+           "partitions_from_tokens"]
 
 #: Seconds a lease lasts unless given back first.
 DEFAULT_LEASE_S = 60.0
@@ -55,6 +56,54 @@ MAX_LEASES = 1 << 16
 #: GET_SHM sizes for keys with no slot to lend.
 MISS = -1
 NOT_IN_DRAM = -2
+
+
+def partitions_from_tokens(tokens: Any, quotas: dict, dram_bytes: int, granule: int = 4096) -> dict | None:
+    """The DRAM partitions a daemon with ``[shm]`` and ``[[tokens]]`` derives when none are
+    configured (``[shm] partitions = "auto"``), so that isolation is the default with auth.
+
+    Each token limited to some namespaces (not ``"*"``, not admin) asks for its namespaces to
+    share a partition; lists that overlap are merged (a token then maps the merged partition
+    only if it covers all of it). A partition is as large as the sum of its namespaces' DRAM
+    quotas (``[namespaces.NAME] tier_bytes.dram``) when each has one; the others, and the
+    default partition (every other namespace), share the rest equally. None when no token is
+    limited.
+
+    Raises:
+        InvalidArgumentError: the quotas leave the partitions or the default one no room.
+    """
+    groups: list[set[str]] = []
+    for spec in tokens:
+        if spec.is_admin or spec.namespaces == "*":
+            continue
+        names = set(spec.namespaces)
+        touching = [g for g in groups if g & names]
+        for g in touching:
+            names |= g
+            groups.remove(g)
+        groups.append(names)
+    if not groups:
+        return None
+    groups.sort(key=lambda g: sorted(g))
+
+    def quota(ns: str) -> int | None:
+        q = quotas.get(ns)
+        return None if q is None else q.tier_bytes.get("dram")
+
+    sized = {i: sum(quota(ns) for ns in g) for i, g in enumerate(groups)
+             if all(quota(ns) is not None for ns in g)}
+    rest = dram_bytes - sum(sized.values())
+    share = rest // (len(groups) - len(sized) + 1) // granule * granule
+    out = {}
+    for i, g in enumerate(groups):
+        nbytes = sized.get(i, share) // granule * granule
+        if nbytes < granule or share < granule:
+            raise InvalidArgumentError(
+                f"cannot give the namespaces of the limited tokens DRAM partitions of their own in "
+                f"dram_bytes={dram_bytes} (their DRAM quotas leave no room): configure "
+                "[store.dram_partitions] or set [shm] partitions = \"none\"")
+        out[f"tokens-{i + 1}"] = {"bytes": nbytes, "namespaces": sorted(g)}
+    return out
 
 
 class LeaseTable:

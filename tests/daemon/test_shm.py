@@ -259,8 +259,10 @@ def test_a_killed_clients_leases_are_released(tmp_path):
 
 
 def test_isolation_only_tokens_covering_every_namespace_get_shared_memory(tmp_path):
+    # One arena file ([shm] partitions = "none"): only tokens covering every namespace map it.
     tokens = {"tokens": [{"token": ALL_TOKEN, "namespaces": "*"},
-                         {"token": TEAM_A, "namespaces": ["team-a"]}]}
+                         {"token": TEAM_A, "namespaces": ["team-a"]}],
+              "shm": {"dir": SHM_DIR, "partitions": "none"}}
     with daemon(tmp_path, dram=4 * MiB, extra=tokens) as d:
         with tairstore.Client(d.data_url, token=ALL_TOKEN) as admin:
             admin.put(b"secret", b"b-data", namespace="team-b")
@@ -282,6 +284,45 @@ def test_isolation_only_tokens_covering_every_namespace_get_shared_memory(tmp_pa
             assert isinstance(resp.error, PermissionDeniedError)
         with tairstore.Client("shm+" + d.data_url, token=ALL_TOKEN) as s:
             assert bytes(s.get(b"secret", namespace="team-b")) == b"b-data"
+
+
+def test_with_tokens_each_limited_tokens_namespaces_get_a_partition_by_default(tmp_path):
+    tokens = {"tokens": [{"token": ALL_TOKEN, "namespaces": "*"},
+                         {"token": TEAM_A, "namespaces": ["team-a"]}]}
+    with daemon(tmp_path, dram=8 * MiB, extra=tokens) as d:
+        with ShmClient("shm+" + d.data_url, token=TEAM_A) as a:
+            assert len(a._parts) == 1
+            assert a.put(b"mine", block(5, 256 * KiB), namespace="team-a") is True
+            assert is_block(a.get(b"mine", namespace="team-a"), 5)
+            with pytest.raises(PermissionDeniedError):
+                a.get(b"other", namespace="team-b")
+        with ShmClient("shm+" + d.data_url, token=ALL_TOKEN) as s:
+            assert len(s._parts) == 2
+            parts = s.stats()["tiers"]["dram"]["partitions"]
+            assert parts["tokens-1"] == {"capacity": 4 * MiB, "used_bytes": 256 * KiB,
+                                         "namespaces": ["team-a"]}
+            assert parts["default"]["capacity"] == 4 * MiB
+
+
+def test_partitions_from_tokens_merge_overlaps_and_follow_quotas():
+    from tairstore.daemon.auth import TokenSpec
+    from tairstore.daemon.config import NamespaceQuota
+    from tairstore.daemon.shm import partitions_from_tokens
+
+    t = lambda ns, role="user": TokenSpec("x" * 16 + str(ns), ns, role)  # noqa: E731
+    assert partitions_from_tokens([t("*"), t(["a"], "admin")], {}, 64 * MiB) is None
+    parts = partitions_from_tokens([t(["b", "c"]), t(["a"]), t(["c", "d"]), t("*")], {}, 64 * MiB)
+    # {b, c} and {c, d} overlap: one partition; the default and the two share DRAM equally.
+    third = 64 * MiB // 3 // 4096 * 4096
+    assert parts == {"tokens-1": {"bytes": third, "namespaces": ["a"]},
+                     "tokens-2": {"bytes": third, "namespaces": ["b", "c", "d"]}}
+    # DRAM quotas of every namespace of a group size its partition.
+    quotas = {"a": NamespaceQuota(tier_bytes={"dram": 8 * MiB})}
+    parts = partitions_from_tokens([t(["a"]), t(["b"])], quotas, 64 * MiB)
+    assert parts["tokens-1"]["bytes"] == 8 * MiB and parts["tokens-2"]["bytes"] == 28 * MiB
+    with pytest.raises(InvalidArgumentError, match="partitions"):
+        partitions_from_tokens([t(["a"]), t(["b"])], {"a": NamespaceQuota(tier_bytes={"dram": 64 * MiB})},
+                               64 * MiB)
 
 
 def test_partitions_isolate_shared_memory_per_token(tmp_path):
@@ -429,6 +470,7 @@ def test_group_backing_is_group_readable(tmp_path):
     ("lease_s = 0", "[shm] lease_s"),
     ("group = 5", "[shm] group"),
     ("size = 1", "[shm] size"),
+    ('partitions = "per-token"', "[shm] partitions"),
 ])
 def test_shm_config_is_validated(tmp_path, body, where):
     from tairstore.daemon.config import load_config
