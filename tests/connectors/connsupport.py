@@ -26,7 +26,7 @@ def need(module: str, install: str):
         reason = f"{module} is not importable ({exc}); install with: {install}"
         if REQUIRE_ENGINES:
             pytest.fail(reason + " (TAIRSTORE_ENGINE_TESTS=1 requires it)")
-        pytest.skip(reason)
+        pytest.skip(reason, allow_module_level=True)
 
 
 def load_sglang():
@@ -89,7 +89,7 @@ def sglang_modules():
         reason = f"SGLang's storage modules are not importable ({exc}); install with: pip install --no-deps sglang"
         if REQUIRE_ENGINES:
             pytest.fail(reason + " (TAIRSTORE_ENGINE_TESTS=1 requires it)")
-        pytest.skip(reason)
+        pytest.skip(reason, allow_module_level=True)
 
 
 class Daemon(DaemonProcess):
