@@ -123,6 +123,18 @@ class _StoreCollector:
         sessions = GaugeMetricFamily(f"{PREFIX}_write_sessions_open", "Write sessions holding reservations.")
         sessions.add_metric([], st.get("sessions_open", 0))
         yield sessions
+        parts = (st.get("tiers", {}).get("dram") or {}).get("partitions")
+        if isinstance(parts, dict):
+            pcap = GaugeMetricFamily(f"{PREFIX}_dram_partition_capacity_bytes",
+                                     "Size of a DRAM partition (dram_partitions; \"default\": the rest).",
+                                     labels=["partition"])
+            pused = GaugeMetricFamily(f"{PREFIX}_dram_partition_used_bytes",
+                                      "Bytes a DRAM partition has allocated (slots incl. reservations).",
+                                      labels=["partition"])
+            for name, p in sorted(parts.items()):
+                pcap.add_metric([name], p.get("capacity", 0))
+                pused.add_metric([name], p.get("used_bytes", 0))
+            yield from (pcap, pused)
         dirty = (st.get("tiers", {}).get("dram") or {}).get("dirty_bytes")
         if isinstance(dirty, int):
             g = GaugeMetricFamily(f"{PREFIX}_writeback_dirty_bytes",

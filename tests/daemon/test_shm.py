@@ -396,6 +396,12 @@ def test_partitions_without_auth_map_every_file(tmp_path):
         # na's partition holds one such block: a second one evicts the first, not nb's.
         assert c.put(b"k2", block(9, 600 * KiB), namespace="na")
         assert c.get(b"k", namespace="na") is None and is_block(c.get(b"k", namespace="nb"), 1)
+        import urllib.request
+
+        text = urllib.request.urlopen(d.http_url + "/metrics", timeout=30).read().decode()
+        assert 'tairstore_dram_partition_capacity_bytes{partition="a"} 1.048576e+06' in text
+        assert 'tairstore_dram_partition_used_bytes{partition="b"} 614400.0' in text
+        assert 'tairstore_dram_partition_capacity_bytes{partition="default"} 6.291456e+06' in text
 
 
 def test_local_puts_go_through_a_private_staging_file(tmp_path):
