@@ -121,7 +121,7 @@ class Maintenance:
                 if state == "high":
                     low = self.watermarks.marks[tier].low
                     self._counters["watermark_evictions"] += 1
-                    self._placement.evict_global(tier, int(frac * capacity - low * capacity))
+                    self._placement.shed(tier, frac, capacity, low)
 
     def sweep_ttl(self) -> int:
         """Remove the blocks whose namespace's TTL has passed; O(expired), not O(blocks)."""

@@ -141,7 +141,9 @@ class Placement:
         part = self.dram_part.get(st.name, 0) if self.dram_part else 0
         if size > arena.partition_bytes(part):
             if required:
-                raise CapacityError(f"block of {size} bytes is larger than the DRAM tier",
+                where = (f"its DRAM partition ({arena.partition_bytes(part)} bytes)"
+                         if arena.partitions > 1 else "the DRAM tier")
+                raise CapacityError(f"block of {size} bytes is larger than {where}",
                                     dimension="tier:dram")
             return
         if st.over("dram", size):
@@ -199,6 +201,23 @@ class Placement:
         if self.space is None:
             return 0.0, 0
         return self.space.usage(), self.space.live_limit
+
+    def shed(self, tier: str, frac: float, capacity: int, low: float) -> int:
+        """Watermark eviction: ``tier`` is at ``frac`` of ``capacity``, above its high mark;
+        evict down to ``low``. Returns the bytes freed.
+
+        With DRAM partitions, each partition is brought down to ``low`` of its own size by
+        evicting its own namespaces: one partition's blocks freed nothing another could use,
+        and other namespaces' puts must never evict a partition's blocks.
+        """
+        if tier == "dram" and self.dram_part:
+            freed = 0
+            for part in range(self.dram.partitions):
+                excess = self.dram.partition_used(part) - int(low * self.dram.partition_bytes(part))
+                if excess > 0:
+                    freed += self.evict_global("dram", excess, part=part)
+            return freed
+        return self.evict_global(tier, int(frac * capacity - low * capacity))
 
     def evict_global(self, tier: str, nbytes: int, *, one: bool = False, part: int | None = None) -> int:
         """Evict from the namespaces furthest over their fair share of ``tier``.
