@@ -224,7 +224,9 @@ class _FixedMapping:
                                        f"DRAM arena: errno {ctypes.get_errno()}")
         import weakref
 
-        weakref.finalize(self, munmap, raw, total)
+        # Not at interpreter exit (atexit=False): daemon threads may still read views then,
+        # and the process's end unmaps the range anyway.
+        weakref.finalize(self, munmap, raw, total).atexit = False
         base = -(-raw // align) * align
         for backing, start, cap in zip(backings, starts, caps):
             fd = backing.create(cap)

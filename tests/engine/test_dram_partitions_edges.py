@@ -351,3 +351,65 @@ def test_shared_partitioned_views_outlive_the_store(tmp_path):
     finally:
         for b in backings:
             b.unlink()
+
+
+_EXIT_WHILE_READING = """
+import sys, tempfile, threading
+import numpy as np
+from tairstore.tiers.dram import DramArena, SharedBacking
+d = sys.argv[1]
+bs = [SharedBacking(d), SharedBacking(d)]
+arena = DramArena(16 << 20, backing=bs, partitions=[8 << 20])
+slot = arena.alloc(4 << 20, 1)
+v = np.frombuffer(arena.pinned_view(slot), np.uint8)
+for b in bs:
+    b.unlink()
+started = threading.Event()
+def reader():
+    started.set()
+    while True:
+        v.sum()
+threading.Thread(target=reader, daemon=True).start()
+started.wait()
+sys.exit(0)
+"""
+
+
+@pytest.mark.skipif(SHM_DIR is None, reason="needs /dev/shm (Linux)")
+def test_exit_while_a_daemon_thread_reads_a_shared_partitioned_view(tmp_path):
+    """The reserved range was unmapped by an atexit finalizer while daemon threads still ran:
+    the process died of SIGSEGV on a plain exit."""
+    import subprocess
+    import sys
+
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", _EXIT_WHILE_READING, str(tmp_path)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.skipif(SHM_DIR is None, reason="needs /dev/shm (Linux)")
+def test_the_shared_partitioned_mapping_goes_with_its_last_view(tmp_path):
+    import weakref
+
+    from tairstore.tiers.dram import _FixedMapping
+
+    backings = [SharedBacking(str(tmp_path)), SharedBacking(str(tmp_path))]
+    arena = DramArena(1 * MIB, backing=backings, partitions=[256 * KIB])
+    for b in backings:
+        b.unlink()
+    base = arena._buf
+    while not isinstance(base, _FixedMapping):
+        base = base.base
+    ref = weakref.ref(base)
+    del base
+    slot = arena.alloc(4096, 1)
+    arena.copy_in(slot, b"q" * 4096)
+    view = arena.pinned_view(slot)
+    del arena
+    gc.collect()
+    assert ref() is not None and bytes(view) == b"q" * 4096  # the view keeps the mapping
+    view.release()
+    del view
+    gc.collect()
+    assert ref() is None
