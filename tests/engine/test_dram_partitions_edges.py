@@ -413,3 +413,10 @@ def test_the_shared_partitioned_mapping_goes_with_its_last_view(tmp_path):
     del view
     gc.collect()
     assert ref() is None
+
+
+def test_a_partition_cannot_claim_the_namespace_star(tmp_path):
+    """``["*"]`` is how stats and SHM_HELLO name the default partition's namespaces; a
+    partition listing "*" would be reported exactly like the default one."""
+    with pytest.raises(InvalidArgumentError, match="'\\*'"):
+        _open(tmp_path, parts={"p": {"bytes": 64 * KIB, "namespaces": ["a", "*"]}})
