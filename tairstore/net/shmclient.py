@@ -186,8 +186,12 @@ class ShmClient(Client):
         parts = []
         described = info.get("parts") or [{**info, "base": info.get("base", 0), "namespaces": ["*"]}]
         # Namespaces whose blocks are in a mapped file. "*" (the default partition's file) comes
-        # only with every other file: only a token covering every namespace may map it.
-        self._ns_mapped = {ns for p in described for ns in p.get("namespaces", ["*"])}
+        # only with every other file: only a token covering every namespace may map it. A file
+        # this process may not open (not in its partition's group) is skipped: the namespaces
+        # of its partition are read over the socket.
+        self._ns_mapped: set[str] = set()
+        self._ns_unmapped: set[str] = set()
+        refused = None
         for p in described:
             path, size, shift, cap = p["path"], p["size"], p["shift"], p["cap"]
             if shift + cap > size:
@@ -195,13 +199,19 @@ class ShmClient(Client):
             try:
                 fd = os.open(path, os.O_RDONLY)
             except OSError as exc:
-                raise InvalidArgumentError(f"cannot open the daemon's arena {path!r} here: {exc.strerror}; "
-                                           "use tcp:// (another host, or not in the arena's group)") from None
+                refused = refused or InvalidArgumentError(
+                    f"cannot open the daemon's arena {path!r} here: {exc.strerror}; "
+                    "use tcp:// (another host, or not in the arena's group)")
+                self._ns_unmapped.update(p.get("namespaces", ["*"]))
+                continue
             try:
                 mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
             finally:
                 os.close(fd)
+            self._ns_mapped.update(p.get("namespaces", ["*"]))
             parts.append((p["base"], cap, np.frombuffer(mm, np.uint8)[shift:shift + cap]))
+        if not parts:
+            raise refused
         parts.sort(key=lambda t: t[0])
         self._parts = parts
         self._bases = [base for base, _, _ in parts]
@@ -213,6 +223,8 @@ class ShmClient(Client):
 
     def _mapped(self, ns: str) -> bool:
         """Whether ``ns``'s blocks are in a file this client maps (else: the socket serves it)."""
+        if ns in self._ns_unmapped or ("*" in self._ns_unmapped and ns not in self._ns_mapped):
+            return False
         return "*" in self._ns_mapped or ns in self._ns_mapped
 
     def _locate(self, off: int, size: int) -> tuple[np.ndarray, int]:

@@ -192,3 +192,39 @@ def test_a_token_of_two_partitions_maps_both_and_not_the_default(tmp_path):
         assert c.get_into(b"k", out, namespace="nb") == 300 * KiB and is_block(out, 1)
         with pytest.raises(PermissionDeniedError, match="partition 'default'"):
             c._call_shm(Op.GET_SHM, {"ns": "shared", "keys": [b"k"]})
+
+
+@pytest.mark.parametrize("hide", ["a", "default"])
+def test_a_client_that_cannot_open_one_partitions_file_uses_the_others(tmp_path, monkeypatch, hide):
+    """Without tokens, isolation on the host is each file's group (docs/DAEMON.md): a process
+    outside partition a's group cannot open its file. Its client must still work: map the
+    files it may open, and read partition a's namespaces over the socket (simulated here by
+    refusing to open a's file, since the tests may run as root)."""
+    import tairstore.net.shmclient as shmclient
+
+    parts = {"a": {"bytes": 1 * MiB, "namespaces": ["na"]}}
+    with daemon(tmp_path, dram_partitions=parts) as d:
+        with ShmClient("shm+" + d.data_url) as full:
+            hidden = [p["path"] for p in full._call_shm(Op.SHM_HELLO, {}).fields["parts"] if p["name"] == hide]
+            assert full.put(b"k", block(1, 200 * KiB), namespace="na")
+            assert full.put(b"k", block(2, 200 * KiB), namespace="other")
+        real_open, real_access = os.open, os.access
+
+        def deny_open(path, *args, **kw):
+            if path in hidden:
+                raise PermissionError(13, "Permission denied", path)
+            return real_open(path, *args, **kw)
+
+        monkeypatch.setattr(shmclient.os, "open", deny_open)
+        monkeypatch.setattr(shmclient.os, "access",
+                            lambda path, mode: path not in hidden and real_access(path, mode))
+        # auto (the default file readable) or explicit shm+ (it is not: partition a's is)
+        url = d.data_url if hide == "a" else "shm+" + d.data_url
+        with tairstore.Client(url) as c:
+            assert isinstance(c, ShmClient) and len(c._parts) == 1
+            assert is_block(c.get(b"k", namespace="other"), 2)
+            assert is_block(c.get(b"k", namespace="na"), 1)
+            out = np.empty(200 * KiB, np.uint8)
+            assert c.get_into(b"k", out, namespace="na") == 200 * KiB and is_block(out, 1)
+            assert c.put(b"k2", block(3, 100 * KiB), namespace="na")
+            assert is_block(c.get(b"k2", namespace="na"), 3)
