@@ -202,22 +202,23 @@ class Placement:
             return 0.0, 0
         return self.space.usage(), self.space.live_limit
 
-    def shed(self, tier: str, frac: float, capacity: int, low: float) -> int:
-        """Watermark eviction: ``tier`` is at ``frac`` of ``capacity``, above its high mark;
-        evict down to ``low``. Returns the bytes freed.
+    def shed(self, tier: str, frac: float, capacity: int, marks) -> int:
+        """Watermark eviction: ``tier`` is at ``frac`` of ``capacity``, at or above
+        ``marks.high``; evict down to ``marks.low``. Returns the bytes freed.
 
-        With DRAM partitions, each partition is brought down to ``low`` of its own size by
-        evicting its own namespaces: one partition's blocks freed nothing another could use,
-        and other namespaces' puts must never evict a partition's blocks.
+        With DRAM partitions, each partition at or above ``high`` of its own size (at least
+        one is, when the whole arena is) is brought down to ``low`` of it by evicting its own
+        namespaces: one partition's blocks free nothing another could use, and other
+        namespaces' puts must never evict a partition's blocks.
         """
         if tier == "dram" and self.dram_part:
             freed = 0
             for part in range(self.dram.partitions):
-                excess = self.dram.partition_used(part) - int(low * self.dram.partition_bytes(part))
-                if excess > 0:
-                    freed += self.evict_global("dram", excess, part=part)
+                cap, used = self.dram.partition_bytes(part), self.dram.partition_used(part)
+                if used >= marks.high * cap:
+                    freed += self.evict_global("dram", used - int(marks.low * cap), part=part)
             return freed
-        return self.evict_global(tier, int(frac * capacity - low * capacity))
+        return self.evict_global(tier, int(frac * capacity - marks.low * capacity))
 
     def evict_global(self, tier: str, nbytes: int, *, one: bool = False, part: int | None = None) -> int:
         """Evict from the namespaces furthest over their fair share of ``tier``.

@@ -142,20 +142,25 @@ def test_arena_prefault_with_partitions_private():
 
 
 # ------------------------------------------------------------------------------ the store
-def test_watermark_eviction_never_takes_a_partitions_blocks_for_the_default_one(tmp_path):
-    """The default partition full pushes the whole arena over ``high``; team-a's partition is
-    at 75 %, below ``low``: the maintenance pass must not evict team-a's blocks (with no SSD
-    tier they are gone), since that frees nothing the default partition can use."""
+@pytest.mark.parametrize("a_blocks", [13, 16])
+def test_watermark_eviction_never_takes_a_partitions_blocks_for_the_default_one(tmp_path, a_blocks):
+    """The default partition full pushes the whole arena over ``high``. team-a below its own
+    ``high`` (13 of 16 slots: 81 %) keeps every block: evicting them frees nothing the default
+    partition can use (and with no SSD tier they would be gone). team-a full itself (16 of
+    16) is brought down to ``low`` of its own size, like the default partition."""
+    small = 16 * KIB
     with _open(tmp_path, background=False) as store:
-        for i in range(3):  # team-a at 192 KiB of its 256 KiB
-            assert store.put(b"a%d" % i, _block(i), namespace="a1")
+        for i in range(a_blocks):
+            assert store.put(b"a%d" % i, _block(i, small), namespace="a1")
         for n in range(6):  # six namespaces of 128 KiB fill the 768 KiB default partition
             for i in range(2):
                 assert store.put(b"b%d" % i, _block(i), namespace=f"b{n}")
         assert store.stats()["tiers"]["dram"]["usage"] > 0.9
         store.maintain()
-        assert [store.get(b"a%d" % i, namespace="a1") is not None for i in range(3)] == [True] * 3
+        held = sum(store.get(b"a%d" % i, namespace="a1") is not None for i in range(a_blocks))
+        assert held == (13 if a_blocks == 13 else 12)
         assert _parts(store)["default"]["used_bytes"] <= 0.75 * 768 * KIB
+        assert store.stats()["tiers"]["dram"]["usage"] < 0.9
 
 
 def test_block_larger_than_its_partition(tmp_path):
