@@ -425,3 +425,59 @@ def test_a_partition_cannot_claim_the_namespace_star(tmp_path):
     partition listing "*" would be reported exactly like the default one."""
     with pytest.raises(InvalidArgumentError, match="'\\*'"):
         _open(tmp_path, parts={"p": {"bytes": 64 * KIB, "namespaces": ["a", "*"]}})
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_ops_never_cross_partitions(tmp_path, seed):
+    """Random puts (mixed sizes), gets holding views, deletes and trims over namespaces of two
+    partitions and the default one, with no SSD tier (an eviction loses the block): a block
+    only ever disappears through an operation on a namespace of its own partition, and the
+    arena's accounting holds throughout."""
+    rng = random.Random(seed)
+    parts = {"p": {"bytes": 192 * KIB, "namespaces": ["p1", "p2"]},
+             "q": {"bytes": 128 * KIB, "namespaces": ["q1"]}}
+    part_of = {"p1": "p", "p2": "p", "q1": "q", "d1": "default", "d2": "default"}
+    present: dict[tuple[str, bytes], bytes] = {}
+    views: list[memoryview] = []
+    with _open(tmp_path, parts=parts, background=False) as store:
+        for step in range(600):
+            ns = rng.choice(list(part_of))
+            op = rng.random()
+            if op < 0.6:
+                key = b"k%d" % rng.randrange(30)
+                data = bytes([rng.randrange(256)]) * rng.choice([100, 4096, 10_000, 40_000])
+                try:
+                    if store.put(key, data, namespace=ns):  # False: the key is there already
+                        present[(ns, key)] = data
+                except CapacityError:
+                    pass  # pinned views fill the partition
+            elif op < 0.8:
+                key = b"k%d" % rng.randrange(30)
+                v = store.get(key, namespace=ns)
+                if v is not None:
+                    assert bytes(v) == present[(ns, key)]
+                    if rng.random() < 0.3 and len(views) < 6:
+                        views.append(v)
+            elif op < 0.9:
+                key = b"k%d" % rng.randrange(30)
+                store.delete([key], namespace=ns)
+                present.pop((ns, key), None)
+            elif op < 0.93:
+                store.trim(ns)
+                present = {k: v for k, v in present.items() if k[0] != ns}
+            elif views:
+                views.pop(rng.randrange(len(views))).release()
+            # Blocks of the other partitions are all still there.
+            for (n, key), data in list(present.items()):
+                if part_of[n] == part_of[ns]:
+                    if store.tier_of(key, namespace=n) is None:
+                        del present[(n, key)]  # evicted within its own partition: allowed
+                    continue
+                assert store.tier_of(key, namespace=n) == "dram", (step, ns, n, key)
+            if step % 50 == 0:
+                store._dram.check_invariants()
+                stats = _parts(store)
+                assert all(s["used_bytes"] <= s["capacity"] for s in stats.values())
+        for v in views:
+            v.release()
+        store._dram.check_invariants()
