@@ -481,3 +481,10 @@ def test_random_ops_never_cross_partitions(tmp_path, seed):
         for v in views:
             v.release()
         store._dram.check_invariants()
+
+
+def test_stats_hand_out_copies_not_the_configs_lists(tmp_path):
+    with _open(tmp_path) as store:
+        store.stats()["tiers"]["dram"]["partitions"]["team-a"]["namespaces"].append("intruder")
+        assert _parts(store)["team-a"]["namespaces"] == ["a1", "a2"]
+        assert store.config.dram_partitions["team-a"]["namespaces"] == ["a1", "a2"]
