@@ -103,8 +103,11 @@ def shm_reachable(url: str, token: str | None, timeout: float | None) -> bool:
                     # rather than try a second connection with the same bad token.
                     raise _refusal(auth)
             resp = conn.call(Call(Op.SHM_HELLO, {}, lambda r: r))
-        path = resp.fields.get("path", "") if resp.error is None else ""
-        return bool(path) and os.access(path, os.R_OK)
+        if resp.error is not None:
+            return False
+        # The top-level path (the default partition's file), else the partitions' files.
+        paths = [resp.fields.get("path", "")] + [p.get("path", "") for p in resp.fields.get("parts") or ()]
+        return any(p and os.access(p, os.R_OK) for p in paths)
     except _Refused as refused:
         raise refused.error from None
     except (StoreError, OSError):
@@ -181,7 +184,7 @@ class ShmClient(Client):
         """
         with self._shm_lock:
             info = self._call_shm(Op.SHM_HELLO, {}).fields
-        if not info["path"]:
+        if not info["path"] and not info.get("parts"):
             raise InvalidArgumentError("the daemon's arena is not in shared memory (configure [shm])")
         parts = []
         described = info.get("parts") or [{**info, "base": info.get("base", 0), "namespaces": ["*"]}]

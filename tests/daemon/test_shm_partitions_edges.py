@@ -118,7 +118,7 @@ def test_hello_describes_only_the_mappable_file_with_its_base(tmp_path):
         assert len(info["parts"]) == 1
         part = info["parts"][0]
         assert part["name"] == "a" and part["namespaces"] == ["team-a", "team-a2"]
-        assert part["base"] > 0 and info["base"] == part["base"] and info["path"] == part["path"]
+        assert part["base"] > 0 and info["path"] == "" and info["base"] == 0  # see below
         assert part["cap"] == 2 * MiB and part["shift"] + part["cap"] <= part["size"]
 
 
@@ -228,3 +228,27 @@ def test_a_client_that_cannot_open_one_partitions_file_uses_the_others(tmp_path,
             assert c.get_into(b"k", out, namespace="na") == 200 * KiB and is_block(out, 1)
             assert c.put(b"k2", block(3, 100 * KiB), namespace="na")
             assert is_block(c.get(b"k2", namespace="na"), 3)
+
+
+def test_a_client_that_predates_parts_never_misreads_a_partition(tmp_path):
+    """A ShmClient from before partitions reads only SHM_HELLO's top-level path/shift/cap and
+    indexes that file by arena offset (base 0). Offered team-a's file there (base > 0, and
+    larger than the default partition, so many of its offsets pass that client's bounds
+    check), it would read other bytes than the block's. The top-level fields may name only a
+    file whose arena offset is 0."""
+    tokens = {"tokens": [{"token": ALL_TOKEN, "namespaces": "*"},
+                         {"token": TEAM_A, "namespaces": ["team-a", "team-a2"]}]}
+    parts = {"a": {"bytes": 6 * MiB, "namespaces": ["team-a", "team-a2"]}}
+    with daemon(tmp_path, extra=tokens, dram_partitions=parts) as d:
+        with ShmClient("shm+" + d.data_url, token=TEAM_A) as a:
+            info = a._call_shm(Op.SHM_HELLO, {}).fields
+            assert info["path"] == "" or info.get("base", 0) == 0
+            assert len(info["parts"]) == 1 and info["parts"][0]["base"] > 0
+            assert a.put(b"k", block(5, 64 * KiB), namespace="team-a")
+            assert is_block(a.get(b"k", namespace="team-a"), 5)
+        with tairstore.Client(d.data_url, token=TEAM_A) as auto:  # still detected as local
+            assert isinstance(auto, ShmClient)
+            assert is_block(auto.get(b"k", namespace="team-a"), 5)
+        with ShmClient("shm+" + d.data_url, token=ALL_TOKEN) as s:
+            info = s._call_shm(Op.SHM_HELLO, {}).fields
+            assert info["path"] and info["base"] == 0 and len(info["parts"]) == 2
