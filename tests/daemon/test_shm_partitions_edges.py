@@ -252,3 +252,37 @@ def test_a_client_that_predates_parts_never_misreads_a_partition(tmp_path):
         with ShmClient("shm+" + d.data_url, token=ALL_TOKEN) as s:
             info = s._call_shm(Op.SHM_HELLO, {}).fields
             assert info["path"] and info["base"] == 0 and len(info["parts"]) == 2
+
+
+def test_restart_with_other_partitions_and_write_back(tmp_path):
+    """DRAM is not persistent: a daemon restarted with other partitions (and write-back, so
+    the first run's blocks were acknowledged from DRAM) serves every block, in the new
+    layout, from both kinds of client."""
+    first = {"a": {"bytes": 1 * MiB, "namespaces": ["na"]}}
+    with daemon(tmp_path, ssd=64 * MiB, durability="none", write_back=True, dram_partitions=first) as d, \
+            ShmClient("shm+" + d.data_url) as c:
+        for i, ns in enumerate(("na", "nb", "x")):
+            assert c.put(b"k", block(i, 256 * KiB), namespace=ns)
+    second = {"b": {"bytes": 2 * MiB, "namespaces": ["nb", "x"]}, "c": {"bytes": 1 * MiB, "namespaces": ["nc"]}}
+    with daemon(tmp_path, ssd=64 * MiB, durability="none", write_back=True, promote_on="first",
+                dram_partitions=second) as d, ShmClient("shm+" + d.data_url) as c:
+        assert sorted(p[0] > 0 for p in c._parts) == [False, True, True]
+        for _ in range(2):  # SSD first, then promoted into its partition and read in place
+            for i, ns in enumerate(("na", "nb", "x")):
+                assert is_block(c.get(b"k", namespace=ns), i)
+        parts = c.stats()["tiers"]["dram"]["partitions"]
+        assert set(parts) == {"default", "b", "c"}
+        assert parts["b"]["used_bytes"] == 512 * KiB and parts["default"]["used_bytes"] == 256 * KiB
+
+
+def test_toml_partition_tables_with_a_numeric_group(tmp_path):
+    from tairstore.daemon.config import load_config
+
+    p = tmp_path / "c.toml"
+    p.write_text('[store]\ndram_bytes = "64MiB"\n'
+                 '[store.dram_partitions.gpu0]\nbytes = 5000\nnamespaces = ["x"]\ngroup = 0\n'
+                 '[store.dram_partitions."team b"]\nbytes = "1MiB"\nnamespaces = ["y", "z"]\n')
+    cfg = load_config(str(p))
+    assert cfg.store["dram_partitions"] == {
+        "gpu0": {"bytes": 5000, "namespaces": ["x"], "group": 0},
+        "team b": {"bytes": 1 * MiB, "namespaces": ["y", "z"]}}

@@ -488,3 +488,32 @@ def test_stats_hand_out_copies_not_the_configs_lists(tmp_path):
         store.stats()["tiers"]["dram"]["partitions"]["team-a"]["namespaces"].append("intruder")
         assert _parts(store)["team-a"]["namespaces"] == ["a1", "a2"]
         assert store.config.dram_partitions["team-a"]["namespaces"] == ["a1", "a2"]
+
+
+@pytest.mark.skipif(SHM_DIR is None, reason="needs /dev/shm (Linux)")
+@pytest.mark.parametrize("granularity", [1024, 4096, 65536])
+def test_shared_partitions_with_small_and_large_granules(tmp_path, granularity):
+    """Partitions of a shared arena whose sizes are not page multiples (1 KiB granules) or
+    whose granules exceed a page: every partition's bytes land in its own file at
+    ``offset - base``, and a write to the end of one never reaches the next."""
+    sizes = [3 * granularity + (0 if granularity >= 4096 else 1024), 2 * granularity]
+    backings = [SharedBacking(str(tmp_path)) for _ in range(3)]
+    try:
+        arena = DramArena(64 * granularity, granularity=granularity, backing=backings, partitions=sizes)
+        for part in range(3):
+            n = arena.partition_bytes(part)
+            slot = arena.alloc(n, part)  # the whole partition, up to its last byte
+            arena.copy_in(slot, bytes([part + 1]) * n)
+            b = backings[part]
+            assert b.base == arena.partition_offset(part) and b.capacity == n
+            with open(b.path, "rb") as f:
+                f.seek(b.shift + slot.offset - b.base)
+                assert f.read(n) == bytes([part + 1]) * n
+        for part in range(3):
+            s = arena.partition_offset(part)
+            assert bytes(arena.memory[s:s + arena.partition_bytes(part)]) == \
+                bytes([part + 1]) * arena.partition_bytes(part)
+        arena.check_invariants()
+    finally:
+        for b in backings:
+            b.unlink()
