@@ -517,3 +517,27 @@ def test_shared_partitions_with_small_and_large_granules(tmp_path, granularity):
     finally:
         for b in backings:
             b.unlink()
+
+
+def test_prefault_of_a_large_partitioned_arena_runs_in_the_background_like_an_unpartitioned_one():
+    """A partitioned arena was populated whole in the calling thread (the store's open, the
+    daemon's start), with no way for close() to stop it. Where populate works, it now goes
+    like an unpartitioned arena: the first chunk now, the rest in the background, and the
+    bytes of blocks written meanwhile never change."""
+    plain = DramArena(80 * MIB)
+    expected = plain.prefault()
+    plain.stop_prefault()
+    arena = DramArena(80 * MIB, partitions=[8 * MIB, 8 * MIB])
+    how = arena.prefault()
+    assert how == expected
+    slots = []
+    for i in range(18):  # six 1 MiB blocks in each partition
+        part = i % 3
+        slot = arena.alloc(1 * MIB, part)
+        arena.copy_in(slot, bytes([i]) * MIB)
+        slots.append(slot)
+    for i, slot in enumerate(slots):
+        assert bytes(arena.pinned_view(slot)) == bytes([i]) * MIB
+    arena.stop_prefault()
+    small = DramArena(8 * MIB, partitions=[1 * MIB])
+    assert small.prefault() == "done"  # within the first chunk: all of it now
