@@ -92,8 +92,6 @@ def test_get_many_over_mapped_and_unmapped_partitions(tmp_path):
         for i in range(3):
             assert a.put(b"s%d" % i, block(100 + i, 64 * KiB), namespace="shared")
         admin.put(b"b", block(200, 64 * KiB), namespace="team-b")
-        tiers = [admin.tier_of(b"a%d" % i, namespace="team-a") for i in range(12)] \
-            if hasattr(admin, "tier_of") else None
         keys = [b"a%d" % i for i in range(12)] + [b"nope"]
         got = a.get_many(keys, namespace="team-a")
         assert got[-1] is None
@@ -105,7 +103,6 @@ def test_get_many_over_mapped_and_unmapped_partitions(tmp_path):
         out = np.empty(256 * KiB, np.uint8)
         assert a.get_into(b"a0", out, namespace="team-a") == 256 * KiB and is_block(out, 0)
         assert a.get_into(b"a11", out, namespace="team-a") == 256 * KiB and is_block(out, 11)
-        del tiers
         stats = admin.stats()["tiers"]["dram"]["partitions"]
         assert stats["a"]["used_bytes"] <= 2 * MiB
         assert stats["default"]["used_bytes"] == 4 * 64 * KiB

@@ -227,7 +227,6 @@ def test_dram_quota_inside_a_partition(tmp_path):
 
 def test_a_namespace_made_at_runtime_lands_in_the_default_partition(tmp_path):
     with _open(tmp_path) as store:
-        store.create_namespace("fresh") if hasattr(store, "create_namespace") else None
         assert store.put(b"k", _block(1), namespace="fresh")
         assert _parts(store)["default"]["used_bytes"] == BLOCK
         assert _parts(store)["team-a"]["used_bytes"] == 0
