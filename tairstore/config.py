@@ -88,6 +88,8 @@ def check_dram_partitions(parts: Any, dram_bytes: int) -> dict | None:
             raise InvalidArgumentError(f"{where}['namespaces'] must be a non-empty list of namespaces")
         for ns in names:
             check_namespace(ns)
+            if ns == "*":  # SHM_HELLO's namespaces ["*"] name the default partition
+                raise InvalidArgumentError(f"{where}['namespaces']: '*' is not a namespace a partition can hold")
             if ns in owner:
                 raise InvalidArgumentError(f"dram_partitions: namespace {ns!r} is in both {owner[ns]!r} and {name!r}")
             owner[ns] = name

@@ -221,7 +221,8 @@ async def run_daemon(config: DaemonConfig, *, handle_signals: bool = True,
         group = config.shm.group or None
         parts = (options.get("dram_partitions") or {}).values()
         backing = [SharedBacking(config.shm.dir, group)] + [
-            SharedBacking(config.shm.dir, p.get("group") or group) for p in parts]
+            SharedBacking(config.shm.dir, group if p.get("group") is None else p["group"])
+            for p in parts]  # a numeric group may be 0
     try:
         # The store maps its DRAM arena from the backing (None: private memory).
         store = await trio.to_thread.run_sync(

@@ -257,15 +257,20 @@ class ShmService:
     def hello(self, token: str | None) -> dict:
         """SHM_HELLO's answer: where the arena files this token may map are (``parts``: path,
         file size, shift, capacity, arena offset ``base`` and ``namespaces`` (``["*"]``: every
-        namespace of no other partition) of each; the first one also at the top level), or an
-        empty path when there is none."""
+        namespace of no other partition) of each; the default partition's, when the token may
+        map it, also at the top level, else an empty path there), or an empty path and no parts
+        when there is no shared arena."""
         if self.backing is None:
             return {"path": "", "size": 0, "shift": 0, "cap": 0, "base": 0, "parts": []}
         parts = [{"path": b.path, "size": b.mapped_bytes, "shift": b.shift, "cap": b.capacity,
                   "base": b.base, "name": self.part_names[i],
                   "namespaces": self.part_namespaces[i] or ["*"]}
                  for i, b in ((i, self.backings[i]) for i in self._mappable(token))]
-        return {**{k: parts[0][k] for k in ("path", "size", "shift", "cap", "base")}, "parts": parts}
+        # The top level is what a client that predates ``parts`` reads: it indexes that file
+        # by arena offset, so it may name only a file whose arena offset is 0 (the default
+        # partition's); else it names none, and such a client reads over the socket.
+        top = parts[0] if parts[0]["base"] == 0 else {"path": "", "size": 0, "shift": 0, "cap": 0, "base": 0}
+        return {**{k: top[k] for k in ("path", "size", "shift", "cap", "base")}, "parts": parts}
 
     def get(self, leases: LeaseTable, token: str | None, fields: dict) -> dict:
         """GET_SHM: give back ``rel_o``/``rel_g`` first, then lease each key's slot."""

@@ -119,9 +119,8 @@ class Maintenance:
                     continue
                 state = self.watermarks.update(tier, frac)
                 if state == "high":
-                    low = self.watermarks.marks[tier].low
                     self._counters["watermark_evictions"] += 1
-                    self._placement.evict_global(tier, int(frac * capacity - low * capacity))
+                    self._placement.shed(tier, frac, capacity, self.watermarks.marks[tier])
 
     def sweep_ttl(self) -> int:
         """Remove the blocks whose namespace's TTL has passed; O(expired), not O(blocks)."""

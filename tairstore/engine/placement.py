@@ -141,7 +141,9 @@ class Placement:
         part = self.dram_part.get(st.name, 0) if self.dram_part else 0
         if size > arena.partition_bytes(part):
             if required:
-                raise CapacityError(f"block of {size} bytes is larger than the DRAM tier",
+                where = (f"its DRAM partition ({arena.partition_bytes(part)} bytes)"
+                         if arena.partitions > 1 else "the DRAM tier")
+                raise CapacityError(f"block of {size} bytes is larger than {where}",
                                     dimension="tier:dram")
             return
         if st.over("dram", size):
@@ -199,6 +201,24 @@ class Placement:
         if self.space is None:
             return 0.0, 0
         return self.space.usage(), self.space.live_limit
+
+    def shed(self, tier: str, frac: float, capacity: int, marks) -> int:
+        """Watermark eviction: ``tier`` is at ``frac`` of ``capacity``, at or above
+        ``marks.high``; evict down to ``marks.low``. Returns the bytes freed.
+
+        With DRAM partitions, each partition at or above ``high`` of its own size (at least
+        one is, when the whole arena is) is brought down to ``low`` of it by evicting its own
+        namespaces: one partition's blocks free nothing another could use, and other
+        namespaces' puts must never evict a partition's blocks.
+        """
+        if tier == "dram" and self.dram_part:
+            freed = 0
+            for part in range(self.dram.partitions):
+                cap, used = self.dram.partition_bytes(part), self.dram.partition_used(part)
+                if used >= marks.high * cap:
+                    freed += self.evict_global("dram", used - int(marks.low * cap), part=part)
+            return freed
+        return self.evict_global(tier, int(frac * capacity - marks.low * capacity))
 
     def evict_global(self, tier: str, nbytes: int, *, one: bool = False, part: int | None = None) -> int:
         """Evict from the namespaces furthest over their fair share of ``tier``.

@@ -672,7 +672,7 @@ class Store:
                         name: {"capacity": self._dram.partition_bytes(i),
                                "used_bytes": self._dram.partition_used(i),
                                "namespaces": (["*"] if i == 0 else
-                                              self.config.dram_partitions[name]["namespaces"])}
+                                              list(self.config.dram_partitions[name]["namespaces"]))}
                         for i, name in enumerate(names)}
             if self._space is not None:
                 tiers["ssd"] = {"blocks": catalog.tier_blocks["ssd"], "bytes": ns_totals["ssd"],

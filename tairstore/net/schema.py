@@ -225,9 +225,10 @@ RESPONSE_FIELDS: dict[Op, tuple] = {
     Op.FINISH_WRITE: (("count", _uint, REQ),),
     Op.ABORT_WRITE: (),
     Op.STATS: (("stats", _map, REQ),),
-    # path: the arena file ("" when the daemon has no shared arena); shift: where arena offset
-    # base is in it; size: its mapped bytes; cap: the usable bytes in it. parts: the same for
-    # every file (one per DRAM partition) the connection's token may map, the first one too.
+    # path: the arena file ("" when the daemon has no shared arena, or when the connection's
+    # token may not map the default partition's file); shift: where arena offset base is in
+    # it; size: its mapped bytes; cap: the usable bytes in it. parts: the same for every file
+    # (one per DRAM partition) the connection's token may map, the top-level one included.
     Op.SHM_HELLO: (("path", _str, REQ), ("size", _uint, REQ), ("shift", _uint, REQ), ("cap", _uint, REQ),
                    ("base", _uint, OPT), ("parts", _parts, OPT)),
     # Per key: size -1 a miss, -2 stored but not in DRAM (read it with GET); else its slot.

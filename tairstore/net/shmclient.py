@@ -103,8 +103,11 @@ def shm_reachable(url: str, token: str | None, timeout: float | None) -> bool:
                     # rather than try a second connection with the same bad token.
                     raise _refusal(auth)
             resp = conn.call(Call(Op.SHM_HELLO, {}, lambda r: r))
-        path = resp.fields.get("path", "") if resp.error is None else ""
-        return bool(path) and os.access(path, os.R_OK)
+        if resp.error is not None:
+            return False
+        # The top-level path (the default partition's file), else the partitions' files.
+        paths = [resp.fields.get("path", "")] + [p.get("path", "") for p in resp.fields.get("parts") or ()]
+        return any(p and os.access(p, os.R_OK) for p in paths)
     except _Refused as refused:
         raise refused.error from None
     except (StoreError, OSError):
@@ -181,13 +184,17 @@ class ShmClient(Client):
         """
         with self._shm_lock:
             info = self._call_shm(Op.SHM_HELLO, {}).fields
-        if not info["path"]:
+        if not info["path"] and not info.get("parts"):
             raise InvalidArgumentError("the daemon's arena is not in shared memory (configure [shm])")
         parts = []
         described = info.get("parts") or [{**info, "base": info.get("base", 0), "namespaces": ["*"]}]
         # Namespaces whose blocks are in a mapped file. "*" (the default partition's file) comes
-        # only with every other file: only a token covering every namespace may map it.
-        self._ns_mapped = {ns for p in described for ns in p.get("namespaces", ["*"])}
+        # only with every other file: only a token covering every namespace may map it. A file
+        # this process may not open (not in its partition's group) is skipped: the namespaces
+        # of its partition are read over the socket.
+        self._ns_mapped: set[str] = set()
+        self._ns_unmapped: set[str] = set()
+        refused = None
         for p in described:
             path, size, shift, cap = p["path"], p["size"], p["shift"], p["cap"]
             if shift + cap > size:
@@ -195,13 +202,19 @@ class ShmClient(Client):
             try:
                 fd = os.open(path, os.O_RDONLY)
             except OSError as exc:
-                raise InvalidArgumentError(f"cannot open the daemon's arena {path!r} here: {exc.strerror}; "
-                                           "use tcp:// (another host, or not in the arena's group)") from None
+                refused = refused or InvalidArgumentError(
+                    f"cannot open the daemon's arena {path!r} here: {exc.strerror}; "
+                    "use tcp:// (another host, or not in the arena's group)")
+                self._ns_unmapped.update(p.get("namespaces", ["*"]))
+                continue
             try:
                 mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
             finally:
                 os.close(fd)
+            self._ns_mapped.update(p.get("namespaces", ["*"]))
             parts.append((p["base"], cap, np.frombuffer(mm, np.uint8)[shift:shift + cap]))
+        if not parts:
+            raise refused
         parts.sort(key=lambda t: t[0])
         self._parts = parts
         self._bases = [base for base, _, _ in parts]
@@ -213,6 +226,8 @@ class ShmClient(Client):
 
     def _mapped(self, ns: str) -> bool:
         """Whether ``ns``'s blocks are in a file this client maps (else: the socket serves it)."""
+        if ns in self._ns_unmapped or ("*" in self._ns_unmapped and ns not in self._ns_mapped):
+            return False
         return "*" in self._ns_mapped or ns in self._ns_mapped
 
     def _locate(self, off: int, size: int) -> tuple[np.ndarray, int]:

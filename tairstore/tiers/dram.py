@@ -224,7 +224,9 @@ class _FixedMapping:
                                        f"DRAM arena: errno {ctypes.get_errno()}")
         import weakref
 
-        weakref.finalize(self, munmap, raw, total)
+        # Not at interpreter exit (atexit=False): daemon threads may still read views then,
+        # and the process's end unmaps the range anyway.
+        weakref.finalize(self, munmap, raw, total).atexit = False
         base = -(-raw // align) * align
         for backing, start, cap in zip(backings, starts, caps):
             fd = backing.create(cap)
@@ -546,30 +548,35 @@ class DramArena:
         """
         madvise = _madvise()
         page = mmap.PAGESIZE
-        if len(self._caps) > 1:
-            # Partition by partition (the gaps between them are not mapped), in this thread.
-            if madvise is None:
-                return self._prefault_by_writing(page)
-            for pstart, n in zip(self._starts, self._caps):
-                start = -(-(self._base + pstart) // page) * page
-                end = (self._base + pstart + n) // page * page
-                madvise(start, end - start, MADV_HUGEPAGE)
-                if end > start and madvise(start, end - start, MADV_POPULATE_WRITE) != 0:
-                    return self._prefault_by_writing(page)
-            return "done"
-        start = -(-self._base // page) * page
-        end = (self._base + self._capacity) // page * page
-        if madvise is not None and end > start:
-            madvise(start, end - start, MADV_HUGEPAGE)  # a hint: failure changes nothing
-            first = min(end, start + PREFAULT_CHUNK)
+        # Each partition's whole pages (the gaps between partitions are not mapped when the
+        # arena is shared); one range when the arena is not partitioned.
+        ranges = []
+        for pstart, n in zip(self._starts, self._caps):
+            start = -(-(self._base + pstart) // page) * page
+            end = (self._base + pstart + n) // page * page
+            if end > start:
+                ranges.append((start, end))
+        if madvise is not None and ranges:
+            for start, end in ranges:
+                madvise(start, end - start, MADV_HUGEPAGE)  # a hint: failure changes nothing
+            # The first PREFAULT_CHUNK bytes now (the first call tells whether populate
+            # works), the rest in the background.
+            now, later, budget = [], [], PREFAULT_CHUNK
+            for start, end in ranges:
+                cut = min(end, start + budget)
+                if cut > start:
+                    now.append((start, cut))
+                    budget -= cut - start
+                if end > cut:
+                    later.append((cut, end))
+            (start, first), rest = now[0], now[1:]
             if madvise(start, first - start, MADV_POPULATE_WRITE) == 0:
-                if first == end:
+                if not later or not background:
+                    self._populate(madvise, rest + later)
                     return "done"
-                if not background:
-                    self._populate(madvise, first, end)
-                    return "done"
+                self._populate(madvise, rest)
                 self._prefault_stop = threading.Event()
-                threading.Thread(target=self._populate, args=(madvise, first, end),
+                threading.Thread(target=self._populate, args=(madvise, later),
                                  name="tairstore-dram-prefault", daemon=True).start()
                 return "background"
         return self._prefault_by_writing(page)
@@ -582,14 +589,15 @@ class DramArena:
                 self._buf[start : start + n : page] = 0
         return "done"
 
-    def _populate(self, madvise, start: int, end: int) -> None:
+    def _populate(self, madvise, ranges: list[tuple[int, int]]) -> None:
         stop = self._prefault_stop
-        for off in range(start, end, PREFAULT_CHUNK):
-            if stop is not None and stop.is_set():
-                return
-            if madvise(off, min(PREFAULT_CHUNK, end - off), MADV_POPULATE_WRITE) != 0:
-                _log.info("DRAM prefault stopped: madvise errno %d", ctypes.get_errno())
-                return
+        for start, end in ranges:
+            for off in range(start, end, PREFAULT_CHUNK):
+                if stop is not None and stop.is_set():
+                    return
+                if madvise(off, min(PREFAULT_CHUNK, end - off), MADV_POPULATE_WRITE) != 0:
+                    _log.info("DRAM prefault stopped: madvise errno %d", ctypes.get_errno())
+                    return
 
     def stop_prefault(self) -> None:
         """Stop a background prefault (at close); the pages already in stay in."""
