@@ -138,9 +138,11 @@ class Hf3fsTier(RemoteTier):
     def _slots_per_file(self, cls: int) -> int:
         return max(1, self.config["file_bytes"] // cls)
 
-    def _alloc(self, txn: lmdb.Transaction, cls: int) -> tuple[int, int] | None:
-        """Pop a free slot of class ``cls``, creating a data file when the class has none."""
-        cur = txn.cursor(db=self._free)
+    def _alloc(self, txn: lmdb.Transaction, cls: int, cur: Any = None) -> tuple[int, int] | None:
+        """Pop a free slot of class ``cls``, creating a data file when the class has none
+        (``cur``: a cursor on the free list of ``txn``, reused across a batch)."""
+        if cur is None:
+            cur = txn.cursor(db=self._free)
         prefix = _CLASS.pack(cls)
         if cur.set_range(prefix) and cur.key().startswith(prefix):
             _, number, slot = _FREE.unpack(cur.key())
@@ -189,12 +191,13 @@ class Hf3fsTier(RemoteTier):
         placed: dict[int, tuple[int, int, int]] = {}
         try:
             with self._env.begin(write=True) as txn:                       # step 1
+                free = txn.cursor(db=self._free)
                 for i, ik in enumerate(ikeys):
                     if txn.get(ik, db=self._blocks) is not None:
                         done[i] = True
                         continue
                     cls = slot_class(len(views[i]))
-                    where = self._alloc(txn, cls)
+                    where = self._alloc(txn, cls, free)
                     if where is not None:
                         placed[i] = (cls, *where)
             order = list(placed.items())
@@ -212,12 +215,15 @@ class Hf3fsTier(RemoteTier):
             written = {i: crc for (i, _), crc in zip(order, crcs_out) if crc is not None}
             with self._env.begin(write=True) as txn:                       # step 3
                 added = 0
+                blocks_db = self._blocks
                 for i, (cls, number, slot) in placed.items():
-                    if i not in written or txn.get(ikeys[i], db=self._blocks) is not None:
+                    # overwrite=False: False when another process published the key meanwhile.
+                    if i not in written or not txn.put(
+                            ikeys[i], RECORD.pack(cls, number, slot, len(views[i]), written[i]),
+                            db=blocks_db, overwrite=False):
                         self._release(txn, cls, number, slot)
                         done[i] = i in written
                         continue
-                    txn.put(ikeys[i], RECORD.pack(cls, number, slot, len(views[i]), written[i]), db=self._blocks)
                     added += len(views[i])
                     done[i] = True
                 self._add_used(txn, added)
