@@ -266,6 +266,8 @@ def _config_corpus() -> list[bytes]:
         '[limits]\nmax_frame_bytes = "65MiB"\nmax_batch = 1024\nhttp_max_body_bytes = "8MiB"\n',
         '[[tokens]]\ntoken = "0123456789abcdef0123"\nnamespaces = ["a", "b"]\nrole = "user"\n',
         '[namespaces.team-a]\ntotal_bytes = "1GiB"\ndram_bytes = "256MiB"\n',
+        '[store]\ndram_bytes = "64MiB"\n[store.dram_partitions.team-a]\nbytes = "8MiB"\n'
+        'namespaces = ["a", "b"]\ngroup = "gpu"\n[shm]\npartitions = "auto"\nlease_s = 30\n',
         '',
     ]
     return [d.encode() for d in docs]
