@@ -149,11 +149,23 @@ class SharedBacking:
         self.capacity = 0
         self.base = 0
 
+    @property
+    def page_bytes(self) -> int:
+        """The unit files in ``directory`` are sized and mapped in: its file system's block
+        size when larger than a page (hugetlbfs: the huge page size), else a page."""
+        try:
+            bsize = os.statvfs(self.directory).f_bsize
+        except OSError:
+            return mmap.PAGESIZE
+        if bsize > mmap.PAGESIZE and not bsize & (bsize - 1):
+            return bsize
+        return mmap.PAGESIZE
+
     def map(self, nbytes: int) -> np.ndarray:
         """Create the file (O_EXCL, owner-only), size it, and map it shared read-write."""
         fd = self.create(nbytes)
         try:
-            mm = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            mm = mmap.mmap(fd, self.mapped_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
             self.unlink()
@@ -162,9 +174,12 @@ class SharedBacking:
         return np.frombuffer(mm, dtype=np.uint8)
 
     def create(self, nbytes: int) -> int:
-        """Create the file (O_EXCL, owner-only or the group's), size it; returns its open fd."""
+        """Create the file (O_EXCL, owner-only or the group's), size it (``nbytes`` rounded up
+        to :attr:`page_bytes`: a hugetlbfs file holds whole huge pages); returns its open fd."""
         if self.path:
             raise InvalidArgumentError("a shared backing holds one arena")
+        unit = self.page_bytes
+        nbytes = -(-nbytes // unit) * unit
         try:
             fd, path = tempfile.mkstemp(prefix="tairstore-arena-", dir=self.directory)
         except OSError as exc:
@@ -209,13 +224,15 @@ class _FixedMapping:
     when the last of them is gone (never while a view could still read it).
     """
 
-    def __init__(self, span: int, align: int, backings: list, starts: list[int], caps: list[int]) -> None:
+    def __init__(self, span: int, align: int, backings: list, starts: list[int], caps: list[int],
+                 unit: int) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         mmap_fn, munmap = libc.mmap, libc.munmap
         mmap_fn.restype, mmap_fn.argtypes = ctypes.c_void_p, [
             ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
         munmap.restype, munmap.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t]
-        total = span + align
+        # Reserved: up to the end of the last file's mapping (whole units), plus room to align.
+        total = starts[-1] + -(-caps[-1] // unit) * unit + align
         noreserve = getattr(mmap, "MAP_NORESERVE", 0x4000)
         # PROT_NONE (0): the gaps between the partitions stay unreadable.
         raw = mmap_fn(None, total, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | noreserve, -1, 0)
@@ -229,9 +246,9 @@ class _FixedMapping:
         weakref.finalize(self, munmap, raw, total).atexit = False
         base = -(-raw // align) * align
         for backing, start, cap in zip(backings, starts, caps):
-            fd = backing.create(cap)
+            fd = backing.create(cap)  # rounded up to the directory's page_bytes
             try:
-                got = mmap_fn(base + start, cap, mmap.PROT_READ | mmap.PROT_WRITE,
+                got = mmap_fn(base + start, backing.mapped_bytes, mmap.PROT_READ | mmap.PROT_WRITE,
                               mmap.MAP_SHARED | 0x10, fd, 0)  # 0x10: MAP_FIXED
             finally:
                 os.close(fd)
@@ -314,19 +331,21 @@ class DramArena:
             raise InvalidArgumentError(
                 f"the DRAM partitions ({sum(caps[1:])} bytes) leave the default partition less "
                 f"than {granularity} of the {capacity} bytes")
+        backings = list(backing) if isinstance(backing, (list, tuple)) else [backing]
         # Partition i starts at _starts[i]; a gap of at least a page (and a granule) follows
-        # each, so no free extent can reach into the next.
-        align = max(granularity, mmap.PAGESIZE)
+        # each, so no free extent can reach into the next. Shared partitions are files mapped
+        # in place: starts and mapped lengths in the files' unit (a huge page on hugetlbfs).
+        unit = max((b.page_bytes for b in backings if b is not None), default=mmap.PAGESIZE)
+        align = max(granularity, mmap.PAGESIZE, unit if len(caps) > 1 else 1)
         starts, pos = [], 0
         for n in caps:
             starts.append(pos)
-            pos = -(-(pos + n + align) // align) * align
+            pos = -(-(pos + -(-n // unit) * unit + align) // align) * align
         span = starts[-1] + caps[-1]
         self._capacity = capacity = sum(caps)
         self._caps, self._starts = caps, starts
         # np.zeros maps pages lazily, so a large arena costs memory only once written. One
         # extra granule lets the usable part start on a granularity boundary.
-        backings = list(backing) if isinstance(backing, (list, tuple)) else [backing]
         if backing is not None and len(backings) != len(caps):
             raise InvalidArgumentError(f"{len(caps)} DRAM partitions need as many shared backings, "
                                        f"got {len(backings)}")
@@ -337,7 +356,7 @@ class DramArena:
         elif len(caps) == 1:  # a fresh file reads as zeros too, and is paged in as lazily
             raw = self.backing.map(capacity + granularity)
         else:
-            raw = np.asarray(_FixedMapping(span, align, backings, starts, caps))
+            raw = np.asarray(_FixedMapping(span, align, backings, starts, caps, unit))
         shift = -raw.ctypes.data % granularity
         self._buf = raw[shift : shift + span]
         if backing is not None and len(caps) == 1:

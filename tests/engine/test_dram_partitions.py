@@ -19,7 +19,9 @@ def _block(i: int) -> bytes:
 
 
 def _open(tmp_path, **kw):
-    return tairstore.open(str(tmp_path / "s"), dram_bytes=1 * MIB, ssd_bytes=0,
+    # No maintenance thread: these tests fill partitions to the brim, which the watermarks
+    # would shed in the background (tests/engine/test_dram_partitions_edges.py covers that).
+    return tairstore.open(str(tmp_path / "s"), dram_bytes=1 * MIB, ssd_bytes=0, background=False,
                           dram_partitions={"team-a": {"bytes": 256 * KIB, "namespaces": ["a1", "a2"]}},
                           **kw)
 
@@ -65,7 +67,7 @@ def test_a_block_larger_than_its_partition_is_refused(tmp_path):
 
 
 def test_partitions_with_an_ssd_tier_keep_dram_copies_apart(tmp_path):
-    with tairstore.open(str(tmp_path / "s"), dram_bytes=1 * MIB, ssd_bytes=64 * MIB,
+    with tairstore.open(str(tmp_path / "s"), dram_bytes=1 * MIB, ssd_bytes=64 * MIB, background=False,
                         dram_partitions={"p": {"bytes": 256 * KIB, "namespaces": ["a"]}}) as store:
         for i in range(4):
             store.put(b"a%d" % i, _block(i), namespace="a")

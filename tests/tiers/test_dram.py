@@ -550,3 +550,44 @@ class PartitionedArenaMachine(ArenaMachine):
 
 PartitionedArenaMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=40, deadline=None)
 TestPartitionedArenaMachine = PartitionedArenaMachine.TestCase
+
+
+def test_shared_files_are_sized_and_placed_in_whole_huge_pages(tmp_path, monkeypatch):
+    """On hugetlbfs (a file system whose block is a huge page) a file holds whole huge pages and
+    is mapped at a huge-page-aligned address: the arena rounds file sizes and partition starts
+    to the directory's unit (here a 2 MiB one, as hugetlbfs reports it, on a plain directory)."""
+    import os
+
+    from tairstore.tiers.dram import SharedBacking
+
+    huge = 2 * MIB
+    monkeypatch.setattr(SharedBacking, "page_bytes", property(lambda self: huge))
+    single = SharedBacking(str(tmp_path))
+    arena = DramArena(3 * MIB + 4 * PAGE, backing=single)
+    assert os.stat(single.path).st_size % huge == 0 and single.mapped_bytes >= arena.capacity_bytes
+    s = arena.alloc(100_000)
+    fill(arena, s, 9)
+    assert bytes(arena.pinned_view(s)) == bytes([9]) * 100_000
+    single.unlink()
+
+    backings = [SharedBacking(str(tmp_path)) for _ in range(3)]
+    arena = DramArena(5 * MIB, backing=backings, partitions=[PAGE, 1 * MIB + PAGE])
+    for p, b in enumerate(backings):
+        assert os.stat(b.path).st_size % huge == 0 and b.mapped_bytes >= arena.partition_bytes(p)
+        assert arena.partition_offset(p) % huge == 0 and b.base == arena.partition_offset(p)
+        assert (np.frombuffer(arena.memory, np.uint8).ctypes.data + b.base) % huge == 0
+    slots = []
+    for p in range(3):
+        while (slot := arena.alloc(PAGE, p)) is not None:
+            fill(arena, slot, p + 1)
+            slots.append((p, slot))
+    assert [sum(1 for q, _ in slots if q == p) for p in range(3)] == [
+        arena.partition_bytes(p) // PAGE for p in range(3)]
+    for p, slot in slots:
+        assert bytes(arena.pinned_view(slot)) == bytes([p + 1]) * PAGE
+        with open(backings[p].path, "rb") as f:
+            f.seek(slot.offset - backings[p].base)
+            assert f.read(PAGE) == bytes([p + 1]) * PAGE
+    arena.check_invariants()
+    for b in backings:
+        b.unlink()
