@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Callable
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+sys.path.insert(0, os.path.dirname(__file__))  # shmsupport.py, for the shared-memory tests
 
 
 def _metric_counters(text: bytes | str, family: str) -> dict[tuple, float]:

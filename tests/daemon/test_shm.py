@@ -29,27 +29,8 @@ from tairstore.tiers.dram import DramArena, SharedBacking
 
 KiB, MiB = 1 << 10, 1 << 20
 ALL_TOKEN, TEAM_A = "every-namespace-token", "team-a-only-token-1"
-SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
+from shmsupport import SHM_DIR, block, daemon, is_block  # noqa: E402
 pytestmark = pytest.mark.skipif(SHM_DIR is None, reason="needs /dev/shm (Linux)")
-
-
-def block(i: int, size: int) -> np.ndarray:
-    """Block i: its index in the first 8 bytes, then one byte value derived from it, so a torn
-    or reused slot can never pass for it."""
-    b = np.full(size, (i * 7 + 3) % 256, np.uint8)
-    b[:8] = np.frombuffer(int(i).to_bytes(8, "little"), np.uint8)
-    return b
-
-
-def is_block(view, i: int) -> bool:
-    """Whether ``view`` holds exactly block i."""
-    a = np.frombuffer(view, np.uint8)
-    return int.from_bytes(a[:8].tobytes(), "little") == i and bool((a[8:] == (i * 7 + 3) % 256).all())
-
-
-def daemon(tmp_path, dram: int, ssd: int = 0, extra: dict | None = None, **store) -> DaemonProcess:
-    return DaemonProcess(tmp_path / "data", store={"dram_bytes": dram, "ssd_bytes": ssd, **store},
-                         extra={"shm": {"dir": SHM_DIR}, **(extra or {})})
 
 
 # --------------------------------------------------------------------------- in process

@@ -15,36 +15,18 @@ import numpy as np
 import pytest
 
 import tairstore
-from tairstore.daemon.process import DaemonProcess
 from tairstore.errors import InvalidArgumentError, PermissionDeniedError, StoreError
 from tairstore.net.schema import Op
 from tairstore.net.shmclient import ShmClient
 
 KiB, MiB = 1 << 10, 1 << 20
 ALL_TOKEN, TEAM_A = "every-namespace-token", "team-a-and-shared-token"
-SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
+from shmsupport import SHM_DIR, block, daemon, is_block  # noqa: E402
 pytestmark = pytest.mark.skipif(SHM_DIR is None, reason="needs /dev/shm (Linux)")
 
 TOKENS = {"tokens": [{"token": ALL_TOKEN, "namespaces": "*"},
                      {"token": TEAM_A, "namespaces": ["team-a", "team-a2", "shared"]}]}
 PARTS = {"a": {"bytes": 2 * MiB, "namespaces": ["team-a", "team-a2"]}}
-
-
-def block(i: int, size: int) -> np.ndarray:
-    b = np.full(size, (i * 7 + 3) % 256, np.uint8)
-    b[:8] = np.frombuffer(int(i).to_bytes(8, "little"), np.uint8)
-    return b
-
-
-def is_block(view, i: int) -> bool:
-    a = np.frombuffer(view, np.uint8)
-    return int.from_bytes(a[:8].tobytes(), "little") == i and bool((a[8:] == (i * 7 + 3) % 256).all())
-
-
-def daemon(tmp_path, dram: int = 8 * MiB, ssd: int = 0, extra: dict | None = None, shm: dict | None = None,
-           **store) -> DaemonProcess:
-    return DaemonProcess(tmp_path / "data", store={"dram_bytes": dram, "ssd_bytes": ssd, **store},
-                         extra={"shm": {"dir": SHM_DIR, **(shm or {})}, **(extra or {})})
 
 
 def arena_files(before: set) -> set:
