@@ -104,6 +104,12 @@ def check_dram_partitions(parts: Any, dram_bytes: int) -> dict | None:
     return out
 
 
+def dram_partition_index(parts: dict | None) -> dict[str, int]:
+    """namespace -> the index of its DRAM partition, from checked ``dram_partitions`` (1, 2, ...
+    in their order; a namespace absent is in the default partition, 0)."""
+    return {ns: i for i, spec in enumerate((parts or {}).values(), 1) for ns in spec["namespaces"]}
+
+
 @dataclass
 class StoreConfig:
     """Every option of an embedded store (the daemon's config file maps onto these)."""

@@ -250,8 +250,8 @@ def _store(where: _Where, cfg: DaemonConfig, table: Any) -> None:
             if not isinstance(v, dict) or not all(isinstance(p, dict) for p in v.values()):
                 raise where.error("store", key, "must hold one table per partition "
                                   "([store.dram_partitions.NAME] with bytes and namespaces)")
-            out[key] = {name: {**p, **({"bytes": _size(where, "store", f"{key}.{name}.bytes", p["bytes"])}
-                                       if "bytes" in p else {})} for name, p in v.items()}
+            out[key] = {name: dict(p, bytes=_size(where, "store", f"{key}.{name}.bytes", p["bytes"]))
+                        if "bytes" in p else dict(p) for name, p in v.items()}
         elif key == "compression":
             # TOML has no null: "none" (or "") spells no compression.
             v = None if v in ("none", "") else v

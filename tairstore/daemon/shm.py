@@ -44,6 +44,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from tairstore.config import dram_partition_index
 from tairstore.errors import CapacityError, InvalidArgumentError, PermissionDeniedError
 
 __all__ = ["LeaseTable", "ShmService", "Staging", "DEFAULT_LEASE_S", "MAX_LEASES", "NOT_IN_DRAM", "MISS",
@@ -232,7 +233,7 @@ class ShmService:
         #: Per partition, the namespaces it holds (None: the default one, every other namespace).
         self.part_namespaces: list[list[str] | None] = [None] + [p["namespaces"] for p in parts.values()]
         self.part_names = ["default", *parts]
-        self._part_of = {ns: i for i, names in enumerate(self.part_namespaces) if names for ns in names}
+        self._part_of = dram_partition_index(parts)
 
     def may_map(self, token: str | None, part: int) -> bool:
         """Whether ``token`` may read partition ``part``'s file: it covers all its namespaces."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Callable
 
-from tairstore.config import StoreConfig
+from tairstore.config import StoreConfig, dram_partition_index
 from tairstore.engine.capacity import Namespace, fair_share_order
 from tairstore.engine.catalog import Block, Catalog
 from tairstore.engine.session import PendingBlock
@@ -57,8 +57,7 @@ class Placement:
         #: Called with ``(key, block)`` before a block is evicted whole (demotion to remote).
         self.on_evict: Callable[..., None] | None = None
         #: namespace -> its DRAM partition (absent: the default partition, 0).
-        self.dram_part = {ns: i for i, spec in enumerate((config.dram_partitions or {}).values(), 1)
-                          for ns in spec["namespaces"]}
+        self.dram_part = dram_partition_index(config.dram_partitions)
 
     # -- admission (store lock held) -------------------------------------------------------
     def ssd_room_needed(self, ns: str, todo: list[tuple[bytes, int]]) -> int:

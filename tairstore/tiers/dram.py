@@ -69,6 +69,7 @@ import os
 import sys
 import tempfile
 import threading
+import weakref
 from typing import NamedTuple
 
 import numpy as np
@@ -239,8 +240,6 @@ class _FixedMapping:
         if raw in (None, ctypes.c_void_p(-1).value):
             raise InvalidArgumentError(f"cannot reserve {total} bytes of address space for the "
                                        f"DRAM arena: errno {ctypes.get_errno()}")
-        import weakref
-
         # Not at interpreter exit (atexit=False): daemon threads may still read views then,
         # and the process's end unmaps the range anyway.
         weakref.finalize(self, munmap, raw, total).atexit = False
@@ -336,7 +335,7 @@ class DramArena:
         # each, so no free extent can reach into the next. Shared partitions are files mapped
         # in place: starts and mapped lengths in the files' unit (a huge page on hugetlbfs).
         unit = max((b.page_bytes for b in backings if b is not None), default=mmap.PAGESIZE)
-        align = max(granularity, mmap.PAGESIZE, unit if len(caps) > 1 else 1)
+        align = max(granularity, mmap.PAGESIZE, unit)
         starts, pos = [], 0
         for n in caps:
             starts.append(pos)
@@ -374,7 +373,6 @@ class DramArena:
         self._used_in = [0] * len(caps)  # reserved bytes per partition
         # (length, start) of free extents, sorted, one list per partition.
         self._free_lists: list[list[tuple[int, int]]] = [[] for _ in caps]
-        self._free_by_size = self._free_lists[0]
         self._free_by_start: dict[int, int] = {}
         self._free_by_end: dict[int, int] = {}
         for start, n in zip(starts, caps):
@@ -782,7 +780,7 @@ class DramArena:
         start, length = entry.slot.offset, entry.slot.reserved
         del self._live[start]
         self._used -= length
-        self._used_in[0 if len(self._caps) == 1 else self.partition_of(start)] -= length
+        self._used_in[self.partition_of(start)] -= length
         before = self._free_by_end.get(start)
         if before is not None:
             self._remove_free(before, start - before)
@@ -795,7 +793,7 @@ class DramArena:
         self._insert_free(start, length)
 
     def _free_list(self, start: int) -> list[tuple[int, int]]:
-        return self._free_by_size if len(self._caps) == 1 else self._free_lists[self.partition_of(start)]
+        return self._free_lists[self.partition_of(start)]
 
     def _insert_free(self, start: int, length: int) -> None:
         bisect.insort(self._free_list(start), (length, start))

@@ -138,11 +138,9 @@ class Hf3fsTier(RemoteTier):
     def _slots_per_file(self, cls: int) -> int:
         return max(1, self.config["file_bytes"] // cls)
 
-    def _alloc(self, txn: lmdb.Transaction, cls: int, cur: Any = None) -> tuple[int, int] | None:
+    def _alloc(self, txn: lmdb.Transaction, cur: Any, cls: int) -> tuple[int, int] | None:
         """Pop a free slot of class ``cls``, creating a data file when the class has none
-        (``cur``: a cursor on the free list of ``txn``, reused across a batch)."""
-        if cur is None:
-            cur = txn.cursor(db=self._free)
+        (``cur``: a cursor on the free list of ``txn``, one for a whole batch)."""
         prefix = _CLASS.pack(cls)
         if cur.set_range(prefix) and cur.key().startswith(prefix):
             _, number, slot = _FREE.unpack(cur.key())
@@ -197,7 +195,7 @@ class Hf3fsTier(RemoteTier):
                         done[i] = True
                         continue
                     cls = slot_class(len(views[i]))
-                    where = self._alloc(txn, cls, free)
+                    where = self._alloc(txn, free, cls)
                     if where is not None:
                         placed[i] = (cls, *where)
             order = list(placed.items())
