@@ -23,9 +23,10 @@ any verified read must at least do (the tier verifies every block it returns): `
 is the tier's read against that floor, so what the tier adds beyond the checksum shows apart
 from what the checksum itself costs. Nothing is fsynced on either
 side: both tiers are caches. Every repetition uses fresh keys and deletes them after; the best
-of ``--reps`` is kept, as the machine is shared.
+of ``--reps`` is kept, and the raw and tier runs
+take turns, as the machine is shared.
 
-Run: ``python benchmarks/remote.py`` (about a minute), ``--sizes 1048576 --total-mib 32 --reps 2``,
+Run: ``python benchmarks/remote.py`` (about a minute), ``--sizes 1M --total-mib 32 --reps 2``,
 ``--dir /mnt/3fs/bench`` to measure a real 3FS mount, ``--json`` for machine-readable rows.
 """
 
@@ -36,10 +37,12 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
+from tairstore.daemon.config import parse_size
 from tairstore.format.checksum import crc32c
 from tairstore.tiers.remote import make_remote_tier
 from tairstore.tiers.remote.master import MooncakeMaster
@@ -48,26 +51,33 @@ NS = "bench"
 BATCH = 16
 
 
-def _best(reps: int, run: Callable[[int], tuple[float, ...]]) -> tuple[float, ...]:
-    """Best seconds of each timing over ``reps`` runs (``run(rep)`` returns put, read and maybe
-    more), after one unmeasured warm-up run (first touches of fresh buffers and segments are
-    page faults)."""
-    run(reps)
-    return tuple(min(t) for t in zip(*(run(r) for r in range(reps))))
+def _interleaved(reps: int, *runs: Callable[[int], tuple[float, ...]]) -> list[tuple[float, ...]]:
+    """Best seconds of each timing of each ``run(rep)`` (which returns put, read and maybe
+    more) over ``reps`` rounds in which the runs take turns, so that the drift of a shared
+    machine falls on all of them alike; after one unmeasured warm-up round (first touches of
+    fresh buffers and segments are page faults)."""
+    for run in runs:
+        run(reps)
+    times: list[list[tuple[float, ...]]] = [[] for _ in runs]
+    for rep in range(reps):
+        for out, run in zip(times, runs):
+            out.append(run(rep))
+    return [tuple(min(t) for t in zip(*each)) for each in times]
 
 
 def _batches(n: int) -> list[range]:
     return [range(i, min(i + BATCH, n)) for i in range(0, n, BATCH)]
 
 
-def raw_directory(path: str, blocks: list[np.ndarray], outs: list[np.ndarray], reps: int) -> tuple[float, ...]:
-    """pwritev / preadv of the blocks at consecutive offsets of one preallocated file; then the
-    preadv again, each block followed by its crc32c."""
+@contextmanager
+def raw_directory(path: str, blocks: list[np.ndarray], outs: list[np.ndarray]) -> Iterator[Callable]:
+    """A run: pwritev / preadv of the blocks at consecutive offsets of one preallocated file;
+    then the preadv again, each block followed by its crc32c."""
     size = len(blocks[0])
     fd = os.open(os.path.join(path, "raw.dat"), os.O_RDWR | os.O_CREAT, 0o644)
     os.ftruncate(fd, size * len(blocks))
 
-    def run(rep: int) -> tuple[float, float]:
+    def run(rep: int) -> tuple[float, float, float]:
         t0 = time.perf_counter()
         for i, b in enumerate(blocks):
             os.pwritev(fd, [b], i * size)
@@ -81,16 +91,16 @@ def raw_directory(path: str, blocks: list[np.ndarray], outs: list[np.ndarray], r
         return t1 - t0, t2 - t1, time.perf_counter() - t2
 
     try:
-        return _best(reps, run)
+        yield run
     finally:
         os.close(fd)
 
 
 def tier_run(tier, blocks: list[np.ndarray], outs: list[np.ndarray], reps: int, tag: str,
-             crcs: list[int] | None) -> tuple[float, float]:
-    """The tier's batched put and get_into, fresh keys per repetition, verified once.
-    ``crcs``: the put is a demotion's (the store passes the checksums its SSD read verified);
-    None: a put of new bytes, checksummed by the tier."""
+             crcs: list[int] | None) -> Callable[[int], tuple[float, float]]:
+    """A run: the tier's batched put and get_into, fresh keys per repetition, verified on the
+    warm-up (``rep == reps``). ``crcs``: the put is a demotion's (the store passes the checksums
+    its SSD read verified); None: a put of new bytes, checksummed by the tier."""
     def run(rep: int) -> tuple[float, float]:
         keys = [f"{tag}-{rep}-{i}".encode() for i in range(len(blocks))]
         t0 = time.perf_counter()
@@ -109,11 +119,12 @@ def tier_run(tier, blocks: list[np.ndarray], outs: list[np.ndarray], reps: int, 
         tier.delete(NS, keys)
         return t1 - t0, t2 - t1
 
-    return _best(reps, run)
+    return run
 
 
-def raw_mooncake(master: MooncakeMaster, blocks: list[np.ndarray], reps: int, segment: int) -> tuple[float, ...]:
-    """Mooncake's own batch_put_from / batch_get_into on registered memory; then the gets
+@contextmanager
+def raw_mooncake(master: MooncakeMaster, blocks: list[np.ndarray], segment: int) -> Iterator[Callable]:
+    """A run: Mooncake's own batch_put_from / batch_get_into on registered memory; then the gets
     again, each batch followed by the crc32c of its blocks."""
     from mooncake.store import MooncakeDistributedStore
     size, n = len(blocks[0]), len(blocks)
@@ -126,7 +137,7 @@ def raw_mooncake(master: MooncakeMaster, blocks: list[np.ndarray], reps: int, se
         for buf in (src, dst):
             client.register_buffer(buf.ctypes.data, buf.nbytes)
 
-        def run(rep: int) -> tuple[float, float]:
+        def run(rep: int) -> tuple[float, float, float]:
             names = [f"raw-{rep}-{i}" for i in range(n)]
             t0 = time.perf_counter()
             for r in _batches(n):
@@ -147,23 +158,30 @@ def raw_mooncake(master: MooncakeMaster, blocks: list[np.ndarray], reps: int, se
             client.batch_remove(names, True)
             return t1 - t0, t2 - t1, t3 - t2
 
-        return _best(reps, run)
+        yield run
     finally:
         client.close()
 
 
-def mooncake_cells(blocks: list[np.ndarray], reps: int) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Raw and tier timings, each the only client of its own fresh master.
+def hf3fs_cells(tier, raw_dir: str, blocks: list[np.ndarray], outs: list[np.ndarray], crcs: list[int],
+                reps: int) -> list[tuple[float, ...]]:
+    """Raw directory and 3FS tier timings, taking turns."""
+    with raw_directory(raw_dir, blocks, outs) as raw:
+        return _interleaved(reps, raw, tier_run(tier, blocks, outs, reps, "hf", crcs))
+
+
+def mooncake_cells(blocks: list[np.ndarray], reps: int) -> list[tuple[float, ...]]:
+    """Raw and tier timings, taking turns, each the only client of its own master.
 
     With two clients on one master, the master may place a client's objects in the *other*
     client's segment (a TCP transfer instead of a local copy); alone, each side puts into and
     reads from its own segment, so both measure the same path.
     """
     segment = 2 * sum(len(b) for b in blocks) + (64 << 20)
-    with MooncakeMaster() as master:
-        raw = raw_mooncake(master, blocks, reps, segment)
-    with MooncakeMaster() as master:
-        tier = make_remote_tier(master.config(segment_bytes=segment, buffer_bytes=BATCH * len(blocks[0]) + (1 << 20)))
+    with MooncakeMaster() as raw_master, MooncakeMaster() as tier_master, \
+            raw_mooncake(raw_master, blocks, segment) as raw:
+        tier = make_remote_tier(tier_master.config(segment_bytes=segment,
+                                                   buffer_bytes=BATCH * len(blocks[0]) + (1 << 20)))
         # As the store would with its DRAM arena: blocks put from registered memory leave
         # without a staging copy.
         arena = np.concatenate(blocks)
@@ -176,7 +194,7 @@ def mooncake_cells(blocks: list[np.ndarray], reps: int) -> tuple[tuple[float, fl
         tier.register(landing)
         into = [landing[i * size:(i + 1) * size] for i in range(len(blocks))]
         try:
-            return raw, tier_run(tier, views, into, reps, "mc", [crc32c(b) for b in blocks])
+            return _interleaved(reps, raw, tier_run(tier, views, into, reps, "mc", [crc32c(b) for b in blocks]))
         finally:
             tier.close()
 
@@ -184,7 +202,7 @@ def mooncake_cells(blocks: list[np.ndarray], reps: int) -> tuple[tuple[float, fl
 def main() -> None:
     """Parse arguments, run every cell, print the table."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", default=f"{256 << 10},{1 << 20},{4 << 20}")
+    ap.add_argument("--sizes", default="256K,1M,4M", help="comma-separated block sizes (default: %(default)s)")
     ap.add_argument("--total-mib", type=int, default=64, help="bytes moved per cell and repetition")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dir", default=None, help="directory for the hf3fs cells (default: a temp dir)")
@@ -198,14 +216,13 @@ def main() -> None:
         os.makedirs(raw_dir)
         hf = make_remote_tier({"kind": "hf3fs", "path": os.path.join(base, "tier")})
         try:
-            for size in (int(s) for s in args.sizes.split(",")):
+            for size in (parse_size(s.strip()) for s in args.sizes.split(",") if s.strip()):
                 n = max(BATCH, total // size)
                 rng = np.random.default_rng(size)
                 blocks = [rng.integers(0, 256, size, dtype=np.uint8) for _ in range(n)]
                 outs = [np.empty(size, dtype=np.uint8) for _ in range(n)]
                 crcs = [crc32c(b) for b in blocks]  # what a demotion passes (its SSD read verified them)
-                cells = [("hf3fs", raw_directory(raw_dir, blocks, outs, args.reps),
-                          tier_run(hf, blocks, outs, args.reps, "hf", crcs))]
+                cells = [("hf3fs", *hf3fs_cells(hf, raw_dir, blocks, outs, crcs, args.reps))]
                 if not args.skip_mooncake:
                     cells.append(("mooncake", *mooncake_cells(blocks, args.reps)))
                 for kind, (rp, rg, rv), (tp, tg) in cells:
