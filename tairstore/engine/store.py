@@ -92,6 +92,7 @@ class Store:
         self._fs = config.fs
         self._lock = threading.RLock()
         self._life = Lifecycle(self.path)
+        self._close_hooks: list[Any] = []  # on_close
         self._counters: Counter[str] = Counter()
         self._durable = config.ssd_bytes > 0
         self._catalog = Catalog(config.policy, {"dram": config.dram_bytes or None,
@@ -643,6 +644,15 @@ class Store:
         """Abort every session whose lease ran out; returns how many (maintenance calls this)."""
         return self._writes.reap_expired()
 
+    def host_memory(self) -> Any:
+        """The DRAM tier's arena as one uint8 array, or None without a DRAM tier: for
+        registering it with a device runtime or transfer engine (CUDA host registration, so
+        copies from the views ``get`` hands out run as DMA). Never to be written through: slots
+        are written by their owners only. Valid until the store is closed and its last view
+        is gone; unregister it before :meth:`close`."""
+        self._life.check_open()
+        return self._dram.memory if self._dram is not None else None
+
     # ---------------------------------------------------------------------- observability
     def stats(self) -> dict:
         """Usage per tier and namespace, watermark states, counters and configuration facts.
@@ -739,6 +749,7 @@ class Store:
             if self._remote is not None:
                 self._remote.close()
         finally:
+            self._run_close_hooks()
             # Whatever failed above, the files are closed and the directory released, so the
             # store can be opened again (recovery takes it from there).
             self._teardown()
@@ -749,7 +760,25 @@ class Store:
         self._life.closed = True
         if self._maintenance is not None:
             self._maintenance.stop.set()
+        self._run_close_hooks()
         self._teardown()
+
+    def on_close(self, fn: Any) -> None:
+        """Have ``fn()`` called once when the store closes (or is abandoned), before its files
+        close and before its DRAM can be released: e.g. to unregister :meth:`host_memory` from
+        a device runtime. An error it raises is logged, never raised from ``close``."""
+        with self._lock:
+            self._life.check_open()
+            self._close_hooks.append(fn)
+
+    def _run_close_hooks(self) -> None:
+        with self._lock:
+            hooks, self._close_hooks = self._close_hooks, []
+        for fn in hooks:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - a hook never stops the close
+                log.exception("close hook %r failed", fn)
 
     def _teardown(self) -> None:
         first: BaseException | None = None

@@ -514,3 +514,42 @@ def test_write_view_is_none_without_a_dram_reservation(durable):
     assert durable.finish_write(sess, [key(1)]) == 1
     assert durable.tier_of(key(1)) == "ssd"
     assert durable.volatile is False
+
+
+# ------------------------------------------------------------------- host memory, close hooks
+def test_host_memory_is_the_arena_that_views_point_into(tmp_path):
+    with tairstore.open(tmp_path / "s", dram_bytes=4 * MiB, ssd_bytes=0) as s:
+        mem = s.host_memory()
+        assert mem.dtype == np.uint8 and mem.nbytes >= 4 * MiB
+        s.put(key(1), block(1))
+        view = np.frombuffer(s.get(key(1)), np.uint8)
+        lo = mem.ctypes.data
+        assert lo <= view.ctypes.data and view.ctypes.data + view.nbytes <= lo + mem.nbytes
+        assert np.array_equal(view, block(1))
+    with tairstore.open(tmp_path / "n", dram_bytes=0, ssd_bytes=16 * MiB, segment_bytes=4 * MiB) as s:
+        assert s.host_memory() is None  # no DRAM tier
+    with pytest.raises(ClosedError):
+        s.host_memory()
+
+
+@pytest.mark.parametrize("how", ["close", "abandon"])
+def test_close_hooks_run_once_before_the_files_close_and_never_raise(tmp_path, how):
+    s = tairstore.open(tmp_path / "s", dram_bytes=4 * MiB, ssd_bytes=16 * MiB, segment_bytes=4 * MiB)
+    s.put(key(1), block(1))
+    calls = []
+
+    def failing():
+        calls.append("failing")
+        raise RuntimeError("hook error")
+
+    s.on_close(lambda: calls.append("first"))
+    s.on_close(failing)
+    s.on_close(lambda: calls.append("last"))
+    getattr(s, how)()
+    assert calls == ["first", "failing", "last"]  # every hook ran, in order, despite the error
+    s.close()
+    assert calls == ["first", "failing", "last"]  # once
+    with pytest.raises(ClosedError):
+        s.on_close(lambda: None)
+    with tairstore.open(tmp_path / "s", dram_bytes=4 * MiB, ssd_bytes=16 * MiB, segment_bytes=4 * MiB) as again:
+        assert np.array_equal(np.frombuffer(again.get(key(1)), np.uint8), block(1))  # nothing lost
