@@ -139,6 +139,8 @@ class Backend:
         self._down_until = 0.0
         self._logged: set[str] = set()
         self._lock = threading.Lock()
+        #: Whether the embedded store's DRAM is registered with CUDA (None: not tried yet).
+        self._pinned: bool | None = None
 
     @property
     def target(self) -> Any:
@@ -327,13 +329,36 @@ class Backend:
         # whose arena is shared (shm+tcp://: one round trip leases the whole batch): pages are
         # copied from there straight into the KV tensors. Over a plain socket, blocks are
         # better received into reused staging buffers than into a fresh allocation per block.
+        from ..tiers.gpu import DIRECT_MIN_BYTES
+
         fetch = None
-        if not self.remote:
+        if not self.remote and (not transfer.cuda or (nbytes >= DIRECT_MIN_BYTES and self._host_registered())):
+            # Onto a device, large pages go straight from the store's DRAM, registered with
+            # CUDA (DMA); smaller ones through pinned staging (one copy to the device a batch).
             fetch = lambda i: self.get(keys[i])  # noqa: E731
         elif not transfer.cuda and self.reads_in_place():
             views = self.get_many(keys)
             fetch = views.__getitem__
         return transfer.load(pages, read=lambda i, buf: self.get_into(keys[i], buf, nbytes), fetch=fetch)
+
+    def _host_registered(self) -> bool:
+        """Register the embedded store's DRAM arena with CUDA, once (False when it has none or
+        CUDA refuses: loads then go through pinned staging)."""
+        if self._pinned is None:
+            from ..tiers import gpu
+
+            try:
+                store = self.target
+                memory = store.host_memory()
+                self._pinned = gpu.register_host(memory)
+                if self._pinned:
+                    # Unregistered as the store closes, before its DRAM can be released
+                    # (DMA from pages no longer mapped there would read stale bytes).
+                    store.on_close(lambda: gpu.unregister_host(memory))
+            except StoreError as exc:
+                self._fail("register", exc)
+                return False
+        return self._pinned
 
     def save_pages(self, transfer: Any, keys: Sequence[bytes], pages: Sequence[int]) -> list[bool]:
         """Store page ``pages[i]`` of a :class:`tairstore.tiers.gpu.KVTransfer` as ``keys[i]``

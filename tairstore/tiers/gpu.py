@@ -30,9 +30,12 @@ store goes through its public ``write``/``get_into`` calls anyway.
 
 from __future__ import annotations
 
+import logging
 import threading
 import warnings
 from typing import Any, Callable, Sequence
+
+import numpy as np
 
 from ..errors import InvalidArgumentError
 
@@ -44,13 +47,19 @@ except ImportError as _exc:  # pragma: no cover - exercised where torch is absen
 else:
     _IMPORT_ERROR = None
 
-__all__ = ["available", "cuda_available", "unavailable_reason", "PagedKV", "StagingPool",
-           "KVTransfer", "LayerLoad", "LAYOUTS"]
+__all__ = ["available", "cuda_available", "unavailable_reason", "register_host", "unregister_host",
+           "host_registered", "PagedKV", "StagingPool", "KVTransfer", "LayerLoad", "LAYOUTS"]
+
+log = logging.getLogger(__name__)
 
 LAYOUTS = ("layer_first", "page_first")
 #: Default staging slab: 64 MiB holds 8 pages of Llama-3.1-8B (8 MiB each at 64 tokens a page).
 DEFAULT_SLAB_BYTES = 64 << 20
 DEFAULT_SLABS = 2
+#: On CUDA, blocks at least this large that a store hands out (``fetch``) are copied to the
+#: device straight from the store's memory, one copy per block; smaller ones go through a pinned
+#: staging slab (one copy on the host per block, one to the device per batch).
+DIRECT_MIN_BYTES = 256 << 10
 #: Element types copies move, widest first (see PagedKV.word).
 WORDS = tuple(getattr(torch, n) for n in ("int64", "int32", "int16", "uint8")) if torch is not None else ()
 
@@ -68,6 +77,70 @@ def cuda_available() -> bool:
 def unavailable_reason() -> str | None:
     """Why the GPU path cannot be used here, or None when it can."""
     return _IMPORT_ERROR
+
+
+_registered: dict[int, int] = {}  # start address -> bytes of host memory registered with CUDA
+_registered_lock = threading.Lock()
+
+
+def _address(buf: Any) -> tuple[int, int]:
+    arr = np.frombuffer(buf, dtype=np.uint8)
+    return arr.ctypes.data, arr.nbytes
+
+
+def register_host(memory: Any) -> bool:
+    """Page-lock ``memory`` for CUDA (``cudaHostRegister``): a host buffer such as an embedded
+    store's DRAM arena (:meth:`tairstore.Store.host_memory`), so that copies from views into it
+    run as DMA at the link's speed and asynchronously. True once it is registered (now or
+    before); False without CUDA or when CUDA refuses (loads then go through pinned staging).
+    :func:`unregister_host` must undo it before the memory is unmapped."""
+    if not cuda_available() or memory is None:
+        return False
+    start, nbytes = _address(memory)
+    if nbytes == 0:
+        return False
+    with _registered_lock:
+        if _registered.get(start) == nbytes:
+            return True
+        rc = int(torch.cuda.cudart().cudaHostRegister(start, nbytes, 0))
+        if rc != 0:
+            _clear_cuda_error()
+            log.warning("cudaHostRegister of %d bytes refused (error %d); loads go through "
+                        "pinned staging", nbytes, rc)
+            return False
+        _registered[start] = nbytes
+    return True
+
+
+def _clear_cuda_error() -> None:
+    """Reset the CUDA runtime's last error after a refused call: torch reads it after its next
+    kernel launch and would raise it there. A tiny launch here reads (and resets) it."""
+    try:
+        torch.zeros(1, device="cuda").add_(1)
+    except RuntimeError:
+        pass
+
+
+def unregister_host(memory: Any) -> None:
+    """Undo :func:`register_host` for ``memory`` (nothing when it was not registered)."""
+    if memory is None:
+        return
+    start, nbytes = _address(memory)
+    with _registered_lock:
+        if _registered.get(start) != nbytes:
+            return
+        del _registered[start]
+        torch.cuda.synchronize()  # no copy may still be reading it
+        torch.cuda.cudart().cudaHostUnregister(start)
+
+
+def host_registered(buf: Any) -> bool:
+    """Whether ``buf`` lies inside memory registered by :func:`register_host`."""
+    if not _registered:
+        return False
+    start, nbytes = _address(buf)
+    with _registered_lock:
+        return any(lo <= start and start + nbytes <= lo + n for lo, n in _registered.items())
 
 
 def _require_torch() -> None:
@@ -242,13 +315,37 @@ class PagedKV:
         """Copy every layer of the blocks in ``src`` into ``pages``."""
         self._copy_pages(pages, src, to_blocks=False)
 
-    def scatter_layer(self, layer: int, pages: Any, src: "torch.Tensor") -> None:
-        """Copy layer ``layer`` of the blocks in ``src`` into ``pages``."""
+    def scatter_layer(self, layer: int, pages: Any, src: "torch.Tensor",
+                      where: "torch.Tensor | None" = None) -> None:
+        """Copy layer ``layer`` of the blocks in ``src`` into ``pages``. ``where``: the same
+        pages as a long tensor on this device (made once for a whole load); with it, each
+        component's layer moves in one indexed copy for all pages (one kernel, not one per
+        page), which needs distinct pages."""
         idx = self._index(pages)
         blocks = self._words_of(src, len(idx))
+        if where is not None and len(idx) > 1:
+            for c, comp in enumerate(self.views):
+                comp[layer].index_copy_(0, where, self._layer_of_all(blocks, c, layer))
+            return
         for i, p in enumerate(idx):
             for c, comp in enumerate(self.views):
                 comp[layer][p].copy_(self._region(blocks, i, c, layer))
+
+    def page_index(self, pages: Sequence[int]) -> "torch.Tensor | None":
+        """``pages`` as a long tensor on this device for :meth:`scatter_layer`, or None when
+        a page repeats (an indexed copy would leave which copy wins undefined)."""
+        idx = self._index(pages)
+        if len(set(idx)) != len(idx):
+            return None
+        return torch.tensor(idx, dtype=torch.long).to(self.device)
+
+    def _layer_of_all(self, blocks: "torch.Tensor", c: int, layer: int) -> "torch.Tensor":
+        """Layer ``layer`` of component ``c`` of every block: ``[n, page_size, W]`` (a view)."""
+        off, n = self._offsets[c], self._words[c]
+        part = blocks[:, off:off + n]
+        if self.layout == "page_first":
+            return part.view(blocks.shape[0], self.page_size, self.num_layers, -1)[:, :, layer]
+        return part.view(blocks.shape[0], self.num_layers, self.page_size, -1)[:, layer]
 
     def _copy_pages(self, pages: Any, staging: "torch.Tensor", *, to_blocks: bool) -> None:
         idx = self._index(pages)
@@ -308,6 +405,17 @@ class _Lease:
     def __exit__(self, *exc: object) -> None:
         if self.slab is not None:
             self.pool._release(self.slab)
+
+
+class _Hold:
+    """Keeps the store's views (and so their blocks, which a store never reuses while a view
+    is alive) until a load's last copy has run; released like a staging lease."""
+
+    def __init__(self, views: list) -> None:
+        self.views = views
+
+    def __exit__(self, *exc: object) -> None:
+        self.views = []
 
 
 #: ``read(i, buffer) -> bool``: fill a staging buffer with block ``i``.
@@ -439,8 +547,10 @@ class KVTransfer:
                     ok[i] = True
                     parts.append(([page], _view_tensor(buf)))
             return LayerLoad(kv, ok, parts)
+        if fetch is not None and self.cuda and kv.block_bytes >= DIRECT_MIN_BYTES:
+            return self._load_direct(pages, ok, fetch)
         if read is None:
-            raise InvalidArgumentError("load needs read (or fetch, for CPU tensors)")
+            raise InvalidArgumentError("load needs read (or fetch, for CPU tensors and large blocks)")
         per_chunk = max(1, self.staging.slab_bytes // kv.block_bytes)
         if not self.cuda and len(pages) > per_chunk:
             # More than a staging slab: apply slab-sized chunks one after another (every layer
@@ -467,12 +577,44 @@ class KVTransfer:
             return LayerLoad(kv, ok, [])
         if not self.cuda:
             return LayerLoad(kv, ok, [(good, host)], lease=lease)
+        return self._to_device(good, ok, lambda dev: dev.copy_(host[: len(good) * kv.block_bytes],
+                                                                   non_blocking=True), lease)
+
+    def _load_direct(self, pages: list[int], ok: list[bool], fetch: FetchFn) -> LayerLoad:
+        """CUDA load of blocks the store hands out: each copied to the device straight from
+        the store's memory (DMA where it is registered, :func:`register_host`; a synchronous
+        staged copy otherwise). The views are held until the last copy has run."""
+        kv = self.kv
+        good, views = [], []
+        for i, page in enumerate(pages):
+            buf = fetch(i)
+            if buf is not None and memoryview(buf).nbytes == kv.block_bytes:
+                ok[i] = True
+                good.append(page)
+                views.append(buf)
+        if not good:
+            return LayerLoad(kv, ok, [])
+        n = kv.block_bytes
+
+        def copy_in(dev: "torch.Tensor") -> None:
+            for j, buf in enumerate(views):
+                dev[j * n:(j + 1) * n].copy_(_view_tensor(buf), non_blocking=True)
+
+        return self._to_device(good, ok, copy_in, _Hold(views))
+
+    def _to_device(self, good: list[int], ok: list[bool], copy_in: Callable[["torch.Tensor"], None],
+                   lease: Any) -> LayerLoad:
+        """On the side stream: ``copy_in`` fills a device buffer with the blocks of ``good``,
+        then each layer is scattered into the KV tensors and marked by an event."""
+        kv = self.kv
         events = []
         self.stream.wait_stream(torch.cuda.current_stream(kv.device))
         with torch.cuda.stream(self.stream):
-            dev = host[: len(good) * kv.block_bytes].to(kv.device, non_blocking=True)
+            dev = torch.empty(len(good) * kv.block_bytes, dtype=torch.uint8, device=kv.device)
+            copy_in(dev)
+            where = kv.page_index(good)
             for layer in range(kv.num_layers):
-                kv.scatter_layer(layer, good, dev)
+                kv.scatter_layer(layer, good, dev, where)
                 ev = torch.cuda.Event()
                 ev.record(self.stream)
                 events.append(ev)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from connsupport import need
@@ -193,3 +194,80 @@ def test_a_load_larger_than_the_staging_slab_goes_in_chunks():
     for p in (0, 4, 6):
         assert _same(_page(dst[1], "layer_first", p, 4), _page(src[1], "layer_first", p, 4))
     assert not _page(dst[0], "layer_first", 5, 4).view(torch.uint8).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("where", ["embedded", "daemon"])
+@pytest.mark.parametrize("geometry", [dict(heads=2, dim=8, ps=4), dict(heads=8, dim=128, ps=16)],
+                         ids=["1KiB-pages", "256KiB-pages"])
+def test_pages_round_trip_through_a_real_store_layer_by_layer(device, where, geometry, store_dir, request):
+    """Pages of a paged KV cache (on the device where there is one) saved into a real store,
+    embedded or a daemon over its socket, and loaded into other pages: each layer is in place,
+    byte for byte, once ``wait_layer`` has returned for it (on CUDA: for work queued after it on
+    the engine's stream), and a page whose block the store lacks stays untouched. On CUDA, pages
+    of 256 KiB and more from an embedded store go to the device straight from its DRAM, which
+    the backend registers with CUDA until the store closes."""
+    from tairstore.connectors.common import close_embedded, open_backend
+
+    url = store_dir if where == "embedded" else request.getfixturevalue("daemon").url
+    backend = open_backend(url, f"gpu-{device}-{geometry['ps']}")
+    ps = geometry["ps"]
+    src = _kv("layer_first", False, torch.bfloat16, 21, layers=4, pages=6, ps=ps,
+              heads=geometry["heads"], dim=geometry["dim"], device=device)
+    kv = gpu.PagedKV(src, "layer_first", ps)
+    keys = [f"{where}-{device}-{ps}-page-{i}".encode() for i in range(6)]
+    assert backend.save_pages(gpu.KVTransfer(kv), keys[:5], [0, 1, 2, 3, 4]) == [True] * 5
+    dst = [torch.zeros_like(t) for t in src]
+    load = backend.load_pages(gpu.KVTransfer(gpu.PagedKV(dst, "layer_first", ps)), keys, [5, 4, 3, 2, 1, 0])
+    moved = [(0, 5), (1, 4), (2, 3), (3, 2), (4, 1)]
+    for layer in range(4):
+        load.wait_layer(layer)
+        for s, d in zip(src, dst):  # compared on the engine's (current) stream
+            for s_page, d_page in moved:
+                assert _same(_page(s, "layer_first", s_page, ps)[layer], _page(d, "layer_first", d_page, ps)[layer])
+    assert load.wait() == [True] * 5 + [False]
+    assert not any(_page(d, "layer_first", 0, ps).view(torch.uint8).any() for d in dst)
+    if where == "embedded":
+        memory = backend.target.host_memory()
+        assert gpu.host_registered(memory) == (device == "cuda" and kv.block_bytes >= gpu.DIRECT_MIN_BYTES)
+        close_embedded(url)
+        assert not gpu.host_registered(memory)  # unregistered as the store closed
+
+
+def test_register_host_refusals_and_overlaps():
+    assert gpu.register_host(None) is False
+    gpu.unregister_host(bytearray(16))  # never registered: nothing to undo
+    memory = np.zeros(4 << 20, dtype=np.uint8)
+    if not gpu.cuda_available():
+        assert gpu.register_host(memory) is False and not gpu.host_registered(memory[:16])
+        return
+    assert gpu.register_host(memory) and gpu.register_host(memory)  # once, then known
+    assert gpu.host_registered(memory[4096:8192]) and not gpu.host_registered(np.zeros(16, np.uint8))
+    # CUDA refuses a range overlapping a registered one; the refusal must not surface as an
+    # error at torch's next kernel launch.
+    assert gpu.register_host(memory[1 << 20:]) is False
+    assert torch.ones(4, device="cuda").sum().item() == 4
+    gpu.unregister_host(memory)
+    assert not gpu.host_registered(memory)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", gpu.LAYOUTS)
+@pytest.mark.parametrize("mla", [False, True], ids=["mha", "mla"])
+def test_indexed_layer_scatter_matches_the_per_page_copies(layout, mla, device):
+    src = _kv(layout, mla, torch.float16, 31, layers=3, pages=6, device=device)
+    kv = gpu.PagedKV(src, layout, 4)
+    blocks = torch.empty(4 * kv.block_bytes, dtype=torch.uint8, device=device)
+    kv.gather([2, 5, 0, 3], blocks)
+    per_page = [torch.zeros_like(t) for t in src]
+    indexed = [torch.zeros_like(t) for t in src]
+    a, b = gpu.PagedKV(per_page, layout, 4), gpu.PagedKV(indexed, layout, 4)
+    where = b.page_index([1, 4, 3, 0])
+    assert where is not None and b.page_index([1, 1]) is None  # a repeated page: per page
+    for layer in range(3):
+        a.scatter_layer(layer, [1, 4, 3, 0], blocks)
+        b.scatter_layer(layer, [1, 4, 3, 0], blocks, where)
+    assert all(_same(x, y) for x, y in zip(per_page, indexed))
+    for s_page, d_page in [(2, 1), (5, 4), (0, 3), (3, 0)]:
+        assert all(_same(_page(s, layout, s_page, 4), _page(d, layout, d_page, 4)) for s, d in zip(src, indexed))
+    assert not any(_page(d, layout, p, 4).view(torch.uint8).any() for d in indexed for p in (2, 5))
