@@ -111,7 +111,10 @@ def h2d(pages: int, rounds: int) -> None:
     pinned memory: from a read callback through pinned staging (``staging``), and from a real
     embedded store, through pinned staging (``store, staging``: ``get_into``) and straight from
     its DRAM registered with CUDA (``store, direct``: what an adapter does for pages of 256 KiB
-    and more). On a machine without CUDA, everything on the CPU (no registration there)."""
+    and more); and the other way, ``save_pages`` of fresh pages into the store (``store,
+    save``: gather on the device, one copy to pinned staging, the store's put) beside one
+    ``tensor.copy_`` from the device into pinned memory. On a machine without CUDA, everything
+    on the CPU (no registration there)."""
     from tairstore.connectors.common import close_embedded, open_backend
     from tairstore.tiers import gpu
 
@@ -154,6 +157,16 @@ def h2d(pages: int, rounds: int) -> None:
         cells["store, staging"] = timed(lambda: transfer.load(
             list(range(pages)), read=lambda i, buf: backend.get_into(keys[i], buf, nbytes)).wait())
         cells["store, direct"] = timed(lambda: backend.load_pages(transfer, keys, list(range(pages))).wait())
+        saved = iter(range(1, 1 << 30))
+
+        def save() -> None:  # fresh keys each round: every page is gathered and stored
+            n = next(saved)
+            fresh = [f"h2d-{n}-{i}".encode() for i in range(pages)]
+            assert backend.save_pages(transfer, fresh, list(range(pages))) == [True] * pages
+            backend.target.delete(fresh, namespace="h2d")
+
+        cells["store, save"] = timed(save)
+        cells["copy_ to pinned"] = timed(lambda: blocks.copy_(plain, non_blocking=True))
         registered = gpu.host_registered(backend.target.host_memory())
         check = torch.empty(pages * nbytes, dtype=torch.uint8, device=device)
         paged.gather(list(range(pages)), check)  # the last load's pages, back as blocks
