@@ -481,6 +481,15 @@ class LayerLoad:
         self.wait_layer(self.kv.num_layers - 1)
         return self.ok
 
+    def __del__(self) -> None:
+        # A load dropped unfinished still holds its staging slab or the store's views until
+        # its last copy has run: neither may be reused while the device reads it.
+        try:
+            if self._lease is not None:
+                self._finish()
+        except Exception:  # noqa: BLE001 - nothing may escape a finaliser
+            pass
+
 
 class KVTransfer:
     """Moves pages between a :class:`PagedKV` and a store through staging buffers."""

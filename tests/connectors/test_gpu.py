@@ -271,3 +271,16 @@ def test_indexed_layer_scatter_matches_the_per_page_copies(layout, mla, device):
     for s_page, d_page in [(2, 1), (5, 4), (0, 3), (3, 0)]:
         assert all(_same(_page(s, layout, s_page, 4), _page(d, layout, d_page, 4)) for s, d in zip(src, indexed))
     assert not any(_page(d, layout, p, 4).view(torch.uint8).any() for d in indexed for p in (2, 5))
+
+
+def test_a_load_dropped_unfinished_gives_its_staging_back():
+    src = _kv("layer_first", False, torch.float16, 41, pages=4)
+    kv = gpu.PagedKV(src, "layer_first", 4)
+    store = _Blocks()
+    gpu.KVTransfer(kv).save([0, 1], store.write)
+    pool = gpu.StagingPool(slab_bytes=2 * kv.block_bytes, slabs=1)
+    dst = gpu.PagedKV([torch.zeros_like(t) for t in src], "layer_first", 4)
+    load = gpu.KVTransfer(dst, pool).load([2, 3], read=store.read)
+    assert pool._free == []  # the one slab is leased
+    del load
+    assert len(pool._free) == 1
