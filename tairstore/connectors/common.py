@@ -40,6 +40,9 @@ DEFAULT_RETRY_AFTER_S = 1.0
 #: the background, and a page a crash loses is recomputed); what survives a crash is still
 #: byte-exact. ``write_back`` applies only where it can (both tiers, not "sync").
 EMBEDDED_DEFAULTS = {"dram_bytes": 4 << 30, "ssd_bytes": 64 << 30, "durability": "batch"}
+#: Set to 0 to keep an embedded store's DRAM unregistered with CUDA (loads then go through
+#: pinned staging): registering pins the whole arena in RAM, faulting it in at the first load.
+REGISTER_ENV = "TAIRSTORE_REGISTER_DRAM"
 #: A namespace's readable part is capped so a long model path cannot push it past 255 bytes.
 NAMESPACE_PREFIX_CHARS = 160
 DAEMON_SCHEMES = ("tcp://", "shm+tcp://", "tairstore://")
@@ -346,6 +349,10 @@ class Backend:
         CUDA refuses: loads then go through pinned staging)."""
         if self._pinned is None:
             from ..tiers import gpu
+
+            if os.environ.get(REGISTER_ENV, "1") == "0":
+                self._pinned = False
+                return False
 
             try:
                 store = self.target

@@ -284,3 +284,12 @@ def test_a_load_dropped_unfinished_gives_its_staging_back():
     assert pool._free == []  # the one slab is leased
     del load
     assert len(pool._free) == 1
+
+
+def test_dram_registration_can_be_turned_off(store_dir, monkeypatch):
+    from tairstore.connectors.common import REGISTER_ENV, open_backend
+
+    monkeypatch.setenv(REGISTER_ENV, "0")
+    backend = open_backend(store_dir, "no-register")
+    assert backend._host_registered() is False
+    assert not gpu.host_registered(backend.target.host_memory())
