@@ -27,9 +27,8 @@ measured requests per client; the rows of one score can be simulated in parallel
 
 Stage 1 runs on fixed settings (:data:`STAGE1_OVERHEAD`, :data:`STAGE1_SERVER`), so the two stages
 run once, in order, reproduce the shipped file whatever it held before. (The pair is not a fixed
-point of alternating them: a second stage 1 on stage 2's result moves vLLM's bf16 decode factor
-from 1.0 to 1.05, and a second stage 2 then ties, at the same score, with another overhead point;
-the objective is flat there.)
+point of alternating them: on the shortened loops of the earlier fits, a second stage 1 on stage
+2's result moved vLLM's fp8 factors from 0.7 / 0.85 to 1.1 / 0.8; the objective is flat there.)
 
 **Regime.** ``below`` / ``near`` / ``above`` saturation compares the concurrency with the decode
 batch at which a decode step takes twice the time of a batch of one (the batch where the GPU
