@@ -12,7 +12,9 @@ exactly ISL tokens and OSL outputs. Each row is replayed as that closed loop
 is declared up front and cannot be tuned.
 
 **Fit.** Two stages, both on fit rows only, both minimising the sum of the median absolute log
-errors of TPOT and TTFT (a coarse, shortened closed loop while searching):
+errors of TPOT and TTFT, on the same closed loops the validation reports (2 warm-up and 10
+measured requests per client; the rows of one score can be simulated in parallel processes,
+``workers``, with the same result):
 
 1. *Kernel efficiency* (vLLM only: SGLang's kernels are the ones the operator tables measured).
    Per weight dtype, ``prefill_scale`` and ``decode_scale``
@@ -25,9 +27,8 @@ errors of TPOT and TTFT (a coarse, shortened closed loop while searching):
 
 Stage 1 runs on fixed settings (:data:`STAGE1_OVERHEAD`, :data:`STAGE1_SERVER`), so the two stages
 run once, in order, reproduce the shipped file whatever it held before. (The pair is not a fixed
-point of alternating them: a second stage 1 on stage 2's result moves vLLM's bf16 decode factor
-from 1.0 to 1.05, and a second stage 2 then ties, at the same score, with another overhead point;
-the objective is flat there.)
+point of alternating them: on the shortened loops of the earlier fits, a second stage 1 on stage
+2's result moved vLLM's fp8 factors from 0.7 / 0.85 to 1.1 / 0.8; the objective is flat there.)
 
 **Regime.** ``below`` / ``near`` / ``above`` saturation compares the concurrency with the decode
 batch at which a decode step takes twice the time of a batch of one (the batch where the GPU
@@ -39,15 +40,17 @@ weights, disaggregated serving, weights that do not fit).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import json
 import math
+import multiprocessing.pool
 import zlib
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -82,12 +85,11 @@ GRID = {
 # Scheduler settings searched with the overhead, per backend: vLLM's token budget
 # (max_num_batched_tokens: deployments set it, the engine's default is 8192 on Hopper), the
 # ingress delay of its API server and the start spread of its rows' closed loops (loop_spread,
-# in prefill times per client; see ServerConfig). 2048 tokens, in the grid before loop_spread
-# existed and never chosen, was dropped to keep the search near ten minutes.
+# in prefill times per client; see ServerConfig).
 SERVER_GRID: dict[str, dict[str, tuple]] = {
     "sglang": {},
-    "vllm": {"chunked_prefill_size": (4096, 8192), "ingress_ms": (0.0, 2.0),
-             "loop_spread": (0.0, 0.5, 0.75, 1.0)},
+    "vllm": {"chunked_prefill_size": (2048, 4096, 8192), "ingress_ms": (0.0, 2.0),
+             "loop_spread": (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 1.0)},
 }
 
 # Stage 1: per-dtype kernel-efficiency factors of the backends whose kernels the tables did not
@@ -99,11 +101,15 @@ KERNEL_GRID: dict[str, tuple] = {
 KERNEL_BACKENDS = ("vllm",)
 # Stage 1 runs on these fixed overhead and scheduler settings (vLLM's fit before stage 1 existed),
 # not on whatever the shipped file holds, so that the two stages run once, in order, reproduce
-# the shipped file from any starting point.
+# the shipped file from any starting point (every setting the file can hold is given here,
+# loop_spread 0 included: the start spread did not exist then).
 STAGE1_OVERHEAD = {"vllm": Overhead(base_ms=0.5, per_seq_ms=0.02, eager_per_layer_ms=0.05)}
 STAGE1_SERVER: dict[str, dict[str, float]] = {
-    "vllm": {"chunked_prefill_size": 4096, "ingress_ms": 2.0},
+    "vllm": {"chunked_prefill_size": 4096, "ingress_ms": 2.0, "loop_spread": 0.0},
 }
+# Closed loops of the fit: those of the validation (simulate_row's defaults).
+FIT_WARMUP_PER_CLIENT = 2
+FIT_MEASURED_PER_CLIENT = 10
 
 
 @dataclass(frozen=True)
@@ -208,25 +214,50 @@ def ape(pred: float, meas: float) -> float:
     return abs(pred / meas - 1) * 100
 
 
+def _row_log_errors(job: tuple) -> tuple[float, float] | None:
+    """Absolute log errors of one row's TTFT and TPOT (None where the simulator refuses it)."""
+    row, overhead, settings, warmup_per_client, measured_per_client = job
+    try:
+        ttft, tpot = simulate_row(row, overhead, warmup_per_client, measured_per_client,
+                                  settings)
+    except InvalidArgumentError:
+        return None
+    return abs(math.log(ttft / row.ttft_ms)), abs(math.log(tpot / row.tpot_ms))
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int) -> Iterator[multiprocessing.pool.Pool | None]:
+    """A pool of ``workers`` forked processes for :func:`fit_score` (None for one: in-process).
+    Open it after the fit file it should read was saved: the workers keep the cached copy they
+    were forked with."""
+    if workers <= 1:
+        yield None
+        return
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        yield pool
+
+
 def fit_score(rows: Sequence[SiliconRow], overhead: Overhead | None,
-              settings: dict[str, float], warmup_per_client: int = 1,
-              measured_per_client: int = 3) -> float:
+              settings: dict[str, float], warmup_per_client: int = FIT_WARMUP_PER_CLIENT,
+              measured_per_client: int = FIT_MEASURED_PER_CLIENT,
+              pool: multiprocessing.pool.Pool | None = None) -> float:
     """Median absolute log error of TPOT plus that of TTFT over ``rows`` (rows the simulator
-    refuses are left out; inf if none is left)."""
-    errs_ttft, errs_tpot = [], []
-    for r in rows:
-        try:
-            ttft, tpot = simulate_row(r, overhead, warmup_per_client, measured_per_client,
-                                      settings)
-        except InvalidArgumentError:
-            continue
-        errs_ttft.append(abs(math.log(ttft / r.ttft_ms)))
-        errs_tpot.append(abs(math.log(tpot / r.tpot_ms)))
-    return float(np.median(errs_tpot) + np.median(errs_ttft)) if errs_tpot else math.inf
+    refuses are left out; inf if none is left). With a ``pool`` (:func:`worker_pool`) the rows
+    are simulated in its processes; every row's simulation is seeded, so the score is the same."""
+    jobs = [(r, overhead, settings, warmup_per_client, measured_per_client) for r in rows]
+    errs = (pool.map(_row_log_errors, jobs, chunksize=1) if pool is not None
+            else [_row_log_errors(j) for j in jobs])
+    errs = [e for e in errs if e is not None]
+    if not errs:
+        return math.inf
+    errs_ttft, errs_tpot = zip(*errs)
+    return float(np.median(errs_tpot) + np.median(errs_ttft))
 
 
-def fit_kernel_scales(rows: Iterable[SiliconRow], log=print, warmup_per_client: int = 1,
-                      measured_per_client: int = 3, backends: Sequence[str] | None = None
+def fit_kernel_scales(rows: Iterable[SiliconRow], log=print,
+                      warmup_per_client: int = FIT_WARMUP_PER_CLIENT,
+                      measured_per_client: int = FIT_MEASURED_PER_CLIENT,
+                      backends: Sequence[str] | None = None, workers: int = 1
                       ) -> dict[str, dict[str, dict[str, float]]]:
     """Stage 1: grid-search :data:`KERNEL_GRID` per backend (:data:`KERNEL_BACKENDS`) and
     weight dtype on that dtype's fit rows (never on test rows), with the overhead and scheduler
@@ -237,43 +268,51 @@ def fit_kernel_scales(rows: Iterable[SiliconRow], log=print, warmup_per_client: 
                 and (backends is None or r.backend in backends)):
             groups.setdefault((r.backend, r.weight_dtype), []).append(r)
     fitted: dict[str, dict[str, dict[str, float]]] = {}
-    for (backend, dtype), fit_rows in sorted(groups.items()):
-        best: tuple[float, dict[str, float]] = (math.inf, {})
-        for values in itertools.product(*KERNEL_GRID.values()):
-            point = dict(zip(KERNEL_GRID, values))
-            score = fit_score(fit_rows, STAGE1_OVERHEAD.get(backend),
-                              {**STAGE1_SERVER.get(backend, {}), **point},
-                              warmup_per_client, measured_per_client)
-            if score < best[0]:
-                best = (score, point)
-        fitted.setdefault(backend, {})[dtype] = {"prefill": best[1]["prefill_scale"],
-                                                 "decode": best[1]["decode_scale"]}
-        log(f"{backend} {dtype}: {len(fit_rows)} fit rows -> {best[1]} (score {best[0]:.3f})")
+    with worker_pool(workers) as pool:
+        for (backend, dtype), fit_rows in sorted(groups.items()):
+            best: tuple[float, dict[str, float]] = (math.inf, {})
+            for values in itertools.product(*KERNEL_GRID.values()):
+                point = dict(zip(KERNEL_GRID, values))
+                score = fit_score(fit_rows, STAGE1_OVERHEAD.get(backend),
+                                  {**STAGE1_SERVER.get(backend, {}), **point},
+                                  warmup_per_client, measured_per_client, pool)
+                log(f"  {backend} {dtype} {point}: {score:.4f}")
+                if score < best[0]:
+                    best = (score, point)
+            fitted.setdefault(backend, {})[dtype] = {"prefill": best[1]["prefill_scale"],
+                                                     "decode": best[1]["decode_scale"]}
+            log(f"{backend} {dtype}: {len(fit_rows)} fit rows -> {best[1]} "
+                f"(score {best[0]:.3f})")
     return fitted
 
 
-def fit_overheads(rows: Iterable[SiliconRow], log=print, warmup_per_client: int = 1,
-                  measured_per_client: int = 3, backends: Sequence[str] | None = None,
-                  grid: dict[str, tuple] | None = None
-                  ) -> dict[str, tuple[Overhead, dict[str, float]]]:
+def fit_overheads(rows: Iterable[SiliconRow], log=print,
+                  warmup_per_client: int = FIT_WARMUP_PER_CLIENT,
+                  measured_per_client: int = FIT_MEASURED_PER_CLIENT,
+                  backends: Sequence[str] | None = None, grid: dict[str, tuple] | None = None,
+                  workers: int = 1) -> dict[str, tuple[Overhead, dict[str, float]]]:
     """Grid-search each backend's overhead and scheduler settings (:data:`SERVER_GRID`) on its
-    fit rows (never on test rows)."""
+    fit rows (never on test rows), with the kernel factors of the saved fit file."""
     fitted = {}
     by_backend: dict[str, list[SiliconRow]] = {}
     for r in rows:
         if r.fit and (backends is None or r.backend in backends):
             by_backend.setdefault(r.backend, []).append(r)
-    for backend, fit_rows in sorted(by_backend.items()):
-        space = {**(grid or GRID), **SERVER_GRID.get(backend, {})}
-        best: tuple[float, Overhead, dict[str, float]] = (math.inf, Overhead(), {})
-        for values in itertools.product(*space.values()):
-            point = dict(zip(space, values))
-            oh = Overhead(**{k: point.pop(k) for k in GRID})
-            score = fit_score(fit_rows, oh, point, warmup_per_client, measured_per_client)
-            if score < best[0]:
-                best = (score, oh, point)
-        fitted[backend] = (best[1], best[2])
-        log(f"{backend}: {len(fit_rows)} fit rows -> {best[1]} {best[2]} (score {best[0]:.3f})")
+    with worker_pool(workers) as pool:
+        for backend, fit_rows in sorted(by_backend.items()):
+            space = {**(grid or GRID), **SERVER_GRID.get(backend, {})}
+            best: tuple[float, Overhead, dict[str, float]] = (math.inf, Overhead(), {})
+            for values in itertools.product(*space.values()):
+                point = dict(zip(space, values))
+                oh = Overhead(**{k: point.pop(k) for k in GRID})
+                score = fit_score(fit_rows, oh, point, warmup_per_client, measured_per_client,
+                                  pool)
+                log(f"  {backend} {oh} {point}: {score:.4f}")
+                if score < best[0]:
+                    best = (score, oh, point)
+            fitted[backend] = (best[1], best[2])
+            log(f"{backend}: {len(fit_rows)} fit rows -> {best[1]} {best[2]} "
+                f"(score {best[0]:.3f})")
     return fitted
 
 
@@ -304,12 +343,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--stage", choices=("kernel", "overhead", "both"), default="both",
                     help="stage 1 (kernel factors), stage 2 (overhead and scheduler, with the "
                          "saved factors), or both in order")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="processes simulating a score's rows (the result does not depend on it)")
     args = ap.parse_args(argv)
     rows, _ = load_rows(args.csv)
     if args.stage in ("kernel", "both"):
-        save_fit({}, kernel=fit_kernel_scales(rows, backends=args.backend))
+        save_fit({}, kernel=fit_kernel_scales(rows, backends=args.backend,
+                                              workers=args.workers))
     if args.stage in ("overhead", "both"):
-        save_fit(fit_overheads(rows, backends=args.backend))
+        save_fit(fit_overheads(rows, backends=args.backend, workers=args.workers))
     return 0
 
 
