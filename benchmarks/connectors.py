@@ -33,6 +33,7 @@ Run: ``python benchmarks/connectors.py`` (needs torch and ``pip install --no-dep
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -157,7 +158,7 @@ def h2d(pages: int, rounds: int) -> None:
         cells["store, staging"] = timed(lambda: transfer.load(
             list(range(pages)), read=lambda i, buf: backend.get_into(keys[i], buf, nbytes)).wait())
         cells["store, direct"] = timed(lambda: backend.load_pages(transfer, keys, list(range(pages))).wait())
-        saved = iter(range(1, 1 << 30))
+        saved = itertools.count(1)
 
         def save() -> None:  # fresh keys each round: every page is gathered and stored
             n = next(saved)

@@ -353,7 +353,6 @@ class Backend:
             if os.environ.get(REGISTER_ENV, "1") == "0":
                 self._pinned = False
                 return False
-
             try:
                 store = self.target
                 memory = store.host_memory()

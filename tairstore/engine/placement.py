@@ -137,7 +137,7 @@ class Placement:
         is not an error."""
         size = p.size
         arena = self.dram
-        part = self.dram_part.get(st.name, 0) if self.dram_part else 0
+        part = self.dram_part.get(st.name, 0)
         if size > arena.partition_bytes(part):
             if required:
                 where = (f"its DRAM partition ({arena.partition_bytes(part)} bytes)"
