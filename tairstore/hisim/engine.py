@@ -32,16 +32,21 @@ A request reaches the engine ``ServerConfig.ingress_ms`` (mean, uniformly spread
 sent; TTFT counts from the send. A closed loop's clients send their first requests at once, or
 spread over a window of ``ServerConfig.loop_spread`` prefill times per client
 (:func:`first_send_offsets_ms`): with identical requests the simulated loop keeps the phases it
-starts with, and this sets them. ITL samples are the gaps between a measured request's tokens: a
-decoder's gap runs from its previous token to the end of the next step it decodes in, so the
-prefill steps it waited through and a retraction's recompute fall into it, and a request's gaps
-add up to ``E2E - TTFT``.
+starts with, and this sets them. With ``ClosedLoop.barrier`` the measured requests wait until every
+warm-up request has finished, and then the clients start again the same way (the benchmark
+client's separate warm-up and profiling phases). ``ServerConfig.loop_jitter`` draws the closed
+loop's output lengths around their given value, so that the phases drift.
+
+ITL samples are the gaps between a measured request's tokens: a decoder's gap runs from its
+previous token to the end of the next step it decodes in, so the prefill steps it waited through
+and a retraction's recompute fall into it, and a request's gaps add up to ``E2E - TTFT``.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+import random
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
@@ -65,6 +70,8 @@ GRID_PER_OCTAVE = 32
 BLOCKED_RECHECK_STEPS = 16
 # Low-discrepancy spreading of the ingress delays (see ingress_delay_ms).
 INV_GOLDEN = (math.sqrt(5) - 1) / 2
+# Seed of the closed loops' output-length jitter (ServerConfig.loop_jitter).
+JITTER_SEED = 0x5EED
 # Step-time categories a backend's kernel-efficiency factors leave alone (see _scaled_ms).
 UNSCALED_CATEGORIES = COMM_CATEGORIES + ("moe",)
 SUPPORTED_ATTENTION = "full softmax attention (dense GQA/MHA or MLA)"
@@ -244,6 +251,19 @@ def first_send_offsets_ms(sim: Simulator, first: Sequence[Request]) -> list[floa
     return [window * ((i * INV_GOLDEN) % 1.0) for i in range(len(first))]
 
 
+def _jittered(requests: Sequence[Request], jitter: float) -> list[Request]:
+    """Copies of a closed loop's requests, their output lengths drawn uniformly from ``osl x
+    [1 - jitter, 1 + jitter]`` (at least 1; a fixed-seed stream in request order, so runs are
+    reproducible). The measured vLLM loops lose the phases a simulated loop of identical
+    requests keeps for good; this lets the simulated ones drift the same way."""
+    if not jitter:
+        return [replace(r) for r in requests]
+    rng = random.Random(JITTER_SEED)
+    return [replace(r, output_len=max(1, round(r.output_len
+                                               * (1 + jitter * (2 * rng.random() - 1)))))
+            for r in requests]
+
+
 def _grid(x: float) -> int:
     return int(round(math.log2(max(x, 1.0)) * GRID_PER_OCTAVE))
 
@@ -259,15 +279,15 @@ class _Run:
                  progress: Callable[[int, int], None] | None) -> None:
         self.sim, self.server, self.progress = sim, sim.server, progress
         self.sent = 0  # requests sent so far: orders equal arrival times
+        self.warm_left = 0  # warm-up requests not finished, while a barrier holds the rest
         if isinstance(workload, ClosedLoop):
             self.closed = workload.concurrency
-            self.pending = deque(workload.requests)
+            # Copies: the caller's workload is not changed (it may be run again).
+            self.pending = deque(_jittered(workload.requests, sim.server.loop_jitter))
+            if workload.barrier and not all(r.warmup for r in workload.requests):
+                self.warm_left = sum(r.warmup for r in workload.requests)
             self.arrivals: list[tuple[float, int, Request]] = []
-            first = [self.pending.popleft()
-                     for _ in range(min(self.closed, len(self.pending)))]
-            for r, offset in zip(first, first_send_offsets_ms(sim, first)):
-                # A copy: the caller's workload is not shifted (it may be run again).
-                self.send(replace(r, arrival_ms=r.arrival_ms + offset) if offset else r)
+            self.start_phase(0.0)
         else:
             self.closed = None
             self.pending = deque()
@@ -347,13 +367,29 @@ class _Run:
         self.S -= st.target + 1 - st.g0
         self.R -= min(st.req.output_len, CLIP_MAX_NEW_TOKENS) - st.prev_out - 1 + st.g0
 
+    def start_phase(self, now: float) -> None:
+        """Every client of the closed loop sends at once (or spread by ``loop_spread``)."""
+        first = [self.pending.popleft() for _ in range(min(self.closed, len(self.pending)))]
+        for r, offset in zip(first, first_send_offsets_ms(self.sim, first)):
+            r.arrival_ms = now + offset
+            self.send(r)
+
     def finish(self, st: ReqState) -> None:
         st.finish_ms = self.now
         self.res.requests.append(st)
         if self.closed is not None and self.pending:
-            nxt = self.pending.popleft()
-            nxt.arrival_ms = self.now
-            self.send(nxt)
+            released = False
+            if self.warm_left and st.req.warmup:
+                self.warm_left -= 1
+                if not self.warm_left:  # the warm-up phase has drained: all clients send
+                    self.start_phase(self.now)
+                    released = True
+            # While warm-up requests are out, the measured phase does not start.
+            if not released and self.pending and not (self.warm_left
+                                                      and not self.pending[0].warmup):
+                nxt = self.pending.popleft()
+                nxt.arrival_ms = self.now
+                self.send(nxt)
         if self.progress is not None:
             self.progress(len(self.res.requests), self.total)
 

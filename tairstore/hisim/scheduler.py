@@ -98,6 +98,10 @@ class ServerConfig:
     # all at once. A simulated loop of identical requests keeps the phases it starts with; this
     # sets them (see engine.first_send_offsets_ms). 0: all at once.
     loop_spread: float = 0.0
+    # Closed loops only: each request's output length is drawn uniformly from ``osl x [1 -
+    # loop_jitter, 1 + loop_jitter]`` (seeded by its id), so that identical clients drift out of
+    # the phases they start with, as the measured vLLM loops do (see engine._jittered). 0: exact.
+    loop_jitter: float = 0.0
     overhead: Overhead = Overhead()
     # Kernel efficiency of this engine against the step model's operator tables (SGLang's), as
     # factors on a step's GPU compute time (TP all-reduce excluded): ``prefill_scale`` on the time
@@ -115,6 +119,9 @@ class ServerConfig:
         if isinstance(self.loop_spread, bool) or not (
                 isinstance(self.loop_spread, (int, float)) and 0 <= self.loop_spread < math.inf):
             raise InvalidArgumentError("loop_spread must be a finite number >= 0")
+        if isinstance(self.loop_jitter, bool) or not (
+                isinstance(self.loop_jitter, (int, float)) and 0 <= self.loop_jitter < 1):
+            raise InvalidArgumentError("loop_jitter must be a number in [0, 1)")
         if self.max_running_requests is not None and self.max_running_requests < 1:
             raise InvalidArgumentError("max_running_requests must be >= 1")
         if any(s is not None and (isinstance(s, bool) or not (isinstance(s, (int, float)) and 0 < s < math.inf))
@@ -152,7 +159,7 @@ def fitted_overheads(path: Path = FIT_FILE) -> dict[str, Overhead]:
 @lru_cache(maxsize=None)
 def fitted_server(backend: str, path: Path = FIT_FILE) -> dict[str, float]:
     """The shipped fit's scheduler settings of ``backend`` (``chunked_prefill_size``,
-    ``ingress_ms``, ``loop_spread``), empty where none ship."""
+    ``ingress_ms``, ``loop_spread``, ``loop_jitter``), empty where none ship."""
     if not path.exists():
         return {}
     return dict(json.loads(path.read_text()).get("server", {}).get(backend, {}))

@@ -80,6 +80,12 @@ def _common(p: argparse.ArgumentParser, sweep: bool) -> None:
     p.add_argument("--osl", type=int, help="closed loop: output tokens")
     p.add_argument("--num-prompts", type=int, help="closed loop: measured requests")
     p.add_argument("--warmup", type=int, help="closed loop: warm-up requests (2 x concurrency)")
+    p.add_argument("--loop-spread", type=float,
+                   help="closed loop: start window, in prefill times per client (default: the "
+                        "backend's fit)")
+    p.add_argument("--loop-jitter", type=float,
+                   help="closed loop: output lengths uniform on osl x [1 - j, 1 + j] (default: "
+                        "the backend's fit; 0: exactly osl)")
     p.add_argument("--max-running-requests", type=int)
     p.add_argument("--chunked-prefill-size", type=int)
     p.add_argument("--cuda-graph-max-bs", type=int)
@@ -130,6 +136,9 @@ def _simulator(args: argparse.Namespace, gpu_name: str, tp: int, dram: str) -> S
     overrides = {k: v for k, v in (("max_running_requests", args.max_running_requests),
                                    ("chunked_prefill_size", args.chunked_prefill_size),
                                    ("cuda_graph_max_bs", args.cuda_graph_max_bs)) if v}
+    for name in ("loop_spread", "loop_jitter"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
     if args.disable_overlap:
         overrides["overlap"] = False
     server = default_config(args.backend, tp, **overrides)

@@ -5,7 +5,8 @@ The measured rows are AIConfigurator's silicon samples (CSV columns ``backend``,
 ``system``, ``gemm_quant_mode``, ``isl``, ``osl``, ``batch_size`` = client concurrency,
 ``tp_size``, ``silicon_ttft_ms``, ``silicon_tpot_ms``): closed-loop runs of random prompts of
 exactly ISL tokens and OSL outputs. Each row is replayed as that closed loop
-(:func:`~tairstore.hisim.workload.closed_loop`: warm-up requests first, excluded).
+(:func:`~tairstore.hisim.workload.closed_loop`: warm-up requests first, excluded, and the measured
+phase started once they have all finished, as the rows' benchmark client does).
 
 **Split.** A row is a *fit* row when ``crc32(id) % FIT_MODULUS == 0`` (a quarter of them), else a
 *test* row; only test rows are ever reported. The split depends on nothing but the row's id, so it
@@ -20,10 +21,11 @@ measured requests per client; the rows of one score can be simulated in parallel
    Per weight dtype, ``prefill_scale`` and ``decode_scale``
    (:class:`~tairstore.hisim.scheduler.ServerConfig`) on :data:`KERNEL_GRID`, over the backend's
    fit rows of that dtype, with fixed overhead and scheduler settings (the fit before stage 1).
-2. *Overhead and scheduler.* Per backend, the three :class:`~tairstore.hisim.scheduler.Overhead`
-   parameters (and, for vLLM, the token budget, the ingress delay and the closed loops' start
-   spread: :data:`SERVER_GRID`) on a small grid over all of the backend's fit rows, with stage 1's
-   factors.
+2. *Overhead and scheduler.* Per backend, over all of its fit rows, with stage 1's factors, a
+   coordinate search: the scheduler settings first (for vLLM the token budget, the ingress delay
+   and the closed loops' phase models ``loop_spread`` and ``loop_jitter``: :data:`SERVER_GRID`)
+   with :data:`STAGE2_OVERHEAD`, then the three :class:`~tairstore.hisim.scheduler.Overhead`
+   parameters (:data:`GRID`) with the chosen settings.
 
 Stage 1 runs on fixed settings (:data:`STAGE1_OVERHEAD`, :data:`STAGE1_SERVER`), so the two stages
 run once, in order, reproduce the shipped file whatever it held before. (The pair is not a fixed
@@ -82,15 +84,20 @@ GRID = {
     "per_seq_ms": (0.0, 0.02),
     "eager_per_layer_ms": (0.0, 0.05),
 }
-# Scheduler settings searched with the overhead, per backend: vLLM's token budget
+# Scheduler settings searched before the overhead, per backend: vLLM's token budget
 # (max_num_batched_tokens: deployments set it, the engine's default is 8192 on Hopper), the
-# ingress delay of its API server and the start spread of its rows' closed loops (loop_spread,
-# in prefill times per client; see ServerConfig).
+# ingress delay of its API server, and two models of its rows' closed-loop phases (both 0 = off):
+# the start spread (loop_spread, in prefill times per client) and the output-length jitter
+# (loop_jitter); see ServerConfig.
 SERVER_GRID: dict[str, dict[str, tuple]] = {
     "sglang": {},
     "vllm": {"chunked_prefill_size": (2048, 4096, 8192), "ingress_ms": (0.0, 2.0),
-             "loop_spread": (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 1.0)},
+             "loop_spread": (0.0, 0.5, 0.75),
+             "loop_jitter": (0.0, 0.005, 0.01, 0.02, 0.03, 0.05)},
 }
+# Stage 2 searches a backend's SERVER_GRID first, with this overhead (vLLM's fit before the
+# barrier and loop_jitter), then GRID's overheads with the chosen settings.
+STAGE2_OVERHEAD = {"vllm": Overhead(base_ms=0.5, per_seq_ms=0.02, eager_per_layer_ms=0.05)}
 
 # Stage 1: per-dtype kernel-efficiency factors of the backends whose kernels the tables did not
 # measure (a factor on the compute time of a step's prefill part, and on its decode batch's).
@@ -291,8 +298,10 @@ def fit_overheads(rows: Iterable[SiliconRow], log=print,
                   measured_per_client: int = FIT_MEASURED_PER_CLIENT,
                   backends: Sequence[str] | None = None, grid: dict[str, tuple] | None = None,
                   workers: int = 1) -> dict[str, tuple[Overhead, dict[str, float]]]:
-    """Grid-search each backend's overhead and scheduler settings (:data:`SERVER_GRID`) on its
-    fit rows (never on test rows), with the kernel factors of the saved fit file."""
+    """Search each backend's scheduler settings (:data:`SERVER_GRID`, with
+    :data:`STAGE2_OVERHEAD`), then its overhead (``grid``, default :data:`GRID`) with those
+    settings, on its fit rows (never on test rows), with the kernel factors of the saved fit
+    file."""
     fitted = {}
     by_backend: dict[str, list[SiliconRow]] = {}
     for r in rows:
@@ -300,16 +309,26 @@ def fit_overheads(rows: Iterable[SiliconRow], log=print,
             by_backend.setdefault(r.backend, []).append(r)
     with worker_pool(workers) as pool:
         for backend, fit_rows in sorted(by_backend.items()):
-            space = {**(grid or GRID), **SERVER_GRID.get(backend, {})}
-            best: tuple[float, Overhead, dict[str, float]] = (math.inf, Overhead(), {})
-            for values in itertools.product(*space.values()):
-                point = dict(zip(space, values))
-                oh = Overhead(**{k: point.pop(k) for k in GRID})
-                score = fit_score(fit_rows, oh, point, warmup_per_client, measured_per_client,
-                                  pool)
-                log(f"  {backend} {oh} {point}: {score:.4f}")
-                if score < best[0]:
-                    best = (score, oh, point)
+            def search(points: Iterable[tuple[Overhead, dict[str, float]]]
+                       ) -> tuple[float, Overhead, dict[str, float]]:
+                best: tuple[float, Overhead, dict[str, float]] = (math.inf, Overhead(), {})
+                for oh, point in points:
+                    score = fit_score(fit_rows, oh, point, warmup_per_client,
+                                      measured_per_client, pool)
+                    log(f"  {backend} {oh} {point}: {score:.4f}")
+                    if score < best[0]:
+                        best = (score, oh, point)
+                return best
+
+            server_grid = SERVER_GRID.get(backend, {})
+            settings: dict[str, float] = {}
+            if server_grid:
+                oh0 = STAGE2_OVERHEAD.get(backend, Overhead())
+                _, _, settings = search((oh0, dict(zip(server_grid, values)))
+                                        for values in itertools.product(*server_grid.values()))
+            ov_grid = grid or GRID
+            best = search((Overhead(**dict(zip(ov_grid, values))), settings)
+                          for values in itertools.product(*ov_grid.values()))
             fitted[backend] = (best[1], best[2])
             log(f"{backend}: {len(fit_rows)} fit rows -> {best[1]} {best[2]} "
                 f"(score {best[0]:.3f})")

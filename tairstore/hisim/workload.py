@@ -66,11 +66,14 @@ class ClosedLoop:
     """``concurrency`` clients, each sending its next request when the last one finished.
 
     ``requests`` are handed out in order; those flagged ``warmup`` are simulated but excluded
-    from the metrics.
+    from the metrics. With ``barrier`` (the benchmark clients' convention: AIPerf runs its
+    warm-up phase to completion before its profiling phase starts), no measured request is sent
+    until every warm-up request has finished; then all clients send at once, as at the start.
     """
 
     concurrency: int
     requests: list[Request] = field(default_factory=list)
+    barrier: bool = True
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -205,11 +208,12 @@ def random_prompts(n: int, isl: int, osl: int, block_tokens: int = BLOCK_TOKENS,
 
 
 def closed_loop(concurrency: int, isl: int, osl: int, num_prompts: int | None = None,
-                warmup: int | None = None) -> ClosedLoop:
+                warmup: int | None = None, barrier: bool = True) -> ClosedLoop:
     """The silicon rows' closed loop: random prompts, warm-up requests first.
 
     Defaults follow the rows' convention: ``2 x concurrency`` warm-up requests and
-    ``10 x concurrency`` measured ones.
+    ``10 x concurrency`` measured ones, the measured phase starting once the warm-up phase has
+    drained (``barrier``, see :class:`ClosedLoop`).
     """
     if warmup is None:
         warmup = WARMUP_PER_CLIENT * concurrency
@@ -219,7 +223,7 @@ def closed_loop(concurrency: int, isl: int, osl: int, num_prompts: int | None = 
         raise InvalidArgumentError(f"num_prompts must be >= 1 and warmup >= 0, got "
                                    f"{num_prompts}, {warmup}")
     return ClosedLoop(concurrency, random_prompts(warmup + num_prompts, isl, osl,
-                                                  warmup=warmup))
+                                                  warmup=warmup), barrier)
 
 
 def total_tokens(requests: Iterable[Request]) -> tuple[int, int]:

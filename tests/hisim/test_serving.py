@@ -254,6 +254,29 @@ def test_sim_run_closed_loop_writes_bench_serving_keys(tmp_path, capsys):
     assert "mean_ttft_ms" in capsys.readouterr().out
 
 
+def test_sim_run_closed_loop_phase_options(tmp_path, capsys):
+    """--loop-jitter 0 gives exactly OSL output tokens (vLLM's fit may ship a jitter), a jitter
+    varies them around OSL, and an out-of-range one is refused."""
+    def run(*extra):
+        out = tmp_path / "d"
+        rc = sim_main(["run", "--backend", "vllm", "--model", "llama-3.1-8b", "--dtype", "fp8",
+                       "--gpu", "h200", "--concurrency", "8", "--isl", "1000", "--osl", "50",
+                       "--num-prompts", "40", "--output-dir", str(out), "--no-progress",
+                       *extra])
+        if rc:
+            return rc, None
+        lines = (out / "requests.jsonl").read_text().splitlines()
+        return rc, [json.loads(line)["output_len"] for line in lines]
+
+    rc, lens = run("--loop-jitter", "0", "--loop-spread", "0")
+    assert rc == 0 and lens == [50] * (16 + 40)
+    rc, lens = run("--loop-jitter", "0.2")
+    assert rc == 0 and min(lens) >= 40 and max(lens) <= 60 and len(set(lens)) > 5
+    capsys.readouterr()
+    assert run("--loop-jitter", "1.5")[0] == 2
+    assert "loop_jitter" in capsys.readouterr().err
+
+
 def test_sim_run_trace_with_cache_levels(tmp_path):
     trace = tmp_path / "t.jsonl"
     rows = [{"timestamp": i * 100, "input_length": 1500, "output_length": 8,
@@ -397,3 +420,57 @@ def test_loop_spread_leaves_the_workload_unchanged(sim8b):
     a, b = summarize(fresh().run(wl)), summarize(fresh().run(wl))
     assert [r.arrival_ms for r in wl.requests[:4]] == before
     assert a["mean_ttft_ms"] == b["mean_ttft_ms"]
+
+
+def test_measured_phase_starts_after_the_warmup_phase_drains(sim8b):
+    """The benchmark clients run their warm-up phase to completion before the measured phase:
+    no measured request is sent before the last warm-up request finished, and then every client
+    sends at once. Without the barrier a client's next request follows its last at once."""
+    cfg = default_config("vllm", 1, loop_spread=0.5, loop_jitter=0.1, ingress_ms=0.0)
+    sim = Simulator(sim8b.model, sim8b.gpu, 1, cfg, step_model=sim8b.step_model)
+    res = sim.run(closed_loop(6, 512, 32, num_prompts=30, warmup=12))
+    last_warm = max(st.finish_ms for st in res.requests if st.req.warmup)
+    sends = sorted(st.req.arrival_ms for st in res.requests if not st.req.warmup)
+    assert len(sends) == 30 and sends[0] >= last_warm
+    # The six clients start the phase as they started the loop (spread by loop_spread).
+    first = sorted(st.req.arrival_ms for st in res.requests if st.req.rid < 6)
+    assert [t - last_warm for t in sends[:6]] == pytest.approx(first)
+    # Never more than six requests out; the metrics count the measured ones only.
+    m = summarize(res)
+    assert m["completed"] == 30 and m["concurrency"] <= 6 + 1e-9
+
+    res = sim.run(closed_loop(6, 512, 32, num_prompts=30, warmup=12, barrier=False))
+    last_warm = max(st.finish_ms for st in res.requests if st.req.warmup)
+    assert min(st.req.arrival_ms for st in res.requests if not st.req.warmup) < last_warm
+    for st in res.requests:
+        if st.req.rid >= 6:  # every later send is some request's finish
+            assert any(o.finish_ms == st.req.arrival_ms for o in res.requests)
+
+
+def test_loop_jitter_draws_output_lengths_around_osl(sim8b):
+    """loop_jitter j: each closed-loop request's output length is uniform on osl x [1 - j, 1 + j],
+    reproducibly, on copies (the caller's workload keeps exact lengths); 0 keeps them exact."""
+    def run(jitter):
+        cfg = default_config("vllm", 1, loop_jitter=jitter)
+        sim = Simulator(sim8b.model, sim8b.gpu, 1, cfg, step_model=sim8b.step_model)
+        wl = closed_loop(8, 256, 100, num_prompts=200, warmup=16)
+        res = sim.run(wl)
+        assert all(r.output_len == 100 for r in wl.requests)
+        return res
+
+    exact = run(0.0)
+    assert {st.req.output_len for st in exact.requests} == {100}
+    res = run(0.1)
+    lens = [st.req.output_len for st in res.requests]
+    assert min(lens) >= 90 and max(lens) <= 110 and len(set(lens)) > 10
+    assert sum(lens) / len(lens) == pytest.approx(100, abs=2)
+    m = summarize(res)
+    assert m["total_output_tokens"] == sum(st.req.output_len for st in res.requests
+                                           if not st.req.warmup)
+    again = run(0.1)
+    assert [st.req.output_len for st in again.requests] == lens
+    assert summarize(again)["mean_ttft_ms"] == m["mean_ttft_ms"]
+    for bad in (-0.1, 1.0, float("nan"), float("inf"), "0.1", True):
+        with pytest.raises(InvalidArgumentError):
+            default_config("vllm", 1, loop_jitter=bad)
+    assert default_config("sglang", 1).loop_jitter == 0.0

@@ -2,9 +2,9 @@
 
 Only test rows are checked (the CPU overhead, vLLM's scheduler settings and its kernel-efficiency
 factors were fitted on the declared fit rows, ``crc32(id) % 4 == 0``; see
-tairstore.hisim.serving_fit). The closed loops are shortened (one
-warm-up and three measured requests per client instead of two and ten) to keep the test quick;
-``benchmarks/hisim_serving.py`` runs the full convention and prints the table in docs/HISIM.md.
+tairstore.hisim.serving_fit), on the rows' full closed loops (two warm-up and ten measured requests
+per client, the measured phase starting after the warm-up phase has drained);
+``benchmarks/hisim_serving.py`` runs every row and prints the table in docs/HISIM.md.
 """
 
 from pathlib import Path
@@ -22,11 +22,10 @@ needs_data = pytest.mark.skipif(not SILICON.exists(), reason="../shared/data not
 # The issue's targets, met by the SGLang rows in every regime.
 TTFT_TARGET_PCT = 15.0
 TPOT_TARGET_PCT = 10.0
-# vLLM meets the TPOT target (5.8% median on these shortened loops and a third of the test rows;
-# 7.0% before the full-loop fit) but misses the TTFT target (26.1%; 26.2% before the full-loop fit,
-# 41.0% before the closed-loop start spread; docs/HISIM.md says why): the TTFT guard only catches
-# regressions.
-VLLM_TTFT_GUARD_PCT = 30.0
+# vLLM meets the TPOT target (5.9% median on a third of the test rows) but misses the TTFT target
+# (18.7% there; 22.0% on all of them, 28.8% before the warm-up barrier; docs/HISIM.md says why):
+# the TTFT guard only catches regressions.
+VLLM_TTFT_GUARD_PCT = 25.0
 
 
 def _errors(backend, stride=1):
@@ -34,7 +33,7 @@ def _errors(backend, stride=1):
     out = {}
     for r in [r for r in rows if not r.fit][::stride]:
         try:
-            ttft, tpot = simulate_row(r, None, 1, 3)
+            ttft, tpot = simulate_row(r)
         except ValueError:
             continue  # weights that do not fit: counted in the benchmark
         for key in (regime(r), "all"):
