@@ -273,6 +273,19 @@ class Backend:
             return [False] * len(keys)
         if self.remote:
             return self._put_many_remote(keys, fill, nbytes)
+
+        def write(t: Any, session: Any, todo: list[int]) -> list[bytes]:
+            for i in todo:
+                t.write(session, keys[i], fill(i, keys[i]))
+            return [keys[i] for i in todo]
+
+        return self._write_session(keys, nbytes, write)
+
+    def _write_session(self, keys: list[bytes], nbytes: int, write: Any) -> list[bool]:
+        """One write session on the embedded store for ``keys``: ``write(store, session, todo)``
+        sends the blocks at positions ``todo`` (those not stored yet) and returns the keys it
+        sent, which are then committed; on a failure the session is aborted. Per key, whether
+        it is stored afterwards."""
         try:
             t = self.target
             session = t.start_write(keys, [nbytes] * len(keys), namespace=self.namespace)
@@ -280,12 +293,8 @@ class Backend:
             self._fail("start_write", exc)
             return [False] * len(keys)
         todo = set(session.keys_to_write)
-        written: list[bytes] = []
         try:
-            for i, key in enumerate(keys):
-                if key in todo:
-                    t.write(session, key, fill(i, key))
-                    written.append(key)
+            written = write(t, session, [i for i, k in enumerate(keys) if k in todo])
             committed = t.finish_write(session, written) if written else 0
         except (StoreError, OSError) as exc:
             self._fail("write", exc)
@@ -374,8 +383,47 @@ class Backend:
             staged = self._save_pages_staged(transfer, list(keys), list(pages), nbytes)
             if staged is not None:
                 return staged
+        from ..tiers.gpu import DIRECT_MIN_BYTES
+
+        if not self.remote and (not transfer.cuda or (nbytes >= DIRECT_MIN_BYTES
+                                                      and self._host_registered())):
+            return self._save_pages_in_place(transfer, list(keys), list(pages), nbytes)
         return transfer.save(pages, lambda idx, fill: self.put_many(
             [keys[i] for i in idx], lambda j, _k: fill(idx[j]), nbytes))
+
+    def _save_pages_in_place(self, transfer: Any, keys: list[bytes], pages: list[int],
+                             nbytes: int) -> list[bool]:
+        """save_pages into the embedded store: each missing page is copied straight into its
+        block's DRAM reservation (``write_view``; from the device, one DMA a block into the
+        arena registered with CUDA) and checksummed there (``write_done``): one copy, where a
+        gather into staging and the store's copy of it make two. A block placed without a DRAM
+        copy (SSD only) is gathered into a buffer and sent with ``write``."""
+        if not keys:
+            return []
+
+        def write(t: Any, session: Any, todo: list[int]) -> list[bytes]:
+            transfer.kv._index(pages)  # a bad page index: the session is aborted, a miss
+            direct, views, other = [], [], []
+            for i in todo:
+                view = t.write_view(session, keys[i])
+                if view is None:
+                    other.append(i)
+                else:
+                    direct.append(i)
+                    views.append(view)
+            transfer.save_into([pages[i] for i in direct], views)
+            for view in views:
+                view.release()  # write_done checksums what is there: nothing may change it
+            for i in direct:
+                t.write_done(session, keys[i])
+            if other:
+                buf = bytearray(nbytes)
+                for i in other:
+                    transfer.save_into([pages[i]], [buf])
+                    t.write(session, keys[i], buf)
+            return [keys[i] for i in direct + other]
+
+        return self._write_session(keys, nbytes, write)
 
     def _save_pages_staged(self, transfer: Any, keys: list[bytes], pages: list[int],
                            nbytes: int) -> list[bool] | None:

@@ -523,6 +523,35 @@ class KVTransfer:
                 result.extend(write(list(range(start, start + len(chunk))), fill))
         return result
 
+    def save_into(self, pages: Sequence[int], bufs: Sequence[Any]) -> None:
+        """Copy page ``pages[j]`` into the writable buffer ``bufs[j]`` of ``block_bytes`` (a
+        store's write views): on the CPU gathered straight into them; on CUDA gathered on the
+        device, then copied out block by block (a DMA where the memory is registered,
+        :func:`register_host`). Returns once every byte is in place."""
+        kv = self.kv
+        pages = kv._index(pages)
+        if len(bufs) != len(pages):
+            raise InvalidArgumentError(f"{len(pages)} pages but {len(bufs)} buffers")
+        if any(memoryview(buf).readonly for buf in bufs):
+            raise InvalidArgumentError("save_into needs writable buffers")
+        outs = [torch.frombuffer(buf, dtype=torch.uint8) for buf in bufs]
+        if any(out.numel() != kv.block_bytes for out in outs):
+            raise InvalidArgumentError(f"every buffer must hold one block of {kv.block_bytes} bytes")
+        if not pages:
+            return
+        if not self.cuda:
+            for page, out in zip(pages, outs):
+                kv.gather([page], out)
+            return
+        n = kv.block_bytes
+        dev = torch.empty(len(pages) * n, dtype=torch.uint8, device=kv.device)
+        self.stream.wait_stream(torch.cuda.current_stream(kv.device))
+        with torch.cuda.stream(self.stream):
+            kv.gather(pages, dev)
+            for j, out in enumerate(outs):
+                out.copy_(dev[j * n:(j + 1) * n], non_blocking=True)
+        self.stream.synchronize()
+
     def _gather_to_host(self, pages: list[int], host: "torch.Tensor") -> None:
         if not self.cuda:
             self.kv.gather(pages, host)

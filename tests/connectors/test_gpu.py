@@ -234,6 +234,64 @@ def test_pages_round_trip_through_a_real_store_layer_by_layer(device, where, geo
         assert not gpu.host_registered(memory)  # unregistered as the store closed
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_save_into_fills_writable_buffers_and_refuses_bad_ones(device):
+    src = _kv("page_first", False, torch.float16, 41, pages=5, device=device)
+    kv = gpu.PagedKV(src, "page_first", 4)
+    transfer = gpu.KVTransfer(kv)
+    bufs = [bytearray(kv.block_bytes) for _ in range(3)]
+    transfer.save_into([4, 0, 2], bufs)
+    expected = torch.empty(3 * kv.block_bytes, dtype=torch.uint8, device=device)
+    kv.gather([4, 0, 2], expected)
+    assert b"".join(bufs) == bytes(expected.cpu().numpy())
+    for pages, bad in [([0], [bytes(kv.block_bytes)]),            # read-only
+                       ([0], [bytearray(kv.block_bytes - 1)]),     # short
+                       ([0, 1], [bytearray(kv.block_bytes)]),      # one buffer for two pages
+                       ([5], [bytearray(kv.block_bytes)])]:        # no such page
+        with pytest.raises(InvalidArgumentError):
+            transfer.save_into(pages, bad)
+    transfer.save_into([], [])
+
+
+@pytest.mark.parametrize("dram", [True, False], ids=["dram", "ssd-only"])
+def test_embedded_save_goes_straight_into_the_reservations(dram, store_dir):
+    """An embedded store receives saved pages in its DRAM reservations (write_view, then
+    write_done: the copying write() is never called); a store placing blocks on SSD only gets
+    them through write(). Either way every byte comes back, pages already stored are skipped,
+    and a bad page index is a miss that leaves nothing behind."""
+    from tairstore.connectors.common import close_embedded, open_backend
+
+    options = dict(dram_bytes=(64 << 20) if dram else 0, ssd_bytes=64 << 20)
+    backend = open_backend(store_dir, "in-place", store_options=options)
+    store = backend.target
+    calls = {"write": 0, "write_done": 0}
+    for name in calls:
+        real = getattr(store, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+
+        setattr(store, name, spy)
+    src = _kv("layer_first", False, torch.bfloat16, 51, layers=4, pages=6, ps=4)
+    kv = gpu.PagedKV(src, "layer_first", 4)
+    transfer = gpu.KVTransfer(kv)
+    keys = [f"in-place-{i}".encode() for i in range(6)]
+    assert backend.save_pages(transfer, keys[:2], [0, 1]) == [True, True]
+    assert backend.save_pages(transfer, keys, list(range(6))) == [True] * 6
+    assert calls == ({"write": 0, "write_done": 6} if dram else {"write": 6, "write_done": 0})
+    assert backend.stats.pages_written == 6
+    dst = [torch.zeros_like(t) for t in src]
+    assert backend.load_pages(gpu.KVTransfer(gpu.PagedKV(dst, "layer_first", 4)), keys,
+                              list(range(6))).wait() == [True] * 6
+    assert all(_same(s, d) for s, d in zip(src, dst))
+    bad = [b"never-1", b"never-2"]
+    assert backend.save_pages(transfer, bad, [0, 99]) == [False, False]
+    assert backend.stats.failures == 1 and backend.exists(bad) == [False, False]
+    assert backend.save_pages(transfer, bad, [0, 1]) == [True, True]  # nothing left reserved
+    close_embedded(store_dir)
+
+
 def test_register_host_refusals_and_overlaps():
     assert gpu.register_host(None) is False
     gpu.unregister_host(bytearray(16))  # never registered: nothing to undo
