@@ -29,7 +29,6 @@ import re
 import time
 import uuid
 from typing import Any, Callable
-from urllib.parse import quote
 
 from tairstore.config import MAX_LEASE_S
 from tairstore.errors import (

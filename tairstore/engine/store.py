@@ -50,7 +50,7 @@ from tairstore.engine.session import RemoteTierSession, WriteSession
 from tairstore.engine.strategy import Router, build_router, check_strategy
 from tairstore.engine.ssd_space import SsdSpace, segment_size
 from tairstore.engine.writes import Writes
-from tairstore.errors import CapacityError, FatalIOError, InvalidArgumentError, NotFoundError, SessionError
+from tairstore.errors import FatalIOError, InvalidArgumentError, NotFoundError, SessionError
 from tairstore.index.lmdb_index import Index
 from tairstore.tiers.dram import DramArena
 from tairstore.tiers.ssd import SegmentLog

@@ -349,8 +349,6 @@ class FaultModel:
         self.tally.runs["stateful: crash + reopen"] += 1
 
     def _reopen_and_check(self, fsck_first: bool = False) -> None:
-        from tairstore.engine.fsck import fsck
-
         self.fatal = False
         rebuilt = False
         try:

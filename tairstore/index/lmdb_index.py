@@ -27,7 +27,7 @@ from tairstore.errors import (
     ClosedError, CorruptionError, DataDirPermissionError, FatalIOError, InvalidArgumentError,
     StoreError,
 )
-from tairstore.index.records import BLOCK_VALUE, U64, BlockRecord, decode_block, decode_key, encode_block, encode_key
+from tairstore.index.records import BLOCK_VALUE, U64, BlockRecord, decode_key, encode_block, encode_key
 
 __all__ = ["Index", "PutOp", "DelOp", "lmdb_error"]
 

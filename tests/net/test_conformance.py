@@ -7,9 +7,6 @@ Each test works in a namespace of its own, so the daemon process is shared by th
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
 import time
 
 import numpy as np
