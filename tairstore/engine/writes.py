@@ -750,8 +750,13 @@ class Writes:
         """Delete blocks; returns how many existed."""
         with self._lock:
             self._life.check_writable()
-            present = [(ns, k) for k in dict.fromkeys(keys) if (ns, k) in self._catalog.blocks]
+            wanted = list(dict.fromkeys(keys))
+            present = [(ns, k) for k in wanted if (ns, k) in self._catalog.blocks]
             lsn = self.remove(present, tombstones=True)
+            if len(present) < len(wanted):
+                # A key already gone may have been evicted by a DELETE not yet durable
+                # (evictions do not wait): what this delete acknowledges must outlive a crash.
+                lsn = self._logged_lsn(lsn)
             self._counters["deletes"] += len(present)
         self._sync_if_asked(lsn)
         return len(present)
@@ -762,10 +767,18 @@ class Writes:
             self._life.check_writable()
             victims = [k for k, b in self._catalog.blocks.items()
                        if k[0] == ns and (cutoff_ns is None or b.created_ns < cutoff_ns)]
-            lsn = self.remove(victims, tombstones=True)
+            lsn = self._logged_lsn(self.remove(victims, tombstones=True))  # (as delete)
             self._counters["trimmed"] += len(victims)
         self._sync_if_asked(lsn)
         return len(victims)
+
+    def _logged_lsn(self, lsn: int | None) -> int | None:
+        """The LSN of the last record logged so far (store lock held), for an acknowledgement
+        that must also make earlier records durable; ``lsn`` where nothing is to be logged."""
+        if not self._journal.enabled or self._life.fatal is not None:
+            return lsn
+        last = self._journal.wal.last_lsn
+        return last if last > 0 else lsn
 
     def _sync_if_asked(self, lsn: int | None) -> None:
         if lsn is not None:
@@ -801,7 +814,9 @@ class Writes:
                 for key in ks:
                     # A tombstone in the segment log keeps `fsck --rebuild` from resurrecting
                     # an explicitly deleted block. Evictions write none: an evicted block that
-                    # a rebuild brings back is still a correct block of its key.
+                    # a rebuild brings back is still a correct block of its key (a rebuild can
+                    # bring back one deleted after its eviction too: that delete found nothing
+                    # to write a tombstone for).
                     try:
                         loc = self._ssd.write_tombstone(ns, key, self.next_generation())
                     except (CapacityError, FatalIOError):
