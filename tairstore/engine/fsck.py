@@ -34,6 +34,8 @@ from tairstore.engine.consistency import inspect_store
 from tairstore.engine.datadir import FORMAT_VERSION, LOST, DataDir
 from tairstore.fileio import REAL_FS, FileSystem
 from tairstore.format.segment import FLAG_COMMITTED, FLAG_TOMBSTONE
+from tairstore.errors import StoreError
+from tairstore.index.header import read_header
 from tairstore.index.lmdb_index import Index
 from tairstore.index.records import BlockRecord
 from tairstore.tiers.ssd import ScannedRecord, scan_records, segment_file_name
@@ -326,6 +328,7 @@ def rebuild_index(path: str, *, fs: FileSystem = REAL_FS) -> tuple[int, list[str
             ops.append((ns, key, BlockRecord(r.raw_len, r.crc, r.generation, r.generation,
                                              loc.segment, loc.offset, loc.length)))
         index_dir = ddir.sub("index")
+        settings = _old_settings(index_dir, ddir.store_id)
         for name in ("data.mdb", "lock.mdb"):
             if fs.exists(os.path.join(index_dir, name)):
                 moved.append(_to_lost(fs, ddir, os.path.join(index_dir, name), "index rebuilt"))
@@ -334,11 +337,38 @@ def rebuild_index(path: str, *, fs: FileSystem = REAL_FS) -> tuple[int, list[str
         try:
             index.set_identity(ddir.store_id, FORMAT_VERSION)
             index.apply(ops, lsn=checkpoint, clear=True)
+            for name, ns_settings in settings.items():
+                index.set_namespace(name, ns_settings)
         finally:
             index.close()
         return len(ops), moved
     finally:
         ddir.close()
+
+
+def _old_settings(index_dir: str, store_id: str) -> dict[str, dict]:
+    """The namespace settings (quotas, TTL, strategy) of the index a rebuild replaces, when
+    it opens read-only and is this store's: the segments do not hold them, so without this a
+    rebuild would drop them (and a store's blocks could then outgrow the quotas it had: C1).
+    Empty when the old index cannot be read; the settings must then be set again."""
+    try:
+        if read_header(index_dir) is None:
+            return {}
+        index = Index(index_dir, readonly=True)
+    except (StoreError, OSError) as exc:
+        log.warning("the index a rebuild replaces is unreadable (%s): namespace quotas, TTLs "
+                    "and strategies must be set again", exc)
+        return {}
+    try:
+        if index.store_id() != store_id:
+            return {}
+        return index.namespaces()
+    except (StoreError, OSError) as exc:
+        log.warning("the namespace settings of the index a rebuild replaces are unreadable (%s): "
+                    "set them again", exc)
+        return {}
+    finally:
+        index.close()
 
 
 def _settle_wal(fs: FileSystem, ddir: DataDir, moved: list[str]) -> int:

@@ -178,6 +178,20 @@ class Placement:
             st.used["ssd"] -= p.size
 
     # -- eviction (store lock held) ----------------------------------------------------------
+    def enforce_quotas(self) -> int:
+        """Evict each namespace's own blocks until it is within every quota (C1); returns the
+        blocks evicted. Writes keep quotas on admission; this is for what recovery brings back
+        beyond them (a rebuild from the segments restores evicted blocks: evictions leave no
+        tombstone)."""
+        tiers: list[str | None] = [None]
+        tiers += (["ssd"] if self.space is not None else []) + (["dram"] if self.dram is not None else [])
+        before = len(self.catalog.blocks)
+        for st in list(self.catalog.namespaces.values()):
+            for tier in tiers:
+                if st.over(tier, 0):
+                    self._evict_own(st, tier, 0)
+        return before - len(self.catalog.blocks)
+
     def _evict_own(self, st: Namespace, tier: str | None, size: int) -> None:
         """Evict a namespace's own blocks until ``size`` more bytes fit its quota of ``tier``."""
         policy_tier = tier or ("ssd" if self.space is not None else "dram")

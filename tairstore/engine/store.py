@@ -185,6 +185,12 @@ class Store:
         wal.truncate_before(rec.next_lsn)
         self._index.start_writer(before_commit=self._before_index_commit,
                                  on_checkpoint=self._maintenance.on_checkpoint)
+        with self._lock:
+            evicted = self._placement.enforce_quotas()
+        if evicted:
+            # A rebuild from the segments brings evicted blocks back; C1 holds from the open on.
+            log.warning("store %s: %d recovered blocks over their namespace quotas were evicted",
+                        self.path, evicted)
 
     def _build_parts(self) -> None:
         cfg = self.config
@@ -268,7 +274,8 @@ class Store:
         """Set a namespace's byte quotas (total and per tier) and optional TTL; persisted.
 
         ``None`` means unlimited (no TTL). Lowering a quota below current usage does not evict
-        at once: new writes of the namespace evict its own blocks to fit.
+        at once: new writes of the namespace evict its own blocks to fit, and so does the next
+        open.
 
         Returns:
             the namespace's quota report, as :meth:`quota`.

@@ -351,3 +351,49 @@ def test_writer_waits_for_a_deleted_segment_that_a_reader_still_pins(tmp_path):
             assert assert_exact(s, "default", k(i), 64 * KiB)
         st = s.stats()["tiers"]["ssd"]
         assert st["file_bytes"] <= 2 * MiB
+
+
+def test_a_rebuild_keeps_namespace_settings_and_quotas_hold_after_it(tmp_path):
+    """``fsck --rebuild`` rebuilds the index from the segments, which do not hold namespace
+    settings: they are carried over from the index it replaces (when that one still opens),
+    and the reopened store evicts down to each quota what the rebuild brought back beyond it
+    (evicted blocks: an eviction leaves no tombstone), so C1 holds from the open on."""
+    d = tmp_path / "s"
+    block = bytes(range(256)) * 16  # 4 KiB
+    opts = dict(dram_bytes=MiB, ssd_bytes=8 * MiB, background=False)
+    with tairstore.open(d, **opts) as s:
+        s.set_quota("q", total_bytes=2 * len(block), ttl_s=3600.0)
+        s.set_strategy("q", "prefer:ssd")
+        s.set_quota("other", tier_bytes={"ssd": 5 * len(block)})
+        for i in range(4):  # the third and fourth evict the first two
+            assert s.put(b"k%d" % i, block, namespace="q")
+        assert s.quota("q")["blocks"] == 2
+    report = fsck(str(d), rebuild=True)
+    assert report["ok"] and report["rebuilt_blocks"] == 4  # the evicted two are back on disk
+    with tairstore.open(d, **opts) as s:
+        q = s.quota("q")
+        assert q["total_bytes"] == 2 * len(block) and q["ttl_s"] == 3600.0
+        assert q["strategy"] == "prefer:ssd" and s.route("q") == "ssd"
+        assert s.quota("other")["tiers"]["ssd"]["limit"] == 5 * len(block)
+        assert q["used_bytes"] <= q["total_bytes"] and q["blocks"] == 2  # C1 at once
+        held = [i for i in range(4) if s.get(b"k%d" % i, namespace="q") is not None]
+        assert len(held) == 2
+        for i in held:
+            assert bytes(s.get(b"k%d" % i, namespace="q")) == block
+    assert fsck(str(d))["ok"]
+
+
+def test_a_rebuild_without_a_readable_index_starts_namespaces_unlimited(tmp_path):
+    """When the index a rebuild replaces does not open, its settings are gone with it: every
+    block of the segments comes back, the namespaces are unlimited until set again."""
+    d = tmp_path / "s"
+    block = bytes(range(256)) * 16
+    with tairstore.open(d, dram_bytes=MiB, ssd_bytes=8 * MiB, background=False) as s:
+        s.set_quota("q", total_bytes=10 * len(block))
+        assert s.put(b"k", block, namespace="q")
+    (d / "index" / "data.mdb").write_bytes(b"\0" * 8192)  # not an LMDB file any more
+    report = fsck(str(d), rebuild=True)
+    assert report["ok"] and report["rebuilt_blocks"] == 1
+    with tairstore.open(d, dram_bytes=MiB, ssd_bytes=8 * MiB, background=False) as s:
+        assert s.quota("q")["total_bytes"] is None
+        assert bytes(s.get(b"k", namespace="q")) == block
