@@ -47,7 +47,7 @@ from tairstore.fileio import REAL_FS, File, FileSystem
 from tairstore.format.checksum import crc32c
 from tairstore.format.codec import compress, decompress_into
 from tairstore.format.segment import (
-    FLAG_COMMITTED, FLAG_TOMBSTONE, FLAG_ZSTD, HEADER_SIZE, MAX_HEADER_LEN, MAX_KEY_LEN, MAX_NAMESPACE_LEN,
+    FLAG_COMMITTED, FLAG_TOMBSTONE, FLAG_ZSTD, HEADER_SIZE, MAGIC, MAX_HEADER_LEN, MAX_KEY_LEN, MAX_NAMESPACE_LEN,
     MAX_PAYLOAD_LEN, decode_header, encode_header, header_length, record_length,
 )
 
@@ -861,6 +861,31 @@ def _skip_zeros(file: File, pos: int, size: int) -> int:
     return size
 
 
+_MAGIC_BYTES = MAGIC.to_bytes(4, "little")
+
+
+def _next_header(file: File, pos: int, size: int) -> int | None:
+    """Offset of the first record header at or after ``pos`` that verifies (None if none): a
+    resync after damage. A payload would have to hold the magic followed by a header whose
+    crc32c matches to be taken for one."""
+    while pos < size:
+        chunk = file.pread(min(_ZERO_SKIP_CHUNK, size - pos), pos)
+        if not chunk:
+            return None
+        at = chunk.find(_MAGIC_BYTES)
+        while at >= 0:
+            cand = pos + at
+            try:
+                decode_header(file.pread(min(MAX_HEADER_LEN, size - cand), cand))
+                return cand
+            except CorruptionError:
+                at = chunk.find(_MAGIC_BYTES, at + 1)
+        if len(chunk) < 4:
+            return None
+        pos += len(chunk) - 3  # a magic across the chunk boundary is found in the next one
+    return None
+
+
 def _payload_error(file: File, h, payload_offset: int) -> str:
     """Why the payload of verified header ``h`` is bad, or '' if its crc matches."""
     stored = bytearray(h.stored_len)
@@ -908,11 +933,17 @@ def scan_records(file: File, segment_id: int, *, reporter: Reporter | None = Non
         try:
             h = decode_header(head)
         except CorruptionError as exc:
-            # Without a verified header there is no trustworthy length to find the next record
-            # by. At the tail this is the writer crashing mid-header (a torn write, the end of
-            # the log, not an error); elsewhere it is damage. Either way the rest is unusable.
-            report(size - pos, str(exc))
-            return
+            # No verified header, so no length to find the next record by. At the tail this is
+            # the writer crashing mid-header (a torn write, the end of the log); in the middle,
+            # damage, or a write-back flush into an earlier reservation that a crash tore while
+            # later records were durable. Those later records are intact: resume at the next
+            # offset where a header verifies (magic and header crc).
+            nxt = _next_header(file, pos + 1, size)
+            report((size if nxt is None else nxt) - pos, str(exc))
+            if nxt is None:
+                return
+            pos = nxt
+            continue
         end = pos + h.length
         if end > size:
             # The header reached the disk and the payload's end did not: the writer crashed in
