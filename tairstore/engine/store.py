@@ -734,6 +734,10 @@ class Store:
         self._writes.flush_dirty()
         if self._journal.enabled:
             self._journal.wal.sync(self._journal.wal.last_lsn)
+            if self._ssd is not None and self.config.durability != "none":
+                # Segment bytes no WAL record waits for (a write-back block's tombstone) are
+                # made durable too; a WAL already durable does not run its pre_sync again.
+                self._ssd.sync()
 
     def close(self) -> None:
         """Abort open sessions, make the log and index durable, release the directory. Idempotent."""

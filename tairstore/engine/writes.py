@@ -809,17 +809,19 @@ class Writes:
             return None
         lsn = None
         for ns, ks in logged.items():
-            lsn = self._journal.log(Delete(ns, tuple(ks)), [(ns, key, None) for key in ks])
             if tombstones:
                 for key in ks:
                     # A tombstone in the segment log keeps `fsck --rebuild` from resurrecting
                     # an explicitly deleted block. Evictions write none: an evicted block that
                     # a rebuild brings back is still a correct block of its key (a rebuild can
                     # bring back one deleted after its eviction too: that delete found nothing
-                    # to write a tombstone for).
+                    # to write a tombstone for). Written before the DELETE is logged: any WAL
+                    # sync that makes the DELETE durable fsyncs the segments first (pre_sync),
+                    # and that covers the tombstone only if it is already written by then.
                     try:
                         loc = self._ssd.write_tombstone(ns, key, self.next_generation())
                     except (CapacityError, FatalIOError):
                         continue  # the WAL/index delete stands; only a rebuild could bring it back
                     self._space.note_tombstone(loc)
+            lsn = self._journal.log(Delete(ns, tuple(ks)), [(ns, key, None) for key in ks])
         return lsn
