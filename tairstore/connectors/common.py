@@ -341,17 +341,23 @@ class Backend:
         # whose arena is shared (shm+tcp://: one round trip leases the whole batch): pages are
         # copied from there straight into the KV tensors. Over a plain socket, blocks are
         # better received into reused staging buffers than into a fresh allocation per block.
-        from ..tiers.gpu import DIRECT_MIN_BYTES
-
         fetch = None
-        if not self.remote and (not transfer.cuda or (nbytes >= DIRECT_MIN_BYTES and self._host_registered())):
-            # Onto a device, large pages go straight from the store's DRAM, registered with
-            # CUDA (DMA); smaller ones through pinned staging (one copy to the device a batch).
+        if self._in_place(transfer, nbytes):
             fetch = lambda i: self.get(keys[i])  # noqa: E731
         elif not transfer.cuda and self.reads_in_place():
             views = self.get_many(keys)
             fetch = views.__getitem__
         return transfer.load(pages, read=lambda i, buf: self.get_into(keys[i], buf, nbytes), fetch=fetch)
+
+    def _in_place(self, transfer: Any, nbytes: int) -> bool:
+        """Whether pages move between ``transfer`` and the embedded store's DRAM in place (views
+        of its arena): always for CPU tensors; onto or off a device, for pages of
+        ``DIRECT_MIN_BYTES`` and more once the arena is registered with CUDA (DMA). Smaller
+        device pages go through pinned staging (one copy to or from the device a batch)."""
+        from ..tiers.gpu import DIRECT_MIN_BYTES
+
+        return not self.remote and (not transfer.cuda or (nbytes >= DIRECT_MIN_BYTES
+                                                          and self._host_registered()))
 
     def _host_registered(self) -> bool:
         """Register the embedded store's DRAM arena with CUDA, once (False when it has none or
@@ -383,10 +389,7 @@ class Backend:
             staged = self._save_pages_staged(transfer, list(keys), list(pages), nbytes)
             if staged is not None:
                 return staged
-        from ..tiers.gpu import DIRECT_MIN_BYTES
-
-        if not self.remote and (not transfer.cuda or (nbytes >= DIRECT_MIN_BYTES
-                                                      and self._host_registered())):
+        if self._in_place(transfer, nbytes):
             return self._save_pages_in_place(transfer, list(keys), list(pages), nbytes)
         return transfer.save(pages, lambda idx, fill: self.put_many(
             [keys[i] for i in idx], lambda j, _k: fill(idx[j]), nbytes))

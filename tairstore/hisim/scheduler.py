@@ -99,7 +99,7 @@ class ServerConfig:
     # sets them (see engine.first_send_offsets_ms). 0: all at once.
     loop_spread: float = 0.0
     # Closed loops only: each request's output length is drawn uniformly from ``osl x [1 -
-    # loop_jitter, 1 + loop_jitter]`` (seeded by its id), so that identical clients drift out of
+    # loop_jitter, 1 + loop_jitter]`` (a fixed-seed stream), so that identical clients drift out of
     # the phases they start with, as the measured vLLM loops do (see engine._jittered). 0: exact.
     loop_jitter: float = 0.0
     overhead: Overhead = Overhead()

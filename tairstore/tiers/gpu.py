@@ -515,7 +515,7 @@ class KVTransfer:
                          _cache: dict = cache) -> memoryview:
                     # Gather lazily, once for the whole chunk, and only if some page is new.
                     if not _cache:
-                        self._gather_to_host(_chunk, _host)
+                        self._gather_to_host(_chunk, [_host])
                         _cache[0] = _host_bytes(_host)
                     j = i - _start
                     return _cache[0][j * kv.block_bytes:(j + 1) * kv.block_bytes]
@@ -537,30 +537,28 @@ class KVTransfer:
         outs = [torch.frombuffer(buf, dtype=torch.uint8) for buf in bufs]
         if any(out.numel() != kv.block_bytes for out in outs):
             raise InvalidArgumentError(f"every buffer must hold one block of {kv.block_bytes} bytes")
-        if not pages:
-            return
+        if pages:
+            self._gather_to_host(pages, outs)
+
+    def _gather_to_host(self, pages: list[int], outs: list["torch.Tensor"]) -> None:
+        """Gather ``pages`` into the host tensors ``outs``, block after block (each holds a
+        whole number of blocks); on CUDA on the side stream, returning once they are there."""
+        kv, n = self.kv, self.kv.block_bytes
         if not self.cuda:
-            for page, out in zip(pages, outs):
-                kv.gather([page], out)
+            start = 0
+            for out in outs:
+                count = out.numel() // n
+                kv.gather(pages[start:start + count], out)
+                start += count
             return
-        n = kv.block_bytes
         dev = torch.empty(len(pages) * n, dtype=torch.uint8, device=kv.device)
         self.stream.wait_stream(torch.cuda.current_stream(kv.device))
         with torch.cuda.stream(self.stream):
             kv.gather(pages, dev)
-            for j, out in enumerate(outs):
-                out.copy_(dev[j * n:(j + 1) * n], non_blocking=True)
-        self.stream.synchronize()
-
-    def _gather_to_host(self, pages: list[int], host: "torch.Tensor") -> None:
-        if not self.cuda:
-            self.kv.gather(pages, host)
-            return
-        dev = torch.empty(host.numel(), dtype=torch.uint8, device=self.kv.device)
-        self.stream.wait_stream(torch.cuda.current_stream(self.kv.device))
-        with torch.cuda.stream(self.stream):
-            self.kv.gather(pages, dev)
-            host.copy_(dev, non_blocking=True)
+            start = 0
+            for out in outs:
+                out.copy_(dev[start:start + out.numel()], non_blocking=True)
+                start += out.numel()
         self.stream.synchronize()
 
     def load(self, pages: Sequence[int], read: ReadFn | None = None,
