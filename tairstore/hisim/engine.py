@@ -72,7 +72,8 @@ BLOCKED_RECHECK_STEPS = 16
 INV_GOLDEN = (math.sqrt(5) - 1) / 2
 # Seed of the closed loops' output-length jitter (ServerConfig.loop_jitter).
 JITTER_SEED = 0x5EED
-# Step-time categories a backend's kernel-efficiency factors leave alone (see _scaled_ms).
+# Step-time categories a backend's kernel-efficiency factors leave alone (see _scaled_ms); the
+# expert layers have factors of their own.
 UNSCALED_CATEGORIES = COMM_CATEGORIES + ("moe",)
 SUPPORTED_ATTENTION = "full softmax attention (dense GQA/MHA or MLA)"
 
@@ -173,6 +174,8 @@ class Simulator:
         self.cache = HierCache(cache, block_bytes, links)
         self._memo: dict[tuple, float] = {}
         self.prefill_scale, self.decode_scale = server.kernel_scales(model.weight_dtype)
+        self.moe_prefill_scale, self.moe_decode_scale = (
+            server.moe_scales(model.weight_dtype) if model.moe is not None else (1.0, 1.0))
 
     # ---- step times ------------------------------------------------------------------------
 
@@ -197,24 +200,28 @@ class Simulator:
     def _scaled_ms(self, step: Step) -> float:
         """The step model's time of ``step`` (without its fixed scheduler term), its compute
         scaled by the backend's kernel efficiency: the decode batch's compute by
-        ``decode_scale``, what the prefill chunks add to it by ``prefill_scale``. The TP
-        all-reduce (NCCL or custom all-reduce in both engines) and MoE layers (both engines run
-        the Triton fused-MoE kernel, SGLang's being derived from vLLM's) are not scaled."""
+        ``decode_scale``, what the prefill chunks add to it by ``prefill_scale``; an MoE model's
+        expert layers likewise by ``moe_decode_scale`` and ``moe_prefill_scale``. The TP
+        all-reduce (NCCL or custom all-reduce in both engines) is not scaled."""
         t = self.step_model.predict(step)
         ms = t.step_ms - t.breakdown.get("scheduler", 0.0)
         ps, ds = self.prefill_scale, self.decode_scale
-        if ps == 1.0 and ds == 1.0:
+        mps, mds = self.moe_prefill_scale, self.moe_decode_scale
+        if ps == ds == mps == mds == 1.0:
             return ms
-        fixed = sum(t.breakdown.get(c, 0.0) for c in UNSCALED_CATEGORIES)
-        compute = ms - fixed
+        moe = t.breakdown.get("moe", 0.0)
+        comm = sum(t.breakdown.get(c, 0.0) for c in UNSCALED_CATEGORIES) - moe
+        compute = ms - comm - moe
         if not step.prefill:
-            return fixed + ds * compute
-        decode = 0.0
+            return comm + ds * compute + mds * moe
+        decode = decode_moe = 0.0
         if step.decode_kv:
             d = self.step_model.predict(Step((), step.decode_kv))
+            decode_moe = d.breakdown.get("moe", 0.0)
             decode = d.step_ms - sum(d.breakdown.get(c, 0.0)
                                      for c in UNSCALED_CATEGORIES + ("scheduler",))
-        return fixed + ds * decode + ps * max(0.0, compute - decode)
+        return (comm + ds * decode + ps * max(0.0, compute - decode)
+                + mds * decode_moe + mps * max(0.0, moe - decode_moe))
 
     def step_wall_ms(self, chunks: Sequence[tuple[int, int]], decode: int, kv: float) -> float:
         """Wall time of one step: GPU time and CPU overhead, overlapped or in series."""

@@ -25,11 +25,13 @@ per backend on development rows of measured serving results (:mod:`tairstore.his
 and shipped in ``data/serving_fit.json``.
 
 The step model's operator tables were measured under SGLang. For vLLM a step's GPU compute (TP
-all-reduce and MoE layers excepted) is scaled by per-weight-dtype kernel-efficiency factors,
-``prefill_scale`` on what the prefill chunks add and ``decode_scale`` on the decode batch: vLLM
-compiles its models (torch.compile fusions of RMSNorm / SiLU-and-mul with the FP8 activation
-quantisation, CUTLASS scaled-mm) where the tables time SGLang's kernels. They are fitted on the same
-development rows and shipped in the same file; SGLang has none (its factors are 1).
+all-reduce excepted) is scaled by per-weight-dtype kernel-efficiency factors, ``prefill_scale`` on
+what the prefill chunks add and ``decode_scale`` on the decode batch: vLLM compiles its models
+(torch.compile fusions of RMSNorm / SiLU-and-mul with the FP8 activation quantisation, CUTLASS
+scaled-mm) where the tables time SGLang's kernels. An MoE model's expert layers have factors of
+their own (``moe_prefill_scale``, ``moe_decode_scale``): the fused-MoE kernel runs on tile configs
+each engine tunes per expert shape, GPU and quantisation. They are fitted on the same development
+rows and shipped in the same file; SGLang has none (its factors are 1).
 """
 
 from __future__ import annotations
@@ -104,11 +106,17 @@ class ServerConfig:
     loop_jitter: float = 0.0
     overhead: Overhead = Overhead()
     # Kernel efficiency of this engine against the step model's operator tables (SGLang's), as
-    # factors on a step's GPU compute time (TP all-reduce excluded): ``prefill_scale`` on the time
-    # the prefill tokens add, ``decode_scale`` on the time of the decode batch. None: the shipped
-    # fit for the backend and the model's weight dtype (:func:`fitted_kernel_scales`).
+    # factors on a step's GPU compute time (TP all-reduce and expert layers excluded):
+    # ``prefill_scale`` on the time the prefill tokens add, ``decode_scale`` on the time of the
+    # decode batch. None: the shipped fit for the backend and the model's weight dtype
+    # (:func:`fitted_kernel_scales`).
     prefill_scale: float | None = None
     decode_scale: float | None = None
+    # The same for the expert layers of an MoE model (the fused-MoE kernel, whose tile configs are
+    # tuned per expert shape and GPU, apart from the dense GEMMs): ``moe_prefill_scale`` on the
+    # expert time the prefill tokens add, ``moe_decode_scale`` on the decode batch's.
+    moe_prefill_scale: float | None = None
+    moe_decode_scale: float | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -125,17 +133,27 @@ class ServerConfig:
         if self.max_running_requests is not None and self.max_running_requests < 1:
             raise InvalidArgumentError("max_running_requests must be >= 1")
         if any(s is not None and (isinstance(s, bool) or not (isinstance(s, (int, float)) and 0 < s < math.inf))
-               for s in (self.prefill_scale, self.decode_scale)):
-            raise InvalidArgumentError("prefill_scale and decode_scale must be finite numbers > 0")
+               for s in (self.prefill_scale, self.decode_scale, self.moe_prefill_scale,
+                         self.moe_decode_scale)):
+            raise InvalidArgumentError("prefill_scale, decode_scale, moe_prefill_scale and "
+                                       "moe_decode_scale must be finite numbers > 0")
 
     def kernel_scales(self, weight_dtype: str) -> tuple[float, float]:
-        """``(prefill, decode)`` compute-time factors for a model with ``weight_dtype`` weights:
-        the configured ones, else the shipped fit, else 1."""
+        """``(prefill, decode)`` compute-time factors of the dense kernels for a model with
+        ``weight_dtype`` weights: the configured ones, else the shipped fit, else 1."""
+        return self._scales(weight_dtype, "")
+
+    def moe_scales(self, weight_dtype: str) -> tuple[float, float]:
+        """``(prefill, decode)`` factors of the expert layers, as :meth:`kernel_scales`."""
+        return self._scales(weight_dtype, "moe_")
+
+    def _scales(self, weight_dtype: str, prefix: str) -> tuple[float, float]:
         fit = fitted_kernel_scales(self.backend).get(weight_dtype, {})
-        return (self.prefill_scale if self.prefill_scale is not None
-                else float(fit.get("prefill", 1.0)),
-                self.decode_scale if self.decode_scale is not None
-                else float(fit.get("decode", 1.0)))
+        out = []
+        for phase in ("prefill", "decode"):
+            mine = getattr(self, f"{prefix}{phase}_scale")
+            out.append(mine if mine is not None else float(fit.get(prefix + phase, 1.0)))
+        return out[0], out[1]
 
     def graph_batch(self, batch: int) -> int | None:
         """The captured batch size a decode batch is padded to; None above the graph limit."""
@@ -168,7 +186,8 @@ def fitted_server(backend: str, path: Path = FIT_FILE) -> dict[str, float]:
 @lru_cache(maxsize=None)
 def fitted_kernel_scales(backend: str, path: Path = FIT_FILE) -> dict[str, dict[str, float]]:
     """The shipped fit's kernel-efficiency factors of ``backend``: weight dtype ->
-    ``{"prefill": x, "decode": y}``, empty where none ship."""
+    ``{"prefill": x, "decode": y}`` (and ``"moe_prefill"``, ``"moe_decode"`` where MoE rows were
+    fitted), empty where none ship."""
     if not path.exists():
         return {}
     return dict(json.loads(path.read_text()).get("kernel", {}).get(backend, {}))

@@ -361,13 +361,48 @@ def test_kernel_scales_apply_to_compute_not_to_allreduce_or_moe():
     assert moe_half.gpu_ms((), 8, 1000) == pytest.approx(expected, rel=1e-3)  # KV on the memo grid
 
 
+def test_moe_scales_apply_to_the_expert_layers_alone():
+    """An MoE model's expert layers follow moe_decode_scale (decode batch) and
+    moe_prefill_scale (what the prefill adds), the rest of the step the dense factors; a dense
+    model ignores the MoE factors."""
+    gpu = get_gpu("h100")
+
+    def sim(model, **scales):
+        cfg = default_config("vllm", 1, prefill_scale=1.0, decode_scale=1.0,
+                             **{"moe_prefill_scale": 1.0, "moe_decode_scale": 1.0, **scales})
+        return Simulator(get_model(model), gpu, 1, cfg)
+
+    one = sim("qwen3-30b-a3b")
+    t = one.step_model.predict(Step.of(decode=8, kv_len=1024))
+    base = one.gpu_ms((), 8, 1024)
+    assert sim("qwen3-30b-a3b", moe_decode_scale=2.0).gpu_ms((), 8, 1024) == pytest.approx(
+        base + t.breakdown["moe"], rel=1e-3)
+    assert sim("qwen3-30b-a3b", moe_prefill_scale=2.0).gpu_ms((), 8, 1024) == pytest.approx(base)
+    # A mixed step: the prefill's expert time by moe_prefill_scale, the decode's by
+    # moe_decode_scale.
+    mixed = one.step_model.predict(Step.of(prefill=[2048], decode=8, kv_len=1024))
+    pre_moe = mixed.breakdown["moe"] - t.breakdown["moe"]
+    eager = one.server.overhead.eager_per_layer_ms * one.model.num_layers
+    both = sim("qwen3-30b-a3b", moe_prefill_scale=3.0, moe_decode_scale=2.0)
+    assert both.gpu_ms([(2048, 0)], 8, 1024) - eager == pytest.approx(
+        one.gpu_ms([(2048, 0)], 8, 1024) - eager + 2.0 * pre_moe + t.breakdown["moe"], rel=1e-3)
+    dense = sim("qwen3-32b")
+    assert sim("qwen3-32b", moe_prefill_scale=3.0, moe_decode_scale=2.0).gpu_ms(
+        [(2048, 0)], 8, 1024) == pytest.approx(dense.gpu_ms([(2048, 0)], 8, 1024))
+
+
 def test_kernel_scales_are_validated_and_sglang_ships_none():
     for bad in (0.0, -1.0, float("nan"), float("inf"), "0.7", True):
-        with pytest.raises(InvalidArgumentError):
-            default_config("vllm", 1, prefill_scale=bad)
+        for name in ("prefill_scale", "decode_scale", "moe_prefill_scale", "moe_decode_scale"):
+            with pytest.raises(InvalidArgumentError):
+                default_config("vllm", 1, **{name: bad})
     # SGLang's kernels are the ones the operator tables measured.
     for dtype in ("bfloat16", "fp8", "fp8_block"):
         assert default_config("sglang", 1).kernel_scales(dtype) == (1.0, 1.0)
+        assert default_config("sglang", 1).moe_scales(dtype) == (1.0, 1.0)
+    # Configured factors win over the shipped fit.
+    cfg = default_config("vllm", 1, moe_prefill_scale=2.5, moe_decode_scale=1.5)
+    assert cfg.moe_scales("fp8") == (2.5, 1.5)
 
 
 def test_loop_spread_staggers_first_sends_and_stays_out_of_ttft(sim8b):

@@ -22,16 +22,16 @@ needs_data = pytest.mark.skipif(not SILICON.exists(), reason="../shared/data not
 # The issue's targets, met by the SGLang rows in every regime.
 TTFT_TARGET_PCT = 15.0
 TPOT_TARGET_PCT = 10.0
-# vLLM meets the TPOT target (5.9% median on a third of the test rows) but misses the TTFT target
-# (18.7% there; 22.0% on all of them, 28.8% before the warm-up barrier; docs/HISIM.md says why):
-# the TTFT guard only catches regressions.
-VLLM_TTFT_GUARD_PCT = 25.0
+# vLLM meets the TPOT target (4.5% median on its test rows) but misses the TTFT target (17.8%;
+# 22.0% before the expert-layer factors and the consistent stage 1, 28.8% before the warm-up
+# barrier; docs/HISIM.md says why): the TTFT guard only catches regressions.
+VLLM_TTFT_GUARD_PCT = 19.0
 
 
-def _errors(backend, stride=1):
+def _errors(backend):
     rows, _ = load_rows(SILICON, backends=(backend,))
     out = {}
-    for r in [r for r in rows if not r.fit][::stride]:
+    for r in [r for r in rows if not r.fit]:
         try:
             ttft, tpot = simulate_row(r)
         except ValueError:
@@ -52,17 +52,20 @@ def test_sglang_meets_the_targets_per_regime():
 
 @needs_data
 def test_vllm_within_its_regression_guards():
-    ttft, tpot = _errors("vllm", stride=3)["all"]  # a third of the rows: the test stays quick
+    ttft, tpot = _errors("vllm")["all"]
     assert ttft <= VLLM_TTFT_GUARD_PCT
     assert tpot <= TPOT_TARGET_PCT
 
 
 def test_fits_never_simulate_a_test_row(monkeypatch):
     """Both fit stages see fit rows only (a one-point grid keeps this instant); stage 1 runs on
-    its fixed settings, not the shipped ones."""
+    its fixed settings, not the shipped ones, the expert factors on MoE rows only."""
     rows = [SiliconRow(f"row{i}", "vllm", "qwen3-32b", "h100_sxm", dtype, 1024, 128, 8, 4,
                        100.0, 10.0) for i in range(40) for dtype in ("bfloat16", "fp8")]
-    assert {r.fit for r in rows} == {True, False}
+    moe_rows = [SiliconRow(f"moe{i}", "vllm", "qwen3-235b-a22b", "h200_sxm", "fp8", 1024, 128,
+                           8, 4, 100.0, 10.0) for i in range(20)]
+    assert {r.fit for r in rows} == {r.fit for r in moe_rows} == {True, False}
+    rows += moe_rows
     seen = []
 
     def fake(row, overhead=None, warmup=1, measured=3, settings=None):
@@ -74,10 +77,31 @@ def test_fits_never_simulate_a_test_row(monkeypatch):
                                                      "decode_scale": (1.0,)})
     one_point = {k: v[:1] for k, v in serving_fit.GRID.items()}
     monkeypatch.setattr(serving_fit, "SERVER_GRID", {"vllm": {}})
+    monkeypatch.setattr(serving_fit, "MOE_KERNEL_GRID", {"moe_prefill_scale": (2.0,),
+                                                         "moe_decode_scale": (1.5,)})
     kernel = serving_fit.fit_kernel_scales(rows, log=lambda *_: None)
     assert set(kernel["vllm"]) == {"bfloat16", "fp8"}
+    # The expert factors are searched on MoE rows only, with the dtype's dense factors.
+    assert kernel["vllm"]["fp8"] == {"prefill": 1.0, "decode": 1.0, "moe_prefill": 2.0,
+                                     "moe_decode": 1.5}
+    assert "moe_prefill" not in kernel["vllm"]["bfloat16"]
+    moe_seen = [(r, s) for r, _, s in seen if "moe_prefill_scale" in s]
+    assert {r.model for r, _ in moe_seen} == {"qwen3-235b-a22b"}
+    assert all(s["prefill_scale"] == 1.0 for _, s in moe_seen)
+    assert len(moe_seen) == sum(r.fit for r in moe_rows)
     assert all(oh == serving_fit.STAGE1_OVERHEAD["vllm"]
                and settings["chunked_prefill_size"] == 4096 for _, oh, settings in seen)
     serving_fit.fit_overheads(rows, log=lambda *_: None, grid=one_point)
     assert seen and all(r.fit for r, _, _ in seen)
     assert len(seen) == 2 * sum(r.fit for r in rows)
+
+
+def test_the_shipped_fit_is_a_fixed_point_of_the_two_stages():
+    """Stage 1 runs on stage 2's shipped result: the settings it assumes are the ones the shipped
+    file holds (a refit that moves them must move STAGE1_* too, or stage 1's factors are fitted to
+    a scheduler the file no longer has)."""
+    from tairstore.hisim.scheduler import fitted_overheads, fitted_server
+
+    for backend, overhead in serving_fit.STAGE1_OVERHEAD.items():
+        assert fitted_overheads()[backend] == overhead
+        assert fitted_server(backend) == serving_fit.STAGE1_SERVER[backend]
