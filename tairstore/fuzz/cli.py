@@ -138,6 +138,42 @@ def _all(args: argparse.Namespace) -> int:
     return main_all(args.minutes, args.seed, args.dir)
 
 
+def _scratch_dir(value: str) -> str:
+    """``--dir``: the scratch stores' parent, created (with its parents) if missing; a path that
+    is not a writable directory is refused before any harness runs."""
+    import os
+
+    try:
+        os.makedirs(value, exist_ok=True)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot create {value!r}: {exc.strerror}") from None
+    if not os.access(value, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a writable directory")
+    return value
+
+
+def _minutes(value: str) -> float:
+    """``--minutes``: a finite number >= 0."""
+    try:
+        minutes = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not 0 <= minutes < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value!r}")
+    return minutes
+
+
+def _count(value: str) -> int:
+    """A count (runs, steps, iterations, inputs): an integer >= 0."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
 def add_parser(subparsers) -> None:
     """Register ``fuzz`` and its subcommands on a ``tairstore`` argparse subparsers object."""
     p = subparsers.add_parser("fuzz", help="crash-recovery and fault-injection harness")
@@ -147,38 +183,44 @@ def add_parser(subparsers) -> None:
     c.add_argument("--point", type=int, default=None, help="replay only this crash point")
     c.add_argument("--durability", default="sync", choices=("sync", "batch", "none", "writeback"))
     c.add_argument("--writes", action="store_true", help="every write is a crash point too")
-    c.add_argument("--runs", type=int, default=0, help="random crash runs instead of the enumeration")
+    c.add_argument("--runs", type=_count, default=0,
+                   help="random crash runs instead of the enumeration")
     c.add_argument("--random-seed", type=int, default=None, help="replay one random crash run")
-    c.add_argument("--dir", default=None, help="where to put scratch stores (default: temp dir)")
+    c.add_argument("--dir", type=_scratch_dir, default=None,
+                   help="where to put scratch stores (default: temp dir)")
     c.set_defaults(func=_crashpoints)
     k = sub.add_parser("crash", help="kill -9 loop: a writer process SIGKILLed at random moments")
-    k.add_argument("--iterations", type=int, default=20, help="kills (and reopens) to run")
+    k.add_argument("--iterations", type=_count, default=20, help="kills (and reopens) to run")
     k.add_argument("--seed", type=int, default=0, help="the campaign seed")
     k.add_argument("--durability", default="mixed",
                    help='"mixed" (sync, sync, batch, none), or a comma list of sync/batch/none')
-    k.add_argument("--dir", default=None, help="where to put the run directory (default: temp dir)")
+    k.add_argument("--dir", type=_scratch_dir, default=None,
+                   help="where to put the run directory (default: temp dir)")
     k.set_defaults(func=_crash)
     s = sub.add_parser("stateful", help="stateful model of the store under injected faults")
     s.add_argument("--seed", type=int, default=0, help="the run's seed (a failure prints it)")
-    s.add_argument("--runs", type=int, default=1, help="runs, with seeds SEED, SEED+1, ...")
-    s.add_argument("--steps", type=int, default=40, help="rules per run")
-    s.add_argument("--dir", default=None, help="where to put scratch stores (default: temp dir)")
+    s.add_argument("--runs", type=_count, default=1, help="runs, with seeds SEED, SEED+1, ...")
+    s.add_argument("--steps", type=_count, default=40, help="rules per run")
+    s.add_argument("--dir", type=_scratch_dir, default=None,
+                   help="where to put scratch stores (default: temp dir)")
     s.set_defaults(func=_stateful)
     f = sub.add_parser("fileloss", help="M1: an index, WAL or segment file deleted, emptied, "
                        "truncated or swapped with another store's")
     f.add_argument("--seed", type=int, default=0, help="the first run's seed (a failure prints it)")
-    f.add_argument("--runs", type=int, default=1, help="runs, with seeds SEED, SEED+1, ...")
-    f.add_argument("--dir", default=None, help="where to put scratch stores (default: temp dir)")
+    f.add_argument("--runs", type=_count, default=1, help="runs, with seeds SEED, SEED+1, ...")
+    f.add_argument("--dir", type=_scratch_dir, default=None,
+                   help="where to put scratch stores (default: temp dir)")
     f.set_defaults(func=_fileloss)
     from tairstore.fuzz.decoder_targets import TARGETS
 
     d = sub.add_parser("decoders", help="fuzz the WAL, segment, protocol, HTTP and config decoders")
     d.add_argument("--target", default="all", choices=["all", *TARGETS])
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--count", type=int, default=10_000, help="inputs per target")
+    d.add_argument("--count", type=_count, default=10_000, help="inputs per target")
     d.set_defaults(func=_decoders)
     a = sub.add_parser("all", help="every harness interleaved for --minutes, then the table")
-    a.add_argument("--minutes", type=float, required=True)
+    a.add_argument("--minutes", type=_minutes, required=True)
     a.add_argument("--seed", type=int, default=0, help="the campaign seed")
-    a.add_argument("--dir", default=None, help="where to put scratch stores (default: temp dir)")
+    a.add_argument("--dir", type=_scratch_dir, default=None,
+                   help="where to put scratch stores (default: temp dir)")
     a.set_defaults(func=_all)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 
 from tairstore.cli import main
 from tairstore.fuzz import decoders
@@ -65,3 +66,35 @@ def test_a_decoder_failure_names_its_replay(monkeypatch):
     assert "KeyError" in failures[0] and "input hex: 0178" in failures[0]
     assert "replay: tairstore fuzz decoders --target broken --seed 9" in failures[0]
     assert Tally().ok
+
+
+def test_a_missing_scratch_dir_is_created(capsys, tmp_path):
+    target = tmp_path / "new" / "scratch"
+    assert main(["fuzz", "stateful", "--seed", "11", "--steps", "3", "--dir", str(target)]) == 0
+    assert target.is_dir()
+    assert "| runs: stateful (seeded)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["all", "--minutes", "nan"], "finite number >= 0"),
+    (["all", "--minutes", "inf"], "finite number >= 0"),
+    (["all", "--minutes", "-1"], "finite number >= 0"),
+    (["all", "--minutes", "ten"], "not a number"),
+    (["stateful", "--runs", "-2"], "must be >= 0"),
+    (["decoders", "--count", "1.5"], "not an integer"),
+    (["crash", "--iterations", "-1"], "must be >= 0"),
+])
+def test_bad_option_values_are_refused_before_anything_runs(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["fuzz", *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_scratch_dir_that_is_a_file_is_refused(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"x")
+    with pytest.raises(SystemExit) as exc:
+        main(["fuzz", "stateful", "--dir", str(blocker / "sub")])
+    assert exc.value.code == 2
+    assert "cannot create" in capsys.readouterr().err
