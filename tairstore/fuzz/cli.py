@@ -152,26 +152,23 @@ def _scratch_dir(value: str) -> str:
     return value
 
 
-def _minutes(value: str) -> float:
-    """``--minutes``: a finite number >= 0."""
-    try:
-        minutes = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not 0 <= minutes < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value!r}")
-    return minutes
+def _nonnegative(parse, kind: str, bound: str):
+    """An argparse type: ``parse`` the value (``kind`` names what it must be) and refuse it
+    unless it is finite and >= 0 (``bound`` says so in the error)."""
+    def check(value: str):
+        try:
+            number = parse(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {kind}: {value!r}") from None
+        if not 0 <= number < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value!r}")
+        return number
+    return check
 
 
-def _count(value: str) -> int:
-    """A count (runs, steps, iterations, inputs): an integer >= 0."""
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
-    return n
+# --minutes; a count (runs, steps, iterations, inputs).
+_minutes = _nonnegative(float, "a number", "a finite number >= 0")
+_count = _nonnegative(int, "an integer", ">= 0")
 
 
 def add_parser(subparsers) -> None:
