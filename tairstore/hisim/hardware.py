@@ -3,6 +3,9 @@
 Every figure is the vendor's *dense* number (NVIDIA quotes tensor-core FLOP/s "with sparsity" at
 twice the dense rate; sparsity is not used by inference engines, so the dense half is recorded).
 Link bandwidths are per GPU and per direction, the unit every transfer time here divides by.
+Memory (``hbm_gb``) is the datasheet's figure, which for HBM is binary: an "80 GB" H100 reports
+81,559 MiB and a "141 GB" H200 143,771 MiB (as AIConfigurator's system files also record them,
+80 and 141 GiB); :attr:`GPU.hbm_bytes` reads it so.
 
 Host DRAM, SSD and network bandwidths belong to the server, not to the GPU; they are separate
 fields with documented defaults so that a deployment can override them (``with_overrides`` or a TOML
@@ -68,6 +71,11 @@ class GPU:
         if dtype.startswith("fp8") and self.fp8_tflops is not None:
             return self.fp8_tflops * 1e12
         return self.bf16_tflops * 1e12
+
+    @property
+    def hbm_bytes(self) -> float:
+        """HBM capacity in bytes (``hbm_gb`` GiB: HBM stacks come in binary sizes)."""
+        return self.hbm_gb * 2**30
 
     @property
     def hbm_bytes_per_s(self) -> float:

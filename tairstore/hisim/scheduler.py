@@ -248,10 +248,10 @@ def kv_pool_tokens(model: ModelConfig, gpu: GPU, tp: int, mem_fraction: float) -
     Raises:
         CapacityModelError: the weights leave no room for KV.
     """
-    per_gpu = gpu.hbm_gb * 1e9 * mem_fraction - weight_bytes(model) / tp
+    per_gpu = gpu.hbm_bytes * mem_fraction - weight_bytes(model) / tp
     tokens = int(per_gpu / kv_bytes_per_token_per_gpu(model, tp))
     if tokens < 1:
         raise CapacityModelError(
             f"{model.name} ({weight_bytes(model) / 1e9:.0f} GB of weights) does not fit on "
-            f"{tp} x {gpu.name} ({gpu.hbm_gb:g} GB each) with room for KV")
+            f"{tp} x {gpu.name} ({gpu.hbm_gb:g} GiB each) with room for KV")
     return tokens

@@ -6,7 +6,9 @@ The measured rows are AIConfigurator's silicon samples (CSV columns ``backend``,
 ``tp_size``, ``silicon_ttft_ms``, ``silicon_tpot_ms``): closed-loop runs of random prompts of
 exactly ISL tokens and OSL outputs. Each row is replayed as that closed loop
 (:func:`~tairstore.hisim.workload.closed_loop`: warm-up requests first, excluded, and the measured
-phase started once they have all finished, as the rows' benchmark client does).
+phase started once they have all finished, as the rows' benchmark client does). The rows do not
+name their KV dtype: vLLM rows of ``fp8`` precision are simulated with an FP8 KV cache, as their
+capacity shows (:data:`FP8_KV_BACKENDS`), every other row with BF16.
 
 **Split.** A row is a *fit* row when ``crc32(id) % FIT_MODULUS == 0`` (a quarter of them), else a
 *test* row; only test rows are ever reported. The split depends on nothing but the row's id, so it
@@ -81,6 +83,13 @@ MODEL_MAP = {
     "nvidia/Llama-3.1-8B-Instruct-FP8": "llama3.1-8b",
 }
 GEMM_DTYPES = {"": "bfloat16", "fp8": "fp8", "fp8_block": "fp8_block"}
+# Backends whose rows of ``fp8`` precision ran with an FP8 KV cache. The rows do not name their KV
+# dtype, but vLLM's show it by their capacity. Llama-3.1-70B on one H200 with 32 clients of 8192 +
+# 1024 tokens keeps about 280 k tokens of KV in use, and its TTFT is 3.1 s (2.2 s at 16 clients;
+# 40 s at 64, where the pool does run out). A BF16 pool there holds 194 k tokens (0.9 x 141 GiB
+# less 73 GB of weights, 320 KiB a token), and the simulator with it predicts 38 s at 32 clients.
+# FP8 halves a token. SGLang's rows show no such sign, and SGLang's KV dtype follows the model.
+FP8_KV_BACKENDS = ("vllm",)
 # (SGLang's shipped point was searched on a wider grid, base up to 5 ms, per_seq up to 0.05 ms,
 # eager up to 0.15 ms; it lies inside this one.)
 GRID = {
@@ -106,8 +115,8 @@ STAGE2_OVERHEAD = {"vllm": Overhead(base_ms=0.5, per_seq_ms=0.02, eager_per_laye
 # Stage 1: per-dtype kernel-efficiency factors of the backends whose kernels the tables did not
 # measure (a factor on the compute time of a step's prefill part, and on its decode batch's).
 KERNEL_GRID: dict[str, tuple] = {
-    "prefill_scale": (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1),
-    "decode_scale": (0.8, 0.85, 0.9, 0.95, 1.0, 1.05),
+    "prefill_scale": (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3),
+    "decode_scale": (0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0, 1.05),
 }
 # Then, with a dtype's dense factors, those of the expert layers on the MoE models' rows: the
 # fused-MoE kernel's speed depends on tile configs tuned per expert shape, GPU and quantisation
@@ -149,6 +158,7 @@ class SiliconRow:
     tp: int
     ttft_ms: float
     tpot_ms: float
+    kv_dtype: str = "bfloat16"
 
     @property
     def fit(self) -> bool:
@@ -173,8 +183,15 @@ def load_rows(path: Path | str, backends: Sequence[str] = ("sglang", "vllm"),
                                    raw["system"], GEMM_DTYPES[raw["gemm_quant_mode"]],
                                    int(raw["isl"]), int(raw["osl"]), int(raw["batch_size"]),
                                    int(raw["tp_size"]), float(raw["silicon_ttft_ms"]),
-                                   float(raw["silicon_tpot_ms"])))
+                                   float(raw["silicon_tpot_ms"]), _kv_dtype(raw)))
     return rows, skipped
+
+
+def _kv_dtype(raw: dict[str, str]) -> str:
+    """The KV-cache dtype a row ran with: fp8 for vLLM rows of ``fp8`` precision (see
+    :data:`FP8_KV_BACKENDS`), else bf16."""
+    return "fp8" if raw["backend"] in FP8_KV_BACKENDS and raw.get("precision") == "fp8" else \
+        "bfloat16"
 
 
 def _uncovered(raw: dict[str, str]) -> str | None:
@@ -192,9 +209,11 @@ def _uncovered(raw: dict[str, str]) -> str | None:
 
 
 @lru_cache(maxsize=None)
-def _step_model(model: str, weight_dtype: str, system: str, tp: int) -> StepLatencyModel:
+def _step_model(model: str, weight_dtype: str, system: str, tp: int,
+                kv_dtype: str = "bfloat16") -> StepLatencyModel:
     gpu = get_gpu(system)
-    return StepLatencyModel(get_model(model).with_dtypes(weight_dtype), make_timer(gpu), tp)
+    return StepLatencyModel(get_model(model).with_dtypes(weight_dtype, kv_dtype), make_timer(gpu),
+                            tp)
 
 
 def simulate_row(row: SiliconRow, overhead: Overhead | None = None, warmup_per_client: int = 2,
@@ -202,7 +221,7 @@ def simulate_row(row: SiliconRow, overhead: Overhead | None = None, warmup_per_c
                  settings: dict[str, float] | None = None) -> tuple[float, float]:
     """Predicted mean TTFT and TPOT (ms) of a row's closed loop (the shipped fit, or the given
     overhead and scheduler settings)."""
-    sm = _step_model(row.model, row.weight_dtype, row.system, row.tp)
+    sm = _step_model(row.model, row.weight_dtype, row.system, row.tp, row.kv_dtype)
     server = default_config(row.backend, row.tp, **(settings or {}))
     if overhead is not None:
         server = replace(server, overhead=overhead)
@@ -216,7 +235,7 @@ def simulate_row(row: SiliconRow, overhead: Overhead | None = None, warmup_per_c
 
 def saturation_batch(row: SiliconRow) -> int:
     """Decode batch at which a step takes twice as long as a batch of one."""
-    sm = _step_model(row.model, row.weight_dtype, row.system, row.tp)
+    sm = _step_model(row.model, row.weight_dtype, row.system, row.tp, row.kv_dtype)
     kv = row.isl + row.osl // 2
     one = sm.predict(Step.of(decode=1, kv_len=kv)).step_ms
     b = 1

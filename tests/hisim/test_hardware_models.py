@@ -46,6 +46,21 @@ def test_toml_profiles(tmp_path):
     assert reg.get("toy-gpu").interconnect_bytes_per_s == 32e9
 
 
+def test_hbm_capacity_is_binary_and_sizes_the_kv_pool():
+    from tairstore.hisim.scheduler import kv_bytes_per_token_per_gpu, kv_pool_tokens, weight_bytes
+    h100, h200 = get_gpu("h100"), get_gpu("h200")
+    # An "80 GB" H100 reports 81,559 MiB, a "141 GB" H200 143,771 MiB: the datasheet figures are
+    # GiB (to within what the driver keeps).
+    assert 81_559 * 2**20 <= h100.hbm_bytes == 80 * 2**30
+    assert 143_771 * 2**20 <= h200.hbm_bytes == 141 * 2**30
+    model = get_model("llama3.1-70b").with_dtypes("fp8")
+    left = 0.9 * 141 * 2**30 - weight_bytes(model)
+    assert kv_pool_tokens(model, h200, 1, 0.9) == int(left / kv_bytes_per_token_per_gpu(model, 1))
+    # An FP8 KV cache holds twice the tokens of a BF16 one.
+    fp8_kv = model.with_dtypes(kv_dtype="fp8")
+    assert kv_pool_tokens(fp8_kv, h200, 1, 0.9) == int(left / (model.kv_bytes_per_token / 2))
+
+
 def test_overrides_are_copies():
     h100 = get_gpu("h100")
     fast = h100.with_overrides(network_gbps=100.0)

@@ -22,10 +22,11 @@ needs_data = pytest.mark.skipif(not SILICON.exists(), reason="../shared/data not
 # The issue's targets, met by the SGLang rows in every regime.
 TTFT_TARGET_PCT = 15.0
 TPOT_TARGET_PCT = 10.0
-# vLLM meets the TPOT target (4.5% median on its test rows) but misses the TTFT target (17.8%;
-# 22.0% before the expert-layer factors and the consistent stage 1, 28.8% before the warm-up
-# barrier; docs/HISIM.md says why): the TTFT guard only catches regressions.
-VLLM_TTFT_GUARD_PCT = 19.0
+# vLLM meets the TPOT target (5.1% median on its test rows) but misses the TTFT target (15.7%;
+# 17.8% before the capacity corrections, 22.0% before the expert-layer factors and the consistent
+# stage 1, 28.8% before the warm-up barrier; docs/HISIM.md says why): the TTFT guard only catches
+# regressions.
+VLLM_TTFT_GUARD_PCT = 17.0
 
 
 def _errors(backend):
@@ -105,3 +106,24 @@ def test_the_shipped_fit_is_a_fixed_point_of_the_two_stages():
     for backend, overhead in serving_fit.STAGE1_OVERHEAD.items():
         assert fitted_overheads()[backend] == overhead
         assert fitted_server(backend) == serving_fit.STAGE1_SERVER[backend]
+
+
+def test_vllm_fp8_rows_run_with_an_fp8_kv_cache(tmp_path):
+    """The rows' convention (serving_fit.FP8_KV_BACKENDS): vLLM rows of fp8 precision ran with an
+    FP8 KV cache, which halves a token's KV and so doubles the simulated pool; SGLang's and BF16
+    rows keep a BF16 one."""
+    cols = ["id", "backend", "model_path", "system", "precision", "mode", "isl", "osl",
+            "gemm_quant_mode", "batch_size", "tp_size", "silicon_ttft_ms", "silicon_tpot_ms"]
+    lines = [",".join(cols),
+             "a,vllm,meta-llama/Llama-3.1-70B,h200_sxm,fp8,agg,1024,128,fp8,8,1,100,10",
+             "b,vllm,Qwen/Qwen3-32B,h100_sxm,,agg,1024,128,,8,2,100,10",
+             "c,sglang,Qwen/Qwen3-32B,h100_sxm,fp8,agg,1024,128,fp8_block,8,2,100,10"]
+    path = tmp_path / "rows.csv"
+    path.write_text("\n".join(lines) + "\n")
+    rows, skipped = load_rows(path)
+    assert not skipped
+    assert {r.id: r.kv_dtype for r in rows} == {"a": "fp8", "b": "bfloat16", "c": "bfloat16"}
+    llama = rows[0]
+    fp8 = serving_fit._step_model(llama.model, llama.weight_dtype, llama.system, llama.tp, "fp8")
+    bf16 = serving_fit._step_model(llama.model, llama.weight_dtype, llama.system, llama.tp)
+    assert fp8.model.kv_bytes_per_token * 2 == bf16.model.kv_bytes_per_token
