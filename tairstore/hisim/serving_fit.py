@@ -190,8 +190,8 @@ def load_rows(path: Path | str, backends: Sequence[str] = ("sglang", "vllm"),
 def _kv_dtype(raw: dict[str, str]) -> str:
     """The KV-cache dtype a row ran with: fp8 for vLLM rows of ``fp8`` precision (see
     :data:`FP8_KV_BACKENDS`), else bf16."""
-    return "fp8" if raw["backend"] in FP8_KV_BACKENDS and raw.get("precision") == "fp8" else \
-        "bfloat16"
+    fp8 = raw["backend"] in FP8_KV_BACKENDS and raw.get("precision") == "fp8"
+    return "fp8" if fp8 else "bfloat16"
 
 
 def _uncovered(raw: dict[str, str]) -> str | None:
@@ -216,12 +216,16 @@ def _step_model(model: str, weight_dtype: str, system: str, tp: int,
                             tp)
 
 
+def _row_step_model(row: SiliconRow) -> StepLatencyModel:
+    return _step_model(row.model, row.weight_dtype, row.system, row.tp, row.kv_dtype)
+
+
 def simulate_row(row: SiliconRow, overhead: Overhead | None = None, warmup_per_client: int = 2,
                  measured_per_client: int = 10,
                  settings: dict[str, float] | None = None) -> tuple[float, float]:
     """Predicted mean TTFT and TPOT (ms) of a row's closed loop (the shipped fit, or the given
     overhead and scheduler settings)."""
-    sm = _step_model(row.model, row.weight_dtype, row.system, row.tp, row.kv_dtype)
+    sm = _row_step_model(row)
     server = default_config(row.backend, row.tp, **(settings or {}))
     if overhead is not None:
         server = replace(server, overhead=overhead)
@@ -235,7 +239,7 @@ def simulate_row(row: SiliconRow, overhead: Overhead | None = None, warmup_per_c
 
 def saturation_batch(row: SiliconRow) -> int:
     """Decode batch at which a step takes twice as long as a batch of one."""
-    sm = _step_model(row.model, row.weight_dtype, row.system, row.tp, row.kv_dtype)
+    sm = _row_step_model(row)
     kv = row.isl + row.osl // 2
     one = sm.predict(Step.of(decode=1, kv_len=kv)).step_ms
     b = 1

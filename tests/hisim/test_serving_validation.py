@@ -7,6 +7,7 @@ per client, the measured phase starting after the warm-up phase has drained);
 ``benchmarks/hisim_serving.py`` runs every row and prints the table in docs/HISIM.md.
 """
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,6 @@ def test_vllm_fp8_rows_run_with_an_fp8_kv_cache(tmp_path):
     assert not skipped
     assert {r.id: r.kv_dtype for r in rows} == {"a": "fp8", "b": "bfloat16", "c": "bfloat16"}
     llama = rows[0]
-    fp8 = serving_fit._step_model(llama.model, llama.weight_dtype, llama.system, llama.tp, "fp8")
-    bf16 = serving_fit._step_model(llama.model, llama.weight_dtype, llama.system, llama.tp)
+    fp8 = serving_fit._row_step_model(llama)
+    bf16 = serving_fit._row_step_model(replace(llama, kv_dtype="bfloat16"))
     assert fp8.model.kv_bytes_per_token * 2 == bf16.model.kv_bytes_per_token
