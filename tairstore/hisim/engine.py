@@ -176,6 +176,7 @@ class Simulator:
         self.prefill_scale, self.decode_scale = server.kernel_scales(model.weight_dtype)
         self.moe_prefill_scale, self.moe_decode_scale = (
             server.moe_scales(model.weight_dtype) if model.moe is not None else (1.0, 1.0))
+        self.attention_ratio = server.attention_ratio(model.weight_dtype)
 
     # ---- step times ------------------------------------------------------------------------
 
@@ -200,14 +201,15 @@ class Simulator:
     def _scaled_ms(self, step: Step) -> float:
         """The step model's time of ``step`` (without its fixed scheduler term), its compute
         scaled by the backend's kernel efficiency: the decode batch's compute by
-        ``decode_scale``, what the prefill chunks add to it by ``prefill_scale``; an MoE model's
-        expert layers likewise by ``moe_decode_scale`` and ``moe_prefill_scale``. The TP
-        all-reduce (NCCL or custom all-reduce in both engines) is not scaled."""
+        ``decode_scale``, what the prefill chunks add to it by ``prefill_scale`` (their context
+        attention by ``prefill_scale x prefill_attention_ratio``); an MoE model's expert layers
+        likewise by ``moe_decode_scale`` and ``moe_prefill_scale``. The TP all-reduce (NCCL or
+        custom all-reduce in both engines) is not scaled."""
         t = self.step_model.predict(step)
         ms = t.step_ms - t.breakdown.get("scheduler", 0.0)
         ps, ds = self.prefill_scale, self.decode_scale
         mps, mds = self.moe_prefill_scale, self.moe_decode_scale
-        if ps == ds == mps == mds == 1.0:
+        if ps == ds == mps == mds == self.attention_ratio == 1.0:
             return ms
         moe = t.breakdown.get("moe", 0.0)
         comm = sum(t.breakdown.get(c, 0.0) for c in UNSCALED_CATEGORIES) - moe
@@ -220,7 +222,10 @@ class Simulator:
             decode_moe = d.breakdown.get("moe", 0.0)
             decode = d.step_ms - sum(d.breakdown.get(c, 0.0)
                                      for c in UNSCALED_CATEGORIES + ("scheduler",))
-        return (comm + ds * decode + ps * max(0.0, compute - decode)
+        prefill = max(0.0, compute - decode)
+        attention = min(t.breakdown.get("context_attention", 0.0), prefill)
+        return (comm + ds * decode + ps * (prefill - attention)
+                + ps * self.attention_ratio * attention
                 + mds * decode_moe + mps * max(0.0, moe - decode_moe))
 
     def step_wall_ms(self, chunks: Sequence[tuple[int, int]], decode: int, kv: float) -> float:

@@ -30,8 +30,11 @@ what the prefill chunks add and ``decode_scale`` on the decode batch: vLLM compi
 (torch.compile fusions of RMSNorm / SiLU-and-mul with the FP8 activation quantisation, CUTLASS
 scaled-mm) where the tables time SGLang's kernels. An MoE model's expert layers have factors of
 their own (``moe_prefill_scale``, ``moe_decode_scale``): the fused-MoE kernel runs on tile configs
-each engine tunes per expert shape, GPU and quantisation. They are fitted on the same development
-rows and shipped in the same file; SGLang has none (its factors are 1).
+each engine tunes per expert shape, GPU and quantisation. The prefill's context attention is
+scaled by ``prefill_scale x prefill_attention_ratio``: it grows with the square of the context
+where the GEMMs grow linearly, and vLLM runs its own attention kernels over its paged KV cache.
+They are fitted on the same development rows and shipped in the same file; SGLang has none (its
+factors are 1).
 """
 
 from __future__ import annotations
@@ -117,6 +120,10 @@ class ServerConfig:
     # expert time the prefill tokens add, ``moe_decode_scale`` on the decode batch's.
     moe_prefill_scale: float | None = None
     moe_decode_scale: float | None = None
+    # The prefill's context attention against the rest of the prefill: its time is scaled by
+    # ``prefill_scale x prefill_attention_ratio`` (1: the same factor as the GEMMs). None: the
+    # shipped fit (:func:`fitted_kernel_scales`), else 1.
+    prefill_attention_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -134,9 +141,10 @@ class ServerConfig:
             raise InvalidArgumentError("max_running_requests must be >= 1")
         if any(s is not None and (isinstance(s, bool) or not (isinstance(s, (int, float)) and 0 < s < math.inf))
                for s in (self.prefill_scale, self.decode_scale, self.moe_prefill_scale,
-                         self.moe_decode_scale)):
-            raise InvalidArgumentError("prefill_scale, decode_scale, moe_prefill_scale and "
-                                       "moe_decode_scale must be finite numbers > 0")
+                         self.moe_decode_scale, self.prefill_attention_ratio)):
+            raise InvalidArgumentError("prefill_scale, decode_scale, moe_prefill_scale, "
+                                       "moe_decode_scale and prefill_attention_ratio must be "
+                                       "finite numbers > 0")
 
     def kernel_scales(self, weight_dtype: str) -> tuple[float, float]:
         """``(prefill, decode)`` compute-time factors of the dense kernels for a model with
@@ -146,6 +154,14 @@ class ServerConfig:
     def moe_scales(self, weight_dtype: str) -> tuple[float, float]:
         """``(prefill, decode)`` factors of the expert layers, as :meth:`kernel_scales`."""
         return self._scales(weight_dtype, "moe_")
+
+    def attention_ratio(self, weight_dtype: str) -> float:
+        """The prefill attention's factor relative to ``prefill_scale`` for a model with
+        ``weight_dtype`` weights: the configured one, else the shipped fit, else 1."""
+        if self.prefill_attention_ratio is not None:
+            return self.prefill_attention_ratio
+        fit = fitted_kernel_scales(self.backend).get(weight_dtype, {})
+        return float(fit.get("prefill_attention_ratio", 1.0))
 
     def _scales(self, weight_dtype: str, prefix: str) -> tuple[float, float]:
         fit = fitted_kernel_scales(self.backend).get(weight_dtype, {})

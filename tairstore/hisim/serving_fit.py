@@ -22,9 +22,11 @@ measured requests per client; the rows of one score can be simulated in parallel
 1. *Kernel efficiency* (vLLM only: SGLang's kernels are the ones the operator tables measured).
    Per weight dtype, ``prefill_scale`` and ``decode_scale``
    (:class:`~tairstore.hisim.scheduler.ServerConfig`) on :data:`KERNEL_GRID`, over the backend's
-   fit rows of dense models of that dtype; then, with those, the expert layers' own
+   fit rows of dense models of that dtype; then, with that decode factor, ``prefill_scale`` again
+   with ``prefill_attention_ratio`` (the prefill attention's factor relative to it) on
+   :data:`ATTENTION_GRID`, over the same rows; then, with those, the expert layers' own
    ``moe_prefill_scale`` and ``moe_decode_scale`` on :data:`MOE_KERNEL_GRID`, over the fit rows of
-   MoE models of that dtype; both with fixed overhead and scheduler settings (see below).
+   MoE models of that dtype; all with fixed overhead and scheduler settings (see below).
 2. *Overhead and scheduler.* Per backend, over all of its fit rows, with stage 1's factors, a
    coordinate search: the scheduler settings first (for vLLM the token budget, the ingress delay
    and the closed loops' phase models ``loop_spread`` and ``loop_jitter``: :data:`SERVER_GRID`)
@@ -117,6 +119,14 @@ STAGE2_OVERHEAD = {"vllm": Overhead(base_ms=0.5, per_seq_ms=0.02, eager_per_laye
 KERNEL_GRID: dict[str, tuple] = {
     "prefill_scale": (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3),
     "decode_scale": (0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0, 1.05),
+}
+# Then, with the decode factor found, the prefill factor again together with the prefill
+# attention's own factor relative to it (1: the same as the GEMMs'), on the same rows: a prefill's
+# attention grows with the square of its context where its GEMMs grow linearly, and the engine's
+# attention kernels are not the ones the tables timed.
+ATTENTION_GRID: dict[str, tuple] = {
+    "prefill_scale": KERNEL_GRID["prefill_scale"],
+    "prefill_attention_ratio": (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0),
 }
 # Then, with a dtype's dense factors, those of the expert layers on the MoE models' rows: the
 # fused-MoE kernel's speed depends on tile configs tuned per expert shape, GPU and quantisation
@@ -305,7 +315,8 @@ def fit_kernel_scales(rows: Iterable[SiliconRow], log=print,
                       backends: Sequence[str] | None = None, workers: int = 1
                       ) -> dict[str, dict[str, dict[str, float]]]:
     """Stage 1: per backend (:data:`KERNEL_BACKENDS`) and weight dtype, grid-search
-    :data:`KERNEL_GRID` on the fit rows of dense models (never on test rows), then, with those
+    :data:`KERNEL_GRID` on the fit rows of dense models (never on test rows), then
+    :data:`ATTENTION_GRID` on the same rows with the decode factor found, then, with those
     factors, :data:`MOE_KERNEL_GRID` on the fit rows of MoE models; with the overhead and
     scheduler settings :data:`STAGE1_OVERHEAD` and :data:`STAGE1_SERVER`."""
     groups: dict[tuple[str, str], tuple[list[SiliconRow], list[SiliconRow]]] = {}
@@ -334,7 +345,11 @@ def fit_kernel_scales(rows: Iterable[SiliconRow], log=print,
         for (backend, dtype), (dense_rows, moe_rows) in sorted(groups.items()):
             factors: dict[str, float] = {}
             if dense_rows:
-                factors = search(backend, dtype, "dense", dense_rows, KERNEL_GRID, {})
+                # The attention at the prefill's factor first (ratio 1, whatever the file holds).
+                factors = search(backend, dtype, "dense", dense_rows, KERNEL_GRID,
+                                 {"prefill_attention_ratio": 1.0})
+                factors.update(search(backend, dtype, "attention", dense_rows, ATTENTION_GRID,
+                                      {"decode_scale": factors["decode_scale"]}))
             if moe_rows:
                 factors.update(search(backend, dtype, "moe", moe_rows, MOE_KERNEL_GRID,
                                       factors))

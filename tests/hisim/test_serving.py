@@ -11,7 +11,7 @@ from tairstore.hisim import get_gpu, get_model
 from tairstore.hisim.cache import CacheConfig
 from tairstore.hisim.cli import main as sim_main
 from tairstore.hisim.engine import Simulator, UnsupportedModelError
-from tairstore.hisim.latency import Step
+from tairstore.hisim.latency import PrefillChunk, Step
 from tairstore.hisim.metrics import summarize, weighted_percentile
 from tairstore.hisim.models import ModelConfig
 from tairstore.hisim.scheduler import CapacityModelError, default_config
@@ -337,7 +337,8 @@ def test_kernel_scales_apply_to_compute_not_to_allreduce_or_moe():
     gpu = get_gpu("h100")
 
     def sim(model, tp, ps, ds):
-        cfg = default_config("vllm", tp, prefill_scale=ps, decode_scale=ds)
+        cfg = default_config("vllm", tp, prefill_scale=ps, decode_scale=ds,
+                             prefill_attention_ratio=1.0)
         return Simulator(get_model(model), gpu, tp, cfg)
 
     one, half = sim("qwen3-32b", 4, 1.0, 1.0), sim("qwen3-32b", 4, 0.5, 1.0)
@@ -359,6 +360,33 @@ def test_kernel_scales_apply_to_compute_not_to_allreduce_or_moe():
     expected = (t.step_ms - t.breakdown["scheduler"]
                 - 0.5 * (t.step_ms - t.breakdown["scheduler"] - t.breakdown["moe"]))
     assert moe_half.gpu_ms((), 8, 1000) == pytest.approx(expected, rel=1e-3)  # KV on the memo grid
+
+
+def test_prefill_attention_ratio_scales_the_prefills_attention_alone():
+    """The prefill's context attention runs at prefill_scale x prefill_attention_ratio, the rest
+    of the prefill at prefill_scale; a decode-only step and SGLang (ratio 1) are untouched."""
+    gpu = get_gpu("h100")
+
+    def sim(ratio, ps=0.5):
+        cfg = default_config("vllm", 4, prefill_scale=ps, decode_scale=1.0,
+                             prefill_attention_ratio=ratio)
+        return Simulator(get_model("qwen3-32b"), gpu, 4, cfg)
+
+    one, three = sim(1.0), sim(3.0)
+    for chunk in ((2048, 0), (4096, 4096)):
+        t = one.step_model.predict(Step((PrefillChunk(*chunk),), ()))
+        attention = t.breakdown["context_attention"]
+        assert attention > 0
+        assert three.gpu_ms([chunk], 0, 0) == pytest.approx(
+            one.gpu_ms([chunk], 0, 0) + 0.5 * 2.0 * attention)
+        assert three.gpu_ms([chunk], 16, 1000) == pytest.approx(
+            one.gpu_ms([chunk], 16, 1000) + 0.5 * 2.0 * attention, rel=1e-3)
+    # The attention grows faster with the context than the rest of the prefill.
+    assert three.gpu_ms([(4096, 4096)], 0, 0) - one.gpu_ms([(4096, 4096)], 0, 0) > 2 * (
+        three.gpu_ms([(4096, 0)], 0, 0) - one.gpu_ms([(4096, 0)], 0, 0))
+    assert three.gpu_ms((), 16, 1000) == one.gpu_ms((), 16, 1000)
+    assert default_config("sglang", 1).attention_ratio("fp8") == 1.0
+    assert sim(2.5).server.attention_ratio("bfloat16") == 2.5
 
 
 def test_moe_scales_apply_to_the_expert_layers_alone():
@@ -393,7 +421,8 @@ def test_moe_scales_apply_to_the_expert_layers_alone():
 
 def test_kernel_scales_are_validated_and_sglang_ships_none():
     for bad in (0.0, -1.0, float("nan"), float("inf"), "0.7", True):
-        for name in ("prefill_scale", "decode_scale", "moe_prefill_scale", "moe_decode_scale"):
+        for name in ("prefill_scale", "decode_scale", "moe_prefill_scale", "moe_decode_scale",
+                     "prefill_attention_ratio"):
             with pytest.raises(InvalidArgumentError):
                 default_config("vllm", 1, **{name: bad})
     # SGLang's kernels are the ones the operator tables measured.

@@ -20,14 +20,12 @@ SILICON = (Path(__file__).resolve().parents[2].parent / "shared" / "data" / "aic
            / "silicon_sample_dev.csv")
 needs_data = pytest.mark.skipif(not SILICON.exists(), reason="../shared/data not present")
 
-# The issue's targets, met by the SGLang rows in every regime.
+# The issue's targets: met by the SGLang rows in every regime, by the vLLM rows overall and below
+# and near saturation. vLLM's five test rows above saturation are not held to them (TTFT 67%:
+# three Qwen3-235B-A22B rows at 40-48 clients predicted 1.6x, two Llama-3.1-8B rows whose
+# throughput no full recompute of their prompts reaches; docs/HISIM.md).
 TTFT_TARGET_PCT = 15.0
 TPOT_TARGET_PCT = 10.0
-# vLLM meets the TPOT target (5.1% median on its test rows) but misses the TTFT target (15.7%;
-# 17.8% before the capacity corrections, 22.0% before the expert-layer factors and the consistent
-# stage 1, 28.8% before the warm-up barrier; docs/HISIM.md says why): the TTFT guard only catches
-# regressions.
-VLLM_TTFT_GUARD_PCT = 17.0
 
 
 def _errors(backend):
@@ -53,10 +51,12 @@ def test_sglang_meets_the_targets_per_regime():
 
 
 @needs_data
-def test_vllm_within_its_regression_guards():
-    ttft, tpot = _errors("vllm")["all"]
-    assert ttft <= VLLM_TTFT_GUARD_PCT
-    assert tpot <= TPOT_TARGET_PCT
+def test_vllm_meets_the_targets_overall_and_below_and_near_saturation():
+    med = _errors("vllm")
+    for key in ("all", "below", "near"):
+        ttft, tpot = med[key]
+        assert ttft <= TTFT_TARGET_PCT, (key, ttft)
+        assert tpot <= TPOT_TARGET_PCT, (key, tpot)
 
 
 def test_fits_never_simulate_a_test_row(monkeypatch):
@@ -79,23 +79,38 @@ def test_fits_never_simulate_a_test_row(monkeypatch):
                                                      "decode_scale": (1.0,)})
     one_point = {k: v[:1] for k, v in serving_fit.GRID.items()}
     monkeypatch.setattr(serving_fit, "SERVER_GRID", {"vllm": {}})
+    monkeypatch.setattr(serving_fit, "ATTENTION_GRID", {"prefill_scale": (0.8,),
+                                                        "prefill_attention_ratio": (2.0,)})
     monkeypatch.setattr(serving_fit, "MOE_KERNEL_GRID", {"moe_prefill_scale": (2.0,),
                                                          "moe_decode_scale": (1.5,)})
     kernel = serving_fit.fit_kernel_scales(rows, log=lambda *_: None)
     assert set(kernel["vllm"]) == {"bfloat16", "fp8"}
-    # The expert factors are searched on MoE rows only, with the dtype's dense factors.
-    assert kernel["vllm"]["fp8"] == {"prefill": 1.0, "decode": 1.0, "moe_prefill": 2.0,
+    # The attention ratio is searched with the prefill factor on the dense rows, with the decode
+    # factor found; the expert factors on MoE rows only, with the dtype's dense factors.
+    assert kernel["vllm"]["fp8"] == {"prefill": 0.8, "decode": 1.0,
+                                     "prefill_attention_ratio": 2.0, "moe_prefill": 2.0,
                                      "moe_decode": 1.5}
-    assert "moe_prefill" not in kernel["vllm"]["bfloat16"]
+    assert kernel["vllm"]["bfloat16"] == {"prefill": 0.8, "decode": 1.0,
+                                          "prefill_attention_ratio": 2.0}
     moe_seen = [(r, s) for r, _, s in seen if "moe_prefill_scale" in s]
     assert {r.model for r, _ in moe_seen} == {"qwen3-235b-a22b"}
-    assert all(s["prefill_scale"] == 1.0 for _, s in moe_seen)
+    assert all(s["prefill_scale"] == 0.8 and s["prefill_attention_ratio"] == 2.0
+               for _, s in moe_seen)
     assert len(moe_seen) == sum(r.fit for r in moe_rows)
+    attention_seen = [(r, s) for r, _, s in seen
+                      if s.get("prefill_attention_ratio") == 2.0 and "moe_prefill_scale" not in s]
+    assert {r.model for r, _ in attention_seen} == {"qwen3-32b"}
+    assert all(s["decode_scale"] == 1.0 for _, s in attention_seen)
+    # The dense search runs at ratio 1, whatever the shipped file holds.
+    dense_seen = [s for r, _, s in seen if s.get("prefill_attention_ratio") == 1.0]
+    assert len(dense_seen) == sum(r.fit for r in rows if r.model == "qwen3-32b")
     assert all(oh == serving_fit.STAGE1_OVERHEAD["vllm"]
                and settings["chunked_prefill_size"] == 4096 for _, oh, settings in seen)
     serving_fit.fit_overheads(rows, log=lambda *_: None, grid=one_point)
     assert seen and all(r.fit for r, _, _ in seen)
-    assert len(seen) == 2 * sum(r.fit for r in rows)
+    dense_fit = sum(r.fit for r in rows if r.model == "qwen3-32b")
+    # Dense rows: the dense and the attention search; MoE rows: the expert search; then stage 2.
+    assert len(seen) == 2 * dense_fit + len(moe_seen) + sum(r.fit for r in rows)
 
 
 def test_the_shipped_fit_is_a_fixed_point_of_the_two_stages():
