@@ -157,19 +157,19 @@ class ServerConfig:
 
     def attention_ratio(self, weight_dtype: str) -> float:
         """The prefill attention's factor relative to ``prefill_scale`` for a model with
-        ``weight_dtype`` weights: the configured one, else the shipped fit, else 1."""
-        if self.prefill_attention_ratio is not None:
-            return self.prefill_attention_ratio
-        fit = fitted_kernel_scales(self.backend).get(weight_dtype, {})
-        return float(fit.get("prefill_attention_ratio", 1.0))
+        ``weight_dtype`` weights, as :meth:`kernel_scales`."""
+        return self._factor(weight_dtype, "prefill_attention_ratio", "prefill_attention_ratio")
 
     def _scales(self, weight_dtype: str, prefix: str) -> tuple[float, float]:
-        fit = fitted_kernel_scales(self.backend).get(weight_dtype, {})
-        out = []
-        for phase in ("prefill", "decode"):
-            mine = getattr(self, f"{prefix}{phase}_scale")
-            out.append(mine if mine is not None else float(fit.get(prefix + phase, 1.0)))
-        return out[0], out[1]
+        return (self._factor(weight_dtype, f"{prefix}prefill_scale", f"{prefix}prefill"),
+                self._factor(weight_dtype, f"{prefix}decode_scale", f"{prefix}decode"))
+
+    def _factor(self, weight_dtype: str, field: str, fit_key: str) -> float:
+        """The configured ``field``, else the shipped fit's ``fit_key`` for the dtype, else 1."""
+        mine = getattr(self, field)
+        if mine is not None:
+            return mine
+        return float(fitted_kernel_scales(self.backend).get(weight_dtype, {}).get(fit_key, 1.0))
 
     def graph_batch(self, batch: int) -> int | None:
         """The captured batch size a decode batch is padded to; None above the graph limit."""

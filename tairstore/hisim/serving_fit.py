@@ -89,7 +89,7 @@ GEMM_DTYPES = {"": "bfloat16", "fp8": "fp8", "fp8_block": "fp8_block"}
 # dtype, but vLLM's show it by their capacity. Llama-3.1-70B on one H200 with 32 clients of 8192 +
 # 1024 tokens keeps about 280 k tokens of KV in use, and its TTFT is 3.1 s (2.2 s at 16 clients;
 # 40 s at 64, where the pool does run out). A BF16 pool there holds 194 k tokens (0.9 x 141 GiB
-# less 73 GB of weights, 320 KiB a token), and the simulator with it predicts 38 s at 32 clients.
+# less 73 GB of weights, 320 KiB a token), and the simulator with it predicts 24 s at 32 clients.
 # FP8 halves a token. SGLang's rows show no such sign, and SGLang's KV dtype follows the model.
 FP8_KV_BACKENDS = ("vllm",)
 # (SGLang's shipped point was searched on a wider grid, base up to 5 ms, per_seq up to 0.05 ms,
